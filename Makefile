@@ -1,0 +1,32 @@
+# Both targets work on a fresh machine: they create .venv, install a CPU torch first (so the bare
+# `torch` requirement never pulls a multi-GB CUDA build), then the package, then run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+## The main job (for now: the block benchmarks, printed as a table).
+demo: setup
+	$(PY) benchmarks/blocks_table.py
+
+## The test suite, benchmarks included as one-shot smoke runs.
+test: setup
+	$(PY) -m pytest -q --benchmark-disable
+
+## The CPU micro-benchmarks with timing.
+bench: setup
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-sort=name
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,207 @@
+"""Micro-benchmarks of the blocks: forward + backward time and peak memory, Pre-LN against SAS-P.
+
+One implementation serves the CPU demo table (``benchmarks/blocks_table.py``), the pytest-benchmark
+suite and the GPU script (``benchmarks/gpu_blocks.py``). Timing follows the usual protocol: warm-up
+steps first (compilation, allocator, autotuning), then the median of timed steps; on CUDA each step
+is bracketed by events and synchronised.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from siclip.blocks import PreLNBlock, SASPBlock, count_parameters, shaped_attention
+
+BLOCKS: dict[str, Callable[..., nn.Module]] = {"pre_ln": PreLNBlock, "sasp": SASPBlock}
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    dim: int
+    heads: int
+    tokens: int
+    batch: int
+
+    def __str__(self) -> str:
+        return f"d{self.dim} h{self.heads} t{self.tokens} b{self.batch}"
+
+
+def make_block(kind: str, dim: int, heads: int) -> nn.Module:
+    """A block of ``kind`` with the MLP both kinds share (GELU, biases), so only the design differs."""
+    if kind not in BLOCKS:
+        raise ValueError(f"unknown block kind {kind!r}; choose one of {sorted(BLOCKS)}")
+    extra = {"mlp_bias": True} if kind == "sasp" else {}
+    return BLOCKS[kind](dim, heads, act="gelu", **extra)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    enabled = dtype in (torch.bfloat16, torch.float16)
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+def _timed(step: Callable[[], object], device: torch.device) -> float:
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        step()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end)
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], object]], device: torch.device, *, rounds: int = 20, warmup: int = 5
+) -> dict[str, dict]:
+    """Median milliseconds (and CUDA peak GiB) of each named step, timed round-robin.
+
+    Interleaving puts every variant under the same conditions (clock, cache, a neighbour's load),
+    so the ratio of two medians is trustworthy on a noisy machine too. The peak memory of each
+    variant comes from one extra call after a reset of the allocator's statistics.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(_timed(step, device))
+    results = {}
+    for name, step in steps.items():
+        peak = float("nan")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+        results[name] = {"ms": statistics.median(times[name]), "peak_gib": peak}
+    return results
+
+
+def forward_backward_step(module: nn.Module, x: Tensor, dtype: torch.dtype) -> Callable[[], None]:
+    """One training-like step: forward under autocast, backward of the sum, gradients dropped."""
+    device = x.device
+
+    def step() -> None:
+        with _autocast(device, dtype):
+            y = module(x)
+        y.float().sum().backward()
+        for p in module.parameters():
+            p.grad = None
+
+    return step
+
+
+def compare_blocks(
+    shapes: Iterable[BlockShape],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    compile: bool = False,
+    steps: int = 20,
+    warmup: int = 5,
+    progress: bool = True,
+) -> list[dict]:
+    """Pre-LN and SAS-P forward + backward on each shape, run the same way; one row per shape."""
+    device = torch.device(device)
+    rows = []
+    shapes = list(shapes)
+    for shape in tqdm(shapes, desc=f"blocks ({device.type}, {'compiled' if compile else 'eager'})", disable=not progress):
+        if compile:
+            torch._dynamo.reset()  # a fresh cache per shape: no recompile limits, no stale guards
+        x = torch.randn(shape.batch, shape.tokens, shape.dim, device=device, requires_grad=True)
+        row = {**asdict(shape), "mode": "compile" if compile else "eager", "dtype": str(dtype).removeprefix("torch.")}
+        blocks = {kind: make_block(kind, shape.dim, shape.heads).to(device) for kind in BLOCKS}
+        runs = {kind: torch.compile(b) if compile else b for kind, b in blocks.items()}
+        steps_by_kind = {kind: forward_backward_step(run, x, dtype) for kind, run in runs.items()}
+        results = time_interleaved(steps_by_kind, device, rounds=steps, warmup=warmup)
+        for kind, result in results.items():
+            row |= {f"{kind}_ms": result["ms"], f"{kind}_gib": result["peak_gib"], f"{kind}_params": count_parameters(blocks[kind])}
+        del blocks, runs, steps_by_kind
+        row["speedup"] = row["pre_ln_ms"] / row["sasp_ms"]
+        row["param_saving"] = 1 - row["sasp_params"] / row["pre_ln_params"]
+        rows.append(row)
+    return rows
+
+
+def compare_attention(
+    token_counts: Iterable[int],
+    *,
+    heads: int = 8,
+    head_dim: int = 64,
+    batch_tokens: int = 8192,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    steps: int = 20,
+    warmup: int = 5,
+    progress: bool = True,
+) -> list[dict]:
+    """Shaped attention against plain SDPA and an explicit softmax(QKᵀ)V, forward + backward.
+
+    ``batch = batch_tokens // tokens``, so every row moves the same number of tokens and a
+    memory linear in tokens shows as a flat ``peak_gib`` column.
+    """
+    device = torch.device(device)
+    gains = [torch.ones(heads, device=device) for _ in range(3)]
+    variants: dict[str, Callable] = {
+        "sdpa": lambda q, k, v: nn.functional.scaled_dot_product_attention(q, k, v),
+        "shaped": lambda q, k, v: shaped_attention(q, k, v, *gains),
+        "explicit": lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * head_dim**-0.5, -1) @ v,
+    }
+    rows = []
+    for tokens in tqdm(list(token_counts), desc=f"attention ({device.type})", disable=not progress):
+        batch = max(1, batch_tokens // tokens)
+        qkv = [torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+        row = {"tokens": tokens, "batch": batch, "heads": heads, "head_dim": head_dim}
+
+        def step(fn) -> None:
+            fn(*qkv).sum().backward()
+            for t in qkv:
+                t.grad = None
+
+        results = time_interleaved(
+            {name: functools.partial(step, fn) for name, fn in variants.items()}, device, rounds=steps, warmup=warmup
+        )
+        for name, result in results.items():
+            row |= {f"{name}_ms": result["ms"], f"{name}_gib": result["peak_gib"]}
+        row["shaped_vs_sdpa"] = row["shaped_ms"] / row["sdpa_ms"]
+        rows.append(row)
+    return rows
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "–" if value != value else f"{value:.3g}"
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """A GitHub-markdown table of ``rows`` (the keys of the first row are the columns)."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def device_name(device: str | torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"

@@ -1,0 +1,99 @@
+"""Attention kernel backends: PyTorch SDPA everywhere, xformers as an optional CUDA-only extra.
+
+The xformers wheel on PyPI is built against the CUDA 12 runtime; beside a CUDA 13 build of torch it
+imports but its kernels fail at the first call. :func:`xformers_status` therefore runs one tiny kernel
+before xformers is ever used, and every caller falls back to SDPA with the reason in a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "sdpa", "xformers", "math")
+
+
+@functools.cache
+def xformers_status(device_index: int = 0) -> tuple[bool, str]:
+    """``(usable, reason)`` for xformers' memory-efficient attention on CUDA device ``device_index``."""
+    if not torch.cuda.is_available():
+        return False, "xformers runs on CUDA only and no CUDA device is available"
+    try:
+        import xformers.ops as xops
+    except Exception as err:  # ImportError, or a broken binary raising anything at import
+        return False, f"xformers is not importable ({type(err).__name__}: {err}); install the 'xformers' extra"
+    try:
+        x = torch.zeros(1, 8, 1, 32, device=f"cuda:{device_index}", dtype=torch.float16)
+        xops.memory_efficient_attention(x, x, x)
+        torch.cuda.synchronize(device_index)
+    except Exception as err:
+        return False, (
+            f"xformers is installed but its CUDA kernels do not run ({type(err).__name__}: {err}). "
+            f"The PyPI wheel needs the CUDA 12 runtime; this torch is built for CUDA {torch.version.cuda}"
+        )
+    return True, ""
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"{reason}; falling back to torch scaled_dot_product_attention", RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(backend: str, x: Tensor, has_padding: bool) -> str:
+    """The backend that will really run for input ``x``: one of ``"sdpa"``, ``"xformers"``, ``"math"``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "sdpa"
+    if backend != "xformers":
+        return backend
+    if x.device.type != "cuda":
+        _warn_fallback(f"xformers was asked for on a {x.device.type} tensor but runs on CUDA only")
+        return "sdpa"
+    usable, reason = xformers_status(x.device.index or 0)
+    if not usable:
+        _warn_fallback(reason)
+        return "sdpa"
+    if has_padding:
+        _warn_fallback("the xformers path takes no key_padding_mask")
+        return "sdpa"
+    return "xformers"
+
+
+def softmax_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    attn_mask: Tensor | None,
+    scale: float | None,
+    backend: str,
+) -> Tensor:
+    """softmax(QKᵀ·scale + M)·V on ``(batch, heads, tokens, head_dim)`` tensors with the resolved backend.
+
+    ``attn_mask`` is SDPA's boolean keep-mask (see :func:`siclip.blocks.masking.sdpa_mask`).
+    """
+    if backend == "xformers":
+        import xformers.ops as xops
+
+        bias = xops.LowerTriangularMask() if causal else None
+        out = xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=scale
+        )
+        return out.transpose(1, 2)
+    if backend == "math":
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        logits = (q @ k.transpose(-2, -1)) * scale
+        if causal:
+            t = q.shape[-2]
+            logits = logits.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        if attn_mask is not None:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        return logits.softmax(-1) @ v
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale
+    )

@@ -1,0 +1,316 @@
+"""Replace the Pre-LN blocks of an existing model by SAS-P blocks, inheriting what still has a meaning.
+
+A Pre-LN block ``X + MHA(Norm₁X)`` then ``+ MLP(Norm₂·)`` becomes ``β_SA·ShapedMHA(NormX) + β_FF·MLP(NormX)``
+(:class:`~siclip.blocks.sas.SASPBlock`). Inherited: W_Q, W_K (and their biases), the first norm (now
+shared by both branches), the MLP with its activation. Dropped: W_V, W_P, the second norm, dropout.
+New: the per-head α, β, γ and the branch gains β_SA, β_FF (and the optional value matrix).
+
+Reading chosen (SiCLIP leaves it open, ``paper_math.md`` §6 #4): the inherited W_Q is kept, so the
+converted attention starts at I + softmax(QKᵀ/√d) − C rather than I; ``zero_query=True`` zeroes it for
+the exact identity start of He & Hofmann. A layer scale on the MLP branch is folded into ``fc2``
+(``fold_layer_scale``), which keeps that branch's output unchanged.
+
+Converters are looked up by block type in a registry, so model code can register its own
+(``@register_converter(MyBlock)``); unknown types raise a :class:`TypeError` naming the type.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .masking import resolve_block_masks
+from .pre_ln import LayerScale, PreLNBlock
+from .sas import SASPBlock
+
+ACTIONS = ("inherited", "dropped", "new")
+
+
+@dataclass(frozen=True)
+class SASPConversion:
+    """Options of a conversion; the defaults are SiCLIP's most plausible reading."""
+
+    zero_query: bool = False
+    beta_sa: float = 1.0
+    beta_ff: float = 0.1
+    trainable_value: bool = False
+    fold_layer_scale: bool = True
+    fused_proj: bool = True
+    backend: str = "auto"
+
+
+@dataclass
+class ConversionReport:
+    """One row per tensor of every converted block: ``module, parameter, action, numel, note``."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, module: str, tensors: dict[str, Tensor | None], action: str, note: str = "") -> None:
+        assert action in ACTIONS
+        for name, t in tensors.items():
+            if t is not None:
+                self.rows.append(
+                    {"module": module, "parameter": name, "action": action, "numel": t.numel(), "note": note}
+                )
+
+    def extend(self, other: ConversionReport, prefix: str) -> None:
+        for row in other.rows:
+            self.rows.append({**row, "module": f"{prefix}.{row['module']}" if row["module"] else prefix})
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({r["module"] for r in self.rows})
+
+    def count(self, action: str) -> int:
+        return sum(r["numel"] for r in self.rows if r["action"] == action)
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows, columns=["module", "parameter", "action", "numel", "note"])
+
+    def summary(self):
+        """Elements per module and action, a pandas table."""
+        frame = self.to_frame()
+        table = frame.pivot_table(index="module", columns="action", values="numel", aggfunc="sum", fill_value=0)
+        return table.reindex(columns=[a for a in ACTIONS if a in table.columns])
+
+    def __str__(self) -> str:
+        return (
+            f"converted {len(self.modules)} blocks: inherited {self.count('inherited'):,}, "
+            f"dropped {self.count('dropped'):,}, new {self.count('new'):,} elements"
+        )
+
+
+Converter = Callable[[nn.Module, SASPConversion], tuple[nn.Module, ConversionReport]]
+CONVERTERS: dict[type, Converter] = {}
+
+
+def register_converter(block_type: type) -> Callable[[Converter], Converter]:
+    """Register ``fn(block, options) -> (new_module, report)`` for ``block_type`` (and its subclasses)."""
+
+    def wrap(fn: Converter) -> Converter:
+        CONVERTERS[block_type] = fn
+        return fn
+
+    return wrap
+
+
+def find_converter(module: nn.Module) -> Converter | None:
+    for cls in type(module).__mro__:
+        if cls in CONVERTERS:
+            return CONVERTERS[cls]
+    return None
+
+
+@torch.no_grad()
+def _sasp_from_parts(
+    *,
+    norm: nn.Module,
+    q: tuple[Tensor, Tensor | None],
+    k: tuple[Tensor, Tensor | None],
+    fc1: nn.Linear,
+    act: nn.Module,
+    fc2: nn.Linear,
+    num_heads: int,
+    causal: bool,
+    options: SASPConversion,
+    mlp_scale: Tensor | None = None,
+) -> tuple[SASPBlock, ConversionReport]:
+    """A SAS-P block carrying the given pretrained parts, and the report of what it inherited and added."""
+    dim = q[0].shape[1]
+    block = SASPBlock(
+        dim,
+        num_heads,
+        fc1.out_features / dim,
+        norm=lambda _: copy.deepcopy(norm),
+        act=copy.deepcopy(act),
+        mlp_bias=fc1.bias is not None,
+        qk_bias=q[1] is not None,
+        causal=causal,
+        trainable_value=options.trainable_value,
+        zero_query=False,
+        beta_sa=options.beta_sa,
+        beta_ff=options.beta_ff,
+        fused_proj=options.fused_proj,
+        backend=options.backend,
+    ).to(device=q[0].device, dtype=q[0].dtype)
+    attn, mlp = block.attn, block.mlp
+    attn.q.weight.copy_(q[0])
+    attn.k.weight.copy_(k[0])
+    if q[1] is not None:
+        attn.q.bias.copy_(q[1])
+        attn.k.bias.copy_(k[1])
+    mlp.load_state_dict(nn.ModuleDict({"fc1": fc1, "act": act, "fc2": fc2}).state_dict())
+    if mlp_scale is not None:
+        mlp.fc2.weight.mul_(mlp_scale[:, None])
+        if mlp.fc2.bias is not None:
+            mlp.fc2.bias.mul_(mlp_scale)
+
+    report = ConversionReport()
+    report.add("", {f"norm.{n}": t for n, t in block.norm.state_dict().items()}, "inherited")
+    note = "zeroed (zero_query)" if options.zero_query else ""
+    report.add("", {"attn.q.weight": attn.q.weight, "attn.q.bias": attn.q.bias}, "inherited", note)
+    report.add("", {"attn.k.weight": attn.k.weight, "attn.k.bias": attn.k.bias}, "inherited")
+    fc2_note = "layer scale folded in" if mlp_scale is not None else ""
+    report.add("", {"mlp.fc1.weight": mlp.fc1.weight, "mlp.fc1.bias": mlp.fc1.bias}, "inherited")
+    report.add("", {"mlp.fc2.weight": mlp.fc2.weight, "mlp.fc2.bias": mlp.fc2.bias}, "inherited", fc2_note)
+    new = {f"attn.shaped.{n}": p for n, p in attn.shaped.named_parameters()}
+    new |= {"gain_attn": block.gain_attn, "gain_mlp": block.gain_mlp}
+    if attn.value is not None:
+        new |= {f"attn.value.{n}": p for n, p in attn.value.named_parameters()}
+    report.add("", new, "new")
+    if options.zero_query:  # q = 0 for every token makes softmax(·) = C, so A = α·I
+        attn.q.weight.zero_()
+        if attn.q.bias is not None:
+            attn.q.bias.zero_()
+    return block, report
+
+
+@register_converter(PreLNBlock)
+def _convert_pre_ln(block: PreLNBlock, options: SASPConversion) -> tuple[SASPBlock, ConversionReport]:
+    qkv = block.attn.qkv
+    dim = qkv.in_features
+    w = qkv.weight.split(dim)
+    b = qkv.bias.split(dim) if qkv.bias is not None else (None, None, None)
+    scale = block.ls2.gamma if isinstance(block.ls2, LayerScale) and options.fold_layer_scale else None
+    if isinstance(block.ls2, LayerScale) and not options.fold_layer_scale:
+        raise ValueError("this block has a layer scale on its MLP branch; convert with fold_layer_scale=True")
+    new, report = _sasp_from_parts(
+        norm=block.norm1, q=(w[0], b[0]), k=(w[1], b[1]), fc1=block.mlp.fc1, act=block.mlp.act, fc2=block.mlp.fc2,
+        num_heads=block.num_heads, causal=block.causal, options=options, mlp_scale=scale,
+    )  # fmt: skip
+    report.add("", {"attn.qkv.weight[v]": w[2], "attn.qkv.bias[v]": b[2]}, "dropped", "W_V = I")
+    report.add("", dict(block.attn.proj.named_parameters(prefix="attn.proj")), "dropped", "W_P = I")
+    report.add("", dict(block.norm2.state_dict(prefix="norm2.")), "dropped", "one shared pre-norm")
+    report.add("", dict(block.ls1.named_parameters(prefix="ls1")), "dropped", "α, β, γ carry the attention scale")
+    if scale is not None:
+        report.add("", {"ls2.gamma": scale}, "dropped", "folded into mlp.fc2")
+    return new, report
+
+
+_ACTIVATION_FUNCTIONS = {nn.functional.relu: nn.ReLU, nn.functional.gelu: nn.GELU}
+
+
+@register_converter(nn.TransformerEncoderLayer)
+def _convert_torch_layer(
+    layer: nn.TransformerEncoderLayer, options: SASPConversion
+) -> tuple[SASPBlock, ConversionReport]:
+    if not layer.norm_first or not layer.self_attn.batch_first:
+        raise ValueError(
+            "only nn.TransformerEncoderLayer(norm_first=True, batch_first=True) converts to SAS-P: "
+            f"got norm_first={layer.norm_first}, batch_first={layer.self_attn.batch_first}"
+        )
+    mha = layer.self_attn
+    if mha._qkv_same_embed_dim:
+        wq, wk, wv = mha.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    bq, bk, bv = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+    act = layer.activation
+    if not isinstance(act, nn.Module):
+        if act not in _ACTIVATION_FUNCTIONS:
+            raise TypeError(f"cannot convert activation function {act!r}; pass an nn.Module activation")
+        act = _ACTIVATION_FUNCTIONS[act]()
+    new, report = _sasp_from_parts(
+        norm=layer.norm1, q=(wq, bq), k=(wk, bk), fc1=layer.linear1, act=act, fc2=layer.linear2,
+        num_heads=mha.num_heads, causal=False, options=options,
+    )  # fmt: skip
+    report.add("", {"self_attn.in_proj[v]": wv, "self_attn.in_proj_bias[v]": bv}, "dropped", "W_V = I")
+    report.add("", dict(mha.out_proj.named_parameters(prefix="self_attn.out_proj")), "dropped", "W_P = I")
+    report.add("", dict(layer.norm2.state_dict(prefix="norm2.")), "dropped", "one shared pre-norm")
+    return new, report
+
+
+class BlockStack(nn.Module):
+    """A stack of token blocks with an optional final norm; takes ``nn.TransformerEncoder``'s arguments."""
+
+    def __init__(self, blocks: Iterable[nn.Module], norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm if norm is not None else nn.Identity()
+
+    def forward(
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None = None,
+        causal: bool | None = None,
+        *,
+        mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+    ) -> Tensor:
+        causal, key_padding_mask = resolve_block_masks(
+            False, key_padding_mask, causal, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+            is_causal=is_causal,
+        )  # fmt: skip
+        for block in self.blocks:
+            x = block(x, key_padding_mask, causal)
+        return self.norm(x)
+
+
+@register_converter(nn.TransformerEncoder)
+def _convert_torch_encoder(encoder: nn.TransformerEncoder, options: SASPConversion) -> tuple[BlockStack, ConversionReport]:
+    # nn.TransformerEncoder inspects layers[0].self_attn in its forward, so the container is replaced too.
+    report, blocks = ConversionReport(), []
+    for i, layer in enumerate(encoder.layers):
+        block, sub = convert_block(layer, options)
+        blocks.append(block)
+        report.extend(sub, f"blocks.{i}")
+    return BlockStack(blocks, copy.deepcopy(encoder.norm)), report
+
+
+def convert_block(block: nn.Module, options: SASPConversion | None = None) -> tuple[nn.Module, ConversionReport]:
+    """Convert one block; raises :class:`TypeError` naming the type when no converter knows it."""
+    converter = find_converter(block)
+    if converter is None:
+        known = ", ".join(sorted(t.__name__ for t in CONVERTERS))
+        raise TypeError(f"no SAS-P converter for block type {type(block).__qualname__}; known types: {known}")
+    return converter(block, options or SASPConversion())
+
+
+def convert_to_sasp(
+    model: nn.Module,
+    names: Iterable[str] | None = None,
+    options: SASPConversion | None = None,
+) -> tuple[nn.Module, ConversionReport]:
+    """Replace blocks of ``model`` by SAS-P blocks, in place.
+
+    Args:
+        model: any module; if it is itself a convertible block, the converted block is returned.
+        names: qualified names of the modules to convert (each must be convertible); by default
+            every module of a registered type, outermost first.
+        options: :class:`SASPConversion`.
+
+    Returns:
+        ``(model, report)``; the report's rows name each converted module.
+    """
+    options = options or SASPConversion()
+    if names is None and find_converter(model) is not None:
+        block, sub = convert_block(model, options)
+        report = ConversionReport()
+        report.extend(sub, type(model).__name__)
+        return block, report
+    if names is None:
+        targets, seen = [], set()
+        for name, module in model.named_modules():
+            if name and find_converter(module) is not None and not any(name.startswith(p + ".") for p in seen):
+                targets.append(name)
+                seen.add(name)
+        if not targets:
+            known = ", ".join(sorted(t.__name__ for t in CONVERTERS))
+            raise ValueError(f"no convertible blocks in {type(model).__name__}; looked for {known}")
+    else:
+        targets = list(names)
+    report = ConversionReport()
+    for name in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        block, sub = convert_block(model.get_submodule(name), options)
+        setattr(parent, attr, block) if not attr.isdigit() else parent.__setitem__(int(attr), block)
+        report.extend(sub, name)
+    return model, report

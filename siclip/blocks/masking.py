@@ -1,0 +1,98 @@
+"""Validation and construction of attention masks shared by every attention in :mod:`siclip.blocks`.
+
+Convention (the one of ``torch.nn.MultiheadAttention``): a ``key_padding_mask`` is a bool tensor of
+shape ``(batch, tokens)`` that is **True for tokens to ignore**. ``causal`` hides keys after the query.
+Arbitrary additive masks are not supported: shaped attention needs C = softmax(M) for its centring
+term, which is only cheap (no T×T matrix) for causal and key-padding masks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_key_padding_mask(key_padding_mask: Tensor | None, batch: int, tokens: int, causal: bool) -> None:
+    """Raise a clear error unless ``key_padding_mask`` is None or a usable ``(batch, tokens)`` bool mask.
+
+    A usable mask leaves every query at least one visible key: a fully padded sequence (or, when
+    causal, a query preceded only by padded keys) has no softmax and no centring row.
+    """
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, Tensor):
+        raise TypeError(f"key_padding_mask must be a bool tensor, got {type(key_padding_mask).__name__}")
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must have dtype torch.bool (True = ignore this token), got {key_padding_mask.dtype}"
+        )
+    if tuple(key_padding_mask.shape) != (batch, tokens):
+        raise ValueError(
+            f"key_padding_mask must have shape (batch, tokens) = ({batch}, {tokens}), "
+            f"got {tuple(key_padding_mask.shape)}"
+        )
+    visible = visible_key_counts(key_padding_mask, causal)
+    if bool((visible == 0).any()):
+        rows = (visible == 0).nonzero()[:4].tolist()
+        where = "a query preceded only by padded keys" if causal else "a sequence whose keys are all padded"
+        raise ValueError(f"key_padding_mask leaves {where} with no visible key (batch, query) = {rows}")
+
+
+def visible_key_counts(key_padding_mask: Tensor, causal: bool) -> Tensor:
+    """Number of keys each query sees: ``(batch, tokens)`` when causal, else ``(batch, 1)``."""
+    valid = (~key_padding_mask).to(torch.int32)
+    return valid.cumsum(-1) if causal else valid.sum(-1, keepdim=True)
+
+
+def sdpa_mask(key_padding_mask: Tensor | None, causal: bool, tokens: int) -> tuple[Tensor | None, bool]:
+    """The ``(attn_mask, is_causal)`` pair for ``F.scaled_dot_product_attention`` (True = attend).
+
+    Padding alone gives a broadcast ``(batch, 1, 1, tokens)`` mask, never a T×T one; only causal
+    attention *with* padding needs the combined ``(batch, 1, tokens, tokens)`` boolean mask, since SDPA
+    accepts either ``is_causal`` or a mask, not both.
+    """
+    if key_padding_mask is None:
+        return None, causal
+    keep = (~key_padding_mask)[:, None, None, :]
+    if not causal:
+        return keep, False
+    lower = torch.ones(tokens, tokens, dtype=torch.bool, device=keep.device).tril()
+    return keep & lower, False
+
+
+def additive_mask(
+    batch: int, tokens: int, *, causal: bool, key_padding_mask: Tensor | None, dtype: torch.dtype, device
+) -> Tensor:
+    """The explicit additive mask M of shape ``(batch, 1, tokens, tokens)``: 0 where visible, -inf elsewhere.
+
+    Used by the reference implementations only (it is the T×T matrix the fast paths avoid).
+    """
+    visible = torch.ones(batch, 1, tokens, tokens, dtype=torch.bool, device=device)
+    if causal:
+        visible = visible & torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
+    if key_padding_mask is not None:
+        visible = visible & (~key_padding_mask)[:, None, None, :]
+    mask = torch.zeros(batch, 1, tokens, tokens, dtype=dtype, device=device)
+    return mask.masked_fill(~visible, float("-inf"))
+
+
+def resolve_block_masks(
+    default_causal: bool,
+    key_padding_mask: Tensor | None = None,
+    causal: bool | None = None,
+    *,
+    src_mask: Tensor | None = None,
+    src_key_padding_mask: Tensor | None = None,
+    is_causal: bool | None = None,
+) -> tuple[bool, Tensor | None]:
+    """``(causal, key_padding_mask)`` for a block call, accepting ``nn.TransformerEncoderLayer``'s argument
+    names too, so a converted block is a drop-in replacement for one."""
+    if src_mask is not None:
+        raise NotImplementedError(
+            "arbitrary attention masks (src_mask) are not supported: pass is_causal=True or a key_padding_mask"
+        )
+    if key_padding_mask is not None and src_key_padding_mask is not None:
+        raise ValueError("pass key_padding_mask or src_key_padding_mask, not both")
+    mask = key_padding_mask if key_padding_mask is not None else src_key_padding_mask
+    flags = [f for f in (causal, is_causal) if f is not None]
+    return (bool(flags[0]) if flags else default_causal), mask

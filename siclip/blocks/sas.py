@@ -1,0 +1,234 @@
+"""Simplified transformer blocks of He & Hofmann (*Simplifying Transformer Blocks*, ICLR 2024).
+
+- :class:`SASBlock` (sequential, "simplified attention sub-block"): no attention skip, W_V = W_P = I,
+  the MLP keeps its skip::
+
+      X̂ = β_SA·ShapedMHA(Norm₁(X)),   X_out = X̂ + β_FF·MLP(Norm₂(X̂))
+
+- :class:`SASPBlock` (parallel): no skip at all, one pre-norm shared by both branches::
+
+      H = Norm(X),   X_out = β_SA·ShapedMHA(H) + β_FF·MLP(H)
+
+ShapedMHA splits the channels of its input into heads and applies shaped attention to them
+(:mod:`siclip.blocks.shaped_attention`); with no value or projection weights the identity path is α·I.
+Published initialisation (official ``skipless*.yaml``): α = β = γ = 1 per head, W_Q = 0 (so every
+attention sub-block starts as the identity), W_K ~ N(0, 0.02²), β_SA = 1, β_FF = 0.1, and optionally a
+trainable first-layer value matrix W_V = α_V·I + β_V·W' with W' = 0, α_V = β_V = 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .init import init_linears
+from .masking import resolve_block_masks
+from .mlp import Mlp
+from .norms import NormSpec, create_norm
+from .shaped_attention import ShapedAttention
+
+
+class ValueSkipInit(nn.Module):
+    """W_V = α_V·I + β_V·W' with W' zero-initialised (the official SAS first-layer value matrix)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim, dim))
+        self.gain_skip = nn.Parameter(torch.ones(()))
+        self.gain_resid = nn.Parameter(torch.ones(()))
+
+    def combine(self, x: Tensor, projected: Tensor) -> Tensor:
+        """α_V·x + β_V·(x W'ᵀ) for an already computed ``projected = x W'ᵀ``."""
+        return torch.addcmul(self.gain_skip * x, self.gain_resid, projected)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.combine(x, nn.functional.linear(x, self.weight))
+
+
+class ShapedSelfAttention(nn.Module):
+    """Shaped multi-head self-attention with query/key projections only (W_V = W_P = I)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        qk_bias: bool = True,
+        trainable_value: bool = False,
+        zero_query: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qk_bias)
+        self.k = nn.Linear(dim, dim, bias=qk_bias)
+        self.value = ValueSkipInit(dim) if trainable_value else None
+        self.shaped = ShapedAttention(num_heads, backend=backend)
+        init_linears(self)
+        if zero_query:
+            nn.init.zeros_(self.q.weight)
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        gain: Tensor | None = None,
+    ) -> Tensor:
+        """Shaped attention on projected ``(batch, tokens, dim)`` q, k and values v."""
+        q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.num_heads) for t in (q, k, v))
+        out = self.shaped(q, k, v, causal=causal, key_padding_mask=key_padding_mask, gain=gain)
+        return rearrange(out, "b h t d -> b t (h d)")
+
+    def forward(
+        self, x: Tensor, *, causal: bool = False, key_padding_mask: Tensor | None = None, gain: Tensor | None = None
+    ) -> Tensor:
+        v = x if self.value is None else self.value(x)
+        return self.attend(self.q(x), self.k(x), v, causal=causal, key_padding_mask=key_padding_mask, gain=gain)
+
+
+def _block_parts(
+    dim: int,
+    num_heads: int,
+    mlp_ratio: float,
+    *,
+    act: str | nn.Module,
+    mlp_bias: bool,
+    qk_bias: bool,
+    trainable_value: bool,
+    zero_query: bool,
+    backend: str,
+    beta_sa: float,
+    beta_ff: float,
+) -> tuple[ShapedSelfAttention, Mlp, nn.Parameter, nn.Parameter]:
+    attn = ShapedSelfAttention(
+        dim, num_heads, qk_bias=qk_bias, trainable_value=trainable_value, zero_query=zero_query, backend=backend
+    )
+    mlp = Mlp(dim, round(dim * mlp_ratio), act=act, bias=mlp_bias)
+    init_linears(mlp)
+    return attn, mlp, nn.Parameter(torch.tensor(float(beta_sa))), nn.Parameter(torch.tensor(float(beta_ff)))
+
+
+class SASBlock(nn.Module):
+    """Sequential simplified block: X̂ = β_SA·ShapedMHA(Norm₁(X)), X_out = X̂ + β_FF·MLP(Norm₂(X̂))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        norm: NormSpec = "layernorm",
+        act: str | nn.Module = "relu",
+        mlp_bias: bool = False,
+        qk_bias: bool = True,
+        causal: bool = False,
+        trainable_value: bool = False,
+        zero_query: bool = True,
+        beta_sa: float = 1.0,
+        beta_ff: float = 0.1,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.causal = causal
+        self.norm1 = create_norm(norm, dim)
+        self.norm2 = create_norm(norm, dim)
+        self.attn, self.mlp, self.gain_attn, self.gain_mlp = _block_parts(
+            dim, num_heads, mlp_ratio, act=act, mlp_bias=mlp_bias, qk_bias=qk_bias, trainable_value=trainable_value,
+            zero_query=zero_query, backend=backend, beta_sa=beta_sa, beta_ff=beta_ff,
+        )  # fmt: skip
+
+    @property
+    def num_heads(self) -> int:
+        return self.attn.num_heads
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool | None = None, **kw) -> Tensor:
+        causal, key_padding_mask = resolve_block_masks(self.causal, key_padding_mask, causal, **kw)
+        x = self.attn(self.norm1(x), causal=causal, key_padding_mask=key_padding_mask, gain=self.gain_attn)
+        return torch.addcmul(x, self.gain_mlp, self.mlp(self.norm2(x)))
+
+
+class SASPBlock(nn.Module):
+    """Parallel simplified block: X_out = β_SA·ShapedMHA(Norm(X)) + β_FF·MLP(Norm(X)), no skips.
+
+    With ``fused_proj`` (default) the query, key, optional value and first MLP projections run as one
+    ``dim -> 2·dim (+dim) + hidden`` matmul, like timm's ``ParallelScalingBlock``. The weights stay in
+    their own submodules (``attn.q``, ``attn.k``, ``mlp.fc1``) and are concatenated per call (a d×6d copy,
+    small next to the activations), so attention weights can be shared or inherited on their own.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        norm: NormSpec = "layernorm",
+        act: str | nn.Module = "relu",
+        mlp_bias: bool = False,
+        qk_bias: bool = True,
+        causal: bool = False,
+        trainable_value: bool = False,
+        zero_query: bool = True,
+        beta_sa: float = 1.0,
+        beta_ff: float = 0.1,
+        fused_proj: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.causal = causal
+        self.fused_proj = fused_proj
+        self.norm = create_norm(norm, dim)
+        self.attn, self.mlp, self.gain_attn, self.gain_mlp = _block_parts(
+            dim, num_heads, mlp_ratio, act=act, mlp_bias=mlp_bias, qk_bias=qk_bias, trainable_value=trainable_value,
+            zero_query=zero_query, backend=backend, beta_sa=beta_sa, beta_ff=beta_ff,
+        )  # fmt: skip
+
+    @property
+    def num_heads(self) -> int:
+        return self.attn.num_heads
+
+    def _input_projections(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q, k, values and MLP hidden pre-activation from the normalised input ``h``."""
+        attn, fc1 = self.attn, self.mlp.fc1
+        value = attn.value
+        if not self.fused_proj:
+            v = h if value is None else value(h)
+            return attn.q(h), attn.k(h), v, fc1(h)
+        layers = [(attn.q.weight, attn.q.bias), (attn.k.weight, attn.k.bias)]
+        if value is not None:
+            layers.append((value.weight, None))
+        layers.append((fc1.weight, fc1.bias))
+        weight = torch.cat([w for w, _ in layers])
+        bias = None
+        if any(b is not None for _, b in layers):
+            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in layers])
+        parts = nn.functional.linear(h, weight, bias).split([w.shape[0] for w, _ in layers], dim=-1)
+        q, k, hidden = parts[0], parts[1], parts[-1]
+        v = h if value is None else value.combine(h, parts[2])
+        return q, k, v, hidden
+
+    def _branches(self, x: Tensor, causal: bool, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        h = self.norm(x)
+        q, k, v, hidden = self._input_projections(h)
+        a = self.attn.attend(q, k, v, causal=causal, key_padding_mask=key_padding_mask, gain=self.gain_attn)
+        return a, self.mlp.from_hidden(hidden)
+
+    def forward_branches(
+        self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool | None = None, **kw
+    ) -> tuple[Tensor, Tensor]:
+        """The two terms of the output, ``(β_SA·ShapedMHA(Norm(X)), β_FF·MLP(Norm(X)))``, for analysis."""
+        causal, key_padding_mask = resolve_block_masks(self.causal, key_padding_mask, causal, **kw)
+        a, m = self._branches(x, causal, key_padding_mask)
+        return a, self.gain_mlp * m
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool | None = None, **kw) -> Tensor:
+        causal, key_padding_mask = resolve_block_masks(self.causal, key_padding_mask, causal, **kw)
+        a, m = self._branches(x, causal, key_padding_mask)
+        return torch.addcmul(a, self.gain_mlp, m)

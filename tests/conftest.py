@@ -1,0 +1,24 @@
+import os
+import random
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test (fixed with SICLIP_TEST_SEED=N); printed so a failure can be replayed."""
+    value = int(os.environ.get("SICLIP_TEST_SEED", random.randrange(2**31)))
+    torch.manual_seed(value)
+    print(f"SICLIP_TEST_SEED={value}")
+    return value
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
