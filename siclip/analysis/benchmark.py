@@ -185,7 +185,9 @@ def _cell(value) -> str:
         return str(value)
     if isinstance(value, int):
         return f"{value:,}"
-    return "–" if value != value else f"{value:.3g}"
+    if value != value:
+        return "–"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -205,3 +207,17 @@ def device_name(device: str | torch.device) -> str:
     import platform
 
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def loader_throughput(loader, *, batches: int | None = None, warmup: int = 2) -> dict:
+    """Samples per second a loader delivers (decode + augment + collate), after ``warmup`` batches."""
+    iterator = iter(loader)
+    for _ in range(warmup):
+        next(iterator)
+    count, t0 = 0, time.perf_counter()
+    for n, batch in enumerate(iterator):
+        count += batch["size"]
+        if batches is not None and n + 1 >= batches:
+            break
+    seconds = time.perf_counter() - t0
+    return {"samples": count, "seconds": seconds, "samples_per_s": count / seconds}

@@ -1,0 +1,28 @@
+"""Image–text data: the embedded procedural world, WebDataset and CSV readers, resumable loading.
+
+Every format is a :class:`~siclip.data.sources.Source` (random access to raw samples); an
+:class:`ImageTextDataset` turns one into training samples (caption mixing, seeded augmentation,
+tokenisation, optional teacher embeddings) and an :class:`ImageTextLoader` batches it with exact
+mid-epoch resume.
+"""
+
+from .captions import RawCaptionConfig, zero_shot_classes
+from .dataset import ImageTextDataset, Skipped, choose_caption, collate_samples
+from .embedded import EmbeddedConfig, EmbeddedSource, retrieval_set, zero_shot_prompts
+from .loader import EpochSampler, ImageTextLoader, SkipReport
+from .sources import RawSample, SampleError, Source, decode_image, encode_image
+from .tabular import CsvSource
+from .teacher_cache import TeacherCache, TeacherCacheWriter, build_teacher_cache
+from .tokenizer import ClipBpeTokenizer, WordTokenizer, create_tokenizer
+from .transforms import AugmentConfig, augment
+from .webdataset import ShardSource, expand_shards, recaption_shards, write_shards
+from .world import Scene, render_scene, sample_scene
+
+__all__ = [
+    "AugmentConfig", "ClipBpeTokenizer", "CsvSource", "EmbeddedConfig", "EmbeddedSource", "EpochSampler",
+    "ImageTextDataset", "ImageTextLoader", "RawCaptionConfig", "RawSample", "SampleError", "Scene", "ShardSource",
+    "SkipReport", "Skipped", "Source", "TeacherCache", "TeacherCacheWriter", "WordTokenizer", "augment",
+    "build_teacher_cache", "choose_caption", "collate_samples", "create_tokenizer", "decode_image", "encode_image",
+    "expand_shards", "recaption_shards", "render_scene", "retrieval_set", "sample_scene", "write_shards",
+    "zero_shot_classes", "zero_shot_prompts",
+]  # fmt: skip

@@ -1,0 +1,102 @@
+"""The embedded dataset: train/val/test splits and evaluation sets of the procedural world.
+
+Each split draws its scenes from its own stream ``[seed, stream, index]``, so splits never share an
+image; captions come from a separate stream, so changing caption settings leaves the images alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .captions import (
+    ZERO_SHOT_TEMPLATES,
+    RawCaptionConfig,
+    raw_caption,
+    synthetic_captions,
+    zero_shot_classes,
+)
+from .sources import RawSample
+from .world import Scene, render_scene, sample_scene
+
+STREAMS = {"train": 0, "val": 1, "test": 2, "zeroshot": 3}
+_CAPTION_STREAM = 1000  # caption rngs live apart from scene rngs
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    seed: int = 0
+    image_size: int = 64
+    num_train: int = 10_000
+    num_val: int = 1_000
+    num_test: int = 1_000
+    num_synthetic: int = 5
+    max_objects: int = 3
+    raw: RawCaptionConfig = field(default_factory=RawCaptionConfig)
+    zero_shot_per_class: int = 5
+
+    def size(self, split: str) -> int:
+        sizes = {"train": self.num_train, "val": self.num_val, "test": self.num_test}
+        if split == "zeroshot":
+            return self.zero_shot_per_class * len(zero_shot_classes())
+        if split not in sizes:
+            raise ValueError(f"unknown split {split!r}; choose one of {sorted(STREAMS)}")
+        return sizes[split]
+
+
+class EmbeddedSource:
+    """Split ``split`` of the embedded world as a :class:`~siclip.data.sources.Source`, rendered on demand."""
+
+    def __init__(self, config: EmbeddedConfig = EmbeddedConfig(), split: str = "train") -> None:
+        self._len = config.size(split)  # validates the split name
+        self.config, self.split, self.stream = config, split, STREAMS[split]
+
+    def __len__(self) -> int:
+        return self._len
+
+    def scene(self, index: int) -> Scene:
+        if not 0 <= index < self._len:
+            raise IndexError(f"index {index} out of range for the {self.split} split of {self._len}")
+        cfg = self.config
+        scene_id = self.stream * 10**9 + index
+        if self.split == "zeroshot":
+            classes = zero_shot_classes()
+            return sample_scene(cfg.seed, scene_id, label=classes[index % len(classes)])
+        return sample_scene(cfg.seed, scene_id, max_objects=cfg.max_objects)
+
+    def label(self, index: int) -> int:
+        """Zero-shot class index of sample ``index`` (zeroshot split only)."""
+        if self.split != "zeroshot":
+            raise ValueError("labels exist for the 'zeroshot' split only")
+        return index % len(zero_shot_classes())
+
+    def load(self, index: int) -> RawSample:
+        cfg = self.config
+        scene = self.scene(index)
+        rng = np.random.default_rng([cfg.seed, _CAPTION_STREAM + self.stream, index])
+        offset = 1 + int(rng.integers(max(1, self._len - 1)))
+        raw, kind = raw_caption(scene, rng, cfg.raw, lambda: self.scene((index + offset) % self._len))
+        synthetic = synthetic_captions(scene, rng, cfg.num_synthetic)
+        return RawSample(
+            key=f"{self.split}-{index:08d}",
+            image=render_scene(scene, cfg.image_size),
+            raw_caption=raw,
+            synthetic=synthetic,
+            meta={"raw_kind": kind, "objects": [(o.colour, o.shape) for o in scene.objects]},
+        )
+
+
+def zero_shot_prompts() -> tuple[list[str], list[str]]:
+    """``(class names, templates)`` of the embedded zero-shot task, e.g. "red circle" and "a photo of a {}."."""
+    return [f"{c} {s}" for c, s in zero_shot_classes()], list(ZERO_SHOT_TEMPLATES)
+
+
+def retrieval_set(config: EmbeddedConfig = EmbeddedConfig(), split: str = "test", captions_per_image: int = 5):
+    """COCO-style retrieval: ``(source, captions)`` with ``captions[i]`` the accurate captions of image ``i``."""
+    source = EmbeddedSource(config, split)
+    captions = []
+    for i in range(len(source)):
+        rng = np.random.default_rng([config.seed, 2000 + source.stream, i])
+        captions.append(synthetic_captions(source.scene(i), rng, captions_per_image))
+    return source, captions

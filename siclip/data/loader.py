@@ -1,0 +1,159 @@
+"""Loading with exact mid-epoch resume, on torchdata's ``StatefulDataLoader``.
+
+Every sample is a pure function of (seed, epoch, index) and :class:`EpochSampler` orders indices by a
+permutation seeded by (seed, epoch). The resume state is therefore small and independent of the
+worker count: the epoch and the number of batches the loader has handed out. After
+``load_state_dict()`` the sampler starts at exactly the next unseen index, so the run continues
+with the batches the original would have yielded, with 0, 2 or any other number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+from torch.utils.data import Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from .dataset import ImageTextDataset, Skipped, collate_samples
+
+log = logging.getLogger(__name__)
+
+
+class EpochSampler(Sampler):
+    """``(epoch, index)`` pairs: a seeded permutation per epoch (or the identity), split across ranks.
+
+    Each rank takes every ``world_size``-th index of the permutation; the tail that does not divide
+    evenly is dropped, so every rank sees the same number of samples (as DDP needs). ``start`` skips
+    the first indices of the next iteration only (a resumed epoch).
+    """
+
+    def __init__(self, size: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if size < world_size:
+            raise ValueError(f"{size} samples cannot be split over {world_size} ranks")
+        self.size, self.shuffle, self.seed, self.rank, self.world_size = size, shuffle, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def order(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.size) if self.shuffle else np.arange(self.size)
+        per_rank = self.size // self.world_size
+        return perm[self.rank : per_rank * self.world_size : self.world_size]
+
+    def __len__(self) -> int:
+        return self.size // self.world_size - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, start = self.epoch, self.start
+        self.start = 0
+        for index in self.order(epoch)[start:]:
+            yield epoch, int(index)
+
+
+@dataclass
+class SkipReport:
+    """Samples skipped in one epoch, with their keys and reasons."""
+
+    epoch: int
+    skipped: list[Skipped] = field(default_factory=list)
+    source_problems: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.skipped)
+
+    def __str__(self) -> str:
+        if not self.skipped and not self.source_problems:
+            return f"epoch {self.epoch}: no sample skipped"
+        reasons = Counter(s.reason.split(" (")[0] for s in self.skipped)
+        lines = [f"epoch {self.epoch}: skipped {self.count} samples ({dict(reasons)})"]
+        lines += [f"  {s.key}: {s.reason}" for s in self.skipped[:20]]
+        if self.count > 20:
+            lines.append(f"  … and {self.count - 20} more")
+        lines += [f"  unreadable in the source: {where}: {why}" for where, why in self.source_problems]
+        return "\n".join(lines)
+
+
+class ImageTextLoader:
+    """Batches of an :class:`ImageTextDataset`, one epoch per ``iter()``, resumable mid-epoch.
+
+    ``state_dict()`` holds the epoch, the batches handed out in it and the samples skipped so far;
+    after ``load_state_dict()`` iteration continues with exactly the batches the original run would
+    have produced next. Batches whose samples were all skipped are not yielded. A state is taken
+    between batches (the training loop saves it with its checkpoint, after an optimiser step).
+    """
+
+    def __init__(
+        self,
+        dataset: ImageTextDataset,
+        batch_size: int,
+        *,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        prefetch_factor: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ) -> None:
+        self.dataset, self.batch_size = dataset, batch_size
+        self.sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+        self.loader = StatefulDataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            collate_fn=collate_samples,
+            drop_last=drop_last,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            pin_memory=pin_memory,
+        )
+        self.epoch = 0
+        self._batches = 0  # batches of the current epoch handed out (or skipped whole)
+        self._skipped: list[Skipped] = []
+        self.reports: list[SkipReport] = []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        self.sampler.set_epoch(self.epoch, self._batches * self.batch_size)
+        for batch in self.loader:
+            self._batches += 1
+            self._skipped.extend(batch.pop("skipped"))
+            if batch["size"]:
+                yield batch
+        problems = list(getattr(self.dataset.source, "problems", []))
+        report = SkipReport(self.epoch, self._skipped, problems)
+        self.reports.append(report)
+        if report.skipped or problems:
+            log.warning("%s", report)
+        self.epoch += 1
+        self._batches = 0
+        self._skipped = []
+
+    @property
+    def last_report(self) -> SkipReport | None:
+        return self.reports[-1] if self.reports else None
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "batches": self._batches,
+            "batch_size": self.batch_size,
+            "skipped": [(s.index, s.key, s.reason) for s in self._skipped],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["batch_size"] != self.batch_size:
+            raise ValueError(f"the saved loader state is for batch size {state['batch_size']}, not {self.batch_size}")
+        self.epoch, self._batches = int(state["epoch"]), int(state["batches"])
+        self._skipped = [Skipped(*s) for s in state["skipped"]]

@@ -1,0 +1,278 @@
+"""WebDataset tar shards in img2dataset's layout: ``key.jpg`` with ``key.txt`` and/or ``key.json``.
+
+The raw caption is ``key.txt``; synthetic captions are a list in ``key.json`` under
+``"synthetic_captions"`` (DataCompDR's ``"syn_text"`` and a bare JSON list are read too).
+
+:class:`ShardSource` indexes the shards once (tar headers only: key, member offsets and sizes) and
+then reads any sample by offset, so shards are a random-access source with shuffling and exact
+resume. A truncated archive keeps what was indexed before the break and records the problem; a
+sample whose image is corrupt or whose captions are empty raises :class:`SampleError`.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .sources import RawSample, SampleError, Source, clean_captions, decode_image, encode_image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SYNTHETIC_FIELDS = ("synthetic_captions", "syn_text", "captions")
+
+
+def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Shard paths from a list, a directory (its ``*.tar``), a glob, or a brace range ``a-{000..009}.tar``.
+
+    Every named shard must exist: a missing one raises :class:`FileNotFoundError` naming it.
+    """
+    if isinstance(spec, (list, tuple)):
+        paths = [Path(p) for p in spec]
+    else:
+        text = str(spec)
+        match = re.search(r"\{(\d+)\.\.(\d+)\}", text)
+        if match:
+            lo, hi = match.groups()
+            paths = [Path(text[: match.start()] + str(i).zfill(len(lo)) + text[match.end() :]) for i in range(int(lo), int(hi) + 1)]
+        elif Path(text).is_dir():
+            paths = sorted(Path(text).glob("*.tar"))
+            if not paths:
+                raise FileNotFoundError(f"no .tar shards in directory {text}")
+        elif any(c in text for c in "*?["):
+            paths = [Path(p) for p in sorted(glob.glob(text))]
+            if not paths:
+                raise FileNotFoundError(f"no shard matches {text}")
+        else:
+            paths = [Path(text)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        listed = ", ".join(missing[:5]) + (", …" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards not found: {listed}")
+    return paths
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the basename."""
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+@dataclass
+class _Entry:
+    key: str
+    shard: int
+    members: dict[str, tuple[int, int]]  # extension -> (data offset, size)
+
+
+class ShardSource:
+    """Random-access :class:`~siclip.data.sources.Source` over WebDataset shards."""
+
+    def __init__(self, shards: str | Path | Sequence[str | Path]) -> None:
+        self.shards = expand_shards(shards)
+        self.entries: list[_Entry] = []
+        self.problems: list[tuple[str, str]] = []
+        for number, path in enumerate(self.shards):
+            self._index(number, path)
+        self._files: dict[int, object] = {}
+        self._pid = None
+
+    def _index(self, number: int, path: Path) -> None:
+        by_key: dict[str, _Entry] = {}
+        size = path.stat().st_size
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = split_member_name(member.name)
+                    if member.offset_data + member.size > size:
+                        self.problems.append((f"{path}:{member.name}", "member cut off by the end of the archive"))
+                        continue
+                    entry = by_key.setdefault(key, _Entry(key, number, {}))
+                    entry.members[ext] = (member.offset_data, member.size)
+        except tarfile.ReadError as err:
+            if not by_key and not self.problems:
+                raise ValueError(f"{path} is not a readable tar archive ({err})") from None
+            self.problems.append((str(path), f"archive broken after {len(by_key)} samples ({err})"))
+        self.entries.extend(by_key.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():  # file handles do not survive a fork into a worker
+            self._files, self._pid = {}, os.getpid()
+        handle = self._files.get(shard)
+        if handle is None:
+            handle = self._files[shard] = open(self.shards[shard], "rb")
+        handle.seek(offset)
+        return handle.read(size)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}, "_pid": None}
+
+    def load(self, index: int) -> RawSample:
+        entry = self.entries[index]
+        members = {ext: self._read(entry.shard, *where) for ext, where in entry.members.items()}
+        image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if image_ext is None:
+            raise SampleError(entry.key, f"no image member (has {sorted(members)})")
+        raw = members["txt"].decode("utf-8", errors="replace") if "txt" in members else None
+        meta, synthetic = {}, []
+        if "json" in members:
+            try:
+                meta = json.loads(members["json"])
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise SampleError(entry.key, f"broken json member ({err})") from None
+            if isinstance(meta, list):
+                meta, synthetic = {}, meta
+            else:
+                synthetic = next((meta[f] for f in SYNTHETIC_FIELDS if isinstance(meta.get(f), list)), [])
+                if raw is None and isinstance(meta.get("caption"), str):
+                    raw = meta["caption"]
+        raw, synthetic = clean_captions(raw, synthetic)
+        return RawSample(entry.key, members[image_ext], raw, synthetic, meta)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # reproducible archives
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_atomic_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            _add_member(tar, name, data)
+    os.replace(tmp, path)
+
+
+def sample_members(sample: RawSample, image_format: str = "png") -> list[tuple[str, bytes]]:
+    """The tar members of one sample: image, ``.txt`` raw caption, ``.json`` with the synthetic list."""
+    image = sample.image if isinstance(sample.image, bytes) else encode_image(sample.image, image_format)
+    ext = image_format if not isinstance(sample.image, bytes) else "jpg"
+    members = [(f"{sample.key}.{ext}", image)]
+    if sample.raw_caption is not None:
+        members.append((f"{sample.key}.txt", sample.raw_caption.encode("utf-8")))
+    meta = {k: v for k, v in sample.meta.items() if k not in SYNTHETIC_FIELDS}
+    meta = {"key": sample.key, **meta, "synthetic_captions": list(sample.synthetic)}
+    members.append((f"{sample.key}.json", json.dumps(meta).encode("utf-8")))
+    return members
+
+
+def write_shards(
+    source: Source,
+    out_dir: str | Path,
+    *,
+    samples_per_shard: int = 1000,
+    image_format: str = "png",
+    prefix: str = "shard",
+    limit: int | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Write ``source`` (any source, the embedded one included) as shards ``{prefix}-000000.tar``, ….
+
+    Each shard is written to a temporary file and renamed, so an interrupted run leaves whole shards.
+    Samples the source cannot load are skipped (their keys are returned in the log of the progress bar).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    total = len(source) if limit is None else min(limit, len(source))
+    paths: list[Path] = []
+    for start in tqdm(range(0, total, samples_per_shard), desc="writing shards", disable=not progress):
+        members: list[tuple[str, bytes]] = []
+        for index in range(start, min(start + samples_per_shard, total)):
+            try:
+                members.extend(sample_members(source.load(index), image_format))
+            except SampleError:
+                continue
+        path = out / f"{prefix}-{len(paths):06d}.tar"
+        _write_atomic_tar(path, members)
+        paths.append(path)
+    return paths
+
+
+Captioner = Callable[..., list[list[str]]]
+
+
+def _call_captioner(captioner: Captioner, images: list[np.ndarray], keys: list[str]) -> list[list[str]]:
+    import inspect
+
+    try:
+        takes_keys = "keys" in inspect.signature(captioner).parameters
+    except (TypeError, ValueError):
+        takes_keys = False
+    captions = captioner(images, keys=keys) if takes_keys else captioner(images)
+    if len(captions) != len(images) or not all(isinstance(c, list) for c in captions):
+        raise ValueError(f"a captioner must return one list of strings per image; got {len(captions)} for {len(images)}")
+    return captions
+
+
+def recaption_shards(
+    shards: str | Path | Sequence[str | Path],
+    captioner: Captioner,
+    *,
+    out_dir: str | Path | None = None,
+    batch_size: int = 64,
+    mode: str = "replace",
+    progress: bool = True,
+) -> dict[str, int]:
+    """Run ``captioner`` over every image of the shards and store its captions in the ``.json`` members.
+
+    ``captioner(images)`` (or ``captioner(images, keys=keys)``) maps a list of ``(H, W, 3)`` uint8
+    images to one list of captions each. ``mode`` ``"replace"`` or ``"append"`` to the existing
+    synthetic captions. Shards are rewritten atomically in place, or written to ``out_dir``.
+    Images that cannot be decoded keep their members unchanged and are counted.
+    """
+    if mode not in ("replace", "append"):
+        raise ValueError(f"mode must be 'replace' or 'append', got {mode!r}")
+    paths = expand_shards(shards)
+    stats = {"captioned": 0, "skipped": 0}
+    for path in tqdm(paths, desc="captioning shards", disable=not progress):
+        with tarfile.open(path, mode="r:") as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+        order: list[str] = []
+        by_key: dict[str, dict[str, bytes]] = {}
+        for name, data in members:
+            key, ext = split_member_name(name)
+            if key not in by_key:
+                order.append(key)
+            by_key.setdefault(key, {})[ext] = data
+        images, keys = [], []
+        for key in order:
+            ext = next((e for e in IMAGE_EXTS if e in by_key[key]), None)
+            try:
+                images.append(decode_image(by_key[key][ext], key) if ext else None)
+            except SampleError:
+                images.append(None)
+            keys.append(key)
+        valid = [i for i, img in enumerate(images) if img is not None]
+        stats["skipped"] += len(images) - len(valid)
+        for start in range(0, len(valid), batch_size):
+            chunk = valid[start : start + batch_size]
+            captions = _call_captioner(captioner, [images[i] for i in chunk], [keys[i] for i in chunk])
+            for i, new in zip(chunk, captions):
+                files = by_key[keys[i]]
+                meta = json.loads(files["json"]) if "json" in files else {"key": keys[i]}
+                if isinstance(meta, list):
+                    meta = {"key": keys[i], "synthetic_captions": meta}
+                old = meta.get("synthetic_captions", []) if mode == "append" else []
+                meta["synthetic_captions"] = [*old, *new]
+                files["json"] = json.dumps(meta).encode("utf-8")
+                stats["captioned"] += 1
+        target = Path(out_dir) / path.name if out_dir is not None else path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic_tar(target, [(f"{k}.{ext}", data) for k in order for ext, data in by_key[k].items()])
+    return stats
