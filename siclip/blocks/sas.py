@@ -93,30 +93,19 @@ class ShapedSelfAttention(nn.Module):
         return self.attend(self.q(x), self.k(x), v, causal=causal, key_padding_mask=key_padding_mask, gain=gain)
 
 
-def _block_parts(
-    dim: int,
-    num_heads: int,
-    mlp_ratio: float,
-    *,
-    act: str | nn.Module,
-    mlp_bias: bool,
-    qk_bias: bool,
-    trainable_value: bool,
-    zero_query: bool,
-    backend: str,
-    beta_sa: float,
-    beta_ff: float,
-) -> tuple[ShapedSelfAttention, Mlp, nn.Parameter, nn.Parameter]:
-    attn = ShapedSelfAttention(
-        dim, num_heads, qk_bias=qk_bias, trainable_value=trainable_value, zero_query=zero_query, backend=backend
-    )
-    mlp = Mlp(dim, round(dim * mlp_ratio), act=act, bias=mlp_bias)
-    init_linears(mlp)
-    return attn, mlp, nn.Parameter(torch.tensor(float(beta_sa))), nn.Parameter(torch.tensor(float(beta_ff)))
+class _ShapedBlock(nn.Module):
+    """What SAS and SAS-P share: shaped attention, the MLP and the branch gains β_SA, β_FF.
 
-
-class SASBlock(nn.Module):
-    """Sequential simplified block: X̂ = β_SA·ShapedMHA(Norm₁(X)), X_out = X̂ + β_FF·MLP(Norm₂(X̂))."""
+    Args:
+        dim, num_heads, mlp_ratio: width, heads (dim must divide), MLP hidden width = dim·mlp_ratio.
+        act, mlp_bias: the MLP's activation and biases (SAS default: ReLU, no biases).
+        qk_bias: biases on the query and key projections.
+        causal: default masking of :meth:`forward` calls.
+        trainable_value: the first-layer value matrix W_V = α_V·I + β_V·W' (W' = 0 at init).
+        zero_query: W_Q = 0 at init, so attention starts as the identity.
+        beta_sa, beta_ff: initial branch gains.
+        backend: attention kernel, see :func:`~siclip.blocks.shaped_attention.shaped_attention`.
+    """
 
     def __init__(
         self,
@@ -124,7 +113,6 @@ class SASBlock(nn.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         *,
-        norm: NormSpec = "layernorm",
         act: str | nn.Module = "relu",
         mlp_bias: bool = False,
         qk_bias: bool = True,
@@ -137,16 +125,29 @@ class SASBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.causal = causal
-        self.norm1 = create_norm(norm, dim)
-        self.norm2 = create_norm(norm, dim)
-        self.attn, self.mlp, self.gain_attn, self.gain_mlp = _block_parts(
-            dim, num_heads, mlp_ratio, act=act, mlp_bias=mlp_bias, qk_bias=qk_bias, trainable_value=trainable_value,
-            zero_query=zero_query, backend=backend, beta_sa=beta_sa, beta_ff=beta_ff,
-        )  # fmt: skip
+        self.attn = ShapedSelfAttention(
+            dim, num_heads, qk_bias=qk_bias, trainable_value=trainable_value, zero_query=zero_query, backend=backend
+        )
+        self.mlp = Mlp(dim, round(dim * mlp_ratio), act=act, bias=mlp_bias)
+        init_linears(self.mlp)
+        self.gain_attn = nn.Parameter(torch.tensor(float(beta_sa)))
+        self.gain_mlp = nn.Parameter(torch.tensor(float(beta_ff)))
 
     @property
     def num_heads(self) -> int:
         return self.attn.num_heads
+
+
+class SASBlock(_ShapedBlock):
+    """Sequential simplified block: X̂ = β_SA·ShapedMHA(Norm₁(X)), X_out = X̂ + β_FF·MLP(Norm₂(X̂)).
+
+    ``norm`` names the two pre-norms; every other argument is :class:`_ShapedBlock`'s.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, norm: NormSpec = "layernorm", **kwargs) -> None:
+        super().__init__(dim, num_heads, mlp_ratio, **kwargs)
+        self.norm1 = create_norm(norm, dim)
+        self.norm2 = create_norm(norm, dim)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool | None = None, **kw) -> Tensor:
         causal, key_padding_mask = resolve_block_masks(self.causal, key_padding_mask, causal, **kw)
@@ -154,13 +155,15 @@ class SASBlock(nn.Module):
         return torch.addcmul(x, self.gain_mlp, self.mlp(self.norm2(x)))
 
 
-class SASPBlock(nn.Module):
+class SASPBlock(_ShapedBlock):
     """Parallel simplified block: X_out = β_SA·ShapedMHA(Norm(X)) + β_FF·MLP(Norm(X)), no skips.
 
-    With ``fused_proj`` (default) the query, key, optional value and first MLP projections run as one
-    ``dim -> 2·dim (+dim) + hidden`` matmul, like timm's ``ParallelScalingBlock``. The weights stay in
-    their own submodules (``attn.q``, ``attn.k``, ``mlp.fc1``) and are concatenated per call (a d×6d copy,
-    small next to the activations), so attention weights can be shared or inherited on their own.
+    ``norm`` names the one pre-norm both branches share; every other argument but ``fused_proj`` is
+    :class:`_ShapedBlock`'s. With ``fused_proj`` (default) the query, key, optional value and first MLP
+    projections run as one ``dim -> 2·dim (+dim) + hidden`` matmul, like timm's ``ParallelScalingBlock``.
+    The weights stay in their own submodules (``attn.q``, ``attn.k``, ``mlp.fc1``) and are concatenated
+    per call (a d×6d copy, small next to the activations), so attention weights can be shared or
+    inherited on their own.
     """
 
     def __init__(
@@ -170,29 +173,12 @@ class SASPBlock(nn.Module):
         mlp_ratio: float = 4.0,
         *,
         norm: NormSpec = "layernorm",
-        act: str | nn.Module = "relu",
-        mlp_bias: bool = False,
-        qk_bias: bool = True,
-        causal: bool = False,
-        trainable_value: bool = False,
-        zero_query: bool = True,
-        beta_sa: float = 1.0,
-        beta_ff: float = 0.1,
         fused_proj: bool = True,
-        backend: str = "auto",
+        **kwargs,
     ) -> None:
-        super().__init__()
-        self.causal = causal
+        super().__init__(dim, num_heads, mlp_ratio, **kwargs)
         self.fused_proj = fused_proj
         self.norm = create_norm(norm, dim)
-        self.attn, self.mlp, self.gain_attn, self.gain_mlp = _block_parts(
-            dim, num_heads, mlp_ratio, act=act, mlp_bias=mlp_bias, qk_bias=qk_bias, trainable_value=trainable_value,
-            zero_query=zero_query, backend=backend, beta_sa=beta_sa, beta_ff=beta_ff,
-        )  # fmt: skip
-
-    @property
-    def num_heads(self) -> int:
-        return self.attn.num_heads
 
     def _input_projections(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q, k, values and MLP hidden pre-activation from the normalised input ``h``."""
