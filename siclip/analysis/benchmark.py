@@ -221,3 +221,13 @@ def loader_throughput(loader, *, batches: int | None = None, warmup: int = 2) ->
             break
     seconds = time.perf_counter() - t0
     return {"samples": count, "seconds": seconds, "samples_per_s": count / seconds}
+
+
+@torch.inference_mode()
+def encoder_throughput(
+    encoders: dict[str, Callable[[Tensor], Tensor]], inputs: Tensor, *, rounds: int = 5, warmup: int = 1
+) -> dict[str, float]:
+    """Items per second of each encoder on ``inputs`` (a batch), timed round-robin (CPU or CUDA)."""
+    device = inputs.device
+    results = time_interleaved({n: functools.partial(f, inputs) for n, f in encoders.items()}, device, rounds=rounds, warmup=warmup)
+    return {name: inputs.shape[0] / (r["ms"] / 1e3) for name, r in results.items()}

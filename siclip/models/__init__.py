@@ -1,0 +1,23 @@
+"""Models: MobileCLIP-S0 (image encoder MCi0, text encoder MCt) and SiCLIP, its SAS-P/shared student.
+
+- :func:`create_model` / :func:`list_models`: named configurations (``mobileclip_s0``, ``siclip_s0``,
+  ``mobileclip_tiny``, ``siclip_tiny``) stored as JSON data.
+- :func:`load_mobileclip_s0`: Apple's released checkpoint through a documented, strict key mapping.
+- :func:`build_siclip`: weight inheritance from a MobileCLIP teacher, with a report.
+- :func:`reparameterize_model`: train-time branches → fused inference convolutions.
+"""
+
+from .checkpoint import CheckpointMismatch, apple_key_to_siclip, convert_apple_state_dict, load_mobileclip_s0
+from .clip import CLIP, CLIPOutput, ModelConfig, SiCLIPConfig
+from .factory import create_model, get_model_config, list_models, load_checkpoint, register_model_config, save_checkpoint
+from .fastvit import MCi, ImageConfig
+from .reparam import reparameterize_model
+from .siclip import InheritanceReport, build_siclip, frozen_modules, to_siclip
+from .text import MCt, TextConfig
+
+__all__ = [
+    "CLIP", "CLIPOutput", "CheckpointMismatch", "ImageConfig", "InheritanceReport", "MCi", "MCt", "ModelConfig",
+    "SiCLIPConfig", "TextConfig", "apple_key_to_siclip", "build_siclip", "convert_apple_state_dict", "create_model",
+    "frozen_modules", "get_model_config", "list_models", "load_checkpoint", "load_mobileclip_s0",
+    "register_model_config", "reparameterize_model", "save_checkpoint", "to_siclip",
+]  # fmt: skip

@@ -1,0 +1,140 @@
+"""Apple's released MobileCLIP-S0 checkpoint (``mobileclip_s0.pt``) → this package's model.
+
+The file is a bare state dict of Apple's ``CLIP`` in train-time form (893 entries). Key mapping,
+applied in order (``T`` = number of text transformer layers, 4 for S0):
+
+| Apple | siclip |
+|---|---|
+| ``image_encoder.model.conv_exp.se.reduce.*`` / ``.expand.*`` | ``visual.conv_exp.se.fc1.*`` / ``.fc2.*`` |
+| ``image_encoder.model.*`` | ``visual.*`` (same module names) |
+| ``text_encoder.embedding_layer.weight`` | ``text.token_embedding.weight`` |
+| ``text_encoder.positional_embedding.pos_embed.pos_embed`` [1, 1, 77, D] | ``text.positional_embedding`` [77, D] |
+| ``text_encoder.transformer.0.*`` / ``.{T+1}.*`` | ``text.mixer_in.*`` / ``text.mixer_out.*`` |
+| ``text_encoder.transformer.i.pre_norm_mha.0.*`` | ``text.transformer.{i-1}.norm1.*`` |
+| ``text_encoder.transformer.i.pre_norm_mha.1.qkv_proj.*`` / ``.out_proj.*`` | ``text.transformer.{i-1}.attn.qkv.*`` / ``.attn.proj.*`` |
+| ``text_encoder.transformer.i.pre_norm_ffn.0.*`` / ``.1.*`` / ``.4.*`` | ``text.transformer.{i-1}.norm2.*`` / ``.mlp.fc1.*`` / ``.mlp.fc2.*`` |
+| ``text_encoder.final_layer_norm.*`` / ``text_encoder.projection_layer`` | ``text.final_norm.*`` / ``text.projection`` |
+| ``logit_scale`` | ``logit_scale`` |
+
+A reparameterised state dict (``reparam_conv`` / ``lkb_reparam`` keys) loads into a reparameterised
+model. Loading is strict: every missing, unexpected or mis-shaped key is listed in one error.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .clip import CLIP
+from .factory import create_model
+from .reparam import reparameterize_model
+
+_TEXT_BLOCK_PARTS = {
+    "pre_norm_mha.0": "norm1",
+    "pre_norm_mha.1.qkv_proj": "attn.qkv",
+    "pre_norm_mha.1.out_proj": "attn.proj",
+    "pre_norm_ffn.0": "norm2",
+    "pre_norm_ffn.1": "mlp.fc1",
+    "pre_norm_ffn.4": "mlp.fc2",
+}
+_SIMPLE = [
+    (r"^image_encoder\.model\.conv_exp\.se\.reduce\.", "visual.conv_exp.se.fc1."),
+    (r"^image_encoder\.model\.conv_exp\.se\.expand\.", "visual.conv_exp.se.fc2."),
+    (r"^image_encoder\.model\.", "visual."),
+    (r"^text_encoder\.embedding_layer\.", "text.token_embedding."),
+    (r"^text_encoder\.positional_embedding\.pos_embed\.pos_embed$", "text.positional_embedding"),
+    (r"^text_encoder\.final_layer_norm\.", "text.final_norm."),
+    (r"^text_encoder\.projection_layer$", "text.projection"),
+    (r"^logit_scale$", "logit_scale"),
+]
+
+
+def apple_key_to_siclip(key: str, text_layers: int = 4) -> str | None:
+    """The siclip name of an Apple MobileCLIP key, or None when the key has no counterpart."""
+    match = re.match(r"^text_encoder\.transformer\.(\d+)\.(.*)$", key)
+    if match:
+        index, rest = int(match.group(1)), match.group(2)
+        if index == 0:
+            return f"text.mixer_in.{rest}"
+        if index == text_layers + 1:
+            return f"text.mixer_out.{rest}"
+        for apple, ours in _TEXT_BLOCK_PARTS.items():
+            if rest.startswith(apple + "."):
+                return f"text.transformer.{index - 1}.{ours}.{rest[len(apple) + 1:]}"
+        return None
+    for pattern, replacement in _SIMPLE:
+        if re.match(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return None
+
+
+def convert_apple_state_dict(state_dict: dict[str, Tensor], text_layers: int = 4) -> tuple[dict[str, Tensor], list[str]]:
+    """``(mapped state dict, keys without a counterpart)``; the positional embedding is squeezed to (T, D)."""
+    mapped, unmapped = {}, []
+    for key, value in state_dict.items():
+        name = apple_key_to_siclip(key, text_layers)
+        if name is None:
+            unmapped.append(key)
+            continue
+        if name == "text.positional_embedding" and value.dim() == 4:
+            value = value.reshape(value.shape[-2], value.shape[-1])
+        mapped[name] = value
+    return mapped, unmapped
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit the model: carries every problem at once."""
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict[str, Tensor], unmapped: list[str] = (), what: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointMismatch` listing missing, unexpected and mis-shaped keys, if any.
+
+    BatchNorm's ``num_batches_tracked`` counters may be absent (they do not affect the outputs).
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = list(unmapped) + [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        def listing(label: str, items: list[str]) -> str:
+            shown = ", ".join(items[:12]) + (f", … ({len(items) - 12} more)" if len(items) > 12 else "")
+            return f"\n  {len(items)} {label}: {shown}" if items else ""
+
+        raise CheckpointMismatch(
+            f"{what} does not match the model:"
+            + listing("missing keys", missing)
+            + listing("unexpected keys", unexpected)
+            + listing("shape mismatches", shapes)
+        )
+
+
+def load_mobileclip_s0(path_or_state_dict: str | Path | dict, *, model: str = "mobileclip_s0") -> CLIP:
+    """MobileCLIP-S0 (``model`` may name another registered MobileCLIP config) carrying Apple's weights.
+
+    Accepts the path of ``mobileclip_s0.pt`` or its state dict (possibly wrapped in ``"state_dict"``).
+    Returns the model in eval mode, in the form of the checkpoint (train-time or reparameterised).
+    """
+    if isinstance(path_or_state_dict, (str, Path)):
+        path = Path(path_or_state_dict)
+        if not path.is_file():
+            raise FileNotFoundError(f"MobileCLIP checkpoint not found: {path}")
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        what = str(path)
+    else:
+        state_dict, what = path_or_state_dict, "state dict"
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    net = create_model(model).eval()
+    if any(".reparam_conv." in k or ".lkb_reparam." in k for k in state_dict):
+        reparameterize_model(net, inplace=True)
+    mapped, unmapped = convert_apple_state_dict(state_dict, net.config.text.layers)
+    check_state_dict(net, mapped, unmapped, what)
+    net.load_state_dict(mapped, strict=False)
+    return net

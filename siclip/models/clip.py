@@ -1,0 +1,96 @@
+"""The CLIP wrapper (Radford et al. 2021): two encoders, unit-norm features, a learnable temperature.
+
+    f_img = MCi(x)/‖MCi(x)‖,  f_txt = MCt(t)/‖MCt(t)‖,  logits = min(exp(s), 100)·f_img·f_txtᵀ,  s₀ = ln(1/0.07)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .fastvit import MCi, ImageConfig
+from .text import MCt, TextConfig
+
+LOGIT_SCALE_MAX = 100.0
+
+
+@dataclass(frozen=True)
+class SiCLIPConfig:
+    """How a MobileCLIP becomes a SiCLIP student (readings of the paper, see siclip.models.siclip)."""
+
+    convert: tuple[str, ...] = ("text",)
+    sharing: str = "adjacent"
+    sharing_threshold: float | None = None
+    sharing_max_groups: int | None = None
+    sharing_scope: str = "block"
+    merge: str = "first"
+    beta_ff: float = 0.1
+    zero_query: bool = False
+    freeze: str = "inherited"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mobileclip_s0"
+    embed_dim: int = 512
+    image: ImageConfig = field(default_factory=ImageConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    siclip: SiCLIPConfig | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        def tuples(d: dict) -> dict:
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+        known = {"name", "embed_dim", "image", "text", "siclip"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config field(s) {unknown}; expected {sorted(known)}")
+        siclip = data.get("siclip")
+        return cls(
+            name=data.get("name", "custom"),
+            embed_dim=data.get("embed_dim", 512),
+            image=ImageConfig(**tuples(data.get("image", {}))),
+            text=TextConfig(**tuples(data.get("text", {}))),
+            siclip=SiCLIPConfig(**tuples(siclip)) if siclip is not None else None,
+        )
+
+
+class CLIPOutput(NamedTuple):
+    image_features: Tensor
+    text_features: Tensor
+    logit_scale: Tensor
+
+
+class CLIP(nn.Module):
+    """MobileCLIP (and SiCLIP, its converted form): ``visual``, ``text`` and ``logit_scale``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.visual = MCi(config.image, config.embed_dim)
+        self.text = MCt(config.text, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, ids: Tensor, normalize: bool = True) -> Tensor:
+        features = self.text(ids)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def scale(self) -> Tensor:
+        """exp(logit_scale), clamped at 100 as in CLIP."""
+        return self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+
+    def forward(self, images: Tensor, ids: Tensor) -> CLIPOutput:
+        return CLIPOutput(self.encode_image(images), self.encode_text(ids), self.scale())

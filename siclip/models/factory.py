@@ -1,0 +1,95 @@
+"""Named model configurations (JSON files in ``configs/``, as open_clip keeps them), the factory and
+the package's own checkpoints.
+
+    create_model("siclip_tiny", text={"layers": 2}, siclip={"sharing": "none"})
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .clip import CLIP, ModelConfig
+from .siclip import to_siclip
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+_REGISTRY: dict[str, ModelConfig] = {}
+
+
+def _load_builtin() -> None:
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        config = ModelConfig.from_dict(json.loads(path.read_text()))
+        _REGISTRY.setdefault(config.name, config)
+
+
+def register_model_config(config: ModelConfig) -> None:
+    """Add a named configuration (e.g. from a user's JSON) to the registry."""
+    _REGISTRY[config.name] = config
+
+
+def list_models() -> list[str]:
+    if not _REGISTRY:
+        _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_model_config(name: str, **overrides) -> ModelConfig:
+    """The registered configuration ``name`` with ``overrides`` (a dict updates a nested section)."""
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; registered models: {list_models()}")
+    data = _REGISTRY[name].to_dict()
+    for key, value in overrides.items():
+        if key not in data:
+            raise ValueError(f"unknown model config field {key!r}; fields: {sorted(data)}")
+        if isinstance(value, dict) and isinstance(data[key], dict):
+            unknown = set(value) - set(data[key])
+            if unknown:
+                raise ValueError(f"unknown {key} config field(s) {sorted(unknown)}; fields: {sorted(data[key])}")
+            data[key] = {**data[key], **value}
+        elif isinstance(value, dict) and key == "siclip":  # a MobileCLIP config made into a student
+            from dataclasses import asdict
+
+            from .clip import SiCLIPConfig
+
+            data[key] = {**asdict(SiCLIPConfig()), **value}
+        else:
+            data[key] = value
+    return ModelConfig.from_dict(data)
+
+
+def create_model(name: str | ModelConfig, **overrides) -> CLIP:
+    """Build a model from a registered name (or a config). A config with a ``siclip`` section gives
+    a SAS-P/shared student built from scratch (nothing frozen); use
+    :func:`~siclip.models.siclip.build_siclip` to inherit a teacher's weights."""
+    config = name if isinstance(name, ModelConfig) else get_model_config(name, **overrides)
+    model = CLIP(config)
+    if config.siclip is not None:
+        to_siclip(model, config.siclip, freeze=False, inherited=False)
+    return model
+
+
+def save_checkpoint(model: CLIP, path: str | Path, **extra) -> Path:
+    """Config + weights (+ ``extra``), written to a temporary file and renamed: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": "siclip-model-1", "config": model.config.to_dict(), "state_dict": model.state_dict(), **extra}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> CLIP:
+    """A model saved by :func:`save_checkpoint`, rebuilt from its config (``weights_only`` loading)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != "siclip-model-1":
+        raise ValueError(f"{path} is not a siclip model checkpoint (for Apple's MobileCLIP-S0 use load_mobileclip_s0)")
+    model = create_model(ModelConfig.from_dict(payload["config"]))
+    model.load_state_dict(payload["state_dict"])
+    return model

@@ -1,0 +1,205 @@
+"""MCi, MobileCLIP's image encoder: a FastViT (Vasu et al., ICCV 2023) with a projection head.
+
+Stem (3 MobileOne blocks, /4) → stages of RepMixer blocks (depthwise token mixing, reparameterisable)
+joined by large-kernel patch embeddings (/2 each, squeeze-excite into the last two stages) → a
+conditional positional encoding (RepCPE) and attention blocks in the last stage → a depthwise 3×3
+expansion to 2× width with squeeze-excite → global average pool → linear projection to the embedding.
+Module names follow Apple's released checkpoint, so its keys map one to one (see ``checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from siclip.blocks import Attention
+
+from .mobileone import MobileOneBlock, ReparamLargeKernelConv, conv_bn
+from .reparam import identity_kernel, make_conv
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """MCi0 by default: depths [2, 6, 10, 2], widths [64, 128, 256, 512], attention in the last stage."""
+
+    layers: tuple[int, ...] = (2, 6, 10, 2)
+    dims: tuple[int, ...] = (64, 128, 256, 512)
+    token_mixers: tuple[str, ...] = ("repmixer", "repmixer", "repmixer", "attention")
+    se_downsamples: tuple[bool, ...] = (False, False, True, True)
+    mlp_ratio: float = 3.0
+    head_dim: int = 32
+    image_size: int = 256
+    repmixer_kernel: int = 3
+    down_patch: int = 7
+    pos_kernel: int = 7
+    cls_ratio: float = 2.0
+    layer_scale_init: float = 1e-5
+
+
+class ConvFFN(nn.Module):
+    """Depthwise conv+BN, then 1×1 expansion, GELU, 1×1 projection (FastViT's MLP)."""
+
+    def __init__(self, dim: int, hidden: int, kernel: tuple[int, int] = (7, 7)) -> None:
+        super().__init__()
+        self.conv = conv_bn(dim, dim, kernel, 1, (kernel[0] // 2, kernel[1] // 2), dim)
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        for conv in (self.conv.conv, self.fc1, self.fc2):
+            nn.init.trunc_normal_(conv.weight, std=0.02)
+        nn.init.zeros_(self.fc1.bias), nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(self.conv(x))))
+
+
+class RepMixer(nn.Module):
+    """x + ls·(mixer(x) − norm(x)): depthwise token mixing; reparameterises into one depthwise conv."""
+
+    def __init__(self, dim: int, kernel: tuple[int, int], layer_scale_init: float) -> None:
+        super().__init__()
+        padding = (kernel[0] // 2, kernel[1] // 2)
+        self.kernel, self.dim = kernel, dim
+        self.norm = MobileOneBlock(dim, dim, kernel, 1, padding, dim, use_act=False, use_scale_branch=False, use_conv_branch=False)
+        self.mixer = MobileOneBlock(dim, dim, kernel, 1, padding, dim, use_act=False)
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), layer_scale_init))
+        self.reparam_conv: nn.Conv2d | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.reparam_conv is not None:
+            return self.reparam_conv(x)
+        return x + self.layer_scale * (self.mixer(x) - self.norm(x))
+
+    def reparameterize(self) -> None:
+        if self.reparam_conv is not None:
+            return
+        k_mix, b_mix = self.mixer.fused_kernel_bias()
+        k_norm, b_norm = self.norm.fused_kernel_bias()
+        scale = self.layer_scale
+        kernel = identity_kernel(self.dim, self.dim, self.kernel, k_mix) + scale.unsqueeze(-1) * (k_mix - k_norm)
+        args = dict(in_channels=self.dim, out_channels=self.dim, kernel_size=self.kernel, stride=1,
+                    padding=(self.kernel[0] // 2, self.kernel[1] // 2), dilation=1, groups=self.dim)  # fmt: skip
+        self.reparam_conv = make_conv(args, kernel, scale.flatten() * (b_mix - b_norm))
+        self.norm = self.mixer = self.layer_scale = None
+
+
+class RepMixerBlock(nn.Module):
+    """x ← RepMixer(x); x ← x + ls·ConvFFN(x) on ``(batch, channels, height, width)`` maps."""
+
+    def __init__(self, dim: int, mlp_ratio: float, kernel: tuple[int, int], layer_scale_init: float, ffn_kernel=(7, 7)) -> None:
+        super().__init__()
+        self.token_mixer = RepMixer(dim, kernel, layer_scale_init)
+        self.convffn = ConvFFN(dim, int(dim * mlp_ratio), ffn_kernel)
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), layer_scale_init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.token_mixer(x)
+        return x + self.layer_scale * self.convffn(x)
+
+
+class AttentionBlock(nn.Module):
+    """x ← x + ls₁·MHSA(BN(x)); x ← x + ls₂·ConvFFN(x), with the map's pixels as tokens."""
+
+    def __init__(self, dim: int, mlp_ratio: float, head_dim: int, layer_scale_init: float) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(dim)
+        self.token_mixer = Attention(dim, dim // head_dim, qkv_bias=False, proj_bias=True)
+        self.convffn = ConvFFN(dim, int(dim * mlp_ratio))
+        self.layer_scale_1 = nn.Parameter(torch.full((dim, 1, 1), layer_scale_init))
+        self.layer_scale_2 = nn.Parameter(torch.full((dim, 1, 1), layer_scale_init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        height = x.shape[2]
+        tokens = self.token_mixer(rearrange(self.norm(x), "b c h w -> b (h w) c"))
+        x = x + self.layer_scale_1 * rearrange(tokens, "b (h w) c -> b c h w", h=height)
+        return x + self.layer_scale_2 * self.convffn(x)
+
+
+class PatchEmbed(nn.Module):
+    """Downsampling between stages: large-kernel depthwise conv (/2), then a 1×1 MobileOne block."""
+
+    def __init__(self, in_ch: int, out_ch: int, patch: int, use_se: bool) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            ReparamLargeKernelConv(in_ch, out_ch, patch, 2, 3, use_se=use_se), MobileOneBlock(out_ch, out_ch, 1)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class RepCPE(nn.Module):
+    """Conditional positional encoding x + DWConv(x) (Chu et al. 2021); folds into one conv."""
+
+    def __init__(self, dim: int, kernel: int) -> None:
+        super().__init__()
+        self.dim, self.kernel = dim, kernel
+        self.pe = nn.Conv2d(dim, dim, kernel, 1, kernel // 2, groups=dim)
+        self.reparam_conv: nn.Conv2d | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.reparam_conv(x) if self.reparam_conv is not None else x + self.pe(x)
+
+    def reparameterize(self) -> None:
+        if self.reparam_conv is not None:
+            return
+        args = dict(in_channels=self.dim, out_channels=self.dim, kernel_size=(self.kernel,) * 2, stride=1,
+                    padding=(self.kernel // 2,) * 2, dilation=1, groups=self.dim)  # fmt: skip
+        kernel = identity_kernel(self.dim, self.dim, (self.kernel,) * 2, self.pe.weight) + self.pe.weight
+        self.reparam_conv = make_conv(args, kernel, self.pe.bias)
+        self.pe = None
+
+
+class GlobalPool2D(nn.Module):
+    """Mean over height and width, then ``@ proj`` (no bias), as MobileCLIP's image head."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(in_dim, out_dim) * in_dim**-0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean((2, 3)) @ self.proj
+
+
+class MCi(nn.Module):
+    """The MobileCLIP image encoder: ``(batch, 3, S, S)`` in [0, 1] → ``(batch, embed_dim)`` (unnormalised)."""
+
+    def __init__(self, config: ImageConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        c0 = config.dims[0]
+        self.patch_embed = nn.Sequential(
+            MobileOneBlock(3, c0, 3, 2, 1), MobileOneBlock(c0, c0, 3, 2, 1, groups=c0), MobileOneBlock(c0, c0, 1)
+        )
+        network: list[nn.Module] = []
+        kernel = (config.repmixer_kernel,) * 2
+        for i, (depth, dim, mixer) in enumerate(zip(config.layers, config.dims, config.token_mixers)):
+            if i > 0:
+                network.append(PatchEmbed(config.dims[i - 1], dim, config.down_patch, config.se_downsamples[i]))
+            if mixer == "attention":
+                network.append(RepCPE(dim, config.pos_kernel))
+                blocks = [AttentionBlock(dim, config.mlp_ratio, config.head_dim, config.layer_scale_init) for _ in range(depth)]
+            elif mixer == "repmixer":
+                blocks = [RepMixerBlock(dim, config.mlp_ratio, kernel, config.layer_scale_init) for _ in range(depth)]
+            else:
+                raise ValueError(f"unknown token mixer {mixer!r}; choose 'repmixer' or 'attention'")
+            network.append(nn.Sequential(*blocks))
+        self.network = nn.ModuleList(network)
+        last = config.dims[-1]
+        wide = int(last * config.cls_ratio)
+        self.conv_exp = MobileOneBlock(last, wide, 3, 1, 1, groups=last, use_se=True, se_reduced=wide // 16)
+        self.head = GlobalPool2D(wide, embed_dim)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x)
+        for stage in self.network:
+            x = stage(x)
+        return self.conv_exp(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"images must be (batch, 3, height, width), got shape {tuple(x.shape)}")
+        return self.head(self.forward_features(x))

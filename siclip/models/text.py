@@ -1,0 +1,83 @@
+"""MCt, MobileCLIP's text encoder: [RepMixer, N × Pre-LN transformer, RepMixer] over token embeddings.
+
+    x = E[ids] + P;  x = RepMixer(x);  x = Block_i(x) for i < N;  x = RepMixer(x)
+    feature = LayerNorm(x)[eot] @ W_proj,   eot = argmax(ids)  (the end-of-text token has the largest id)
+
+Attention is bidirectional over every position, padding included, as in Apple's encoder (it passes no
+mask); the RepMixer blocks convolve over the sequence laid out as a 1×T map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from siclip.blocks import PreLNBlock
+
+from .fastvit import RepMixerBlock
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """MCt of MobileCLIP-S0 by default."""
+
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    heads: int = 8
+    layers: int = 4
+    mlp_ratio: float = 4.0
+    mixer_kernel: int = 11
+    layer_scale_init: float = 1e-5
+
+
+class SequenceRepMixerBlock(RepMixerBlock):
+    """A RepMixer block over ``(batch, tokens, width)`` sequences (a ``1 × kernel`` depthwise mixer)."""
+
+    def __init__(self, width: int, mlp_ratio: float, kernel: int, layer_scale_init: float) -> None:
+        super().__init__(width, mlp_ratio, (1, kernel), layer_scale_init, ffn_kernel=(1, kernel))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x.transpose(1, 2).unsqueeze(2))
+        return y.squeeze(2).transpose(1, 2)
+
+
+class MCt(nn.Module):
+    """Token ids ``(batch, tokens ≤ context)`` → ``(batch, embed_dim)`` text features (unnormalised)."""
+
+    def __init__(self, config: TextConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        width = config.width
+        self.token_embedding = nn.Embedding(config.vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
+        self.mixer_in = SequenceRepMixerBlock(width, config.mlp_ratio, config.mixer_kernel, config.layer_scale_init)
+        self.transformer = nn.ModuleList(
+            PreLNBlock(width, config.heads, config.mlp_ratio, act="gelu") for _ in range(config.layers)
+        )
+        self.mixer_out = SequenceRepMixerBlock(width, config.mlp_ratio, config.mixer_kernel, config.layer_scale_init)
+        self.final_norm = nn.LayerNorm(width)
+        self.projection = nn.Parameter(torch.empty(width, embed_dim))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.projection, std=width**-0.5)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token ids must be an integer (batch, tokens) tensor, got {ids.dtype} {tuple(ids.shape)}")
+        if ids.shape[1] > self.config.context_length:
+            raise ValueError(f"{ids.shape[1]} tokens exceed the context length {self.config.context_length}")
+        if ids.numel() and (int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0):
+            raise ValueError(
+                f"token ids must lie in [0, {self.config.vocab_size}); got [{int(ids.min())}, {int(ids.max())}]: "
+                "does the tokenizer match the model's vocabulary?"
+            )
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+        x = self.mixer_in(x)
+        for block in self.transformer:
+            x = block(x)
+        x = self.final_norm(self.mixer_out(x))
+        pooled = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
+        return pooled @ self.projection
