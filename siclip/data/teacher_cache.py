@@ -4,7 +4,8 @@ The idea of MobileCLIP's reinforced datasets (DataCompDR): distillation reads st
 skips the teacher's forward pass. Layout of a cache directory (by default ``teacher_cache/`` next to
 the shards)::
 
-    meta.json    {"format": 1, "teacher": str, "dim": D, "num_captions": 1 + K, "count": N, "dtype": "float16"}
+    meta.json    {"format": 1, "teacher": str, "dim": D, "num_captions": 1 + K, "count": N, "dtype": "float16",
+                  "logit_scale": exp(s) of the teacher, or null}
     keys.json    [key_0, …, key_{N-1}]
     image.npy    (N, D)        teacher image embedding of each sample (evaluation view)
     text.npy     (N, 1 + K, D) caption slot 0 = raw caption, 1..K = synthetic; NaN where a slot is empty
@@ -28,8 +29,12 @@ FORMAT = 1
 
 
 class TeacherCacheWriter:
-    def __init__(self, path: str | Path, *, dim: int, num_captions: int, teacher: str = "", dtype: str = "float16") -> None:
+    def __init__(
+        self, path: str | Path, *, dim: int, num_captions: int, teacher: str = "", dtype: str = "float16",
+        logit_scale: float | None = None,
+    ) -> None:  # fmt: skip
         self.path, self.dim, self.num_captions, self.teacher, self.dtype = Path(path), dim, num_captions, teacher, dtype
+        self.logit_scale = logit_scale
         self.keys: list[str] = []
         self.images: list[np.ndarray] = []
         self.texts: list[np.ndarray] = []
@@ -57,7 +62,7 @@ class TeacherCacheWriter:
         np.save(tmp / "text.npy", np.stack(self.texts).astype(self.dtype) if self.keys else np.zeros((0, self.num_captions, self.dim), self.dtype))
         (tmp / "keys.json").write_text(json.dumps(self.keys))
         meta = {"format": FORMAT, "teacher": self.teacher, "dim": self.dim, "num_captions": self.num_captions,
-                "count": len(self.keys), "dtype": self.dtype}  # fmt: skip
+                "count": len(self.keys), "dtype": self.dtype, "logit_scale": self.logit_scale}  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if self.path.exists():
             shutil.rmtree(self.path)
@@ -119,6 +124,8 @@ def build_teacher_cache(
     augment_config=None,
     batch_size: int = 256,
     teacher: str = "",
+    dtype: str = "float16",
+    logit_scale: float | None = None,
     progress: bool = True,
 ) -> Path:
     """Embed every sample of ``source`` with a teacher and write the cache.
@@ -126,7 +133,7 @@ def build_teacher_cache(
     ``encode_images(images (B, 3, S, S)) -> (B, D)`` and ``encode_texts(tokens (B, L)) -> (B, D)`` are
     the teacher's encoders (e.g. ``model.encode_image``); outputs are L2-normalised here. Images go
     through ``augment_config`` with ``train=False`` (the evaluation view). Samples the source cannot
-    load are left out of the cache.
+    load are left out of the cache. ``dtype="float32"`` stores exact embeddings (twice the disk).
     """
     from dataclasses import replace
 
@@ -148,7 +155,8 @@ def build_teacher_cache(
         texts = [t for c in slots for t in c if t]
         text_emb = torch.nn.functional.normalize(encode_texts(tokenizer(texts)).float(), dim=-1) if texts else None
         if writer is None:
-            writer = TeacherCacheWriter(path, dim=image_emb.shape[1], num_captions=width, teacher=teacher)
+            writer = TeacherCacheWriter(path, dim=image_emb.shape[1], num_captions=width, teacher=teacher, dtype=dtype,
+                                        logit_scale=logit_scale)
         row = 0
         for s, caps, img in zip(pending, slots, image_emb):
             table = np.full((writer.num_captions, writer.dim), np.nan, dtype=np.float32)

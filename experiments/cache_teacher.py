@@ -1,0 +1,53 @@
+"""Precompute a teacher's embeddings for a dataset once, so distillation can skip the teacher.
+
+    python experiments/cache_teacher.py --teacher mobileclip_s0.pt --data data/shards --tokenizer clip \
+        --vocab-path bpe_simple_vocab_16e6.txt.gz --out data/shards/teacher_cache
+    python experiments/cache_teacher.py --teacher runs/teacher/model.pt --data embedded --out cache/
+
+``--teacher`` is Apple's ``mobileclip_s0.pt`` or a checkpoint of this package; ``--data`` a shard
+directory/pattern, a ``.csv``/``.tsv`` file, or ``embedded`` (the embedded world's training split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from siclip.data import AugmentConfig, CsvSource, EmbeddedConfig, EmbeddedSource, ShardSource, build_teacher_cache, create_tokenizer
+from siclip.distill import FrozenTeacher
+
+
+def open_source(spec: str, num_train: int):
+    if spec == "embedded":
+        return EmbeddedSource(EmbeddedConfig(num_train=num_train), "train")
+    if spec.endswith((".csv", ".tsv")):
+        return CsvSource(spec)
+    return ShardSource(spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tokenizer", default="embedded", choices=["embedded", "clip"])
+    parser.add_argument("--vocab-path", type=Path)
+    parser.add_argument("--num-train", type=int, default=10_000, help="size of the embedded split")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    args = parser.parse_args(argv)
+    teacher = FrozenTeacher.from_checkpoint(args.teacher)
+    model = teacher.model
+    tokenizer = create_tokenizer(args.tokenizer, vocab_path=args.vocab_path, context_length=model.config.text.context_length)
+    path = build_teacher_cache(
+        open_source(args.data, args.num_train), model.encode_image, model.encode_text, tokenizer, args.out,
+        augment_config=AugmentConfig(model.config.image.image_size), batch_size=args.batch_size,
+        teacher=f"{model.config.name} from {args.teacher}", dtype=args.dtype, logit_scale=float(model.scale()),
+    )  # fmt: skip
+    print(f"teacher cache written to {path} (logit scale {float(model.scale()):.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""WIKD: the feature, contrastive-relation and interactive-contrastive distillation terms, the combined
+SiCLIP objective, and the teachers (a frozen model, a cache, or open_clip)."""
+
+from .objective import ObjectiveConfig, SiCLIPObjective
+from .teacher import CachedTeacher, FrozenTeacher, OpenClipTeacher
+from .terms import ContrastiveRelationDistillation, FeatureDistillation, InteractiveContrastiveLoss
+
+__all__ = [
+    "CachedTeacher", "ContrastiveRelationDistillation", "FeatureDistillation", "FrozenTeacher",
+    "InteractiveContrastiveLoss", "ObjectiveConfig", "OpenClipTeacher", "SiCLIPObjective",
+]  # fmt: skip

@@ -1,0 +1,82 @@
+"""The SiCLIP training objective (WIKD + PM)::
+
+    L = L_clip + λ1·FD + λ2·CRD + λ3·ICL + λ4·PM,    λ = (4000, 1, 1, 0.1)
+
+All terms are summed in one run (the reading of ``paper_math.md`` §3.5: "multi-stage" names the three
+spaces distilled, not three runs). Each term can be switched off and comes back separately for
+logging; the loss modules' own parameters (ICL's κ, FD's maps, PM's hyperplane) are submodules, so
+``objective.parameters()`` hands them to the optimiser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from siclip.losses import ClipLoss, PairMatchingLoss
+
+from .terms import ContrastiveRelationDistillation, FeatureDistillation, InteractiveContrastiveLoss
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    clip: float = 1.0
+    feature: float = 4000.0
+    relation: float = 1.0
+    interactive: float = 1.0
+    pair_matching: float = 0.1
+    pm_form: str = "hyperplane"
+    pm_mining: str = "hard"
+    pm_negatives: int = 1
+    icl_scale: str = "raw"
+    local_loss: bool = False
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(w > 0 for w in (self.feature, self.relation, self.interactive))
+
+
+class SiCLIPObjective(nn.Module):
+    """``objective(student, teacher=None) -> {"clip": …, "feature": …, …, "total": …}``.
+
+    ``student`` and ``teacher`` are ``(image_features, text_features, logit_scale)`` (what the models
+    return, unit-norm features, exp'd scale); a term whose weight is 0 is neither computed nor returned.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int | None = None, config: ObjectiveConfig = ObjectiveConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.clip = ClipLoss(local_loss=config.local_loss)
+        self.feature = FeatureDistillation(student_dim, teacher_dim or student_dim) if config.feature > 0 else None
+        self.relation = ContrastiveRelationDistillation() if config.relation > 0 else None
+        self.interactive = InteractiveContrastiveLoss(scale=config.icl_scale) if config.interactive > 0 else None
+        self.pair_matching = (
+            PairMatchingLoss(student_dim, form=config.pm_form, mining=config.pm_mining, negatives=config.pm_negatives)
+            if config.pair_matching > 0
+            else None
+        )
+
+    def forward(self, student: tuple[Tensor, Tensor, Tensor], teacher: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+        cfg = self.config
+        image, text, scale = student
+        if cfg.needs_teacher and teacher is None:
+            raise ValueError("distillation terms are switched on but no teacher features were given")
+        terms: dict[str, Tensor] = {}
+        if cfg.clip > 0:
+            terms["clip"] = self.clip(image, text, scale)
+        if teacher is not None:
+            t_image, t_text, t_scale = (t.detach() if isinstance(t, Tensor) else t for t in teacher)
+            if self.feature is not None:
+                terms["feature"] = self.feature(image, text, t_image, t_text)
+            if self.relation is not None:
+                terms["relation"] = self.relation(image, text, scale, t_image, t_text, t_scale)
+            if self.interactive is not None:
+                terms["interactive"] = self.interactive(image, text, t_image, t_text)
+        if self.pair_matching is not None:
+            terms["pair_matching"] = self.pair_matching(image, text)
+        weights = {"clip": cfg.clip, "feature": cfg.feature, "relation": cfg.relation,
+                   "interactive": cfg.interactive, "pair_matching": cfg.pair_matching}  # fmt: skip
+        terms["total"] = sum(weights[name] * value for name, value in terms.items())
+        return terms

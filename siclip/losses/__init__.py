@@ -1,0 +1,8 @@
+"""Losses: CLIP's contrastive loss (and SigLIP's), the Pair-Matching loss; distributed gathering in one place."""
+
+from .clip_loss import ClipLoss, SigLipLoss, clip_logits
+from .gather import distributed_info, gather_features
+from .pair_matching import PairMatchingLoss
+from .validation import check_pair
+
+__all__ = ["ClipLoss", "PairMatchingLoss", "SigLipLoss", "check_pair", "clip_logits", "distributed_info", "gather_features"]

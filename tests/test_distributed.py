@@ -1,0 +1,61 @@
+"""Two CPU processes with the gloo backend: gathered losses and gradients equal the single-process ones."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn import functional as F
+
+from siclip.losses import ClipLoss, SigLipLoss
+
+WORLD = 2
+BATCH = 6  # per rank
+
+
+def _full_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(WORLD * BATCH, 8, generator=g, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(WORLD * BATCH, 8, generator=g, dtype=torch.float64), dim=-1)
+    return image, text
+
+
+def _make_loss(kind, local_loss):
+    if kind == "clip":
+        return lambda v, t: ClipLoss(local_loss=local_loss)(v, t, torch.tensor(9.0, dtype=torch.float64))
+    siglip = SigLipLoss(init_scale=5.0, init_bias=-2.0).double()
+    return lambda v, t: siglip(v, t)
+
+
+def _worker(rank, init_file, out_dir, seed, kind, local_loss):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        image, text = _full_batch(seed)
+        local = slice(rank * BATCH, (rank + 1) * BATCH)
+        v, t = image[local].clone().requires_grad_(True), text[local].clone().requires_grad_(True)
+        loss = _make_loss(kind, local_loss)(v, t)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad_image": v.grad, "grad_text": t.grad}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,local_loss", [("clip", False), ("clip", True), ("siglip", False)])
+def test_gathered_loss_and_gradients_equal_single_process(tmp_path, seed, kind, local_loss):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), seed, kind, local_loss), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    image, text = (x.clone().requires_grad_(True) for x in _full_batch(seed))
+    full = _make_loss(kind, False)(image, text)
+    full.backward()
+
+    mean_loss = sum(r["loss"] for r in results) / WORLD
+    torch.testing.assert_close(mean_loss, full.detach())
+    if kind == "clip" and not local_loss:
+        for r in results:  # every rank computes the whole loss
+            torch.testing.assert_close(r["loss"], full.detach())
+    for rank, r in enumerate(results):
+        local = slice(rank * BATCH, (rank + 1) * BATCH)
+        # all_gather's backward sums every rank's gradient into the owner: W × the gradient of the mean
+        torch.testing.assert_close(r["grad_image"] / WORLD, image.grad[local])
+        torch.testing.assert_close(r["grad_text"] / WORLD, text.grad[local])
