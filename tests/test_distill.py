@@ -56,7 +56,7 @@ def test_cache_teacher_script(tmp_path, teacher_model):
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     cache = TeacherCache(tmp_path / "cache")
-    assert len(cache) == 20 and cache.meta["logit_scale"] == pytest.approx(float(teacher_model.scale()))
+    assert len(cache) == 20 and cache.meta["logit_scale"] == pytest.approx(teacher_model.scale().item())
 
 
 def test_one_training_step_reaches_every_trainable_parameter(teacher_model):

@@ -81,7 +81,9 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
-        features = self.visual(images)
+        # A frozen image encoder keeps no autograd graph: no activations stored for its backward.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.visual.parameters())):
+            features = self.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, ids: Tensor, normalize: bool = True) -> Tensor:

@@ -126,3 +126,14 @@ def frozen_modules(model: nn.Module) -> list[str]:
         group = module_group(name)
         groups[group] = groups.get(group, False) or p.requires_grad
     return [g for g, trainable in groups.items() if not trainable]
+
+
+def count_parameters_by_group(model: nn.Module) -> dict[str, int]:
+    """Total, image, text and trainable parameter counts (shared parameters once)."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return {
+        "total": sum(p.numel() for p in unique),
+        "image": sum(p.numel() for p in model.visual.parameters()),
+        "text": sum(p.numel() for p in model.text.parameters()),
+        "trainable": sum(p.numel() for p in unique if p.requires_grad),
+    }

@@ -74,8 +74,11 @@ class MCt(nn.Module):
                 f"token ids must lie in [0, {self.config.vocab_size}); got [{int(ids.min())}, {int(ids.max())}]: "
                 "does the tokenizer match the model's vocabulary?"
             )
-        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
-        x = self.mixer_in(x)
+        prefix = (self.token_embedding, self.mixer_in)
+        trainable = self.positional_embedding.requires_grad or any(p.requires_grad for m in prefix for p in m.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):  # a frozen prefix stores no activations
+            x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+            x = self.mixer_in(x)
         for block in self.transformer:
             x = block(x)
         x = self.final_norm(self.mixer_out(x))

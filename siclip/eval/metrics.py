@@ -1,0 +1,46 @@
+"""Evaluation metrics on embeddings (CLIP_benchmark's protocol).
+
+- Zero-shot classifier: for each class, embed every prompt template, normalise each embedding, average,
+  normalise again; classify by the largest cosine.
+- Retrieval recall@k: image→text counts an image as found when **any** of its captions ranks in the top
+  k; text→image when its image ranks in the top k.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+@torch.no_grad()
+def zero_shot_weights(encode_text: Callable[[list[str]], Tensor], classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
+    """``(classes, dim)`` unit-norm class embeddings from a template ensemble."""
+    weights = []
+    for name in classnames:
+        embeddings = F.normalize(encode_text([t.format(name) for t in templates]).float(), dim=-1)
+        weights.append(F.normalize(embeddings.mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Fraction of rows whose label is among the ``k`` largest logits."""
+    top = logits.topk(max(ks), dim=1).indices
+    hits = top == labels[:, None]
+    return {f"top{k}": hits[:, :k].any(1).float().mean().item() for k in ks}
+
+
+def recall_at_k(image_features: Tensor, text_features: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Retrieval recall@k both ways; ``text_to_image[j]`` is the image that caption ``j`` describes."""
+    similarity = image_features.float() @ text_features.float().T  # (images, texts)
+    n_images = image_features.shape[0]
+    owner = text_to_image[None, :] == torch.arange(n_images)[:, None]  # (images, texts): caption j belongs to image i
+    out = {}
+    for k in ks:
+        top_texts = similarity.topk(min(k, similarity.shape[1]), dim=1).indices
+        out[f"image_to_text_R@{k}"] = owner.gather(1, top_texts).any(1).float().mean().item()
+        top_images = similarity.T.topk(min(k, n_images), dim=1).indices
+        out[f"text_to_image_R@{k}"] = (top_images == text_to_image[:, None]).any(1).float().mean().item()
+    return out

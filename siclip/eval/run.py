@@ -1,0 +1,66 @@
+"""Run the evaluations on a model: on the embedded sets, or on any source through the readers."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from siclip.data import AugmentConfig, EmbeddedConfig, EmbeddedSource, augment, decode_image, retrieval_set, zero_shot_prompts
+
+from .metrics import recall_at_k, topk_accuracy, zero_shot_weights
+
+
+@torch.no_grad()
+def embed_source(model, source, indices=None, *, image_size: int, batch_size: int = 256) -> Tensor:
+    """Unit-norm image embeddings of ``source`` (evaluation view: resize, centre crop)."""
+    view = AugmentConfig(image_size, train=False)
+    indices = range(len(source)) if indices is None else indices
+    out, batch = [], []
+    for i in indices:
+        sample = source.load(i)
+        batch.append(augment(decode_image(sample.image, sample.key), None, view))
+        if len(batch) == batch_size:
+            out.append(model.encode_image(torch.stack(batch)))
+            batch = []
+    if batch:
+        out.append(model.encode_image(torch.stack(batch)))
+    return torch.cat(out)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def zero_shot_eval(model, tokenizer, source, labels: Tensor, classnames, templates, *, image_size: int) -> dict[str, float]:
+    device = _device(model)
+    weights = zero_shot_weights(lambda texts: model.encode_text(tokenizer(texts).to(device)), classnames, templates)
+    images = embed_source(model, source, image_size=image_size)
+    return topk_accuracy(images.float() @ weights.T, labels.to(images.device))
+
+
+@torch.no_grad()
+def retrieval_eval(model, tokenizer, source, captions: list[list[str]], *, image_size: int) -> dict[str, float]:
+    device = _device(model)
+    images = embed_source(model, source, image_size=image_size)
+    flat = [c for caps in captions for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+    texts = torch.cat([model.encode_text(tokenizer(flat[i : i + 512]).to(device)) for i in range(0, len(flat), 512)])
+    return recall_at_k(images, texts, owner.to(images.device))
+
+
+def evaluate_embedded(model, tokenizer, config: EmbeddedConfig = EmbeddedConfig(), *, retrieval_images: int = 500) -> dict[str, float]:
+    """Zero-shot top-1/top-5 on the embedded classes and retrieval R@1/5/10 on held-out test images."""
+    was_training = model.training
+    model.eval()
+    image_size = model.config.image.image_size
+    zs = EmbeddedSource(config, "zeroshot")
+    classnames, templates = zero_shot_prompts()
+    labels = torch.tensor([zs.label(i) for i in range(len(zs))])
+    metrics = {f"zeroshot_{k}": v for k, v in zero_shot_eval(model, tokenizer, zs, labels, classnames, templates, image_size=image_size).items()}
+    source, captions = retrieval_set(replace(config, num_test=min(retrieval_images, config.num_test)), "test")
+    metrics |= retrieval_eval(model, tokenizer, source, captions, image_size=image_size)
+    model.train(was_training)
+    return metrics

@@ -1,0 +1,43 @@
+"""Training configuration: plain dataclasses, saved with every checkpoint and run summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from siclip.distill import ObjectiveConfig
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"  # "embedded", a shard directory/pattern, or a .csv/.tsv file
+    num_train: int = 2000  # embedded world only
+    seed: int = 0  # embedded world only
+    p_synthetic: float = 0.5
+    batch_size: int = 64
+    workers: int = 0
+    tokenizer: str = "embedded"
+    vocab_path: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: str = "mobileclip_tiny"
+    teacher: str | None = None  # checkpoint: the student inherits from it (SiCLIP) and distils from it
+    out_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(feature=0, relation=0, interactive=0, pair_matching=0))
+    epochs: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    accumulation: int = 1
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    evaluate: bool = True
+    device: str = "auto"

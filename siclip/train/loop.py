@@ -1,0 +1,168 @@
+"""The training loop: AdamW, warm-up then cosine, clipping, autocast, atomic checkpoints, exact resume.
+
+    summary = train(TrainConfig(model="siclip_tiny", teacher="runs/teacher/model.pt", out_dir="runs/s"))
+
+Resuming (``resume=True``) restores model, objective, optimiser, scheduler, RNG states and the data
+loader's position, so a run interrupted and resumed ends, on a CPU, with the same weights bit for bit
+as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from siclip.blocks import param_groups_weight_decay
+from siclip.data import AugmentConfig, CsvSource, EmbeddedConfig, EmbeddedSource, ImageTextDataset, ImageTextLoader, ShardSource
+from siclip.data import create_tokenizer
+from siclip.distill import FrozenTeacher, SiCLIPObjective
+from siclip.models import build_siclip, count_parameters_by_group, create_model, get_model_config, load_checkpoint, save_checkpoint
+
+from .config import TrainConfig
+from .state import MetricsLogger, load_training_checkpoint, rng_state, save_atomic, set_rng_state
+from .task import TrainingTask
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss term became NaN or Inf; the last good state was saved first."""
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_data(config: TrainConfig, image_size: int, context_length: int, rank: int, world: int):
+    data = config.data
+    if data.source == "embedded":
+        source = EmbeddedSource(EmbeddedConfig(seed=data.seed, num_train=data.num_train, image_size=image_size), "train")
+    elif data.source.endswith((".csv", ".tsv")):
+        source = CsvSource(data.source)
+    else:
+        source = ShardSource(data.source)
+    tokenizer = create_tokenizer(data.tokenizer, vocab_path=data.vocab_path, context_length=context_length)
+    dataset = ImageTextDataset(source, tokenizer, augment_config=AugmentConfig(image_size), p_synthetic=data.p_synthetic, seed=config.seed)
+    loader = ImageTextLoader(dataset, data.batch_size, num_workers=data.workers, seed=config.seed, rank=rank, world_size=world)
+    return loader, tokenizer
+
+
+def build_task(config: TrainConfig) -> TrainingTask:
+    """Student (inheriting from the teacher when one is given and the model is a SiCLIP), objective, teacher."""
+    model_config = get_model_config(config.model)
+    teacher_model = load_checkpoint(config.teacher) if config.teacher else None
+    if teacher_model is not None and model_config.siclip is not None:
+        student, _ = build_siclip(teacher_model, model_config.siclip)
+    else:
+        student = create_model(config.model)
+    teacher = FrozenTeacher(teacher_model) if teacher_model is not None and config.objective.needs_teacher else None
+    teacher_dim = teacher_model.config.embed_dim if teacher_model is not None else None
+    objective = SiCLIPObjective(student.config.embed_dim, teacher_dim, config.objective)
+    return TrainingTask(student, objective, teacher)
+
+
+def _device(config: TrainConfig) -> torch.device:
+    if config.device != "auto":
+        return torch.device(config.device)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def train(config: TrainConfig, *, resume: bool = False, max_steps: int | None = None, progress: bool = True) -> dict:
+    """Train; returns the run summary (also written to ``out_dir/summary.json``).
+
+    ``max_steps`` stops early after that many optimiser steps in total (a deliberate interruption).
+    """
+    if config.accumulation != 1:
+        raise ValueError(
+            "gradient accumulation would split each batch's contrastive negatives across micro-batches and change "
+            "the loss; use a smaller batch, or several GPUs (features are gathered across ranks)"
+        )
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = _device(config)
+    out_dir = Path(config.out_dir)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    torch.manual_seed(config.seed)
+
+    task = build_task(config).to(device)
+    student = task.student
+    loader, tokenizer = build_data(config, student.config.image.image_size, student.config.text.context_length, rank, world)
+    params = param_groups_weight_decay(task, config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps)
+    total_steps = config.epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, config.warmup_steps, total_steps))
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    model = torch.nn.parallel.DistributedDataParallel(task) if distributed else task
+    model = torch.compile(model) if config.compile else model
+
+    step = 0
+    if resume and checkpoint_path.exists():
+        state = load_training_checkpoint(checkpoint_path)
+        task.load_trainable_state(state["task"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+
+    def save_state() -> None:
+        if rank == 0:
+            save_atomic({"task": task.trainable_state(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "loader": loader.state_dict(), "rng": rng_state(), "step": step,
+                         "config": dataclasses.asdict(config)}, checkpoint_path)  # fmt: skip
+
+    logger = MetricsLogger(out_dir, enabled=rank == 0)
+    stop = total_steps if max_steps is None else min(total_steps, max_steps)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {config.model}", disable=not progress or rank != 0)
+    last: dict[str, float] = {}
+    started = time.perf_counter()
+    task.train()
+    while step < stop:
+        for batch in loader:
+            t0 = time.perf_counter()
+            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                terms = model(batch)
+            bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
+            if bad:
+                save_state()  # nothing has been updated by this batch: the saved state is the last good one
+                raise NonFiniteLoss(f"loss term(s) {bad} became non-finite at step {step}; last good state saved to {checkpoint_path}")
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(task.parameters(), config.grad_clip) if config.grad_clip else torch.tensor(0.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            last = {name: value.item() for name, value in terms.items()}
+            rate = batch["size"] * world / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix({**{k: f"{v:.3g}" for k, v in last.items()}, "img/s": f"{rate:.0f}"})
+            if step % config.log_every == 0 or step == stop:
+                logger.log(step, {**last, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "samples_per_s": rate})
+            if step % config.checkpoint_every == 0 or step == stop:
+                save_state()
+            if step >= stop:
+                break
+    bar.close()
+    summary = {"model": config.model, "steps": step, "total_steps": total_steps, "seconds": time.perf_counter() - started,
+               "final_loss": last, "parameters": count_parameters_by_group(student), "config": dataclasses.asdict(config)}  # fmt: skip
+    if step >= total_steps and rank == 0:
+        save_checkpoint(student, out_dir / "model.pt")
+        if config.evaluate:
+            from siclip.eval import evaluate_embedded
+
+            student.eval()
+            summary["eval"] = evaluate_embedded(student, tokenizer, EmbeddedConfig(seed=config.data.seed))
+    logger.summary(summary)
+    return summary
