@@ -14,16 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from siclip.data import AugmentConfig, CsvSource, EmbeddedConfig, EmbeddedSource, ShardSource, build_teacher_cache, create_tokenizer
+from siclip.data import AugmentConfig, EmbeddedConfig, build_teacher_cache, create_tokenizer, open_source
 from siclip.distill import FrozenTeacher
-
-
-def open_source(spec: str, num_train: int):
-    if spec == "embedded":
-        return EmbeddedSource(EmbeddedConfig(num_train=num_train), "train")
-    if spec.endswith((".csv", ".tsv")):
-        return CsvSource(spec)
-    return ShardSource(spec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     model = teacher.model
     tokenizer = create_tokenizer(args.tokenizer, vocab_path=args.vocab_path, context_length=model.config.text.context_length)
     path = build_teacher_cache(
-        open_source(args.data, args.num_train), model.encode_image, model.encode_text, tokenizer, args.out,
+        open_source(args.data, EmbeddedConfig(num_train=args.num_train)), model.encode_image, model.encode_text, tokenizer, args.out,
         augment_config=AugmentConfig(model.config.image.image_size), batch_size=args.batch_size,
         teacher=f"{model.config.name} from {args.teacher}", dtype=args.dtype, logit_scale=float(model.scale()),
     )  # fmt: skip

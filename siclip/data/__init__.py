@@ -8,7 +8,7 @@ mid-epoch resume.
 
 from .captions import RawCaptionConfig, zero_shot_classes
 from .dataset import ImageTextDataset, Skipped, choose_caption, collate_samples
-from .embedded import EmbeddedConfig, EmbeddedSource, retrieval_set, zero_shot_prompts
+from .embedded import EmbeddedConfig, EmbeddedSource, open_source, retrieval_set, zero_shot_prompts
 from .loader import EpochSampler, ImageTextLoader, SkipReport
 from .sources import RawSample, SampleError, Source, decode_image, encode_image
 from .tabular import CsvSource
@@ -23,6 +23,6 @@ __all__ = [
     "ImageTextDataset", "ImageTextLoader", "RawCaptionConfig", "RawSample", "SampleError", "Scene", "ShardSource",
     "SkipReport", "Skipped", "Source", "TeacherCache", "TeacherCacheWriter", "WordTokenizer", "augment",
     "build_teacher_cache", "choose_caption", "collate_samples", "create_tokenizer", "decode_image", "encode_image",
-    "expand_shards", "recaption_shards", "render_scene", "retrieval_set", "sample_scene", "write_shards",
+    "expand_shards", "open_source", "recaption_shards", "render_scene", "retrieval_set", "sample_scene", "write_shards",
     "zero_shot_classes", "zero_shot_prompts",
 ]  # fmt: skip

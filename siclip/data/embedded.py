@@ -100,3 +100,16 @@ def retrieval_set(config: EmbeddedConfig = EmbeddedConfig(), split: str = "test"
         rng = np.random.default_rng([config.seed, 2000 + source.stream, i])
         captions.append(synthetic_captions(source.scene(i), rng, captions_per_image))
     return source, captions
+
+
+def open_source(spec: str, embedded: EmbeddedConfig = EmbeddedConfig(), split: str = "train"):
+    """A source from a spec: ``"embedded"`` (the world's ``split``), a ``.csv``/``.tsv`` file, or shards."""
+    if spec == "embedded":
+        return EmbeddedSource(embedded, split)
+    if spec.endswith((".csv", ".tsv")):
+        from .tabular import CsvSource
+
+        return CsvSource(spec)
+    from .webdataset import ShardSource
+
+    return ShardSource(spec)

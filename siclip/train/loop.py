@@ -20,8 +20,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from siclip.blocks import param_groups_weight_decay
-from siclip.data import AugmentConfig, CsvSource, EmbeddedConfig, EmbeddedSource, ImageTextDataset, ImageTextLoader, ShardSource
-from siclip.data import create_tokenizer
+from siclip.data import AugmentConfig, EmbeddedConfig, ImageTextDataset, ImageTextLoader, create_tokenizer, open_source
 from siclip.distill import FrozenTeacher, SiCLIPObjective
 from siclip.models import build_siclip, count_parameters_by_group, create_model, get_model_config, load_checkpoint, save_checkpoint
 
@@ -44,12 +43,7 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 def build_data(config: TrainConfig, image_size: int, context_length: int, rank: int, world: int):
     data = config.data
-    if data.source == "embedded":
-        source = EmbeddedSource(EmbeddedConfig(seed=data.seed, num_train=data.num_train, image_size=image_size), "train")
-    elif data.source.endswith((".csv", ".tsv")):
-        source = CsvSource(data.source)
-    else:
-        source = ShardSource(data.source)
+    source = open_source(data.source, EmbeddedConfig(seed=data.seed, num_train=data.num_train, image_size=image_size))
     tokenizer = create_tokenizer(data.tokenizer, vocab_path=data.vocab_path, context_length=context_length)
     dataset = ImageTextDataset(source, tokenizer, augment_config=AugmentConfig(image_size), p_synthetic=data.p_synthetic, seed=config.seed)
     loader = ImageTextLoader(dataset, data.batch_size, num_workers=data.workers, seed=config.seed, rank=rank, world_size=world)
