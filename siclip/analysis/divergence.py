@@ -1,0 +1,141 @@
+"""Jensen–Shannon divergence between the blocks of an encoder, the measure SiCLIP shares weights by.
+
+    JS(P ‖ Q) = ½·KL(P ‖ M) + ½·KL(Q ‖ M),   M = ½(P + Q)      (natural log: 0 ≤ JS ≤ ln 2)
+
+Two readings (``paper_math.md`` §6 #2), both computed:
+
+- **attention**: for blocks l and m on one calibration batch, the mean over samples, heads and queries
+  of JS between their attention rows ``softmax(q kᵀ/√d)`` over keys (Xiao et al. 2019); per head too.
+- **features**: JS between the blocks' outputs read as distributions over channels (softmax over the
+  width of each token), averaged over tokens.
+
+Blocks are recorded *per call* through forward pre-hooks, so a stack whose blocks share weights (the
+same module at several positions) is measured position by position.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from siclip.blocks import PreLNBlock, SASBlock, SASPBlock, SharingPlan, plan_sharing
+from siclip.blocks.sharing import adjacent_divergences
+
+
+def js_divergence(p: Tensor, q: Tensor, dim: int = -1) -> Tensor:
+    """Exact JS divergence (nats) between distributions along ``dim``; 0·log 0 = 0."""
+    m = (p + q) / 2
+    kl_pm = torch.xlogy(p, p).sum(dim) - torch.xlogy(p, m).sum(dim)
+    kl_qm = torch.xlogy(q, q).sum(dim) - torch.xlogy(q, m).sum(dim)
+    return (kl_pm + kl_qm) / 2
+
+
+def _split(x: Tensor, heads: int) -> Tensor:
+    return rearrange(x, "b t (h d) -> b h t d", h=heads)
+
+
+@torch.no_grad()
+def attention_probabilities(block: nn.Module, x: Tensor) -> Tensor:
+    """``(batch, heads, tokens, tokens)`` softmax attention a block computes on its input ``x``."""
+    from siclip.models.fastvit import AttentionBlock
+
+    if isinstance(block, SASPBlock):
+        h = block.norm(x)
+        q, k, attn = block.attn.q(h), block.attn.k(h), block.attn
+    elif isinstance(block, SASBlock):
+        h = block.norm1(x)
+        q, k, attn = block.attn.q(h), block.attn.k(h), block.attn
+    elif isinstance(block, PreLNBlock):
+        q, k, _ = block.attn.qkv(block.norm1(x)).chunk(3, dim=-1)
+        attn = block.attn
+    elif isinstance(block, AttentionBlock):
+        tokens = rearrange(block.norm(x), "b c h w -> b (h w) c")
+        q, k, _ = block.token_mixer.qkv(tokens).chunk(3, dim=-1)
+        attn = block.token_mixer
+    else:
+        raise TypeError(f"cannot read attention from a {type(block).__name__}")
+    q, k = _split(q, attn.num_heads), _split(k, attn.num_heads)
+    return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+
+
+@torch.no_grad()
+def record_blocks(blocks: nn.ModuleList | nn.Sequential, run) -> list[tuple[nn.Module, Tensor, Tensor]]:
+    """``(block, input, output)`` for every call of a block of ``blocks`` while ``run()`` executes, in order."""
+    calls: list[tuple[nn.Module, Tensor, Tensor]] = []
+    handles = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, args[0], out))) for m in {id(b): b for b in blocks}.values()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+@torch.no_grad()
+def block_divergences(blocks: nn.ModuleList | nn.Sequential, run) -> dict[str, Tensor]:
+    """Pairwise JS matrices over the block calls made by ``run()``.
+
+    Returns ``attention`` (n, n), ``attention_per_head`` (n, n, heads) and ``features`` (n, n).
+    """
+    calls = record_blocks(blocks, run)
+    if len(calls) < 2:
+        raise ValueError("need at least two block calls to compare")
+    probs = [attention_probabilities(block, x).double() for block, x, _ in calls]
+    feats = [torch.softmax((y if y.dim() == 3 else rearrange(y, "b c h w -> b (h w) c")).double(), dim=-1) for _, _, y in calls]
+    n, heads = len(calls), probs[0].shape[1]
+    per_head = torch.zeros(n, n, heads, dtype=torch.float64)
+    features = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            per_head[i, j] = per_head[j, i] = js_divergence(probs[i], probs[j]).mean(dim=(0, 2))
+            features[i, j] = features[j, i] = js_divergence(feats[i], feats[j]).mean()
+    return {"attention": per_head.mean(-1), "attention_per_head": per_head, "features": features}
+
+
+def text_divergences(model, ids: Tensor) -> dict[str, Tensor]:
+    """Divergences between the text transformer blocks of a CLIP model on a batch of token ids."""
+    return block_divergences(model.text.transformer, lambda: model.text(ids))
+
+
+def sharing_plans(divergence: Tensor, *, max_groups: int | None = None) -> dict[str, SharingPlan]:
+    """The plan each strategy picks: none, adjacent pairs, threshold at the median adjacent divergence,
+    and the optimal partition into ``max_groups`` (default half the blocks) runs."""
+    n = divergence.shape[0]
+    matrix = divergence.detach().cpu().numpy()
+    threshold = float(sorted(adjacent_divergences(matrix))[(n - 2) // 2])
+    return {
+        "none": plan_sharing("none", n),
+        "adjacent": plan_sharing("adjacent", n),
+        f"threshold (≤ {threshold:.3g})": plan_sharing("threshold", n, matrix, threshold=threshold),
+        f"optimal ({max_groups or max(1, n // 2)} groups)": plan_sharing("optimal", n, matrix, max_groups=max_groups or max(1, n // 2)),
+    }
+
+
+def plot_heatmap(matrix: Tensor, path: str | Path, title: str, labels: list[str] | None = None) -> Path:
+    """A labelled heatmap PNG of a divergence matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = matrix.detach().cpu().numpy()
+    n = values.shape[0]
+    labels = labels or [f"block {i}" for i in range(n)]
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2, 1.1 * n + 1.5))
+    image = ax.imshow(values, cmap="viridis")
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", color="white" if values[i, j] < values.max() / 2 else "black", fontsize=8)
+    fig.colorbar(image, ax=ax, label="Jensen–Shannon divergence (nats)")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

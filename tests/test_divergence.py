@@ -1,0 +1,93 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import jensenshannon
+from torch import nn
+
+from siclip.analysis.divergence import (
+    attention_probabilities,
+    block_divergences,
+    js_divergence,
+    plot_heatmap,
+    sharing_plans,
+    text_divergences,
+)
+from siclip.blocks import PreLNBlock, SASPBlock, SharingPlan, apply_sharing
+from siclip.models import create_model
+
+
+def test_js_matches_scipy_and_its_properties(seed):
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.ones(7), size=20)
+    q = rng.dirichlet(np.ones(7), size=20)
+    p[0, :3] = 0
+    p[0] /= p[0].sum()  # zeros: 0·log 0 = 0
+    ours = js_divergence(torch.from_numpy(p), torch.from_numpy(q)).numpy()
+    expected = jensenshannon(p, q, axis=-1) ** 2  # scipy returns the distance, the square root
+    np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(js_divergence(torch.from_numpy(q), torch.from_numpy(p)), torch.from_numpy(ours))
+    assert js_divergence(torch.from_numpy(p), torch.from_numpy(p)).abs().max() < 1e-12
+    disjoint = js_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])).item()
+    assert disjoint == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("cls", [PreLNBlock, SASPBlock])
+def test_attention_probabilities_are_the_blocks_softmax(seed, cls):
+    block = cls(16, 2, zero_query=False) if cls is SASPBlock else cls(16, 2)
+    x = torch.randn(3, 5, 16)
+    probs = attention_probabilities(block, x)
+    assert probs.shape == (3, 2, 5, 5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3, 2, 5))
+    if cls is PreLNBlock:
+        q, k, _ = block.attn.qkv(block.norm1(x)).chunk(3, -1)
+        q, k = q.view(3, 5, 2, 8).transpose(1, 2), k.view(3, 5, 2, 8).transpose(1, 2)
+        torch.testing.assert_close(probs, torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1))
+
+
+def test_divergences_of_a_stack_with_shared_blocks(seed):
+    blocks = nn.ModuleList(PreLNBlock(16, 2) for _ in range(4))
+    apply_sharing(blocks, SharingPlan.from_sizes([2, 2]))
+    x = torch.randn(2, 6, 16)
+
+    def run():
+        y = x
+        for block in blocks:
+            y = block(y)
+
+    d = block_divergences(blocks, run)
+    assert d["attention"].shape == (4, 4) and d["attention_per_head"].shape == (4, 4, 2)
+    for m in (d["attention"], d["features"]):
+        torch.testing.assert_close(m, m.T)
+        assert m.diagonal().abs().max() == 0 and (m[~torch.eye(4, dtype=torch.bool)] > 0).all()
+    torch.testing.assert_close(d["attention"], d["attention_per_head"].mean(-1))
+
+
+def test_text_report_plans_and_heatmap(tmp_path, seed):
+    model = create_model("siclip_tiny").eval()
+    ids = torch.randint(1, 200, (3, 32))
+    ids[:, 9] = 255
+    d = text_divergences(model, ids)
+    assert d["attention"].shape == (4, 4)
+    plans = sharing_plans(d["attention"])
+    assert plans["none"].num_groups == 4 and plans["adjacent"].groups == ((0, 1), (2, 3))
+    assert any(k.startswith("optimal") and v.num_groups == 2 for k, v in plans.items())
+    path = plot_heatmap(d["attention"], tmp_path / "heat.png", "attention")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_report_scripts_run(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "experiments" / "divergence_report.py"), "--model", "siclip_tiny",
+                          "--captions", "8", "--out", str(tmp_path)], check=True, capture_output=True, text=True).stdout  # fmt: skip
+    assert "| adjacent | [0,1] [2,3] |" in out
+    assert (tmp_path / "divergence_siclip_tiny_attention.png").exists() and (tmp_path / "divergence_siclip_tiny.json").exists()
+    out = subprocess.run([sys.executable, str(root / "experiments" / "flops_report.py"), "--out", str(tmp_path)],
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    assert "| siclip_s0 | 46,434,677 |" in out and (tmp_path / "flops.csv").exists()
