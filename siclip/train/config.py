@@ -22,6 +22,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     model: str = "mobileclip_tiny"
+    model_overrides: dict = field(default_factory=dict)  # e.g. {"siclip": {"sharing": "optimal", "sharing_max_groups": 2}}
     teacher: str | None = None  # checkpoint: the student inherits from it (SiCLIP) and distils from it
     out_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -40,4 +41,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     evaluate: bool = True
+    eval_zero_shot_per_class: int = 5
+    eval_retrieval_images: int = 500
+    calibration_captions: int = 128  # for sharing chosen by divergence
     device: str = "auto"

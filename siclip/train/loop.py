@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from siclip.blocks import param_groups_weight_decay
-from siclip.data import AugmentConfig, EmbeddedConfig, ImageTextDataset, ImageTextLoader, create_tokenizer, open_source
+from siclip.data import AugmentConfig, EmbeddedConfig, EmbeddedSource, ImageTextDataset, ImageTextLoader, create_tokenizer, open_source
 from siclip.distill import FrozenTeacher, SiCLIPObjective
 from siclip.models import build_siclip, count_parameters_by_group, create_model, get_model_config, load_checkpoint, save_checkpoint
 
@@ -31,6 +31,17 @@ from .task import TrainingTask
 
 class NonFiniteLoss(FloatingPointError):
     """A loss term became NaN or Inf; the last good state was saved first."""
+
+
+def _sharing_groups(model) -> list[list[int]]:
+    """Which text block positions use one module (the plan the student ended up with)."""
+    blocks, groups = list(model.text.transformer), []
+    for i, block in enumerate(blocks):
+        if i and block is blocks[i - 1]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -52,16 +63,31 @@ def build_data(config: TrainConfig, image_size: int, context_length: int, rank: 
 
 def build_task(config: TrainConfig) -> TrainingTask:
     """Student (inheriting from the teacher when one is given and the model is a SiCLIP), objective, teacher."""
-    model_config = get_model_config(config.model)
+    model_config = get_model_config(config.model, **config.model_overrides)
     teacher_model = load_checkpoint(config.teacher) if config.teacher else None
     if teacher_model is not None and model_config.siclip is not None:
-        student, _ = build_siclip(teacher_model, model_config.siclip)
+        divergence = None
+        if model_config.siclip.sharing in ("threshold", "optimal"):  # measured on the teacher's text blocks
+            divergence = calibration_divergence(teacher_model, config)
+        student, _ = build_siclip(teacher_model, model_config.siclip, divergence=divergence)
     else:
-        student = create_model(config.model)
+        if model_config.siclip is not None and model_config.siclip.sharing in ("threshold", "optimal"):
+            raise ValueError(f"sharing {model_config.siclip.sharing!r} is chosen from a teacher's divergences: give a teacher")
+        student = create_model(model_config)
     teacher = FrozenTeacher(teacher_model) if teacher_model is not None and config.objective.needs_teacher else None
     teacher_dim = teacher_model.config.embed_dim if teacher_model is not None else None
     objective = SiCLIPObjective(student.config.embed_dim, teacher_dim, config.objective)
     return TrainingTask(student, objective, teacher)
+
+
+def calibration_divergence(model, config: TrainConfig):
+    """Attention JS divergences between the text blocks of ``model`` on embedded validation captions."""
+    from siclip.analysis.divergence import text_divergences
+
+    tokenizer = create_tokenizer(config.data.tokenizer, vocab_path=config.data.vocab_path, context_length=model.config.text.context_length)
+    val = EmbeddedSource(EmbeddedConfig(seed=config.data.seed, num_val=config.calibration_captions), "val")
+    ids = tokenizer([val.load(i).synthetic[0] for i in range(len(val))])
+    return text_divergences(model.eval(), ids)["attention"].numpy()
 
 
 def _device(config: TrainConfig) -> torch.device:
@@ -150,13 +176,15 @@ def train(config: TrainConfig, *, resume: bool = False, max_steps: int | None = 
                 break
     bar.close()
     summary = {"model": config.model, "steps": step, "total_steps": total_steps, "seconds": time.perf_counter() - started,
-               "final_loss": last, "parameters": count_parameters_by_group(student), "config": dataclasses.asdict(config)}  # fmt: skip
+               "final_loss": last, "parameters": count_parameters_by_group(student),
+               "sharing": [list(g) for g in _sharing_groups(student)], "config": dataclasses.asdict(config)}  # fmt: skip
     if step >= total_steps and rank == 0:
         save_checkpoint(student, out_dir / "model.pt")
         if config.evaluate:
             from siclip.eval import evaluate_embedded
 
             student.eval()
-            summary["eval"] = evaluate_embedded(student, tokenizer, EmbeddedConfig(seed=config.data.seed))
+            eval_world = EmbeddedConfig(seed=config.data.seed, zero_shot_per_class=config.eval_zero_shot_per_class)
+            summary["eval"] = evaluate_embedded(student, tokenizer, eval_world, retrieval_images=config.eval_retrieval_images)
     logger.summary(summary)
     return summary
