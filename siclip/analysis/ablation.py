@@ -50,10 +50,11 @@ def _pyplot():
     return plt
 
 
-def plot_curves(run_dirs: dict[str, Path], path: Path, metric: str = "total") -> Path:
-    """Training loss against step, one line per run."""
+def plot_curves(run_dirs: dict[str, Path], path: Path, metric: str = "clip") -> Path:
+    """Training loss against step, one line per run; the CLIP term by default, the one every objective
+    shares (totals differ in scale: FD carries λ1 = 4000)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     for name, run in run_dirs.items():
         metrics = Path(run) / "metrics.csv"
         if metrics.exists():
@@ -61,7 +62,7 @@ def plot_curves(run_dirs: dict[str, Path], path: Path, metric: str = "total") ->
             ax.plot(frame["step"], frame[metric], label=name)
     ax.set_xlabel("step")
     ax.set_ylabel(f"loss ({metric})")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
