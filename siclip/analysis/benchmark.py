@@ -165,7 +165,7 @@ def compare_attention(
         qkv = [torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
         row = {"tokens": tokens, "batch": batch, "heads": heads, "head_dim": head_dim}
 
-        def step(fn) -> None:
+        def step(fn, qkv=qkv) -> None:
             fn(*qkv).sum().backward()
             for t in qkv:
                 t.grad = None

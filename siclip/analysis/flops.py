@@ -91,12 +91,14 @@ def model_report(model) -> dict:
     images, ids = clip_inputs(model)
     wrapped = _EncodeBoth(model.eval())
     per_module = flops_by_module(wrapped, (images, ids), depth=2)
-    unique = {id(p): p for p in model.parameters()}.values()
+    from siclip.models import count_parameters_by_group
+
+    params = count_parameters_by_group(model)
     return {
         "model": model.config.name,
-        "params_total": sum(p.numel() for p in unique),
-        "params_image": sum(p.numel() for p in model.visual.parameters()),
-        "params_text": sum(p.numel() for p in model.text.parameters()),
+        "params_total": params["total"],
+        "params_image": params["image"],
+        "params_text": params["text"],
         "gflops_image": per_module.get("model.visual", 0) / 1e9,
         "gflops_text": per_module.get("model.text", 0) / 1e9,
     }

@@ -172,12 +172,10 @@ class ClipBpeTokenizer(_Tokenize):
 def open_clip_merges_file() -> Path | None:
     """The merges file an installed ``open_clip`` ships, if any."""
     try:
-        import open_clip  # noqa: F401
+        import open_clip
     except ImportError:
         return None
-    import open_clip as oc
-
-    path = Path(oc.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     return path if path.is_file() else None
 
 

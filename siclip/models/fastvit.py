@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from siclip.blocks import Attention
 
 from .mobileone import MobileOneBlock, ReparamLargeKernelConv, conv_bn
-from .reparam import identity_kernel, make_conv
+from .reparam import depthwise_conv_args, identity_kernel, make_conv
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,7 @@ class RepMixer(nn.Module):
         k_norm, b_norm = self.norm.fused_kernel_bias()
         scale = self.layer_scale
         kernel = identity_kernel(self.dim, self.dim, self.kernel, k_mix) + scale.unsqueeze(-1) * (k_mix - k_norm)
-        args = dict(in_channels=self.dim, out_channels=self.dim, kernel_size=self.kernel, stride=1,
-                    padding=(self.kernel[0] // 2, self.kernel[1] // 2), dilation=1, groups=self.dim)  # fmt: skip
-        self.reparam_conv = make_conv(args, kernel, scale.flatten() * (b_mix - b_norm))
+        self.reparam_conv = make_conv(depthwise_conv_args(self.dim, self.kernel), kernel, scale.flatten() * (b_mix - b_norm))
         self.norm = self.mixer = self.layer_scale = None
 
 
@@ -146,10 +144,8 @@ class RepCPE(nn.Module):
     def reparameterize(self) -> None:
         if self.reparam_conv is not None:
             return
-        args = dict(in_channels=self.dim, out_channels=self.dim, kernel_size=(self.kernel,) * 2, stride=1,
-                    padding=(self.kernel // 2,) * 2, dilation=1, groups=self.dim)  # fmt: skip
         kernel = identity_kernel(self.dim, self.dim, (self.kernel,) * 2, self.pe.weight) + self.pe.weight
-        self.reparam_conv = make_conv(args, kernel, self.pe.bias)
+        self.reparam_conv = make_conv(depthwise_conv_args(self.dim, (self.kernel,) * 2), kernel, self.pe.bias)
         self.pe = None
 
 

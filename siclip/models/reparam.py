@@ -44,6 +44,12 @@ def conv_args(conv: nn.Conv2d) -> dict:
     return {n: getattr(conv, n) for n in names}
 
 
+def depthwise_conv_args(channels: int, kernel_size: tuple[int, int]) -> dict:
+    """Geometry of a stride-1, same-padding depthwise convolution."""
+    return dict(in_channels=channels, out_channels=channels, kernel_size=kernel_size, stride=1,
+                padding=(kernel_size[0] // 2, kernel_size[1] // 2), dilation=1, groups=channels)  # fmt: skip
+
+
 def make_conv(args: dict, kernel: Tensor, bias: Tensor) -> nn.Conv2d:
     """A biased convolution of geometry ``args`` carrying ``kernel`` and ``bias``."""
     conv = nn.Conv2d(**args, bias=True).to(kernel.device, kernel.dtype)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from siclip.blocks import SASPConversion, apply_sharing, convert_to_sasp, plan_sharing
+from siclip.blocks import SASPConversion, apply_sharing, convert_to_sasp, count_parameters, plan_sharing
 
 from .clip import CLIP, SiCLIPConfig
 
@@ -130,10 +130,9 @@ def frozen_modules(model: nn.Module) -> list[str]:
 
 def count_parameters_by_group(model: nn.Module) -> dict[str, int]:
     """Total, image, text and trainable parameter counts (shared parameters once)."""
-    unique = {id(p): p for p in model.parameters()}.values()
     return {
-        "total": sum(p.numel() for p in unique),
-        "image": sum(p.numel() for p in model.visual.parameters()),
-        "text": sum(p.numel() for p in model.text.parameters()),
-        "trainable": sum(p.numel() for p in unique if p.requires_grad),
+        "total": count_parameters(model),
+        "image": count_parameters(model.visual),
+        "text": count_parameters(model.text),
+        "trainable": count_parameters(model, trainable_only=True),
     }
