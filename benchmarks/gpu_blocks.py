@@ -28,6 +28,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
     parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
+    parser.add_argument("--no-attention", action="store_true", help="skip the shaped-attention against SDPA table")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_blocks.py measures CUDA kernels and needs a CUDA device; none is available here.", file=sys.stderr)
@@ -36,7 +37,7 @@ def main() -> int:
     torch.manual_seed(0)
     kw = {"device": "cuda", "dtype": torch.bfloat16, "steps": args.steps, "warmup": args.warmup}
     blocks = [row for mode in args.modes for row in compare_blocks(SHAPES, compile=mode == "compile", **kw)]
-    attention = compare_attention([256, 1024, 4096], **kw)
+    attention = [] if args.no_attention else compare_attention([256, 1024, 4096], **kw)
 
     lines = [
         f"## Blocks on {device_name('cuda')}",

@@ -41,13 +41,16 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--fuse-frozen-towers", action="store_true", help="reparameterise the teacher and frozen student towers")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute trainable blocks' activations in backward")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     config = PRESETS[args.preset] if args.preset else TrainConfig()
     top = {k: getattr(args, k) for k in ("model", "teacher", "out_dir", "epochs", "lr") if getattr(args, k) is not None}
     data = {k: getattr(args, k) for k in ("source", "num_train", "batch_size", "workers", "p_synthetic", "tokenizer", "vocab_path")
             if getattr(args, k) is not None}  # fmt: skip
-    config = dataclasses.replace(config, **top, data=dataclasses.replace(config.data, **data), compile=args.compile or config.compile)
+    flags = {k: True for k in ("compile", "fuse_frozen_towers", "grad_checkpointing") if getattr(args, k)}
+    config = dataclasses.replace(config, **top, **flags, data=dataclasses.replace(config.data, **data))
     if args.wikd:
         config = dataclasses.replace(config, objective=ObjectiveConfig())
     return config, args.resume

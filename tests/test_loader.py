@@ -64,3 +64,20 @@ def test_sampler_splits_ranks_evenly_and_disjointly():
     assert list(EpochSampler(5, shuffle=False).order(3)) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="rank"):
         EpochSampler(10, rank=3, world_size=3)
+
+
+def test_uint8_crops_normalised_on_the_device_equal_the_worker_path(seed):
+    import numpy as np
+
+    from siclip.data import augment, normalize_images
+    from siclip.train.step import to_device
+
+    image = np.random.default_rng(seed).integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    floats = augment(image, np.random.default_rng(seed + 1), AugmentConfig(24))
+    crops = augment(image, np.random.default_rng(seed + 1), AugmentConfig(24, normalize=False))
+    assert crops.dtype == torch.uint8 and floats.dtype == torch.float32
+    assert torch.equal(normalize_images(crops), floats)
+    batch = to_device({"image": crops[None], "size": 1}, torch.device("cpu"))
+    assert torch.equal(batch["image"][0], floats)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_images(floats)

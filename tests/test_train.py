@@ -37,14 +37,17 @@ def test_interrupted_and_resumed_run_ends_bit_for_bit_equal(tmp_path):
 
 
 @pytest.mark.slow
-def test_siclip_student_distils_from_a_teacher_checkpoint(tmp_path):
+@pytest.mark.parametrize("memory_saving", [False, True], ids=["plain", "fused+checkpointed"])
+def test_siclip_student_distils_from_a_teacher_checkpoint(tmp_path, memory_saving):
     teacher = save_checkpoint(create_model("mobileclip_tiny"), tmp_path / "teacher.pt")
-    config = _config(tmp_path, "student", model="siclip_tiny", teacher=str(teacher), epochs=1, objective=ObjectiveConfig())
+    config = _config(tmp_path, "student", model="siclip_tiny", teacher=str(teacher), epochs=1, objective=ObjectiveConfig(),
+                     fuse_frozen_towers=memory_saving, grad_checkpointing=memory_saving)  # fmt: skip
     summary = train(config, progress=False)
     assert set(summary["final_loss"]) == {"clip", "feature", "relation", "interactive", "pair_matching", "total"}
     assert summary["parameters"]["trainable"] < summary["parameters"]["total"] / 2  # only the SAS-P blocks train
     student = load_checkpoint(tmp_path / "student" / "model.pt")
     assert student.text.transformer[0] is student.text.transformer[1]
+    assert student.fused_towers == (["visual"] if memory_saving else [])
 
 
 def test_nan_guard_names_the_term_and_keeps_the_last_good_state(tmp_path, monkeypatch):
@@ -93,3 +96,9 @@ def test_ablation_smoke_preset_writes_the_table_and_plots(tmp_path):
     assert len(table) == 1 + 4 * 2 * 3 - 2  # the teacher, and no divergence plan without a teacher
     shared = table[table.sharing == "adjacent"].params_total.unique()
     assert len(shared) == 1 and shared[0] < table[table.sharing == "none"].params_total.iloc[0]
+
+
+def test_training_with_uint8_batches_normalised_on_the_device(tmp_path):
+    config = _config(tmp_path, "uint8", epochs=1, data=DataConfig(num_train=32, batch_size=16, normalize_on_device=True))
+    summary = train(config, progress=False)
+    assert summary["steps"] == 2 and all(v == v for v in summary["final_loss"].values())

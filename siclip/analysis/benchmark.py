@@ -90,13 +90,17 @@ def time_interleaved(
 
 
 def forward_backward_step(module: nn.Module, x: Tensor, dtype: torch.dtype) -> Callable[[], None]:
-    """One training-like step: forward under autocast, backward of the sum, gradients dropped."""
+    """One training-like step: forward under autocast, backward of a fixed random output gradient
+    (dense, like a real upstream gradient; the gradient of a sum would be a stride-0 broadcast), gradients dropped."""
     device = x.device
+    upstream: list[Tensor] = []
 
     def step() -> None:
         with _autocast(device, dtype):
             y = module(x)
-        y.float().sum().backward()
+        if not upstream:
+            upstream.append(torch.randn_like(y))
+        y.backward(upstream[0])
         for p in module.parameters():
             p.grad = None
 
@@ -153,7 +157,7 @@ def compare_attention(
     memory linear in tokens shows as a flat ``peak_gib`` column.
     """
     device = torch.device(device)
-    gains = [torch.ones(heads, device=device) for _ in range(3)]
+    gains = [torch.ones(heads, device=device, requires_grad=True) for _ in range(3)]  # trainable, as in a block
     variants: dict[str, Callable] = {
         "sdpa": lambda q, k, v: nn.functional.scaled_dot_product_attention(q, k, v),
         "shaped": lambda q, k, v: shaped_attention(q, k, v, *gains),
@@ -163,11 +167,12 @@ def compare_attention(
     for tokens in tqdm(list(token_counts), desc=f"attention ({device.type})", disable=not progress):
         batch = max(1, batch_tokens // tokens)
         qkv = [torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+        upstream = torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype)
         row = {"tokens": tokens, "batch": batch, "heads": heads, "head_dim": head_dim}
 
-        def step(fn, qkv=qkv) -> None:
-            fn(*qkv).sum().backward()
-            for t in qkv:
+        def step(fn, qkv=qkv, upstream=upstream) -> None:
+            fn(*qkv).backward(upstream)
+            for t in (*qkv, *gains):
                 t.grad = None
 
         results = time_interleaved(

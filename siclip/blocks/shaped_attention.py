@@ -51,19 +51,21 @@ def centred_values(v: Tensor, *, causal: bool = False, key_padding_mask: Tensor 
     cumulative mean, ``(batch, heads, tokens, head_dim)``. Accumulates in float32 so a long bf16
     cumulative sum does not drift.
     """
-    acc = v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+    acc_dtype = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
+    acc = v
     if key_padding_mask is not None:
-        weight = (~key_padding_mask).to(acc.dtype)[:, None, :, None]
-        acc = acc * weight
+        weight = (~key_padding_mask).to(acc_dtype)[:, None, :, None]
+        acc = v.to(acc_dtype) * weight
+    # The reductions accumulate in acc_dtype themselves: no float32 copy of V is written.
     if causal:
-        total = acc.cumsum(-2)
+        total = acc.cumsum(-2, dtype=acc_dtype)
         count = (
-            torch.arange(1, v.shape[-2] + 1, device=v.device, dtype=acc.dtype).view(-1, 1)
+            torch.arange(1, v.shape[-2] + 1, device=v.device, dtype=acc_dtype).view(-1, 1)
             if key_padding_mask is None
             else weight.cumsum(-2)
         )
     else:
-        total = acc.sum(-2, keepdim=True)
+        total = acc.sum(-2, keepdim=True, dtype=acc_dtype)
         count = v.shape[-2] if key_padding_mask is None else weight.sum(-2, keepdim=True)
     return (total / count).to(v.dtype)
 

@@ -14,14 +14,14 @@ from .sources import RawSample, SampleError, Source, decode_image, encode_image
 from .tabular import CsvSource
 from .teacher_cache import TeacherCache, TeacherCacheWriter, build_teacher_cache
 from .tokenizer import ClipBpeTokenizer, WordTokenizer, create_tokenizer
-from .transforms import AugmentConfig, augment
+from .transforms import AugmentConfig, augment, normalize_images
 from .webdataset import ShardSource, expand_shards, recaption_shards, write_shards
 from .world import Scene, render_scene, sample_scene
 
 __all__ = [
     "AugmentConfig", "ClipBpeTokenizer", "CsvSource", "EmbeddedConfig", "EmbeddedSource", "EpochSampler",
     "ImageTextDataset", "ImageTextLoader", "RawCaptionConfig", "RawSample", "SampleError", "Scene", "ShardSource",
-    "SkipReport", "Skipped", "Source", "TeacherCache", "TeacherCacheWriter", "WordTokenizer", "augment",
+    "SkipReport", "Skipped", "Source", "TeacherCache", "TeacherCacheWriter", "WordTokenizer", "augment", "normalize_images",
     "build_teacher_cache", "choose_caption", "collate_samples", "create_tokenizer", "decode_image", "encode_image",
     "expand_shards", "open_source", "recaption_shards", "render_scene", "retrieval_set", "sample_scene", "write_shards",
     "zero_shot_classes", "zero_shot_prompts",

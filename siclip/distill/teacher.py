@@ -20,9 +20,19 @@ TeacherOutput = tuple[Tensor, Tensor, Tensor]
 
 
 class FrozenTeacher(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    """``model`` in eval mode with every parameter frozen.
+
+    ``reparameterize`` fuses its train-time branches into single convolutions first (in place): the same
+    function in fewer, larger kernels, which a teacher that only runs forward can always afford.
+    """
+
+    def __init__(self, model: nn.Module, *, reparameterize: bool = False) -> None:
         super().__init__()
         self.model = model.eval()
+        if reparameterize:
+            from siclip.models import reparameterize_model
+
+            reparameterize_model(self.model, inplace=True)
         for p in self.model.parameters():
             p.requires_grad_(False)
 

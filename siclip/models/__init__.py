@@ -12,12 +12,12 @@ from .clip import CLIP, CLIPOutput, ModelConfig, SiCLIPConfig
 from .factory import create_model, get_model_config, list_models, load_checkpoint, register_model_config, save_checkpoint
 from .fastvit import MCi, ImageConfig
 from .reparam import reparameterize_model
-from .siclip import InheritanceReport, build_siclip, count_parameters_by_group, frozen_modules, to_siclip
+from .siclip import InheritanceReport, build_siclip, count_parameters_by_group, frozen_modules, fuse_frozen_towers, to_siclip
 from .text import MCt, TextConfig
 
 __all__ = [
     "CLIP", "CLIPOutput", "CheckpointMismatch", "ImageConfig", "InheritanceReport", "MCi", "MCt", "ModelConfig",
     "SiCLIPConfig", "TextConfig", "apple_key_to_siclip", "build_siclip", "convert_apple_state_dict", "count_parameters_by_group", "create_model",
-    "frozen_modules", "get_model_config", "list_models", "load_checkpoint", "load_mobileclip_s0",
+    "frozen_modules", "fuse_frozen_towers", "get_model_config", "list_models", "load_checkpoint", "load_mobileclip_s0",
     "register_model_config", "reparameterize_model", "save_checkpoint", "to_siclip",
 ]  # fmt: skip

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .fastvit import MCi, ImageConfig
+from .stages import freeze_batchnorm_statistics
 from .text import MCt, TextConfig
 
 LOGIT_SCALE_MAX = 100.0
@@ -80,10 +81,24 @@ class CLIP(nn.Module):
         self.text = MCt(config.text, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
+    def set_grad_checkpointing(self, enable: bool = True, towers: tuple[str, ...] = ("image", "text")) -> None:
+        """Activation checkpointing of the trainable blocks of the named towers (``image``, ``text``)."""
+        unknown = set(towers) - {"image", "text"}
+        if unknown:
+            raise ValueError(f"unknown tower(s) {sorted(unknown)}; choose from ('image', 'text')")
+        self.visual.set_grad_checkpointing(enable and "image" in towers)
+        self.text.set_grad_checkpointing(enable and "text" in towers)
+
+    def train(self, mode: bool = True) -> CLIP:
+        """Training mode, except that frozen BatchNorm layers keep their inherited statistics."""
+        super().train(mode)
+        if mode:
+            freeze_batchnorm_statistics(self)
+        return self
+
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
-        # A frozen image encoder keeps no autograd graph: no activations stored for its backward.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.visual.parameters())):
-            features = self.visual(images)
+        # The encoder's frozen prefix (all of it, under weight inheritance) keeps no autograd graph.
+        features = self.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, ids: Tensor, normalize: bool = True) -> Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .clip import CLIP, ModelConfig
+from .reparam import reparameterize_model
 from .siclip import to_siclip
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -75,7 +76,8 @@ def save_checkpoint(model: CLIP, path: str | Path, **extra) -> Path:
     """Config + weights (+ ``extra``), written to a temporary file and renamed: never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": "siclip-model-1", "config": model.config.to_dict(), "state_dict": model.state_dict(), **extra}
+    payload = {"format": "siclip-model-1", "config": model.config.to_dict(), "state_dict": model.state_dict(),
+               "fused_towers": list(getattr(model, "fused_towers", [])), **extra}  # fmt: skip
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -91,5 +93,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> CLIP:
     if not isinstance(payload, dict) or payload.get("format") != "siclip-model-1":
         raise ValueError(f"{path} is not a siclip model checkpoint (for Apple's MobileCLIP-S0 use load_mobileclip_s0)")
     model = create_model(ModelConfig.from_dict(payload["config"]))
+    for name in payload.get("fused_towers", []):  # rebuild the fused layout, then load its weights
+        reparameterize_model(getattr(model, name).eval(), inplace=True)
+        getattr(model, name).requires_grad_(False)
+    model.fused_towers = list(payload.get("fused_towers", []))
     model.load_state_dict(payload["state_dict"])
     return model

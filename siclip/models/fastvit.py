@@ -19,6 +19,7 @@ from siclip.blocks import Attention
 
 from .mobileone import MobileOneBlock, ReparamLargeKernelConv, conv_bn
 from .reparam import depthwise_conv_args, identity_kernel, make_conv
+from .stages import run_stages
 
 
 @dataclass(frozen=True)
@@ -188,14 +189,20 @@ class MCi(nn.Module):
         wide = int(last * config.cls_ratio)
         self.conv_exp = MobileOneBlock(last, wide, 3, 1, 1, groups=last, use_se=True, se_reduced=wide // 16)
         self.head = GlobalPool2D(wide, embed_dim)
+        self.grad_checkpointing = False
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = self.patch_embed(x)
+    def stages(self) -> list[nn.Module]:
+        """The encoder as a chain of units, one block each, in the order they run (see :func:`run_stages`)."""
+        units: list[nn.Module] = [self.patch_embed]
         for stage in self.network:
-            x = stage(x)
-        return self.conv_exp(x)
+            units.extend(stage if isinstance(stage, nn.Sequential) else [stage])
+        return [*units, self.conv_exp, self.head]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each trainable block's activations in backward instead of storing them."""
+        self.grad_checkpointing = enable
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"images must be (batch, 3, height, width), got shape {tuple(x.shape)}")
-        return self.head(self.forward_features(x))
+        return run_stages(self.stages(), x, checkpointing=self.grad_checkpointing)

@@ -119,6 +119,29 @@ def build_siclip(teacher: CLIP, config: SiCLIPConfig | None = None, *, divergenc
     return student, report
 
 
+def fuse_frozen_towers(model: CLIP) -> list[str]:
+    """Reparameterise (in place) every tower of ``model`` that has no trainable parameter; returns their names.
+
+    A frozen tower only runs forward, so its train-time branches can be fused into single convolutions
+    (BatchNorm folded, RepMixer collapsed): the same features in fewer, larger kernels. The fused tower
+    stays frozen; its state-dict keys take the fused layout, and :func:`~siclip.models.save_checkpoint`
+    records which towers are fused so that :func:`~siclip.models.load_checkpoint` rebuilds them so.
+    """
+    from .reparam import reparameterize_model
+    from .stages import has_trainable
+
+    fused = []
+    for name in ("visual", "text"):
+        tower = getattr(model, name)
+        if not has_trainable(tower):
+            tower.eval()
+            reparameterize_model(tower, inplace=True)
+            tower.requires_grad_(False)
+            fused.append(name)
+    model.fused_towers = sorted(set(getattr(model, "fused_towers", [])) | set(fused))
+    return fused
+
+
 def frozen_modules(model: nn.Module) -> list[str]:
     """Top-level groups whose parameters are all frozen."""
     groups: dict[str, bool] = {}

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from siclip.blocks import PreLNBlock
 
 from .fastvit import RepMixerBlock
+from .stages import has_trainable, run_stages
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,11 @@ class MCt(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.projection, std=width**-0.5)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each trainable block's activations in backward instead of storing them."""
+        self.grad_checkpointing = enable
 
     def forward(self, ids: Tensor) -> Tensor:
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
@@ -74,13 +80,10 @@ class MCt(nn.Module):
                 f"token ids must lie in [0, {self.config.vocab_size}); got [{int(ids.min())}, {int(ids.max())}]: "
                 "does the tokenizer match the model's vocabulary?"
             )
-        prefix = (self.token_embedding, self.mixer_in)
-        trainable = self.positional_embedding.requires_grad or any(p.requires_grad for m in prefix for p in m.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):  # a frozen prefix stores no activations
+        trainable = self.positional_embedding.requires_grad or has_trainable(self.token_embedding)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):  # a frozen embedding stores nothing
             x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
-            x = self.mixer_in(x)
-        for block in self.transformer:
-            x = block(x)
-        x = self.final_norm(self.mixer_out(x))
+        stages = [self.mixer_in, *self.transformer, self.mixer_out, self.final_norm]
+        x = run_stages(stages, x, checkpointing=self.grad_checkpointing)
         pooled = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
         return pooled @ self.projection

@@ -19,13 +19,15 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from siclip.blocks import param_groups_weight_decay
 from siclip.data import AugmentConfig, EmbeddedConfig, EmbeddedSource, ImageTextDataset, ImageTextLoader, create_tokenizer, open_source
 from siclip.distill import FrozenTeacher, SiCLIPObjective
-from siclip.models import build_siclip, count_parameters_by_group, create_model, get_model_config, load_checkpoint, save_checkpoint
+from siclip.models import (
+    build_siclip, count_parameters_by_group, create_model, fuse_frozen_towers, get_model_config, load_checkpoint, save_checkpoint,
+)  # fmt: skip
 
 from .config import TrainConfig
 from .state import MetricsLogger, load_training_checkpoint, rng_state, save_atomic, set_rng_state
+from .step import backward_and_step, channels_last_on, create_optimizer, forward_terms, to_device
 from .task import TrainingTask
 
 
@@ -56,7 +58,7 @@ def build_data(config: TrainConfig, image_size: int, context_length: int, rank: 
     data = config.data
     source = open_source(data.source, EmbeddedConfig(seed=data.seed, num_train=data.num_train, image_size=image_size))
     tokenizer = create_tokenizer(data.tokenizer, vocab_path=data.vocab_path, context_length=context_length)
-    dataset = ImageTextDataset(source, tokenizer, augment_config=AugmentConfig(image_size), p_synthetic=data.p_synthetic, seed=config.seed)
+    dataset = ImageTextDataset(source, tokenizer, augment_config=AugmentConfig(image_size, normalize=not data.normalize_on_device), p_synthetic=data.p_synthetic, seed=config.seed)
     loader = ImageTextLoader(dataset, data.batch_size, num_workers=data.workers, seed=config.seed, rank=rank, world_size=world)
     return loader, tokenizer
 
@@ -74,7 +76,12 @@ def build_task(config: TrainConfig) -> TrainingTask:
         if model_config.siclip is not None and model_config.siclip.sharing in ("threshold", "optimal"):
             raise ValueError(f"sharing {model_config.siclip.sharing!r} is chosen from a teacher's divergences: give a teacher")
         student = create_model(model_config)
-    teacher = FrozenTeacher(teacher_model) if teacher_model is not None and config.objective.needs_teacher else None
+    if config.fuse_frozen_towers:
+        fuse_frozen_towers(student)
+    if config.grad_checkpointing:
+        student.set_grad_checkpointing(True)
+    needs_teacher = teacher_model is not None and config.objective.needs_teacher
+    teacher = FrozenTeacher(teacher_model, reparameterize=config.fuse_frozen_towers) if needs_teacher else None
     teacher_dim = teacher_model.config.embed_dim if teacher_model is not None else None
     objective = SiCLIPObjective(student.config.embed_dim, teacher_dim, config.objective)
     return TrainingTask(student, objective, teacher)
@@ -116,10 +123,12 @@ def train(config: TrainConfig, *, resume: bool = False, max_steps: int | None = 
     torch.manual_seed(config.seed)
 
     task = build_task(config).to(device)
+    channels_last = channels_last_on(device, config.channels_last)
+    if channels_last:
+        task.to(memory_format=torch.channels_last)
     student = task.student
     loader, tokenizer = build_data(config, student.config.image.image_size, student.config.text.context_length, rank, world)
-    params = param_groups_weight_decay(task, config.weight_decay)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps)
+    optimizer = create_optimizer(task, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
     total_steps = config.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, config.warmup_steps, total_steps))
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
@@ -151,17 +160,13 @@ def train(config: TrainConfig, *, resume: bool = False, max_steps: int | None = 
     while step < stop:
         for batch in loader:
             t0 = time.perf_counter()
-            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                terms = model(batch)
+            batch = to_device(batch, device, channels_last=channels_last)
+            terms = forward_terms(model, batch, bf16=use_bf16)
             bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
             if bad:
                 save_state()  # nothing has been updated by this batch: the saved state is the last good one
                 raise NonFiniteLoss(f"loss term(s) {bad} became non-finite at step {step}; last good state saved to {checkpoint_path}")
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(task.parameters(), config.grad_clip) if config.grad_clip else torch.tensor(0.0)
-            optimizer.step()
+            grad_norm = backward_and_step(terms["total"], optimizer, task.parameters(), grad_clip=config.grad_clip)
             scheduler.step()
             step += 1
             last = {name: value.item() for name, value in terms.items()}

@@ -1,0 +1,68 @@
+"""One optimisation step, in the pieces the training loop and the step benchmark share.
+
+    terms = forward_terms(model, batch, bf16=True)       # student, teacher, every loss term
+    backward_and_step(terms["total"], optimizer, params, grad_clip=1.0)
+
+The loop checks ``terms`` for non-finite values between the two (so the saved state is the last good
+one); ``benchmarks/gpu_train_step.py`` times exactly these calls.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from siclip.blocks import param_groups_weight_decay
+from siclip.data import normalize_images
+
+
+def create_optimizer(
+    module: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6
+) -> torch.optim.AdamW:
+    """AdamW over ``module``'s trainable parameters, no decay on gains, norms and biases; fused on CUDA."""
+    groups = param_groups_weight_decay(module, weight_decay)
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None)
+
+
+def channels_last_on(device: torch.device, requested: bool = True) -> bool:
+    """Whether to lay images and convolutions out channels-last on ``device``: on CUDA only.
+
+    cuDNN prefers NHWC; on a CPU (torch 2.13) the backward of a strided 1×1 convolution in that layout
+    corrupts the heap, and the CPU gains nothing from it.
+    """
+    return requested and torch.device(device).type == "cuda"
+
+
+def to_device(batch: dict, device: torch.device, *, channels_last: bool = False) -> dict:
+    """The batch's tensors on ``device``; uint8 images (``AugmentConfig(normalize=False)``) are normalised there,
+    and laid out channels-last when asked (the layout cuDNN convolutions prefer)."""
+    out = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    if "image" in out:
+        if out["image"].dtype == torch.uint8:
+            out["image"] = normalize_images(out["image"])
+        if channels_last:
+            out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def forward_terms(model: nn.Module, batch: dict, *, bf16: bool) -> dict[str, Tensor]:
+    """The task's loss terms for ``batch``, under bf16 autocast when ``bf16``."""
+    device_type = batch["image"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        return model(batch)
+
+
+def backward_and_step(
+    loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterable[Tensor], *, grad_clip: float | None
+) -> Tensor:
+    """Backward, clip the global gradient norm (if ``grad_clip``), optimizer step; returns the norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = loss.new_zeros(())
+    if grad_clip:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip, foreach=True)
+    optimizer.step()
+    return norm
