@@ -58,6 +58,19 @@ def test_sasp_matches_plain_reference(seed, norm, causal, padded, trainable_valu
     torch.testing.assert_close(block(x, mask, causal), reference_sasp(block, x, causal, mask))
 
 
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_sasp_gradients_match_plain_reference(seed, mlp_bias):
+    """Every parameter's gradient (β_FF folded into fc2's weights included) equals the reference's."""
+    block = randomize_(SASPBlock(24, 4, mlp_bias=mlp_bias).double()).train()
+    x = torch.randn(3, 11, 24, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 11, 24, dtype=torch.float64)
+    params = [x, *block.parameters()]
+    fast = torch.autograd.grad(block(x), params, g)
+    slow = torch.autograd.grad(reference_sasp(block, x, False, None), params, g)
+    for name, a, b in zip(["x", *(n for n, _ in block.named_parameters())], fast, slow):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 @pytest.mark.parametrize("causal,padded", [(False, True), (True, False)])
 def test_sas_matches_plain_reference(seed, causal, padded):
     block = randomize_(SASBlock(24, 4, causal=causal, trainable_value=True).double())

@@ -158,6 +158,25 @@ def step_flops(step: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+def transient_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the bytes allocated and not yet freed while ``fn()`` runs (CPU), from the profiler's events.
+
+    Memory held before the call (weights, optimiser state) is not counted: this is the step's own
+    high-water mark, the quantity the order of teacher and student changes. On CUDA use
+    ``torch.cuda.max_memory_allocated`` instead (:func:`measure_step`).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
 def measure_step(
     config: StepConfig, device: str | torch.device, *, steps: int = 20, warmup: int = 3, flops: bool = True, keep_going: bool = False
 ) -> dict:

@@ -200,21 +200,32 @@ class SASPBlock(_ShapedBlock):
         v = h if value is None else value.combine(h, parts[2])
         return q, k, v, hidden
 
-    def _branches(self, x: Tensor, causal: bool, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _attention_and_hidden(self, x: Tensor, causal: bool, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """β_SA·ShapedMHA(Norm(X)) and the MLP's pre-activation fc1(Norm(X))."""
         h = self.norm(x)
         q, k, v, hidden = self._input_projections(h)
         a = self.attn.attend(q, k, v, causal=causal, key_padding_mask=key_padding_mask, gain=self.gain_attn)
-        return a, self.mlp.from_hidden(hidden)
+        return a, hidden
 
     def forward_branches(
         self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool | None = None, **kw
     ) -> tuple[Tensor, Tensor]:
         """The two terms of the output, ``(β_SA·ShapedMHA(Norm(X)), β_FF·MLP(Norm(X)))``, for analysis."""
         causal, key_padding_mask = resolve_block_masks(self.causal, key_padding_mask, causal, **kw)
-        a, m = self._branches(x, causal, key_padding_mask)
-        return a, self.gain_mlp * m
+        a, hidden = self._attention_and_hidden(x, causal, key_padding_mask)
+        return a, self.gain_mlp * self.mlp.from_hidden(hidden)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool | None = None, **kw) -> Tensor:
         causal, key_padding_mask = resolve_block_masks(self.causal, key_padding_mask, causal, **kw)
-        a, m = self._branches(x, causal, key_padding_mask)
-        return torch.addcmul(a, self.gain_mlp, m)
+        return self._add_mlp_output(*self._attention_and_hidden(x, causal, key_padding_mask))
+
+    def _add_mlp_output(self, a: Tensor, hidden: Tensor) -> Tensor:
+        """a + β_FF·fc2(act(hidden)) as one matrix product: β_FF scales fc2's weights (a d×4d product, not a pass
+        over the activations) and the product's epilogue adds ``a``, so neither the MLP output nor its scaled
+        copy is written, and β_FF's gradient is a reduction over weights instead of activations."""
+        fc2, gain = self.mlp.fc2, self.gain_mlp
+        act = self.mlp.act(hidden)
+        out = torch.addmm(a.reshape(-1, a.shape[-1]), act.reshape(-1, act.shape[-1]), (fc2.weight * gain).t())
+        if fc2.bias is not None:
+            out = out.add_(fc2.bias * gain)
+        return out.view(a.shape)
