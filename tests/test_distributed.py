@@ -59,3 +59,26 @@ def test_gathered_loss_and_gradients_equal_single_process(tmp_path, seed, kind, 
         # all_gather's backward sums every rank's gradient into the owner: W × the gradient of the mean
         torch.testing.assert_close(r["grad_image"] / WORLD, image.grad[local])
         torch.testing.assert_close(r["grad_text"] / WORLD, text.grad[local])
+
+
+@pytest.mark.slow
+def test_two_process_training_of_a_siclip_student(tmp_path):
+    """The DDP path of the training loop end to end (torchrun, gloo): a SiCLIP student with WIKD, fused
+    frozen towers and activation checkpointing trains on two ranks and saves a loadable model."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from siclip.models import create_model, load_checkpoint, save_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    teacher = save_checkpoint(create_model("mobileclip_tiny"), tmp_path / "teacher.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "experiments" / "train.py"), "--model", "siclip_tiny", "--teacher", str(teacher), "--wikd",
+           "--fuse-frozen-towers", "--grad-checkpointing", "--num-train", "64", "--batch-size", "16", "--epochs", "1",
+           "--out", str(tmp_path / "student")]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("2 steps") == 2  # each rank ran 64 / (2 × 16) steps
+    student = load_checkpoint(tmp_path / "student" / "model.pt")
+    assert student.fused_towers == ["visual"]
