@@ -132,7 +132,9 @@ def main() -> int:
 
 
 def finish(rows: list[dict], args) -> int:
-    plot_step_scaling(rows, args.out / "train_step.png", budget_gib=BUDGET_GIB, target_gib=TARGET_GIB)
+    first = rows[0]
+    title = f"siclip_s0 training step, bf16, {first.get('device_name', first['device'])}, torch {first.get('torch', '')}"
+    plot_step_scaling(rows, args.out / "train_step.png", budget_gib=BUDGET_GIB, target_gib=TARGET_GIB, title=title)
     report = render_report(rows, args.batch)
     (args.out / "train_step.md").write_text(report + "\n")
     print(report)

@@ -228,7 +228,9 @@ def matmul_rate(device: str | torch.device, *, size: int = 8192, dtype: torch.dt
     return 2 * size**3 / (statistics.median(times) / 1e3) / 1e12
 
 
-def plot_step_scaling(rows: list[dict], path: str | Path, *, budget_gib: float = 24.0, target_gib: float = 20.0) -> Path:
+def plot_step_scaling(
+    rows: list[dict], path: str | Path, *, budget_gib: float = 24.0, target_gib: float = 20.0, title: str | None = None
+) -> Path:
     """Peak memory and images/s against batch size, one line per variant (and checkpointing setting)."""
     import matplotlib
 
@@ -252,6 +254,8 @@ def plot_step_scaling(rows: list[dict], path: str | Path, *, budget_gib: float =
     ax_rate.set(xlabel="batch size", ylabel="images / s", title="Throughput")
     for ax in (ax_mem, ax_rate):
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
     handles, labels = ax_mem.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
