@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 from .clip import CLIP, ModelConfig
-from .reparam import reparameterize_model
-from .siclip import to_siclip
+from .siclip import fuse_towers, to_siclip
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _REGISTRY: dict[str, ModelConfig] = {}
@@ -93,9 +92,6 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> CLIP:
     if not isinstance(payload, dict) or payload.get("format") != "siclip-model-1":
         raise ValueError(f"{path} is not a siclip model checkpoint (for Apple's MobileCLIP-S0 use load_mobileclip_s0)")
     model = create_model(ModelConfig.from_dict(payload["config"]))
-    for name in payload.get("fused_towers", []):  # rebuild the fused layout, then load its weights
-        reparameterize_model(getattr(model, name).eval(), inplace=True)
-        getattr(model, name).requires_grad_(False)
-    model.fused_towers = list(payload.get("fused_towers", []))
+    fuse_towers(model, payload.get("fused_towers", []))  # rebuild the fused layout, then load its weights
     model.load_state_dict(payload["state_dict"])
     return model

@@ -127,19 +127,23 @@ def fuse_frozen_towers(model: CLIP) -> list[str]:
     stays frozen; its state-dict keys take the fused layout, and :func:`~siclip.models.save_checkpoint`
     records which towers are fused so that :func:`~siclip.models.load_checkpoint` rebuilds them so.
     """
-    from .reparam import reparameterize_model
     from .stages import has_trainable
 
-    fused = []
-    for name in ("visual", "text"):
+    frozen = [name for name in ("visual", "text") if not has_trainable(getattr(model, name))]
+    fuse_towers(model, frozen)
+    return frozen
+
+
+def fuse_towers(model: CLIP, names: list[str]) -> None:
+    """Reparameterise the named towers (``visual``, ``text``) in place, freeze them and record them in
+    ``model.fused_towers``."""
+    from .reparam import reparameterize_model
+
+    for name in names:
         tower = getattr(model, name)
-        if not has_trainable(tower):
-            tower.eval()
-            reparameterize_model(tower, inplace=True)
-            tower.requires_grad_(False)
-            fused.append(name)
-    model.fused_towers = sorted(set(getattr(model, "fused_towers", [])) | set(fused))
-    return fused
+        reparameterize_model(tower.eval(), inplace=True)
+        tower.requires_grad_(False)
+    model.fused_towers = sorted(set(getattr(model, "fused_towers", [])) | set(names))
 
 
 def frozen_modules(model: nn.Module) -> list[str]:
