@@ -35,6 +35,7 @@ def _worker(rank, init_file, out_dir, seed, kind, local_loss):
         loss = _make_loss(kind, local_loss)(v, t)
         loss.backward()
         torch.save({"loss": loss.detach(), "grad_image": v.grad, "grad_text": t.grad}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it (that aborts the peer)
     finally:
         dist.destroy_process_group()
 

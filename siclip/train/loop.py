@@ -114,7 +114,8 @@ def train(config: TrainConfig, *, resume: bool = False, max_steps: int | None = 
             "the loss; use a smaller batch, or several GPUs (features are gathered across ranks)"
         )
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if distributed and not dist.is_initialized():
+    owns_group = distributed and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = _device(config)
@@ -192,4 +193,7 @@ def train(config: TrainConfig, *, resume: bool = False, max_steps: int | None = 
             eval_world = EmbeddedConfig(seed=config.data.seed, zero_shot_per_class=config.eval_zero_shot_per_class)
             summary["eval"] = evaluate_embedded(student, tokenizer, eval_world, retrieval_images=config.eval_retrieval_images)
     logger.summary(summary)
+    if owns_group:  # every rank reaches this point before the group (and its connections) goes
+        dist.barrier()
+        dist.destroy_process_group()
     return summary
