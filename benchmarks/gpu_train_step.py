@@ -123,7 +123,7 @@ def main() -> int:
         for checkpointing, batches in ((False, args.trainable_ladder), (True, args.trainable_ladder_ckpt)):
             for b in tqdm(batches, desc=f"all trainable, checkpointing={checkpointing}"):
                 row = run(StepConfig("all_trainable", b, checkpointing=checkpointing, **models), args.ladder_steps, flops=False)
-                if row["oom"] or "error" in row or not row["peak_gib"] <= BUDGET_GIB:
+                if not fits_budget(row):
                     break
     if "profile" not in args.skip:
         profile = profile_step(StepConfig("siclip_cached", B, **fused), args.device, args.out / "profile.txt")
@@ -141,11 +141,16 @@ def finish(rows: list[dict], args) -> int:
     return 0
 
 
+def fits_budget(row: dict) -> bool:
+    """Whether a measured step ran and peaked within the 24 GiB budget (a NaN peak, from a CPU, does not fit)."""
+    return not row["oom"] and "error" not in row and row["peak_gib"] <= BUDGET_GIB
+
+
 def largest_fitting(rows: list[dict], checkpointing: bool) -> tuple[int | None, int | None]:
     """(largest measured batch of the all-trainable step within the budget, smallest measured over it)."""
     runs = [r for r in rows if r["variant"] == "all_trainable" and r["checkpointing"] == checkpointing and "error" not in r]
-    fits = [r["batch"] for r in runs if not r["oom"] and r["peak_gib"] <= BUDGET_GIB]
-    over = [r["batch"] for r in runs if r["oom"] or r["peak_gib"] > BUDGET_GIB]
+    fits = [r["batch"] for r in runs if fits_budget(r)]
+    over = [r["batch"] for r in runs if not fits_budget(r)]
     return (max(fits) if fits else None), (min(over) if over else None)
 
 

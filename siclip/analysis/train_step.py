@@ -30,6 +30,7 @@ from siclip.distill import CachedTeacher, FrozenTeacher, ObjectiveConfig, SiCLIP
 from siclip.losses import ClipLoss
 from siclip.models import CLIP, build_siclip, create_model, fuse_frozen_towers
 from siclip.models.fastvit import PatchEmbed
+from siclip.models.stages import train_only
 from siclip.train.step import backward_and_step, channels_last_on, create_optimizer, forward_terms, to_device
 from siclip.train.task import TrainingTask
 
@@ -76,16 +77,11 @@ def last_stage_prefixes(model: CLIP) -> tuple[str, ...]:
     return (*stage, "visual.conv_exp.", "visual.head.")
 
 
-def _freeze_except(model: nn.Module, prefixes: tuple[str, ...]) -> None:
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(prefixes))
-
-
 def build_step_task(config: StepConfig) -> nn.Module:
     """The task module of ``config.variant`` on the CPU (random weights: speed and memory do not depend on them)."""
     teacher = create_model(config.teacher)
     if config.variant == "image_last_stage":
-        _freeze_except(teacher, last_stage_prefixes(teacher))
+        train_only(teacher, last_stage_prefixes(teacher))
         task: nn.Module = ImageEncoderTask(teacher)
         model = teacher
     else:

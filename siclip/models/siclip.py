@@ -23,6 +23,7 @@ from torch import nn
 from siclip.blocks import SASPConversion, apply_sharing, convert_to_sasp, count_parameters, plan_sharing
 
 from .clip import CLIP, SiCLIPConfig
+from .stages import has_trainable, train_only
 
 FREEZE_POLICIES = ("none", "inherited")
 
@@ -93,8 +94,7 @@ def to_siclip(
     )
     sharing = apply_sharing(blocks, plan, scope=config.sharing_scope, merge=config.merge)
     if freeze and config.freeze == "inherited":
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("text.transformer."))
+        train_only(model, ("text.transformer.",))
     report = InheritanceReport(sharing=str(sharing))
     for name, p in model.named_parameters():
         status = "new" if (name in new or not inherited) else "inherited"
@@ -127,8 +127,6 @@ def fuse_frozen_towers(model: CLIP) -> list[str]:
     stays frozen; its state-dict keys take the fused layout, and :func:`~siclip.models.save_checkpoint`
     records which towers are fused so that :func:`~siclip.models.load_checkpoint` rebuilds them so.
     """
-    from .stages import has_trainable
-
     frozen = [name for name in ("visual", "text") if not has_trainable(getattr(model, name))]
     fuse_towers(model, frozen)
     return frozen

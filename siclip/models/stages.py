@@ -25,6 +25,12 @@ def has_trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
+def train_only(model: nn.Module, prefixes: tuple[str, ...]) -> None:
+    """Make trainable exactly the parameters whose names start with one of ``prefixes``; freeze the rest."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+
+
 def run_stages(stages: Iterable[nn.Module], x: Tensor, *, checkpointing: bool = False) -> Tensor:
     """``x`` through ``stages`` in order, with the frozen prefix untracked and later stages optionally checkpointed.
 
