@@ -1,5 +1,7 @@
 """Two CPU processes with the gloo backend: gathered losses and gradients equal the single-process ones."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -35,9 +37,14 @@ def _worker(rank, init_file, out_dir, seed, kind, local_loss):
         loss = _make_loss(kind, local_loss)(v, t)
         loss.backward()
         torch.save({"loss": loss.detach(), "grad_image": v.grad, "grad_text": t.grad}, f"{out_dir}/rank{rank}.pt")
-        dist.barrier()  # no rank tears gloo down while its peer still talks to it (that aborts the peer)
-    finally:
+        dist.barrier()
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # The results are on disk. Leave without running gloo's C++ teardown: about one full-suite run in four it
+    # aborted a rank at exit ("terminate called without an active exception") after the work was done,
+    # barrier or not, and the test failed on the exit code, not on any result.
+    os._exit(0)
 
 
 @pytest.mark.slow
