@@ -5,6 +5,10 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Without CUDA the Triton kernels run under Triton's interpreter, which must be on before they are decorated
+# (siclip.blocks.shaped_kernels is imported lazily, after this file).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

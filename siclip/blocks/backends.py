@@ -1,8 +1,10 @@
-"""Attention kernel backends: PyTorch SDPA everywhere, xformers as an optional CUDA-only extra.
+"""Attention kernel backends: PyTorch SDPA everywhere, xformers as an optional CUDA-only extra, and
+Triton kernels for shaped attention's α/β/γ combination (:mod:`siclip.blocks.shaped_kernels`).
 
 The xformers wheel on PyPI is built against the CUDA 12 runtime; beside a CUDA 13 build of torch it
 imports but its kernels fail at the first call. :func:`xformers_status` therefore runs one tiny kernel
 before xformers is ever used, and every caller falls back to SDPA with the reason in a warning.
+``"auto"`` picks ``"triton"`` for CUDA tensors when Triton imports, and SDPA with PyTorch ops elsewhere.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
-BACKENDS = ("auto", "sdpa", "xformers", "math")
+BACKENDS = ("auto", "sdpa", "xformers", "math", "triton")
 
 
 @functools.cache
@@ -37,17 +39,56 @@ def xformers_status(device_index: int = 0) -> tuple[bool, str]:
     return True, ""
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it instead of tracing a cached import
+def triton_status() -> tuple[bool, str]:
+    """``(importable, reason)`` for the Triton shaped-attention kernels (importing them compiles nothing)."""
+    return _triton_status()
+
+
 @functools.cache
-def _warn_fallback(reason: str) -> None:
-    warnings.warn(f"{reason}; falling back to torch scaled_dot_product_attention", RuntimeWarning, stacklevel=3)
+def _triton_status() -> tuple[bool, str]:
+    try:
+        from . import shaped_kernels  # noqa: F401
+    except Exception as err:  # ImportError, or a Triton that fails at import
+        return False, f"triton is not importable ({type(err).__name__}: {err}); install the 'triton' extra"
+    return True, ""
+
+
+def triton_runs_on(x: Tensor) -> tuple[bool, str]:
+    """``(usable, reason)`` for the Triton kernels on ``x``'s device: CUDA, or the CPU under Triton's interpreter."""
+    usable, reason = triton_status()
+    if not usable:
+        return False, reason
+    from .shaped_kernels import INTERPRETED
+
+    if x.device.type == "cuda" or (x.device.type == "cpu" and INTERPRETED):
+        return True, ""
+    return False, (
+        f"the triton kernels run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, set before "
+        f"siclip.blocks.shaped_kernels is imported), got a {x.device.type} tensor"
+    )
+
+
+@functools.cache
+def _warn_fallback(reason: str, instead: str = "torch scaled_dot_product_attention") -> None:
+    warnings.warn(f"{reason}; falling back to {instead}", RuntimeWarning, stacklevel=3)
 
 
 def resolve_backend(backend: str, x: Tensor, has_padding: bool) -> str:
-    """The backend that will really run for input ``x``: one of ``"sdpa"``, ``"xformers"``, ``"math"``."""
+    """The backend that will really run for input ``x``: ``"sdpa"``, ``"xformers"``, ``"math"`` or ``"triton"``.
+
+    ``"triton"`` names the Triton combination kernels of shaped attention; its softmax term runs on SDPA.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        return "sdpa"
+        return "triton" if x.device.type == "cuda" and triton_status()[0] else "sdpa"
+    if backend == "triton":
+        usable, reason = triton_runs_on(x)
+        if not usable:
+            _warn_fallback(reason, "PyTorch ops for the α/β/γ combination (softmax on SDPA)")
+            return "sdpa"
+        return backend
     if backend != "xformers":
         return backend
     if x.device.type != "cuda":

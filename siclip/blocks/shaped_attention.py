@@ -9,7 +9,9 @@ uniform over the non-padded keys, causal rows uniform over the visible keys (C_i
 α, β, γ act after the softmax, so the rows of A_h sum to α + β − γ, not to one.
 
 The fast path never forms a T×T matrix for I or C: I·V = V, and C·V is the (cumulative, when causal)
-mean of V over the visible keys, so only the softmax term goes through a fused attention kernel.
+mean of V over the visible keys, so only the softmax term goes through a fused attention kernel. The
+combination α·V + β·S − γ·C·V (S the softmax term) runs either as PyTorch ops or, with the ``"triton"``
+backend, as one Triton kernel forward and one backward (:mod:`siclip.blocks.shaped_kernels`).
 """
 
 from __future__ import annotations
@@ -91,8 +93,11 @@ def shaped_attention(
         causal: hide keys after each query.
         key_padding_mask: bool ``(batch, tokens)``, True for tokens to ignore.
         scale: logit scale, default ``1/√head_dim``.
-        backend: ``"auto"``/``"sdpa"`` (PyTorch ``scaled_dot_product_attention``), ``"xformers"``
-            (CUDA only, falls back to SDPA with a warning) or ``"math"`` (explicit softmax).
+        backend: ``"sdpa"`` (PyTorch ``scaled_dot_product_attention``), ``"xformers"`` (CUDA only,
+            falls back to SDPA with a warning), ``"math"`` (explicit softmax), ``"triton"`` (SDPA for the
+            softmax, Triton kernels for the combination; CUDA, or CPU under ``TRITON_INTERPRET=1``; falls
+            back to PyTorch ops with a warning) or ``"auto"`` (``"triton"`` on CUDA when Triton imports,
+            else ``"sdpa"``).
 
     Returns:
         ``(batch, heads, tokens, head_dim)``.
@@ -103,10 +108,17 @@ def shaped_attention(
     alpha, beta, gamma = (_head_gain(n, g, heads, v) for n, g in (("alpha", alpha), ("beta", beta), ("gamma", gamma)))
 
     backend = resolve_backend(backend, q, key_padding_mask is not None)
+    softmax_backend = "sdpa" if backend == "triton" else backend
     attn_mask, is_causal = sdpa_mask(key_padding_mask, causal, tokens)
-    if attn_mask is not None and backend == "sdpa" and attn_mask.device != q.device:
+    if attn_mask is not None and softmax_backend == "sdpa" and attn_mask.device != q.device:
         attn_mask = attn_mask.to(q.device)
-    soft = softmax_attention(q, k, v, causal=is_causal, attn_mask=attn_mask, scale=scale, backend=backend)
+    soft = softmax_attention(q, k, v, causal=is_causal, attn_mask=attn_mask, scale=scale, backend=softmax_backend)
+    if backend == "triton":
+        from .shaped_kernels import shaped_combine
+
+        weight = None if key_padding_mask is None else (~key_padding_mask).to(v.dtype)
+        gains = (g.reshape(heads).contiguous() for g in (alpha, beta, gamma))
+        return shaped_combine(v, soft, *gains, weight, causal)
     centre = centred_values(v, causal=causal, key_padding_mask=key_padding_mask)
     # Two fused multiply-adds over the full tensor; γ·C·V is (batch, heads, 1, d) when bidirectional.
     return torch.addcmul(torch.addcmul(-gamma * centre, alpha, v), beta, soft)
