@@ -19,8 +19,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from siclip.blocks import PreLNBlock, SASPBlock, count_parameters, shaped_attention
+from siclip.blocks.backends import triton_runs_on
 
 BLOCKS: dict[str, Callable[..., nn.Module]] = {"pre_ln": PreLNBlock, "sasp": SASPBlock}
+# What the block tables time: a name for each (block kind, shaped-attention backend). "sasp" combines α/β/γ
+# with PyTorch ops, "sasp_triton" with the Triton kernels (CUDA, or the CPU under Triton's interpreter).
+VARIANTS: dict[str, tuple[str, str | None]] = {
+    "pre_ln": ("pre_ln", None),
+    "sasp": ("sasp", "sdpa"),
+    "sasp_triton": ("sasp", "triton"),
+}
 
 
 @dataclass(frozen=True)
@@ -34,12 +42,21 @@ class BlockShape:
         return f"d{self.dim} h{self.heads} t{self.tokens} b{self.batch}"
 
 
-def make_block(kind: str, dim: int, heads: int) -> nn.Module:
-    """A block of ``kind`` with the MLP both kinds share (GELU, biases), so only the design differs."""
+def make_block(kind: str, dim: int, heads: int, *, backend: str | None = None) -> nn.Module:
+    """A block of ``kind`` with the MLP both kinds share (GELU, biases), so only the design differs.
+    ``backend`` picks SAS-P's shaped-attention backend (default ``"auto"``)."""
     if kind not in BLOCKS:
         raise ValueError(f"unknown block kind {kind!r}; choose one of {sorted(BLOCKS)}")
     extra = {"mlp_bias": True} if kind == "sasp" else {}
+    if backend is not None:
+        extra["backend"] = backend
     return BLOCKS[kind](dim, heads, act="gelu", **extra)
+
+
+def available_variants(device: str | torch.device) -> list[str]:
+    """The :data:`VARIANTS` that run on ``device``: the Triton one only where its kernels do."""
+    probe = torch.empty(0, device=device)
+    return [name for name, (_, backend) in VARIANTS.items() if backend != "triton" or triton_runs_on(probe)[0]]
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -116,9 +133,18 @@ def compare_blocks(
     steps: int = 20,
     warmup: int = 5,
     progress: bool = True,
+    variants: Iterable[str] | None = None,
 ) -> list[dict]:
-    """Pre-LN and SAS-P forward + backward on each shape, run the same way; one row per shape."""
+    """Pre-LN and SAS-P forward + backward on each shape, run the same way; one row per shape.
+
+    ``variants`` (default: :func:`available_variants`) name entries of :data:`VARIANTS`; each SAS-P
+    variant gets a ``speedup`` column, Pre-LN time / its time (``speedup`` for ``sasp``, ``speedup_triton``
+    for ``sasp_triton``).
+    """
     device = torch.device(device)
+    variants = available_variants(device) if variants is None else list(variants)
+    if variants[0] != "pre_ln" or any(v not in VARIANTS for v in variants):
+        raise ValueError(f"variants must start with 'pre_ln' and name entries of {sorted(VARIANTS)}, got {variants}")
     rows = []
     shapes = list(shapes)
     for shape in tqdm(shapes, desc=f"blocks ({device.type}, {'compiled' if compile else 'eager'})", disable=not progress):
@@ -126,15 +152,19 @@ def compare_blocks(
             torch._dynamo.reset()  # a fresh cache per shape: no recompile limits, no stale guards
         x = torch.randn(shape.batch, shape.tokens, shape.dim, device=device, requires_grad=True)
         row = {**asdict(shape), "mode": "compile" if compile else "eager", "dtype": str(dtype).removeprefix("torch.")}
-        blocks = {kind: make_block(kind, shape.dim, shape.heads).to(device) for kind in BLOCKS}
-        runs = {kind: torch.compile(b) if compile else b for kind, b in blocks.items()}
-        steps_by_kind = {kind: forward_backward_step(run, x, dtype) for kind, run in runs.items()}
+        blocks = {}
+        for name in variants:
+            kind, backend = VARIANTS[name]
+            blocks[name] = make_block(kind, shape.dim, shape.heads, backend=backend).to(device)
+        runs = {name: torch.compile(b) if compile else b for name, b in blocks.items()}
+        steps_by_kind = {name: forward_backward_step(run, x, dtype) for name, run in runs.items()}
         results = time_interleaved(steps_by_kind, device, rounds=steps, warmup=warmup)
-        for kind, result in results.items():
-            row |= {f"{kind}_ms": result["ms"], f"{kind}_gib": result["peak_gib"], f"{kind}_params": count_parameters(blocks[kind])}
+        for name, result in results.items():
+            row |= {f"{name}_ms": result["ms"], f"{name}_gib": result["peak_gib"], f"{name}_params": count_parameters(blocks[name])}
         del blocks, runs, steps_by_kind
-        row["speedup"] = row["pre_ln_ms"] / row["sasp_ms"]
-        row["param_saving"] = 1 - row["sasp_params"] / row["pre_ln_params"]
+        for name in variants[1:]:
+            row["speedup" + name.removeprefix("sasp")] = row["pre_ln_ms"] / row[f"{name}_ms"]
+        row["param_saving"] = 1 - row[f"{variants[1]}_params"] / row["pre_ln_params"]
         rows.append(row)
     return rows
 
@@ -154,15 +184,18 @@ def compare_attention(
     """Shaped attention against plain SDPA and an explicit softmax(QKᵀ)V, forward + backward.
 
     ``batch = batch_tokens // tokens``, so every row moves the same number of tokens and a
-    memory linear in tokens shows as a flat ``peak_gib`` column.
+    memory linear in tokens shows as a flat ``peak_gib`` column. ``shaped`` combines α/β/γ with PyTorch
+    ops; ``shaped_triton`` (where the kernels run) with the Triton kernels.
     """
     device = torch.device(device)
     gains = [torch.ones(heads, device=device, requires_grad=True) for _ in range(3)]  # trainable, as in a block
     variants: dict[str, Callable] = {
         "sdpa": lambda q, k, v: nn.functional.scaled_dot_product_attention(q, k, v),
-        "shaped": lambda q, k, v: shaped_attention(q, k, v, *gains),
+        "shaped": lambda q, k, v: shaped_attention(q, k, v, *gains, backend="sdpa"),
         "explicit": lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * head_dim**-0.5, -1) @ v,
     }
+    if "sasp_triton" in available_variants(device):
+        variants["shaped_triton"] = lambda q, k, v: shaped_attention(q, k, v, *gains, backend="triton")
     rows = []
     for tokens in tqdm(list(token_counts), desc=f"attention ({device.type})", disable=not progress):
         batch = max(1, batch_tokens // tokens)
@@ -180,7 +213,9 @@ def compare_attention(
         )
         for name, result in results.items():
             row |= {f"{name}_ms": result["ms"], f"{name}_gib": result["peak_gib"]}
-        row["shaped_vs_sdpa"] = row["shaped_ms"] / row["sdpa_ms"]
+        for name in variants:
+            if name.startswith("shaped"):
+                row[f"{name}_vs_sdpa"] = row[f"{name}_ms"] / row["sdpa_ms"]
         rows.append(row)
     return rows
 
