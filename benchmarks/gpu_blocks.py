@@ -87,7 +87,8 @@ def main() -> int:
     shapes, dtype, batch_tokens = SHAPES, torch.bfloat16, 8192
     if args.smoke:
         shapes, dtype, batch_tokens, args.steps, args.warmup = SMOKE_SHAPES, torch.float32, 64, 2, 1
-        args.attention_tokens = [t for t in args.attention_tokens if t <= 64] or [16]
+        if args.attention_tokens:
+            args.attention_tokens = [t for t in args.attention_tokens if t <= 64] or [16]
     if args.no_attention:
         args.attention_tokens = []
     variants = args.variants or available_variants(args.device)

@@ -66,6 +66,8 @@ def main() -> int:
     parser.add_argument("--ladder-steps", type=int, default=8, help="timed steps per ladder point")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--ladder", type=int, nargs="*", default=[256, 512, 1024, 1536, 2048])
+    parser.add_argument("--main-variants", nargs="*", default=["siclip", "siclip_cached", "image_last_stage"],
+                        help="variants measured at --batch (each plain, fused and, but the baseline, checkpointed)")
     parser.add_argument("--ladder-variants", nargs="*", default=["siclip", "siclip_cached", "image_last_stage"])
     parser.add_argument("--trainable-ladder", type=int, nargs="*", default=[64, 128, 192, 256, 384])
     parser.add_argument("--trainable-ladder-ckpt", type=int, nargs="*", default=[128, 256, 384, 512, 768, 1024])
@@ -112,6 +114,7 @@ def main() -> int:
         StepConfig("siclip_cached", B, **models), StepConfig("siclip_cached", B, **fused),
         StepConfig("siclip_cached", B, checkpointing=True, **fused), StepConfig("image_last_stage", B, **models),
     ]  # fmt: skip
+    main_configs = [c for c in main_configs if c.variant in args.main_variants]
     if "main" not in args.skip:
         for config in tqdm(main_configs, desc=f"step @ {B}"):
             run(config, args.steps, flops=True)

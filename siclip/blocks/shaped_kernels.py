@@ -197,8 +197,13 @@ def _empty_like_heads(like: Tensor, dtype: torch.dtype) -> Tensor:
     return rearrange(storage, "b t h d -> b h t d")
 
 
-def _block_d(head_dim: int) -> int:
-    return min(64, triton.next_power_of_2(head_dim))
+def _block_d(head_dim: int, rows: int) -> int:
+    """Columns per program: up to 64, fewer when there are few (batch, head) rows (long sequences at a small
+    batch), so that a GPU still gets about a thousand programs."""
+    block = min(64, triton.next_power_of_2(head_dim))
+    while block > 16 and rows * triton.cdiv(head_dim, block) < 1024:
+        block //= 2
+    return block
 
 
 def _acc_dtype(v: Tensor) -> torch.dtype:
@@ -236,7 +241,7 @@ def shaped_combine(
     batch, heads, tokens, head_dim = v.shape
     y = _empty_like_heads(v, torch.promote_types(v.dtype, s.dtype))
     w, sw_b, sw_t = _weight_args(weight, v)
-    block_d = _block_d(head_dim)
+    block_d = _block_d(head_dim, batch * heads)
     grid = (batch * heads, triton.cdiv(head_dim, block_d))
     _combine_fwd_kernel[grid](
         v, s, y, w, alpha, beta, gamma, tokens, heads, head_dim,
@@ -261,7 +266,7 @@ def shaped_combine_backward(
     batch, heads, tokens, head_dim = v.shape
     dv, ds = _empty_like_heads(v, v.dtype), _empty_like_heads(s, s.dtype)
     w, sw_b, sw_t = _weight_args(weight, v)
-    block_d = _block_d(head_dim)
+    block_d = _block_d(head_dim, batch * heads)
     grid = (batch * heads, triton.cdiv(head_dim, block_d))
     partial = torch.empty(batch, heads, grid[1], 3, dtype=_acc_dtype(v), device=v.device)
     _combine_bwd_kernel[grid](
