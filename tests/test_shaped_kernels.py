@@ -53,6 +53,22 @@ def test_triton_matches_float64_reference(seed, causal, padded, tokens, head_dim
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("width", [32, 64])
+def test_wider_column_blocks(seed, monkeypatch, width):
+    """A GPU gets up to 64 columns per program; at test sizes the kernels would take 16, so force the width."""
+    monkeypatch.setattr(shaped_kernels, "_block_d", lambda head_dim, rows: width)
+    q, k, v, gains = _inputs(tokens=37, head_dim=40)
+    mask = padding_mask(2, 37)
+    for causal in (False, True):
+        fast = shaped_attention(q, k, v, *gains, causal=causal, key_padding_mask=mask, backend="triton")
+        ref = shaped_attention_reference(q, k, v, *gains, causal=causal, key_padding_mask=mask)
+        upstream = torch.randn_like(ref)
+        inputs = (v, *gains)
+        torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+        for got, want in zip(torch.autograd.grad(fast, inputs, upstream), torch.autograd.grad(ref, inputs, upstream)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_strided_views_mixed_dtypes_and_merged_heads(seed, causal):
     """V as a column slice of a fused projection, a bf16 softmax term next to float32 V (SAS-P under autocast),
