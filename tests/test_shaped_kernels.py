@@ -80,7 +80,7 @@ def test_strided_views_mixed_dtypes_and_merged_heads(seed, causal):
     gains = [torch.rand(heads, requires_grad=True) for _ in range(3)]
     mask = padding_mask(batch, tokens)
     weight = (~mask).float()
-    out = shaped_kernels.shaped_combine(v, s, *gains, weight, causal)
+    out = shaped_kernels.shaped_combine(v, s, *gains, weight, causal, torch.float32)
     assert out.dtype == torch.float32
     assert rearrange(out, "b h t d -> b t (h d)").data_ptr() == out.data_ptr()
     assert rearrange(out, "b h t d -> b t (h d)").is_contiguous()
@@ -95,6 +95,22 @@ def test_strided_views_mixed_dtypes_and_merged_heads(seed, causal):
     for got, want in zip(torch.autograd.grad(out, inputs, upstream), torch.autograd.grad(ref, inputs, upstream)):
         tol = 2**-7 if got.dtype == torch.bfloat16 else 1e-4  # dS is stored in S's dtype: one bf16 rounding
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_autocast_output_takes_the_autocast_dtype(seed):
+    """Under autocast the kernel writes bf16 directly: the PyTorch path's output, rounded once."""
+    q, k, v, gains = (t.float() if isinstance(t, torch.Tensor) else [g.float() for g in t] for t in _inputs(tokens=21))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = shaped_attention(q, k, v, *gains, causal=True, backend="triton")
+        plain = shaped_attention(q, k, v, *gains, causal=True, backend="sdpa")
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), plain.float(), rtol=2**-7, atol=1e-5)
+    upstream = torch.randn_like(plain)
+    inputs = (q, k, v, *gains)
+    got = torch.autograd.grad(fast, inputs, upstream.bfloat16())
+    want = torch.autograd.grad(plain, inputs, upstream.to(plain.dtype))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0.02, atol=0.02 * w.abs().max().item())
 
 
 def test_gain_gradients_are_deterministic(seed):
@@ -132,8 +148,8 @@ def test_custom_ops_pass_opcheck(seed):
     s = torch.randn_like(v, requires_grad=True)
     weight = (~padding_mask(2, 11)).double()
     for causal in (False, True):
-        torch.library.opcheck(shaped_kernels.shaped_combine, (v, s, *gains, weight, causal))
-        torch.library.opcheck(shaped_kernels.shaped_combine, (v, s, *gains, None, causal))
+        torch.library.opcheck(shaped_kernels.shaped_combine, (v, s, *gains, weight, causal, torch.float64))
+        torch.library.opcheck(shaped_kernels.shaped_combine, (v, s, *gains, None, causal, torch.float32))
         # The backward op has no backward of its own (no double backward): its inputs need no gradient.
         plain = [t.detach() for t in (torch.randn_like(v), v, s, *gains)]
         torch.library.opcheck(shaped_kernels.shaped_combine_backward, (*plain, weight, causal))
@@ -160,7 +176,7 @@ def test_auto_picks_pytorch_ops_on_cpu_and_triton_falls_back_with_a_warning(seed
     assert resolve_backend("auto", q, False) == "sdpa"
     monkeypatch.setattr(shaped_kernels, "INTERPRETED", False)  # as if the kernels had been compiled for a GPU
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        shaped_kernels.shaped_combine(v, v, *gains, None, False)
+        shaped_kernels.shaped_combine(v, v, *gains, None, False, v.dtype)
     with pytest.warns(RuntimeWarning, match="PyTorch ops for the α/β/γ combination"):
         out = shaped_attention(q, k, v, *gains, backend="triton")
     torch.testing.assert_close(out, shaped_attention(q, k, v, *gains, backend="sdpa"))

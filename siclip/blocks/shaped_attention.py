@@ -118,7 +118,13 @@ def shaped_attention(
 
         weight = None if key_padding_mask is None else (~key_padding_mask).to(v.dtype)
         gains = (g.reshape(heads).contiguous() for g in (alpha, beta, gamma))
-        return shaped_combine(v, soft, *gains, weight, causal)
+        # Under autocast the kernel writes the autocast dtype, as SDPA does: the next product would cast a
+        # wider output to it anyway (the same single rounding), at the cost of a pass.
+        device = v.device.type
+        out_dtype = torch.promote_types(v.dtype, soft.dtype)
+        if torch.is_autocast_enabled(device) and out_dtype.is_floating_point:
+            out_dtype = torch.get_autocast_dtype(device)
+        return shaped_combine(v, soft, *gains, weight, causal, out_dtype)
     centre = centred_values(v, causal=causal, key_padding_mask=key_padding_mask)
     # Two fused multiply-adds over the full tensor; γ·C·V is (batch, heads, 1, d) when bidirectional.
     return torch.addcmul(torch.addcmul(-gamma * centre, alpha, v), beta, soft)

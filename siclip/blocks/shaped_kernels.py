@@ -230,16 +230,23 @@ def _weight_args(weight: Tensor | None, like: Tensor) -> tuple[Tensor, int, int]
 
 @torch.library.custom_op("siclip::shaped_combine", mutates_args=())
 def shaped_combine(
-    v: Tensor, s: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, weight: Tensor | None, causal: bool
+    v: Tensor,
+    s: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    gamma: Tensor,
+    weight: Tensor | None,
+    causal: bool,
+    out_dtype: torch.dtype,
 ) -> Tensor:
     """Y = α·V + β·S − γ·C·V on ``(batch, heads, tokens, head_dim)`` V and S, in one kernel.
 
     ``alpha``, ``beta``, ``gamma``: ``(heads,)``; ``weight``: ``(batch, tokens)``, 1 for visible keys and 0
-    for padded ones, or None. The output has the dtype of ``V + S``.
+    for padded ones, or None. Y is rounded once, from the float32 accumulator to ``out_dtype``.
     """
     _check_device(v)
     batch, heads, tokens, head_dim = v.shape
-    y = _empty_like_heads(v, torch.promote_types(v.dtype, s.dtype))
+    y = _empty_like_heads(v, out_dtype)
     w, sw_b, sw_t = _weight_args(weight, v)
     block_d = _block_d(head_dim, batch * heads)
     grid = (batch * heads, triton.cdiv(head_dim, block_d))
@@ -252,8 +259,8 @@ def shaped_combine(
 
 
 @shaped_combine.register_fake
-def _(v, s, alpha, beta, gamma, weight, causal):
-    return _empty_like_heads(v, torch.promote_types(v.dtype, s.dtype))
+def _(v, s, alpha, beta, gamma, weight, causal, out_dtype):
+    return _empty_like_heads(v, out_dtype)
 
 
 @torch.library.custom_op("siclip::shaped_combine_backward", mutates_args=())
@@ -287,7 +294,7 @@ def _(dy, v, s, alpha, beta, gamma, weight, causal):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    v, s, alpha, beta, gamma, weight, causal = inputs
+    v, s, alpha, beta, gamma, weight, causal, _ = inputs
     ctx.save_for_backward(v, s, alpha, beta, gamma, weight)
     ctx.causal = causal
 
@@ -295,7 +302,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dy):
     v, s, alpha, beta, gamma, weight = ctx.saved_tensors
     dv, ds, dalpha, dbeta, dgamma = shaped_combine_backward(dy, v, s, alpha, beta, gamma, weight, ctx.causal)
-    return dv, ds, dalpha, dbeta, dgamma, None, None
+    return dv, ds, dalpha, dbeta, dgamma, None, None, None
 
 
 shaped_combine.register_autograd(_backward, setup_context=_setup_context)
