@@ -42,6 +42,29 @@ _BLOCK_T = 32
 
 
 @triton.jit
+def _program_head(alpha_ptr, beta_ptr, gamma_ptr, heads, head_dim, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """This program's batch index, head index, head_dim columns (and which exist) and the head's gains."""
+    row = tl.program_id(0)
+    b = (row // heads).to(tl.int64)
+    h = (row % heads).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    alpha = tl.load(alpha_ptr + h).to(ACC)
+    beta = tl.load(beta_ptr + h).to(ACC)
+    gamma = tl.load(gamma_ptr + h).to(ACC)
+    return b, h, cols, cols < head_dim, alpha, beta, gamma
+
+
+@triton.jit
+def _key_weights(w_ptr, b, sw_b, sw_t, t, t_ok, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """w_t for the token block ``t``: 1 for visible keys, 0 for padded ones and for rows past the end."""
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + b * sw_b + t * sw_t, mask=t_ok, other=0.0).to(ACC)
+    else:
+        w = t_ok.to(ACC)
+    return w
+
+
+@triton.jit
 def _combine_fwd_kernel(
     v_ptr, s_ptr, y_ptr, w_ptr, alpha_ptr, beta_ptr, gamma_ptr,
     tokens, heads, head_dim,
@@ -51,14 +74,7 @@ def _combine_fwd_kernel(
     sw_b, sw_t,
     CAUSAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
-    b = (row // heads).to(tl.int64)
-    h = (row % heads).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < head_dim
-    alpha = tl.load(alpha_ptr + h).to(ACC)
-    beta = tl.load(beta_ptr + h).to(ACC)
-    gamma = tl.load(gamma_ptr + h).to(ACC)
+    b, h, cols, col_ok, alpha, beta, gamma = _program_head(alpha_ptr, beta_ptr, gamma_ptr, heads, head_dim, BLOCK_D, ACC)
     v_base = v_ptr + b * sv_b + h * sv_h + cols[None, :] * sv_d
     s_base = s_ptr + b * ss_b + h * ss_h + cols[None, :] * ss_d
     y_base = y_ptr + b * sy_b + h * sy_h + cols[None, :] * sy_d
@@ -72,10 +88,7 @@ def _combine_fwd_kernel(
             t_ok = t < tokens
             ok = t_ok[:, None] & col_ok[None, :]
             x = tl.load(v_base + t[:, None] * sv_t, mask=ok, other=0.0).to(ACC)
-            if HAS_WEIGHT:
-                w = tl.load(w_ptr + b * sw_b + t * sw_t, mask=t_ok, other=0.0).to(ACC)
-            else:
-                w = t_ok.to(ACC)
+            w = _key_weights(w_ptr, b, sw_b, sw_t, t, t_ok, HAS_WEIGHT, ACC)
             total += tl.sum(x * w[:, None], axis=0)
             count += tl.sum(w[:, None] + tl.zeros([BLOCK_T, BLOCK_D], dtype=ACC), axis=0)
         centre_all = total / count
@@ -86,10 +99,7 @@ def _combine_fwd_kernel(
         x = tl.load(v_base + t[:, None] * sv_t, mask=ok, other=0.0).to(ACC)
         s = tl.load(s_base + t[:, None] * ss_t, mask=ok, other=0.0).to(ACC)
         if CAUSAL:
-            if HAS_WEIGHT:
-                w = tl.load(w_ptr + b * sw_b + t * sw_t, mask=t_ok, other=0.0).to(ACC)
-            else:
-                w = t_ok.to(ACC)
+            w = _key_weights(w_ptr, b, sw_b, sw_t, t, t_ok, HAS_WEIGHT, ACC)
             wx = x * w[:, None]
             w2 = w[:, None] + tl.zeros([BLOCK_T, BLOCK_D], dtype=ACC)
             run = tl.cumsum(wx, axis=0) + total[None, :]
@@ -116,15 +126,7 @@ def _combine_bwd_kernel(
     sw_b, sw_t,
     CAUSAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
-    col_block = tl.program_id(1)
-    b = (row // heads).to(tl.int64)
-    h = (row % heads).to(tl.int64)
-    cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < head_dim
-    alpha = tl.load(alpha_ptr + h).to(ACC)
-    beta = tl.load(beta_ptr + h).to(ACC)
-    gamma = tl.load(gamma_ptr + h).to(ACC)
+    b, h, cols, col_ok, alpha, beta, gamma = _program_head(alpha_ptr, beta_ptr, gamma_ptr, heads, head_dim, BLOCK_D, ACC)
     dy_base = dy_ptr + b * sg_b + h * sg_h + cols[None, :] * sg_d
     v_base = v_ptr + b * sv_b + h * sv_h + cols[None, :] * sv_d
     s_base = s_ptr + b * ss_b + h * ss_h + cols[None, :] * ss_d
@@ -137,10 +139,7 @@ def _combine_bwd_kernel(
     for t0 in range(0, tokens, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < tokens
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + b * sw_b + t * sw_t, mask=t_ok, other=0.0).to(ACC)
-        else:
-            w = t_ok.to(ACC)
+        w = _key_weights(w_ptr, b, sw_b, sw_t, t, t_ok, HAS_WEIGHT, ACC)
         count += tl.sum(w[:, None] + tl.zeros([BLOCK_T, BLOCK_D], dtype=ACC), axis=0)
         if not CAUSAL:
             ok = t_ok[:, None] & col_ok[None, :]
@@ -158,10 +157,7 @@ def _combine_bwd_kernel(
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < tokens
         ok = t_ok[:, None] & col_ok[None, :]
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + b * sw_b + t * sw_t, mask=t_ok, other=0.0).to(ACC)
-        else:
-            w = t_ok.to(ACC)
+        w = _key_weights(w_ptr, b, sw_b, sw_t, t, t_ok, HAS_WEIGHT, ACC)
         dy = tl.load(dy_base + t[:, None] * sg_t, mask=ok, other=0.0).to(ACC)
         x = tl.load(v_base + t[:, None] * sv_t, mask=ok, other=0.0).to(ACC)
         s = tl.load(s_base + t[:, None] * ss_t, mask=ok, other=0.0).to(ACC)
@@ -183,7 +179,7 @@ def _combine_bwd_kernel(
         acc_alpha += tl.sum(dy * x, axis=0)
         acc_beta += tl.sum(dy * s, axis=0)
         acc_gamma -= tl.sum(tl.where(ok, wr * x, 0.0), axis=0)
-    part = part_ptr + (row.to(tl.int64) * tl.num_programs(1) + col_block) * 3
+    part = part_ptr + (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * 3
     tl.store(part, tl.sum(acc_alpha, axis=0))
     tl.store(part + 1, tl.sum(acc_beta, axis=0))
     tl.store(part + 2, tl.sum(acc_gamma, axis=0))
