@@ -22,17 +22,36 @@ LOGIT_SCALE_MAX = 100.0
 
 @dataclass(frozen=True)
 class SiCLIPConfig:
-    """How a MobileCLIP becomes a SiCLIP student (readings of the paper, see siclip.models.siclip)."""
+    """How a MobileCLIP becomes a SiCLIP student (readings of the paper, see siclip.models.siclip).
 
-    convert: tuple[str, ...] = ("text",)
+    ``convert`` names the towers whose attention blocks become SAS-P blocks (``("text",)`` is the
+    text-only ablation). ``sharing*`` plan the text blocks, ``image_sharing*`` the image blocks; a scope
+    is ``"block"`` (whole blocks) or ``"attention"`` (W_Q, W_K and the shaped gains only).
+    """
+
+    convert: tuple[str, ...] = ("text", "image")
     sharing: str = "adjacent"
     sharing_threshold: float | None = None
     sharing_max_groups: int | None = None
     sharing_scope: str = "block"
+    image_sharing: str = "adjacent"
+    image_sharing_threshold: float | None = None
+    image_sharing_max_groups: int | None = None
+    image_sharing_scope: str = "attention"
     merge: str = "first"
     beta_ff: float = 0.1
     zero_query: bool = False
     freeze: str = "inherited"
+
+    def tower_sharing(self, tower: str) -> dict:
+        """``strategy, threshold, max_groups, scope`` of the named tower (``text`` or ``image``)."""
+        prefix = {"text": "", "image": "image_"}[tower]
+        return {key: getattr(self, f"{prefix}sharing{suffix}") for key, suffix in
+                (("strategy", ""), ("threshold", "_threshold"), ("max_groups", "_max_groups"), ("scope", "_scope"))}  # fmt: skip
+
+    def measured_towers(self) -> list[str]:
+        """Converted towers whose sharing plan is chosen from measured divergences (threshold, optimal)."""
+        return [t for t in self.convert if self.tower_sharing(t)["strategy"] in ("threshold", "optimal")]
 
 
 @dataclass(frozen=True)
