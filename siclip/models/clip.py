@@ -1,6 +1,9 @@
 """The CLIP wrapper (Radford et al. 2021): two encoders, unit-norm features, a learnable temperature.
 
-    f_img = MCi(x)/‖MCi(x)‖,  f_txt = MCt(t)/‖MCt(t)‖,  logits = min(exp(s), 100)·f_img·f_txtᵀ,  s₀ = ln(1/0.07)
+    f_img = MCi(x)/‖MCi(x)‖,  f_txt = MCt(t)/‖MCt(t)‖,  logits = exp(s)·f_img·f_txtᵀ,  s₀ = ln(1/0.07),  0 ≤ s ≤ ln 100
+
+The bound on s is kept on the parameter, clamped in place after each optimiser step (open_clip's way), not
+inside forward, where a scale at the bound would get a zero gradient and stay there.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from .fastvit import MCi, ImageConfig
 from .stages import freeze_batchnorm_statistics
 from .text import MCt, TextConfig
 
-LOGIT_SCALE_MAX = 100.0
+MAX_LOGIT_SCALE = math.log(100.0)  # bound of the logit_scale parameter s (exp(s) ≤ 100)
 
 
 @dataclass(frozen=True)
@@ -125,8 +128,8 @@ class CLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def scale(self) -> Tensor:
-        """exp(logit_scale), clamped at 100 as in CLIP."""
-        return self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+        """exp(logit_scale); the parameter itself is kept in [0, ln 100] by the training step."""
+        return self.logit_scale.exp()
 
     def forward(self, images: Tensor, ids: Tensor) -> CLIPOutput:
         return CLIPOutput(self.encode_image(images), self.encode_text(ids), self.scale())
