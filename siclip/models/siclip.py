@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from siclip.blocks import SASPConversion, apply_sharing, convert_to_sasp, count_parameters, plan_sharing
+from siclip.blocks import SASPBlock2d, SASPConversion, apply_sharing, convert_to_sasp, count_parameters, plan_sharing
 
 from .clip import CLIP, SiCLIPConfig
 from .fastvit import AttentionBlock
@@ -68,11 +68,15 @@ def module_group(name: str) -> str:
 TOWERS = ("text", "image")
 
 
-def attention_stage(model: CLIP) -> tuple[str, nn.Sequential]:
-    """The qualified name and blocks of the image encoder's attention stage (``visual.network.7`` in MCi0)."""
+def attention_stage(model: CLIP, *, converted: bool = False) -> tuple[str, nn.Sequential]:
+    """The qualified name and blocks of the image encoder's attention stage (``visual.network.7`` in MCi0).
+
+    Only MCi attention blocks count, unless ``converted`` admits their SAS-P form too.
+    """
+    kinds = (AttentionBlock, SASPBlock2d) if converted else (AttentionBlock,)
     found = [
         (i, stage) for i, stage in enumerate(model.visual.network)
-        if isinstance(stage, nn.Sequential) and len(stage) and all(isinstance(b, AttentionBlock) for b in stage)
+        if isinstance(stage, nn.Sequential) and len(stage) and all(isinstance(b, kinds) for b in stage)
     ]  # fmt: skip
     if len(found) != 1:
         raise ValueError(
