@@ -49,7 +49,7 @@ def main() -> None:
         ratio = rate["siclip_s0"] / rate["mobileclip_s0"]
         rows.append({"encoder": encoder, "mobileclip_s0 /s": rate["mobileclip_s0"], "siclip_s0 /s": rate["siclip_s0"],
                      "ratio": ratio, "target": f"≥ {TARGETS[encoder]}×", "met": "yes" if ratio >= TARGETS[encoder] else "NO"})  # fmt: skip
-    print(f"{datetime.date.today()}, {device_name('cpu')}, torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
+    print(f"{datetime.date.today()}, {device_name('cpu')}, torch {torch.__version__}, batch {args.batch}, "
           f"reparameterised, {args.rounds} rounds (stage 4: {4 * args.rounds}), medians\n")  # fmt: skip
     print(to_markdown(rows))
 
