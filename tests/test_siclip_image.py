@@ -165,3 +165,15 @@ def test_image_sharing_chosen_by_divergence(seed):
         build_siclip(teacher, config, divergence=[0.1, 0.2, 0.3])  # a bare array is the text tower's
     assert config.measured_towers() == ["image"]
     assert copy.deepcopy(config) == config
+
+
+def test_training_measures_image_divergences_on_the_teacher(seed):
+    from siclip.train import TrainConfig
+    from siclip.train.loop import calibration_image_divergence
+
+    teacher = create_model("mobileclip_tiny").eval()
+    d = calibration_image_divergence(teacher, TrainConfig(calibration_captions=4))
+    assert d.shape == (2, 2) and d[0, 1] == d[1, 0] > 0 and d[0, 0] == 0
+    config = SiCLIPConfig(image_sharing="optimal", image_sharing_max_groups=1)
+    student, report = build_siclip(teacher, config, divergence={"image": d})
+    assert student.visual.network[7][0].attn is student.visual.network[7][1].attn and "image: sharing attentions as [0,1]" in report.sharing
