@@ -1,19 +1,26 @@
-"""CPU inference: SiCLIP against MobileCLIP-S0 encoders, reparameterised, batch 32, 2 threads.
+"""CPU inference: SiCLIP-S0 against MobileCLIP-S0 encoders, both reparameterised, batch 32, 2 threads.
 
     python benchmarks/cpu_inference.py [--threads 2] [--batch 32] [--rounds 5]
 
-The paper reports 39.5 (SiCLIP) against 38.2 (MobileCLIP-S0) images/s on a Xeon. Both models are
-timed round-robin in one run; only their ratio carries over to other machines.
+Targets (issue 12): image encoder ≥ 1.03× (the FLOP bound: W_V and W_P of the two stage-4 blocks are about 3 %
+of MCi0's multiply-adds; the paper measured 39.5 against 38.2 images/s on a Xeon), text encoder ≥ 1.10×.
+Every encoder is timed round-robin in one run, so only ratios carry over to other machines. The
+``image stage 4`` row times the only part of the image encoders that differs (the two attention blocks on
+the 8×8 map, RepCPE before them), where a neighbour's load blurs less of the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 
 import torch
 
 from siclip.analysis.benchmark import device_name, encoder_throughput, to_markdown
 from siclip.models import create_model, reparameterize_model
+
+NAMES = ("mobileclip_s0", "siclip_s0")
+TARGETS = {"image (256 px)": 1.03, "image stage 4 (8×8 map)": 1.03, "text (77 tokens)": 1.10}
 
 
 def main() -> None:
@@ -24,19 +31,26 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    models = {name: reparameterize_model(create_model(name).eval()) for name in ("mobileclip_s0", "siclip_s0")}
+    models = {name: reparameterize_model(create_model(name).eval()) for name in NAMES}
     images = torch.rand(args.batch, 3, 256, 256)
     ids = torch.randint(1, 49000, (args.batch, 77))
     ids[:, 20] = 49407
-    image_rate = encoder_throughput({n: m.encode_image for n, m in models.items()}, images, rounds=args.rounds)
-    text_rate = encoder_throughput({n: m.encode_text for n, m in models.items()}, ids, rounds=args.rounds)
-    rows = [
-        {"encoder": "image (256 px)", "mobileclip_s0 /s": image_rate["mobileclip_s0"], "siclip_s0 /s": image_rate["siclip_s0"],
-         "ratio": image_rate["siclip_s0"] / image_rate["mobileclip_s0"]},
-        {"encoder": "text (77 tokens)", "mobileclip_s0 /s": text_rate["mobileclip_s0"], "siclip_s0 /s": text_rate["siclip_s0"],
-         "ratio": text_rate["siclip_s0"] / text_rate["mobileclip_s0"]},
-    ]  # fmt: skip
-    print(f"{device_name('cpu')}, torch {torch.__version__}, batch {args.batch}, reparameterised, {args.rounds} rounds\n")
+    with torch.inference_mode():  # stage 4's input: the features after the last downsampling
+        stage_input = torch.nn.Sequential(models["mobileclip_s0"].visual.patch_embed, *models["mobileclip_s0"].visual.network[:6])(images)
+    rates = {
+        "image (256 px)": encoder_throughput({n: m.encode_image for n, m in models.items()}, images, rounds=args.rounds),
+        "image stage 4 (8×8 map)": encoder_throughput(
+            {n: torch.nn.Sequential(*m.visual.network[6:]) for n, m in models.items()}, stage_input, rounds=4 * args.rounds
+        ),
+        "text (77 tokens)": encoder_throughput({n: m.encode_text for n, m in models.items()}, ids, rounds=args.rounds),
+    }
+    rows = []
+    for encoder, rate in rates.items():
+        ratio = rate["siclip_s0"] / rate["mobileclip_s0"]
+        rows.append({"encoder": encoder, "mobileclip_s0 /s": rate["mobileclip_s0"], "siclip_s0 /s": rate["siclip_s0"],
+                     "ratio": ratio, "target": f"≥ {TARGETS[encoder]}×", "met": "yes" if ratio >= TARGETS[encoder] else "NO"})  # fmt: skip
+    print(f"{datetime.date.today()}, {device_name('cpu')}, torch {torch.__version__}, batch {args.batch}, "
+          f"reparameterised, {args.rounds} rounds (stage 4: {4 * args.rounds}), medians\n")  # fmt: skip
     print(to_markdown(rows))
 
 

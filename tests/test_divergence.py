@@ -9,6 +9,8 @@ from torch import nn
 from siclip.analysis.divergence import (
     attention_probabilities,
     block_divergences,
+    calibration_images,
+    image_divergences,
     js_divergence,
     plot_heatmap,
     sharing_plans,
@@ -77,6 +79,40 @@ def test_text_report_plans_and_heatmap(tmp_path, seed):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_image_attention_divergences(seed):
+    """Converted image blocks attend exactly as the MCi blocks they came from; blocks are compared over map positions."""
+    from siclip.blocks import SASPConversion, convert_block
+    from siclip.data import EmbeddedConfig, EmbeddedSource
+
+    teacher = create_model("mobileclip_tiny").eval()
+    with torch.no_grad():
+        for p in teacher.visual.network[7].parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    old = teacher.visual.network[7][0]
+    new, _ = convert_block(old, SASPConversion())
+    x = torch.randn(2, 128, 3, 4)
+    probs = attention_probabilities(new.eval(), x)
+    assert probs.shape == (2, 4, 12, 12)
+    torch.testing.assert_close(probs, attention_probabilities(old, x))
+    images = calibration_images(EmbeddedSource(EmbeddedConfig(num_val=4, image_size=64), "val"), 4, 64)
+    assert images.shape == (4, 3, 64, 64)
+    for model in (teacher, create_model("siclip_tiny").eval()):
+        d = image_divergences(model, images)
+        assert d["attention"].shape == (2, 2) and d["attention_per_head"].shape == (2, 2, 4)
+        torch.testing.assert_close(d["attention"], d["attention"].T)
+        assert d["attention"][0, 0] == 0 and d["attention"][0, 1] > 0
+    manual = js_divergence(*(p.double() for p in _stage_probabilities(teacher, images))).mean(dim=(0, 2))
+    torch.testing.assert_close(image_divergences(teacher, images)["attention_per_head"][0, 1], manual)
+
+
+def _stage_probabilities(model, images):
+    """The attention rows of both image blocks, read by running the stage block by block."""
+    visual = model.visual
+    x = nn.Sequential(visual.patch_embed, *visual.network[:7])(images)
+    first, second = visual.network[7]
+    return attention_probabilities(first, x), attention_probabilities(second, first(x))
+
+
 @pytest.mark.slow
 def test_report_scripts_run(tmp_path):
     import subprocess
@@ -85,9 +121,10 @@ def test_report_scripts_run(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "experiments" / "divergence_report.py"), "--model", "siclip_tiny",
-                          "--captions", "8", "--out", str(tmp_path)], check=True, capture_output=True, text=True).stdout  # fmt: skip
-    assert "| adjacent | [0,1] [2,3] |" in out
-    assert (tmp_path / "divergence_siclip_tiny_attention.png").exists() and (tmp_path / "divergence_siclip_tiny.json").exists()
+                          "--captions", "8", "--images", "4", "--out", str(tmp_path)], check=True, capture_output=True, text=True).stdout  # fmt: skip
+    assert "| adjacent | [0,1] [2,3] |" in out and "between image blocks" in out
+    assert (tmp_path / "divergence_siclip_tiny_image_attention.png").exists()
+    assert (tmp_path / "divergence_siclip_tiny_text_attention.png").exists() and (tmp_path / "divergence_siclip_tiny.json").exists()
     out = subprocess.run([sys.executable, str(root / "experiments" / "flops_report.py"), "--out", str(tmp_path)],
                          check=True, capture_output=True, text=True).stdout  # fmt: skip
-    assert "| siclip_s0 | 46,434,677 |" in out and (tmp_path / "flops.csv").exists()
+    assert "| siclip_s0 | 44,858,793 |" in out and (tmp_path / "flops.csv").exists()

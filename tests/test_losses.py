@@ -51,8 +51,8 @@ def ref_kl_rows(teacher, student):
 def test_clip_loss_matches_reference(seed):
     v, t = unit(9, 7), unit(9, 7)
     assert_same(lambda v, t: ClipLoss()(v, t, torch.tensor(13.0, dtype=D)), lambda v, t: ref_clip(v, t, 13.0), v, t)
-    # the scale is clamped at 100
-    assert_same(lambda v, t: ClipLoss()(v, t, torch.tensor(500.0, dtype=D)), lambda v, t: ref_clip(v, t, 100.0), v, t)
+    # the scale is used as given: the bound lives on the parameter (clamped after each optimiser step)
+    assert_same(lambda v, t: ClipLoss()(v, t, torch.tensor(500.0, dtype=D)), lambda v, t: ref_clip(v, t, 500.0), v, t)
 
 
 def test_clip_loss_limits_and_gradcheck(seed):
@@ -159,6 +159,46 @@ def test_interactive_contrastive(seed, mode):
     k = icl.cross_logit_scale.item() if mode == "raw" else math.exp(icl.cross_logit_scale.item())
     ref = lambda v, t, tv, tt: (ref_ce_rows(k * v @ tt.T) + ref_ce_rows(k * t @ tv.T)) / 2  # noqa: E731
     assert_same(icl, ref, v, t, tv, tt)
+
+
+def test_objective_with_a_wider_teacher_matches_reference(seed):
+    """A 768-wide teacher, a 512-wide student: FD and ICL both use FD's learned maps to 768 (CLIP-KD)."""
+    n, student_dim, teacher_dim = 6, 512, 768
+    objective = SiCLIPObjective(student_dim, teacher_dim).double()
+    with torch.no_grad():
+        for p in objective.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # maps, κ and PM away from their initial values
+    sv, st = unit(n, student_dim), unit(n, student_dim)
+    tv, tt = unit(n, teacher_dim, False), unit(n, teacher_dim, False)
+    s_scale, t_scale = torch.tensor(14.0, dtype=D), torch.tensor(60.0, dtype=D)
+    fd, icl, pm = objective.feature, objective.interactive, objective.pair_matching
+    maps = [fd.image_proj.weight, fd.image_proj.bias, fd.text_proj.weight, fd.text_proj.bias]
+
+    def reference(sv, st):
+        pv = F.normalize(sv @ fd.image_proj.weight.T + fd.image_proj.bias, dim=-1)
+        pt = F.normalize(st @ fd.text_proj.weight.T + fd.text_proj.bias, dim=-1)
+        clip = ref_clip(sv, st, 14.0)
+        feature = ((pv - tv) ** 2).mean() + ((pt - tt) ** 2).mean()
+        s, ts = 14.0 * sv @ st.T, 60.0 * tv @ tt.T
+        relation = (ref_kl_rows(ts, s) + ref_kl_rows(ts.T, s.T)) / 2
+        kappa = icl.cross_logit_scale
+        interactive = (ref_ce_rows(kappa * pv @ tt.T) + ref_ce_rows(kappa * pt @ tv.T)) / 2
+        return clip + 4000 * feature + relation + interactive + 0.1 * pm(sv, st)
+
+    impl = lambda sv, st: objective((sv, st, s_scale), (tv, tt, t_scale))["total"]  # noqa: E731
+    loss, grads_in = grads(impl, sv, st)
+    ref_loss, ref_grads = grads(reference, sv, st)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads_in, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    map_grads = torch.autograd.grad(impl(sv, st), maps)
+    ref_map_grads = torch.autograd.grad(reference(sv, st), maps)
+    for a, b in zip(map_grads, ref_map_grads):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    # ICL alone still gets the maps (nothing else would bring the widths together); FD is then not returned.
+    icl_only = SiCLIPObjective(student_dim, teacher_dim, ObjectiveConfig(feature=0, relation=0, pair_matching=0)).double()
+    assert icl_only.feature is not None and set(icl_only((sv, st, s_scale), (tv, tt, t_scale))) == {"clip", "interactive", "total"}
 
 
 def test_objective_weights_switches_and_parameters(seed):

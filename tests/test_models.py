@@ -62,8 +62,13 @@ def test_registry_and_parameter_counts():
     assert count_parameters(s0.text) == 42_441_216
     siclip = create_model("siclip_s0")
     saved = 1 - count_parameters(siclip) / count_parameters(s0)
-    assert count_parameters(siclip.visual) == 11_406_464
-    assert 0.13 < saved < 0.15  # the paper: about 14 % smaller
+    # Image: W_V, W_P (2 × 524,800) and both blocks' layer scales go, the second block's W_Q, W_K (524,288) are
+    # shared; shaped gains (3 × 16, shared with the attention) and branch gains (2 per block) are new.
+    assert count_parameters(siclip.visual) == 11_406_464 - 2 * 524_800 - 524_288 - 2 * 1024 + 3 * 16 + 2 * 2
+    assert 0.16 < saved < 0.17  # both towers converted and shared
+    text_only = create_model("siclip_s0", siclip={"convert": ["text"]})
+    assert count_parameters(text_only.visual) == 11_406_464
+    assert 0.13 < 1 - count_parameters(text_only) / count_parameters(s0) < 0.15  # the text-only ablation
     # Each sharing configuration, exactly: W_V, W_P and norm2 go (526,336 − 26 gains per block), then shared blocks.
     sasp_block = count_parameters(siclip.text.transformer[0])
     assert sasp_block == 3_152_384 - 526_336 + 3 * 8 + 2
@@ -150,7 +155,7 @@ def test_features_are_unit_norm_and_text_pools_end_of_text(seed):
 def test_siclip_inherits_and_keeps_inherited_outputs(seed):
     teacher = randomize_(create_model("mobileclip_tiny").eval(), seed=5)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student, report = build_siclip(teacher, SiCLIPConfig(sharing="adjacent"))
+    student, report = build_siclip(teacher, SiCLIPConfig(convert=("text",), sharing="adjacent"))
     student.eval()
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # teacher untouched
     images = torch.rand(2, 3, 64, 64)
@@ -182,8 +187,12 @@ def test_siclip_options_and_errors():
     teacher = create_model("mobileclip_tiny")
     student, _ = build_siclip(teacher, SiCLIPConfig(sharing="optimal", sharing_max_groups=2, freeze="none"), divergence=[0.1, 0.9, 0.2])
     assert student.text.transformer[0] is student.text.transformer[1] and all(p.requires_grad for p in student.parameters())
-    with pytest.raises(NotImplementedError, match="image"):
-        build_siclip(teacher, SiCLIPConfig(convert=("text", "image")))
+    with pytest.raises(ValueError, match="convert must name one or both of the towers"):
+        build_siclip(teacher, SiCLIPConfig(convert=("vision",)))
+    with pytest.raises(ValueError, match="exactly one stage of MCi attention blocks"):
+        build_siclip(student, SiCLIPConfig())  # already converted
+    with pytest.raises(ValueError, match="unknown tower"):
+        build_siclip(teacher, SiCLIPConfig(), divergence={"audio": [0.1]})
     with pytest.raises(ValueError, match="unknown freeze policy"):
         build_siclip(teacher, SiCLIPConfig(freeze="some"))
 

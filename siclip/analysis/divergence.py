@@ -10,7 +10,9 @@ Two readings (``paper_math.md`` §6 #2), both computed:
   width of each token), averaged over tokens.
 
 Blocks are recorded *per call* through forward pre-hooks, so a stack whose blocks share weights (the
-same module at several positions) is measured position by position.
+same module at several positions) is measured position by position. Text blocks attend over token
+positions, the image encoder's attention blocks over the h·w positions of their feature map (8×8 in MCi0
+at 256 px).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from siclip.blocks import PreLNBlock, SASBlock, SASPBlock, SharingPlan, plan_sharing
+from siclip.blocks import PreLNBlock, SASBlock, SASPBlock, SASPBlock2d, SharingPlan, plan_sharing
 from siclip.blocks.sharing import adjacent_divergences
 
 
@@ -51,6 +53,9 @@ def attention_probabilities(block: nn.Module, x: Tensor) -> Tensor:
     elif isinstance(block, PreLNBlock):
         q, k, _ = block.attn.qkv(block.norm1(x)).chunk(3, dim=-1)
         attn = block.attn
+    elif isinstance(block, SASPBlock2d):
+        h = block.normed_tokens(x)
+        q, k, attn = block.attn.q(h), block.attn.k(h), block.attn
     elif isinstance(block, AttentionBlock):
         tokens = rearrange(block.norm(x), "b c h w -> b (h w) c")
         q, k, _ = block.token_mixer.qkv(tokens).chunk(3, dim=-1)
@@ -98,6 +103,23 @@ def block_divergences(blocks: nn.ModuleList | nn.Sequential, run) -> dict[str, T
 def text_divergences(model, ids: Tensor) -> dict[str, Tensor]:
     """Divergences between the text transformer blocks of a CLIP model on a batch of token ids."""
     return block_divergences(model.text.transformer, lambda: model.text(ids))
+
+
+def calibration_images(source, count: int, image_size: int) -> Tensor:
+    """The first ``count`` images of a data source in the evaluation view (resize, centre crop): ``(count, 3, S, S)``."""
+    from siclip.data import AugmentConfig, augment, decode_image
+
+    view = AugmentConfig(image_size, train=False)
+    samples = (source.load(i) for i in range(min(count, len(source))))
+    return torch.stack([augment(decode_image(s.image, s.key), None, view) for s in samples])
+
+
+def image_divergences(model, images: Tensor) -> dict[str, Tensor]:
+    """Divergences between the image encoder's attention blocks (MCi or converted SAS-P) on a batch of images."""
+    from siclip.models.siclip import attention_stage
+
+    _, blocks = attention_stage(model, converted=True)
+    return block_divergences(blocks, lambda: model.visual(images))
 
 
 def sharing_plans(divergence: Tensor, *, max_groups: int | None = None) -> dict[str, SharingPlan]:

@@ -34,11 +34,11 @@ from .sharing import (
     plan_sharing,
     plan_threshold,
 )
-from .spatial import Block2d
+from .spatial import Block2d, SASPBlock2d
 
 __all__ = [
     "Attention", "Block2d", "BlockStack", "ConversionReport", "LayerScale", "Mlp", "PreLNBlock", "SASBlock",
-    "SASPBlock", "SASPConversion", "ShapedAttention", "ShapedSelfAttention", "SharingPlan", "SharingReport",
+    "SASPBlock", "SASPBlock2d", "SASPConversion", "ShapedAttention", "ShapedSelfAttention", "SharingPlan", "SharingReport",
     "TokenBatchNorm", "ValueSkipInit", "apply_sharing", "centred_values", "convert_block", "convert_to_sasp",
     "count_parameters", "create_act", "create_norm", "no_weight_decay_names", "param_groups_weight_decay",
     "plan_adjacent_pairs", "plan_all", "plan_none", "plan_optimal", "plan_sharing", "plan_threshold",

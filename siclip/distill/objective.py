@@ -6,6 +6,11 @@ All terms are summed in one run (the reading of ``paper_math.md`` §3.5: "multi-
 spaces distilled, not three runs). Each term can be switched off and comes back separately for
 logging; the loss modules' own parameters (ICL's κ, FD's maps, PM's hyperplane) are submodules, so
 ``objective.parameters()`` hands them to the optimiser.
+
+A teacher wider than the student (768 against 512, say) is distilled as CLIP-KD does: FD's learned maps
+project the student features to the teacher's width, ``v̂_S = normalize(W_v v_S + b_v)``, and ICL pairs those
+projections with the teacher's features; CRD compares each model's own similarity matrix and needs no map.
+The maps exist whenever the widths differ and FD or ICL is on.
 """
 
 from __future__ import annotations
@@ -48,7 +53,9 @@ class SiCLIPObjective(nn.Module):
         super().__init__()
         self.config = config
         self.clip = ClipLoss(local_loss=config.local_loss)
-        self.feature = FeatureDistillation(student_dim, teacher_dim or student_dim) if config.feature > 0 else None
+        wider = teacher_dim is not None and teacher_dim != student_dim
+        needs_map = config.feature > 0 or (config.interactive > 0 and wider)
+        self.feature = FeatureDistillation(student_dim, teacher_dim or student_dim) if needs_map else None
         self.relation = ContrastiveRelationDistillation() if config.relation > 0 else None
         self.interactive = InteractiveContrastiveLoss(scale=config.icl_scale) if config.interactive > 0 else None
         self.pair_matching = (
@@ -67,12 +74,14 @@ class SiCLIPObjective(nn.Module):
             terms["clip"] = self.clip(image, text, scale)
         if teacher is not None:
             t_image, t_text, t_scale = (t.detach() if isinstance(t, Tensor) else t for t in teacher)
-            if self.feature is not None:
-                terms["feature"] = self.feature(image, text, t_image, t_text)
+            # the student features in the teacher's width (themselves when the widths agree)
+            p_image, p_text = self.feature.project(image, text) if self.feature is not None else (image, text)
+            if cfg.feature > 0:
+                terms["feature"] = self.feature.distance(p_image, p_text, t_image, t_text)
             if self.relation is not None:
                 terms["relation"] = self.relation(image, text, scale, t_image, t_text, t_scale)
             if self.interactive is not None:
-                terms["interactive"] = self.interactive(image, text, t_image, t_text)
+                terms["interactive"] = self.interactive(p_image, p_text, t_image, t_text)
         if self.pair_matching is not None:
             terms["pair_matching"] = self.pair_matching(image, text)
         weights = {"clip": cfg.clip, "feature": cfg.feature, "relation": cfg.relation,

@@ -3,13 +3,15 @@
 Student features v_S, s_S and teacher features v_T, s_T are unit-norm image and text embeddings.
 
 - **FD**, feature distillation: ``MSE(v̂_S, v_T) + MSE(ŝ_S, s_T)`` (mean over batch × dim), where
-  ``x̂ = normalize(W x)`` with a learned linear map W only when the widths differ. SiCLIP weight 4000.
+  ``x̂ = normalize(W x + b)`` with a learned linear map (one per modality) only when the widths differ, and
+  ``x̂ = x`` otherwise. SiCLIP weight 4000.
 - **CRD**, contrastive relation distillation: ``½[KL(p_T^{i→t} ‖ p_S^{i→t}) + KL(p_T^{t→i} ‖ p_S^{t→i})]``,
   rows of ``softmax(τ·V Tᵀ)`` with each model's own logit scale τ, ``batchmean`` reduction. Weight 1.
 - **ICL**, interactive contrastive learning: student anchors against teacher candidates,
   ``½[CE(κ·v_S s_Tᵀ, I) + CE(κ·s_S v_Tᵀ, I)]`` with its own learnable κ. Weight 1. CLIP-KD's code uses κ
   as is (initialised to ln(1/0.07) ≈ 2.66, not exponentiated): ``scale="raw"`` reproduces that,
-  ``scale="exp"`` uses exp(κ) like a CLIP temperature.
+  ``scale="exp"`` uses exp(κ) like a CLIP temperature. With a teacher wider than the student, the student
+  features are FD's projections v̂_S, ŝ_S (as CLIP-KD does), see :class:`~siclip.distill.SiCLIPObjective`.
 """
 
 from __future__ import annotations
@@ -30,18 +32,23 @@ class FeatureDistillation(nn.Module):
         self.image_proj = nn.Linear(student_dim, teacher_dim) if student_dim != teacher_dim else None
         self.text_proj = nn.Linear(student_dim, teacher_dim) if student_dim != teacher_dim else None
 
-    def _match(self, x: Tensor, proj: nn.Linear | None) -> Tensor:
-        return F.normalize(proj(x), dim=-1) if proj is not None else x
+    def project(self, student_image: Tensor, student_text: Tensor) -> tuple[Tensor, Tensor]:
+        """``(v̂_S, ŝ_S)``: the student features in the teacher's width, unit-norm (unchanged when widths agree)."""
+        check_pair(student_image, student_text, ("student image", "student text"))
+        if self.image_proj is None:
+            return student_image, student_text
+        return F.normalize(self.image_proj(student_image), dim=-1), F.normalize(self.text_proj(student_text), dim=-1)
+
+    def distance(self, image: Tensor, text: Tensor, teacher_image: Tensor, teacher_text: Tensor) -> Tensor:
+        """MSE(v̂_S, v_T) + MSE(ŝ_S, s_T) on already projected student features."""
+        check_pair(teacher_image, teacher_text, ("teacher image", "teacher text"))
+        check_pair(image, teacher_image, ("student image", "teacher image"), same_width=False)
+        if image.shape[1] != teacher_image.shape[1]:
+            raise ValueError(f"student width {image.shape[1]} does not match the teacher's {teacher_image.shape[1]}")
+        return F.mse_loss(image, teacher_image) + F.mse_loss(text, teacher_text)
 
     def forward(self, student_image: Tensor, student_text: Tensor, teacher_image: Tensor, teacher_text: Tensor) -> Tensor:
-        check_pair(student_image, student_text, ("student image", "student text"))
-        check_pair(teacher_image, teacher_text, ("teacher image", "teacher text"))
-        check_pair(student_image, teacher_image, ("student image", "teacher image"), same_width=False)
-        v = self._match(student_image, self.image_proj)
-        s = self._match(student_text, self.text_proj)
-        if v.shape[1] != teacher_image.shape[1]:
-            raise ValueError(f"student width {v.shape[1]} does not match the teacher's {teacher_image.shape[1]}")
-        return F.mse_loss(v, teacher_image) + F.mse_loss(s, teacher_text)
+        return self.distance(*self.project(student_image, student_text), teacher_image, teacher_text)
 
 
 def _kl_rows(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:

@@ -2,7 +2,11 @@
 
 CLIP (Radford et al. 2021)::
 
-    L = ½·[CE(s·V Tᵀ, I) + CE(s·T Vᵀ, I)],   s = min(exp(logit_scale), 100), V, T unit-norm
+    L = ½·[CE(s·V Tᵀ, I) + CE(s·T Vᵀ, I)],   s = exp(logit_scale), V, T unit-norm
+
+The scale is used as given: clamping it here would cut its gradient once it reached 100, and it could never
+come back down. The training step bounds the parameter instead (``logit_scale ≤ ln 100`` after each
+optimiser step, as open_clip does; :func:`siclip.train.step.create_optimizer`).
 
 With several ranks the features are gathered (:mod:`siclip.losses.gather`); with ``local_loss`` each rank
 scores only its own rows against everyone's columns (the mean over ranks is the full loss).
@@ -23,12 +27,10 @@ from torch.nn import functional as F
 from .gather import distributed_info, gather_features
 from .validation import check_pair
 
-LOGIT_SCALE_MAX = 100.0
-
 
 def clip_logits(image: Tensor, text: Tensor, scale: Tensor | float) -> tuple[Tensor, Tensor]:
-    """``(image→text, text→image)`` logits ``s·V Tᵀ`` and ``s·T Vᵀ``, with s clamped at 100."""
-    scale = torch.as_tensor(scale, dtype=image.dtype, device=image.device).clamp(max=LOGIT_SCALE_MAX)
+    """``(image→text, text→image)`` logits ``s·V Tᵀ`` and ``s·T Vᵀ`` (``s`` unclamped, see the module docstring)."""
+    scale = torch.as_tensor(scale, dtype=image.dtype, device=image.device)
     logits = scale * image @ text.T
     return logits, logits.T
 
@@ -81,7 +83,7 @@ class SigLipLoss(nn.Module):
         rank, world = distributed_info()
         (all_text,) = gather_features(text_features, gather_with_grad=self.gather_with_grad)
         scale = self.logit_scale.exp() if logit_scale is None else torch.as_tensor(logit_scale)
-        logits = scale.clamp(max=LOGIT_SCALE_MAX) * image_features @ all_text.T + self.logit_bias
+        logits = scale * image_features @ all_text.T + self.logit_bias
         rows = image_features.shape[0]
         signs = -torch.ones_like(logits)
         signs[torch.arange(rows), torch.arange(rank * rows, (rank + 1) * rows)] = 1

@@ -1,6 +1,9 @@
 """The CLIP wrapper (Radford et al. 2021): two encoders, unit-norm features, a learnable temperature.
 
-    f_img = MCi(x)/‖MCi(x)‖,  f_txt = MCt(t)/‖MCt(t)‖,  logits = min(exp(s), 100)·f_img·f_txtᵀ,  s₀ = ln(1/0.07)
+    f_img = MCi(x)/‖MCi(x)‖,  f_txt = MCt(t)/‖MCt(t)‖,  logits = exp(s)·f_img·f_txtᵀ,  s₀ = ln(1/0.07),  0 ≤ s ≤ ln 100
+
+The bound on s is kept on the parameter, clamped in place after each optimiser step (open_clip's way), not
+inside forward, where a scale at the bound would get a zero gradient and stay there.
 """
 
 from __future__ import annotations
@@ -17,22 +20,41 @@ from .fastvit import MCi, ImageConfig
 from .stages import freeze_batchnorm_statistics
 from .text import MCt, TextConfig
 
-LOGIT_SCALE_MAX = 100.0
+MAX_LOGIT_SCALE = math.log(100.0)  # bound of the logit_scale parameter s (exp(s) ≤ 100)
 
 
 @dataclass(frozen=True)
 class SiCLIPConfig:
-    """How a MobileCLIP becomes a SiCLIP student (readings of the paper, see siclip.models.siclip)."""
+    """How a MobileCLIP becomes a SiCLIP student (readings of the paper, see siclip.models.siclip).
 
-    convert: tuple[str, ...] = ("text",)
+    ``convert`` names the towers whose attention blocks become SAS-P blocks (``("text",)`` is the
+    text-only ablation). ``sharing*`` plan the text blocks, ``image_sharing*`` the image blocks; a scope
+    is ``"block"`` (whole blocks) or ``"attention"`` (W_Q, W_K and the shaped gains only).
+    """
+
+    convert: tuple[str, ...] = ("text", "image")
     sharing: str = "adjacent"
     sharing_threshold: float | None = None
     sharing_max_groups: int | None = None
     sharing_scope: str = "block"
+    image_sharing: str = "adjacent"
+    image_sharing_threshold: float | None = None
+    image_sharing_max_groups: int | None = None
+    image_sharing_scope: str = "attention"
     merge: str = "first"
     beta_ff: float = 0.1
     zero_query: bool = False
     freeze: str = "inherited"
+
+    def tower_sharing(self, tower: str) -> dict:
+        """``strategy, threshold, max_groups, scope`` of the named tower (``text`` or ``image``)."""
+        prefix = {"text": "", "image": "image_"}[tower]
+        return {key: getattr(self, f"{prefix}sharing{suffix}") for key, suffix in
+                (("strategy", ""), ("threshold", "_threshold"), ("max_groups", "_max_groups"), ("scope", "_scope"))}  # fmt: skip
+
+    def measured_towers(self) -> list[str]:
+        """Converted towers whose sharing plan is chosen from measured divergences (threshold, optimal)."""
+        return [t for t in self.convert if self.tower_sharing(t)["strategy"] in ("threshold", "optimal")]
 
 
 @dataclass(frozen=True)
@@ -106,8 +128,8 @@ class CLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def scale(self) -> Tensor:
-        """exp(logit_scale), clamped at 100 as in CLIP."""
-        return self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+        """exp(logit_scale); the parameter itself is kept in [0, ln 100] by the training step."""
+        return self.logit_scale.exp()
 
     def forward(self, images: Tensor, ids: Tensor) -> CLIPOutput:
         return CLIPOutput(self.encode_image(images), self.encode_text(ids), self.scale())

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import copy
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from siclip.blocks import Attention
+from siclip.blocks import Attention, ConversionReport, SASPBlock2d, SASPConversion, register_converter
 
 from .mobileone import MobileOneBlock, ReparamLargeKernelConv, conv_bn
 from .reparam import depthwise_conv_args, identity_kernel, make_conv
@@ -115,6 +117,61 @@ class AttentionBlock(nn.Module):
         tokens = self.token_mixer(rearrange(self.norm(x), "b c h w -> b (h w) c"))
         x = x + self.layer_scale_1 * rearrange(tokens, "b (h w) c -> b c h w", h=height)
         return x + self.layer_scale_2 * self.convffn(x)
+
+
+@register_converter(AttentionBlock)
+@torch.no_grad()
+def convert_attention_block(block: AttentionBlock, options: SASPConversion) -> tuple[SASPBlock2d, ConversionReport]:
+    """MCi's attention block as a SAS-P block: β_SA·ShapedMHA(BN(X)) + β_FF·ConvFFN(BN(X)), no skips.
+
+    Inherited: the BatchNorm (now the one pre-norm of both branches), W_Q and W_K (rows 0:C and C:2C of
+    ``qkv``), the ConvFFN with ls₂ folded into ``fc2`` (ls₂·fc2(z) = (ls₂⊙W₂)z + ls₂⊙b₂). Dropped: W_V, W_P
+    and ls₁ (α, β, γ carry the attention branch's scale). New: per-head α, β, γ and β_SA, β_FF.
+    The ConvFFN now reads BN(X) instead of X + ls₁·MHSA(BN(X)); with ls₁ ≈ 1e-5 at MCi's initialisation the
+    two inputs differ by that term only.
+    """
+    if not options.fold_layer_scale:
+        raise ValueError("MCi's attention blocks scale their ConvFFN by a layer scale; convert with fold_layer_scale=True")
+    mixer = block.token_mixer
+    dim = mixer.qkv.in_features
+    w_q, w_k, w_v = mixer.qkv.weight.split(dim)
+    b_q, b_k, b_v = mixer.qkv.bias.split(dim) if mixer.qkv.bias is not None else (None, None, None)
+    ffn = copy.deepcopy(block.convffn)
+    scale = block.layer_scale_2.flatten()
+    ffn.fc2.weight.mul_(scale[:, None, None, None])
+    ffn.fc2.bias.mul_(scale)
+    new = SASPBlock2d(
+        dim, mixer.num_heads, ffn, qk_bias=b_q is not None, zero_query=False, trainable_value=options.trainable_value,
+        beta_sa=options.beta_sa, beta_ff=options.beta_ff, backend=options.backend,
+    ).to(device=w_q.device, dtype=w_q.dtype)  # fmt: skip
+    new.norm.load_state_dict(block.norm.state_dict())
+    new.attn.q.weight.copy_(w_q)
+    new.attn.k.weight.copy_(w_k)
+    if b_q is not None:
+        new.attn.q.bias.copy_(b_q)
+        new.attn.k.bias.copy_(b_k)
+
+    report = ConversionReport()
+    report.add("", {f"norm.{n}": t for n, t in new.norm.state_dict().items()}, "inherited", "BatchNorm, both branches")
+    note = "zeroed (zero_query)" if options.zero_query else ""
+    report.add("", {"attn.q.weight": new.attn.q.weight, "attn.q.bias": new.attn.q.bias}, "inherited", note)
+    report.add("", {"attn.k.weight": new.attn.k.weight, "attn.k.bias": new.attn.k.bias}, "inherited")
+    report.add("", {n: t for n, t in ffn.state_dict(prefix="ffn.").items() if not n.startswith("ffn.fc2.")}, "inherited")
+    report.add("", {"ffn.fc2.weight": ffn.fc2.weight, "ffn.fc2.bias": ffn.fc2.bias}, "inherited", "layer_scale_2 folded in")
+    added = {f"attn.shaped.{n}": p for n, p in new.attn.shaped.named_parameters()}
+    added |= {"gain_attn": new.gain_attn, "gain_mlp": new.gain_mlp}
+    if new.attn.value is not None:
+        added |= {f"attn.value.{n}": p for n, p in new.attn.value.named_parameters()}
+    report.add("", added, "new")
+    report.add("", {"token_mixer.qkv.weight[v]": w_v, "token_mixer.qkv.bias[v]": b_v}, "dropped", "W_V = I")
+    report.add("", dict(mixer.proj.named_parameters(prefix="token_mixer.proj")), "dropped", "W_P = I")
+    report.add("", {"layer_scale_1": block.layer_scale_1}, "dropped", "α, β, γ carry the attention scale")
+    report.add("", {"layer_scale_2": block.layer_scale_2}, "dropped", "folded into ffn.fc2")
+    if options.zero_query:  # q = 0 for every token makes softmax(·) = C, so the attention branch is α·BN(X)
+        new.attn.q.weight.zero_()
+        if new.attn.q.bias is not None:
+            new.attn.q.bias.zero_()
+    return new, report
 
 
 class PatchEmbed(nn.Module):

@@ -1,13 +1,16 @@
-"""SiCLIP: MobileCLIP with its Pre-LN text blocks turned into SAS-P blocks that share weights.
+"""SiCLIP: MobileCLIP with its attention blocks turned into SAS-P blocks that share weights, in both towers.
 
 Readings (the paper leaves them open; ``paper_math.md`` §6):
 
-- the four MCt transformer layers are converted (``convert=("text",)``), inheriting W_Q, W_K, the first
-  LayerNorm and the MLP; W_V, W_P and the second LayerNorm go. The image encoder's two attention
-  blocks are BatchNorm/layer-scale MetaFormer blocks whose SAS-P form needs design choices of its own
-  and are left as they are.
-- adjacent pairs share weights (``sharing="adjacent"``): with the conversion this removes 7.36 M of
-  53.8 M parameters, the paper's "about 14 % smaller".
+- text: the four MCt transformer layers are converted, inheriting W_Q, W_K, the first LayerNorm and the
+  MLP; W_V, W_P and the second LayerNorm go. Adjacent pairs share whole blocks (``sharing="adjacent"``).
+- image: MCi0's two attention blocks become SAS-P blocks on the 8×8 map (:class:`~siclip.blocks.SASPBlock2d`):
+  the block's BatchNorm is the one pre-norm, W_Q, W_K and the ConvFFN are inherited (layer scales folded),
+  W_V and W_P go, and the two blocks share W_Q and W_K (``image_sharing_scope="attention"``). This is the
+  reading that lands on the paper's 9.78 M image parameters: 11,356,992 fused MCi0 parameters − 2 × 524,800
+  (W_V, W_P) − 524,288 (the second block's W_Q, W_K) − 2 × 1,024 (layer scales) + 52 (shaped gains shared,
+  branch gains per block) = 9,781,108, 14.2 % fewer than MobileCLIP-S0's 11,406,464.
+  ``convert=("text",)`` keeps MCi0 as it is (the text-only ablation).
 - weight inheritance copies every other module from the teacher and, with ``freeze="inherited"``,
   trains only the SAS-P blocks (the paper's setting).
 """
@@ -20,9 +23,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from siclip.blocks import SASPConversion, apply_sharing, convert_to_sasp, count_parameters, plan_sharing
+from siclip.blocks import SASPBlock2d, SASPConversion, apply_sharing, convert_to_sasp, count_parameters, plan_sharing
 
 from .clip import CLIP, SiCLIPConfig
+from .fastvit import AttentionBlock
 from .stages import has_trainable, train_only
 
 FREEZE_POLICIES = ("none", "inherited")
@@ -61,6 +65,40 @@ def module_group(name: str) -> str:
     return match.group(1) if match else name
 
 
+TOWERS = ("text", "image")
+
+
+def attention_stage(model: CLIP, *, converted: bool = False) -> tuple[str, nn.Sequential]:
+    """The qualified name and blocks of the image encoder's attention stage (``visual.network.7`` in MCi0).
+
+    Only MCi attention blocks count, unless ``converted`` admits their SAS-P form too.
+    """
+    kinds = (AttentionBlock, SASPBlock2d) if converted else (AttentionBlock,)
+    found = [
+        (i, stage) for i, stage in enumerate(model.visual.network)
+        if isinstance(stage, nn.Sequential) and len(stage) and all(isinstance(b, kinds) for b in stage)
+    ]  # fmt: skip
+    if len(found) != 1:
+        raise ValueError(
+            f"converting the image encoder needs exactly one stage of MCi attention blocks, found {len(found)} "
+            f"(token mixers {model.visual.config.token_mixers}; is it converted already?)"
+        )
+    index, blocks = found[0]
+    return f"visual.network.{index}", blocks
+
+
+def _divergences_by_tower(divergence) -> dict:
+    """``{"text": …, "image": …}`` from a dict, or from one array (the text tower's, as before)."""
+    if divergence is None:
+        return {}
+    if not isinstance(divergence, dict):
+        return {"text": divergence}
+    unknown = set(divergence) - set(TOWERS)
+    if unknown:
+        raise ValueError(f"divergences given for unknown tower(s) {sorted(unknown)}; towers are {TOWERS}")
+    return divergence
+
+
 def to_siclip(
     model: CLIP,
     config: SiCLIPConfig,
@@ -71,31 +109,39 @@ def to_siclip(
 ) -> InheritanceReport:
     """Turn ``model`` (a MobileCLIP) into a SiCLIP student in place and report what it inherited.
 
-    ``divergence`` (adjacent or pairwise, measured between the teacher's text blocks) serves the
-    ``threshold`` and ``optimal`` sharing strategies, with ``config.sharing_threshold`` or
-    ``config.sharing_max_groups``.
+    ``config.convert`` names the towers converted: the text encoder's Pre-LN blocks and the image encoder's
+    attention blocks become SAS-P blocks, and each tower's blocks are shared by its own plan.
+    ``divergence`` is ``{"text": …, "image": …}`` (adjacent or pairwise divergences between the teacher's
+    blocks of that tower; a bare array is the text tower's) and serves the ``threshold`` and ``optimal``
+    strategies, with the tower's ``*sharing_threshold`` or ``*sharing_max_groups``.
     ``freeze`` applies ``config.freeze``; ``inherited=False`` marks every weight new (a student
     built from scratch).
     """
-    unknown = set(config.convert) - {"text"}
-    if unknown:
-        raise NotImplementedError(
-            f"converting {sorted(unknown)} is not supported: only the text encoder's Pre-LN blocks convert to SAS-P "
-            "(the image encoder's attention blocks are BatchNorm/layer-scale MetaFormer blocks)"
-        )
+    unknown = set(config.convert) - set(TOWERS)
+    if unknown or not config.convert:
+        raise ValueError(f"convert must name one or both of the towers {TOWERS}, got {config.convert}")
     if config.freeze not in FREEZE_POLICIES:
         raise ValueError(f"unknown freeze policy {config.freeze!r}; choose one of {FREEZE_POLICIES}")
+    divergences = _divergences_by_tower(divergence)
     options = SASPConversion(beta_ff=config.beta_ff, zero_query=config.zero_query)
-    blocks = model.text.transformer
-    _, conversion = convert_to_sasp(blocks, options=options)
-    new = {f"text.transformer.{r['module']}.{r['parameter']}" for r in conversion.rows if r["action"] == "new"}
-    plan = plan_sharing(
-        config.sharing, len(blocks), divergence, threshold=config.sharing_threshold, max_groups=config.sharing_max_groups
-    )
-    sharing = apply_sharing(blocks, plan, scope=config.sharing_scope, merge=config.merge)
+    stacks = {}
+    if "text" in config.convert:
+        stacks["text"] = ("text.transformer", model.text.transformer)
+    if "image" in config.convert:
+        stacks["image"] = attention_stage(model)
+    new, shared, trained = set(), [], []
+    for tower, (prefix, blocks) in stacks.items():
+        _, conversion = convert_to_sasp(blocks, options=options)
+        new |= {f"{prefix}.{r['module']}.{r['parameter']}" for r in conversion.rows if r["action"] == "new"}
+        sharing = config.tower_sharing(tower)
+        plan = plan_sharing(
+            sharing["strategy"], len(blocks), divergences.get(tower), threshold=sharing["threshold"], max_groups=sharing["max_groups"]
+        )
+        shared.append(f"{tower}: {apply_sharing(blocks, plan, scope=sharing['scope'], merge=config.merge)}")
+        trained.append(prefix + ".")
     if freeze and config.freeze == "inherited":
-        train_only(model, ("text.transformer.",))
-    report = InheritanceReport(sharing=str(sharing))
+        train_only(model, tuple(trained))
+    report = InheritanceReport(sharing="; ".join(shared))
     for name, p in model.named_parameters():
         status = "new" if (name in new or not inherited) else "inherited"
         report.rows.append(

@@ -68,13 +68,12 @@ def build_task(config: TrainConfig) -> TrainingTask:
     model_config = get_model_config(config.model, **config.model_overrides)
     teacher_model = load_checkpoint(config.teacher) if config.teacher else None
     if teacher_model is not None and model_config.siclip is not None:
-        divergence = None
-        if model_config.siclip.sharing in ("threshold", "optimal"):  # measured on the teacher's text blocks
-            divergence = calibration_divergence(teacher_model, config)
+        measure = {"text": calibration_divergence, "image": calibration_image_divergence}  # on the teacher's blocks
+        divergence = {tower: measure[tower](teacher_model, config) for tower in model_config.siclip.measured_towers()}
         student, _ = build_siclip(teacher_model, model_config.siclip, divergence=divergence)
     else:
-        if model_config.siclip is not None and model_config.siclip.sharing in ("threshold", "optimal"):
-            raise ValueError(f"sharing {model_config.siclip.sharing!r} is chosen from a teacher's divergences: give a teacher")
+        if model_config.siclip is not None and model_config.siclip.measured_towers():
+            raise ValueError(f"sharing of {model_config.siclip.measured_towers()} is chosen from a teacher's divergences: give a teacher")
         student = create_model(model_config)
     if config.fuse_frozen_towers:
         fuse_frozen_towers(student)
@@ -95,6 +94,16 @@ def calibration_divergence(model, config: TrainConfig):
     val = EmbeddedSource(EmbeddedConfig(seed=config.data.seed, num_val=config.calibration_captions), "val")
     ids = tokenizer([val.load(i).synthetic[0] for i in range(len(val))])
     return text_divergences(model.eval(), ids)["attention"].numpy()
+
+
+def calibration_image_divergence(model, config: TrainConfig):
+    """Attention JS divergences between the image attention blocks of ``model`` on embedded validation images."""
+    from siclip.analysis.divergence import calibration_images, image_divergences
+
+    size = model.config.image.image_size
+    val = EmbeddedSource(EmbeddedConfig(seed=config.data.seed, num_val=config.calibration_captions, image_size=size), "val")
+    images = calibration_images(val, config.calibration_captions, size)
+    return image_divergences(model.eval(), images)["attention"].numpy()
 
 
 def _device(config: TrainConfig) -> torch.device:

@@ -16,15 +16,36 @@ from torch import Tensor, nn
 
 from siclip.blocks import param_groups_weight_decay
 from siclip.data import normalize_images
+from siclip.models.clip import MAX_LOGIT_SCALE
 
 
 def create_optimizer(
     module: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6
 ) -> torch.optim.AdamW:
-    """AdamW over ``module``'s trainable parameters, no decay on gains, norms and biases; fused on CUDA."""
+    """AdamW over ``module``'s trainable parameters, no decay on gains, norms and biases; fused on CUDA.
+
+    After every step the optimiser clamps each trainable ``logit_scale`` in place to [0, ln 100]
+    (:func:`clamp_logit_scales_`), so the bound never sits inside a forward pass.
+    """
     groups = param_groups_weight_decay(module, weight_decay)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None)
+    scales = logit_scale_parameters(module)
+    if scales:
+        optimizer.register_step_post_hook(lambda *_: clamp_logit_scales_(scales))
+    return optimizer
+
+
+def logit_scale_parameters(module: nn.Module) -> list[Tensor]:
+    """The trainable CLIP temperatures of ``module``: parameters named ``logit_scale`` (model, SigLIP loss)."""
+    return [p for name, p in module.named_parameters() if name.rsplit(".", 1)[-1] == "logit_scale" and p.requires_grad]
+
+
+@torch.no_grad()
+def clamp_logit_scales_(scales: Iterable[Tensor]) -> None:
+    """s ← clamp(s, 0, ln 100) in place: exp(s) stays in [1, 100] while s keeps its gradient at the bound."""
+    for scale in scales:
+        scale.clamp_(0.0, MAX_LOGIT_SCALE)
 
 
 def channels_last_on(device: torch.device, requested: bool = True) -> bool:
