@@ -52,11 +52,13 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--log-every", type=int, help="steps between metrics.csv rows")
     parser.add_argument("--max-skip-fraction", type=float, help="stop when an epoch skips more than this fraction of its samples")
     parser.add_argument("--dist-timeout", type=float, help="seconds a rank waits for the others before the run fails")
+    parser.add_argument("--no-evaluate", dest="evaluate", action="store_false", default=None, help="skip the end-of-run evaluation")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     args = parser.parse_args(argv)
     config = PRESETS[args.preset] if args.preset else TrainConfig()
-    top = {k: getattr(args, k) for k in ("model", "teacher", "out_dir", "epochs", "lr", "checkpoint_every", "log_every", "dist_timeout")
+    top = {k: getattr(args, k) for k in ("model", "teacher", "out_dir", "epochs", "lr", "checkpoint_every", "log_every", "dist_timeout",
+                                         "evaluate")
            if getattr(args, k) is not None}  # fmt: skip
     data = {k: getattr(args, k) for k in ("source", "num_train", "batch_size", "workers", "p_synthetic", "tokenizer", "vocab_path",
                                           "max_skip_fraction") if getattr(args, k) is not None}  # fmt: skip
