@@ -3,8 +3,9 @@
     terms = forward_terms(model, batch, bf16=True)       # student, teacher, every loss term
     backward_and_step(terms["total"], optimizer, params, grad_clip=1.0)
 
-The loop checks ``terms`` for non-finite values between the two (so the saved state is the last good
-one); ``benchmarks/gpu_train_step.py`` times exactly these calls.
+The loop checks ``terms`` for non-finite values between the two, the gradient norm before the step
+(``before_step``) and the weights after it, so the saved state is always the last good one;
+``benchmarks/gpu_train_step.py`` times exactly these calls.
 """
 
 from __future__ import annotations
