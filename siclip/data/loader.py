@@ -10,6 +10,7 @@ with the batches the original would have yielded, with 0, 2 or any other number 
 from __future__ import annotations
 
 import logging
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -85,6 +86,12 @@ class TooManySkipped(ValueError):
     """An epoch yielded no sample, or skipped more than the allowed fraction; the message is the skip report."""
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C reaches the workers too (one process group); only the main process decides when to stop (the
+    training loop saves at the next step boundary), so a worker must not die from it mid-epoch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ImageTextLoader:
     """Batches of an :class:`ImageTextDataset`, one epoch per ``iter()``, resumable mid-epoch.
 
@@ -126,6 +133,7 @@ class ImageTextLoader:
             drop_last=drop_last,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             pin_memory=pin_memory,
+            worker_init_fn=_ignore_sigint if num_workers > 0 else None,
         )
         self.epoch = 0
         self._batches = 0  # batches of the current epoch handed out (or skipped whole)

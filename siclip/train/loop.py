@@ -232,7 +232,7 @@ def _train(config: TrainConfig, *, resume: bool, max_steps: int | None, progress
                 stop_non_finite(f"loss term(s) {bad}", save=True)  # nothing has been updated by this batch
             grad_norm = backward_and_step(terms["total"], optimizer, task.parameters(), grad_clip=config.grad_clip,
                                           before_step=check_gradients)  # fmt: skip
-            bad = nonfinite_names(task.named_parameters())
+            bad = nonfinite_names((name, p) for name, p in task.named_parameters() if p.requires_grad)
             if bad:  # the in-memory weights are lost; the checkpoint on disk is not touched
                 stop_non_finite(f"parameter(s) {_listed(bad)} after the optimiser step", save=False)
             scheduler.step()
