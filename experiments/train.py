@@ -4,6 +4,10 @@
     python experiments/train.py --model siclip_tiny --teacher runs/demo/model.pt --wikd --out runs/student
     python experiments/train.py --data data/shards --tokenizer clip --vocab-path bpe.txt.gz --model mobileclip_s0
     python experiments/train.py ... --resume                            # continue exactly where it stopped
+    python experiments/train.py ... --overwrite                         # start over in a directory holding a run
+
+Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the next step boundary and exits with status 130 / 143;
+``--resume`` continues from it. A NaN or Inf loss, gradient or weight stops the run naming it (status 1).
 
 Multi-GPU: ``torchrun --nproc_per_node=N experiments/train.py ...`` (features are gathered across ranks).
 """
@@ -14,8 +18,9 @@ import argparse
 import dataclasses
 import sys
 
+from siclip.data import TooManySkipped
 from siclip.distill import ObjectiveConfig
-from siclip.train import DataConfig, TrainConfig, train
+from siclip.train import CheckpointError, DataConfig, NonFiniteLoss, RunDirectoryBusy, TrainConfig, TrainingInterrupted, train
 
 PRESETS = {
     # A MobileCLIP-tiny trained with the CLIP loss on 4,096 embedded samples: about four minutes on 2 CPU cores.
@@ -24,7 +29,7 @@ PRESETS = {
 }
 
 
-def parse(argv: list[str] | None) -> tuple[TrainConfig, bool]:
+def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS))
     parser.add_argument("--model")
@@ -43,22 +48,37 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--fuse-frozen-towers", action="store_true", help="reparameterise the teacher and frozen student towers")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute trainable blocks' activations in backward")
-    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (also saved at the end and on a signal)")
+    parser.add_argument("--log-every", type=int, help="steps between metrics.csv rows")
+    parser.add_argument("--max-skip-fraction", type=float, help="stop when an epoch skips more than this fraction of its samples")
+    parser.add_argument("--dist-timeout", type=float, help="seconds a rank waits for the others before the run fails")
+    parser.add_argument("--no-evaluate", dest="evaluate", action="store_false", default=None, help="skip the end-of-run evaluation")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     args = parser.parse_args(argv)
     config = PRESETS[args.preset] if args.preset else TrainConfig()
-    top = {k: getattr(args, k) for k in ("model", "teacher", "out_dir", "epochs", "lr") if getattr(args, k) is not None}
-    data = {k: getattr(args, k) for k in ("source", "num_train", "batch_size", "workers", "p_synthetic", "tokenizer", "vocab_path")
-            if getattr(args, k) is not None}  # fmt: skip
+    top = {k: getattr(args, k) for k in ("model", "teacher", "out_dir", "epochs", "lr", "checkpoint_every", "log_every", "dist_timeout",
+                                         "evaluate")
+           if getattr(args, k) is not None}  # fmt: skip
+    data = {k: getattr(args, k) for k in ("source", "num_train", "batch_size", "workers", "p_synthetic", "tokenizer", "vocab_path",
+                                          "max_skip_fraction") if getattr(args, k) is not None}  # fmt: skip
     flags = {k: True for k in ("compile", "fuse_frozen_towers", "grad_checkpointing") if getattr(args, k)}
     config = dataclasses.replace(config, **top, **flags, data=dataclasses.replace(config.data, **data))
     if args.wikd:
         config = dataclasses.replace(config, objective=ObjectiveConfig())
-    return config, args.resume
+    return config, args
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, resume = parse(argv)
-    summary = train(config, resume=resume)
+    config, args = parse(argv)
+    try:
+        summary = train(config, resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as stopped:
+        print(f"\n{stopped}", file=sys.stderr)
+        return stopped.exit_status
+    except (NonFiniteLoss, TooManySkipped, CheckpointError, RunDirectoryBusy, FileExistsError) as err:
+        print(f"\ntrain.py: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     print(f"\n{config.model}: {summary['steps']} steps in {summary['seconds']:.0f} s, final loss "
           + ", ".join(f"{k} {v:.3f}" for k, v in summary["final_loss"].items()))  # fmt: skip
     print(f"parameters: {summary['parameters']}")

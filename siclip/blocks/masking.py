@@ -76,6 +76,15 @@ def additive_mask(
     return mask.masked_fill(~visible, float("-inf"))
 
 
+def check_block_input(x: Tensor, dim: int, block: str) -> None:
+    """A block's input must be ``(batch, tokens, dim)``: a clear error instead of an einops or unpacking one."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{block} takes a (batch, tokens, {dim}) tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != dim:
+        hint = " (add a batch axis: x[None])" if x.dim() == 2 and x.shape[-1] == dim else ""
+        raise ValueError(f"{block} takes a (batch, tokens, {dim}) tensor, got shape {tuple(x.shape)}{hint}")
+
+
 def resolve_block_masks(
     default_causal: bool,
     key_padding_mask: Tensor | None = None,

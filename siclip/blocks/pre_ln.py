@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .attention import Attention
 from .init import init_linears
-from .masking import resolve_block_masks
+from .masking import check_block_input, resolve_block_masks
 from .mlp import Mlp
 from .norms import NormSpec, create_norm
 
@@ -47,7 +47,7 @@ class PreLNBlock(nn.Module):
         fused_attn: bool = True,
     ) -> None:
         super().__init__()
-        self.causal = causal
+        self.dim, self.causal = dim, causal
         self.norm1 = create_norm(norm, dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, fused_attn=fused_attn)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
@@ -61,6 +61,7 @@ class PreLNBlock(nn.Module):
         return self.attn.num_heads
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool | None = None, **kw) -> Tensor:
+        check_block_input(x, self.dim, type(self).__name__)
         causal, key_padding_mask = resolve_block_masks(self.causal, key_padding_mask, causal, **kw)
         x = x + self.ls1(self.attn(self.norm1(x), causal=causal, key_padding_mask=key_padding_mask))
         return x + self.ls2(self.mlp(self.norm2(x)))

@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .init import init_linears
-from .masking import resolve_block_masks
+from .masking import check_block_input, resolve_block_masks
 from .mlp import Mlp
 from .norms import NormSpec, create_norm
 from .shaped_attention import ShapedAttention
@@ -124,7 +124,7 @@ class _ShapedBlock(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.causal = causal
+        self.dim, self.causal = dim, causal
         self.attn = ShapedSelfAttention(
             dim, num_heads, qk_bias=qk_bias, trainable_value=trainable_value, zero_query=zero_query, backend=backend
         )
@@ -150,6 +150,7 @@ class SASBlock(_ShapedBlock):
         self.norm2 = create_norm(norm, dim)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool | None = None, **kw) -> Tensor:
+        check_block_input(x, self.dim, type(self).__name__)
         causal, key_padding_mask = resolve_block_masks(self.causal, key_padding_mask, causal, **kw)
         x = self.attn(self.norm1(x), causal=causal, key_padding_mask=key_padding_mask, gain=self.gain_attn)
         return torch.addcmul(x, self.gain_mlp, self.mlp(self.norm2(x)))
@@ -211,11 +212,13 @@ class SASPBlock(_ShapedBlock):
         self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool | None = None, **kw
     ) -> tuple[Tensor, Tensor]:
         """The two terms of the output, ``(β_SA·ShapedMHA(Norm(X)), β_FF·MLP(Norm(X)))``, for analysis."""
+        check_block_input(x, self.dim, type(self).__name__)
         causal, key_padding_mask = resolve_block_masks(self.causal, key_padding_mask, causal, **kw)
         a, hidden = self._attention_and_hidden(x, causal, key_padding_mask)
         return a, self.gain_mlp * self.mlp.from_hidden(hidden)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool | None = None, **kw) -> Tensor:
+        check_block_input(x, self.dim, type(self).__name__)
         causal, key_padding_mask = resolve_block_masks(self.causal, key_padding_mask, causal, **kw)
         return self._add_mlp_output(*self._attention_and_hidden(x, causal, key_padding_mask))
 

@@ -9,7 +9,7 @@ mid-epoch resume.
 from .captions import RawCaptionConfig, zero_shot_classes
 from .dataset import ImageTextDataset, Skipped, choose_caption, collate_samples
 from .embedded import EmbeddedConfig, EmbeddedSource, open_source, retrieval_set, zero_shot_prompts
-from .loader import EpochSampler, ImageTextLoader, SkipReport
+from .loader import EpochSampler, ImageTextLoader, SkipReport, TooManySkipped
 from .sources import RawSample, SampleError, Source, decode_image, encode_image
 from .tabular import CsvSource
 from .teacher_cache import TeacherCache, TeacherCacheWriter, build_teacher_cache
@@ -21,7 +21,7 @@ from .world import Scene, render_scene, sample_scene
 __all__ = [
     "AugmentConfig", "ClipBpeTokenizer", "CsvSource", "EmbeddedConfig", "EmbeddedSource", "EpochSampler",
     "ImageTextDataset", "ImageTextLoader", "RawCaptionConfig", "RawSample", "SampleError", "Scene", "ShardSource",
-    "SkipReport", "Skipped", "Source", "TeacherCache", "TeacherCacheWriter", "WordTokenizer", "augment", "normalize_images",
+    "SkipReport", "Skipped", "Source", "TeacherCache", "TeacherCacheWriter", "TooManySkipped", "WordTokenizer", "augment", "normalize_images",
     "build_teacher_cache", "choose_caption", "collate_samples", "create_tokenizer", "decode_image", "encode_image",
     "expand_shards", "open_source", "recaption_shards", "render_scene", "retrieval_set", "sample_scene", "write_shards",
     "zero_shot_classes", "zero_shot_prompts",

@@ -10,6 +10,7 @@ with the batches the original would have yielded, with 0, 2 or any other number 
 from __future__ import annotations
 
 import logging
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -81,6 +82,16 @@ class SkipReport:
         return "\n".join(lines)
 
 
+class TooManySkipped(ValueError):
+    """An epoch yielded no sample, or skipped more than the allowed fraction; the message is the skip report."""
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C reaches the workers too (one process group); only the main process decides when to stop (the
+    training loop saves at the next step boundary), so a worker must not die from it mid-epoch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ImageTextLoader:
     """Batches of an :class:`ImageTextDataset`, one epoch per ``iter()``, resumable mid-epoch.
 
@@ -88,6 +99,10 @@ class ImageTextLoader:
     after ``load_state_dict()`` iteration continues with exactly the batches the original run would
     have produced next. Batches whose samples were all skipped are not yielded. A state is taken
     between batches (the training loop saves it with its checkpoint, after an optimiser step).
+
+    An epoch that yields no sample at all, or skips more than ``max_skip_fraction`` of the samples it
+    reads (None: no limit), raises :class:`TooManySkipped` with the epoch's skip report when it ends, so
+    bad data stops a run instead of spinning through empty epochs.
     """
 
     def __init__(
@@ -103,8 +118,11 @@ class ImageTextLoader:
         rank: int = 0,
         world_size: int = 1,
         pin_memory: bool = False,
+        max_skip_fraction: float | None = None,
     ) -> None:
-        self.dataset, self.batch_size = dataset, batch_size
+        if max_skip_fraction is not None and not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1] or None, got {max_skip_fraction}")
+        self.dataset, self.batch_size, self.max_skip_fraction = dataset, batch_size, max_skip_fraction
         self.sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
         self.loader = StatefulDataLoader(
             dataset,
@@ -115,6 +133,7 @@ class ImageTextLoader:
             drop_last=drop_last,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             pin_memory=pin_memory,
+            worker_init_fn=_ignore_sigint if num_workers > 0 else None,
         )
         self.epoch = 0
         self._batches = 0  # batches of the current epoch handed out (or skipped whole)
@@ -133,12 +152,18 @@ class ImageTextLoader:
                 yield batch
         problems = list(getattr(self.dataset.source, "problems", []))
         report = SkipReport(self.epoch, self._skipped, problems)
+        read = self._batches * self.batch_size if self.loader.drop_last else len(self.sampler.order(self.epoch))
         self.reports.append(report)
         if report.skipped or problems:
             log.warning("%s", report)
         self.epoch += 1
         self._batches = 0
         self._skipped = []
+        if read and report.count >= read:
+            raise TooManySkipped(f"every one of the {read} samples read in the epoch was skipped; nothing to train on.\n{report}")
+        if read and self.max_skip_fraction is not None and report.count > self.max_skip_fraction * read:
+            raise TooManySkipped(f"{report.count} of the {read} samples read in the epoch were skipped, more than the allowed "
+                                 f"fraction {self.max_skip_fraction} (DataConfig.max_skip_fraction, --max-skip-fraction).\n{report}")  # fmt: skip
 
     @property
     def last_report(self) -> SkipReport | None:

@@ -5,8 +5,10 @@ The raw caption is ``key.txt``; synthetic captions are a list in ``key.json`` un
 
 :class:`ShardSource` indexes the shards once (tar headers only: key, member offsets and sizes) and
 then reads any sample by offset, so shards are a random-access source with shuffling and exact
-resume. A truncated archive keeps what was indexed before the break and records the problem; a
-sample whose image is corrupt or whose captions are empty raises :class:`SampleError`.
+resume. A truncated archive (cut inside a member or at a header) keeps what was indexed before the
+break and records the problem in ``problems``; a sample whose image is corrupt, whose captions are empty,
+whose ``.txt`` is not UTF-8 or whose ``.json`` is not an object (or a list) of string captions raises
+:class:`SampleError`, so the loader skips it and reports its key.
 """
 
 from __future__ import annotations
@@ -74,6 +76,18 @@ class _Entry:
     members: dict[str, tuple[int, int]]  # extension -> (data offset, size)
 
 
+def _missing_end_marker(path: Path, offset: int) -> str | None:
+    """Why the archive did not end properly at ``offset``, or None when a zero block (tar's end-of-archive
+    marker) is there. ``tarfile`` silently stops at a header that is cut or garbled, which would drop
+    every later member without a word."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        block = f.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE:
+        return "archive cut off"
+    return None if block == bytes(tarfile.BLOCKSIZE) else "unreadable member header"
+
+
 class ShardSource:
     """Random-access :class:`~siclip.data.sources.Source` over WebDataset shards."""
 
@@ -100,6 +114,12 @@ class ShardSource:
                         continue
                     entry = by_key.setdefault(key, _Entry(key, number, {}))
                     entry.members[ext] = (member.offset_data, member.size)
+                end = tar.offset  # where tarfile stopped looking for the next header
+            cut = _missing_end_marker(path, end)
+            if cut:
+                last = next(reversed(by_key), None)
+                self.problems.append((str(path), f"{cut} at byte {end} after {len(by_key)} samples (last key {last}): "
+                                                 "the rest of the shard is lost"))  # fmt: skip
         except tarfile.ReadError as err:
             if not by_key and not self.problems:
                 raise ValueError(f"{path} is not a readable tar archive ({err})") from None
@@ -127,7 +147,10 @@ class ShardSource:
         image_ext = next((e for e in IMAGE_EXTS if e in members), None)
         if image_ext is None:
             raise SampleError(entry.key, f"no image member (has {sorted(members)})")
-        raw = members["txt"].decode("utf-8", errors="replace") if "txt" in members else None
+        try:
+            raw = members["txt"].decode("utf-8") if "txt" in members else None
+        except UnicodeDecodeError as err:
+            raise SampleError(entry.key, f"txt member is not UTF-8 ({err})") from None
         meta, synthetic = {}, []
         if "json" in members:
             try:
@@ -136,10 +159,17 @@ class ShardSource:
                 raise SampleError(entry.key, f"broken json member ({err})") from None
             if isinstance(meta, list):
                 meta, synthetic = {}, meta
-            else:
-                synthetic = next((meta[f] for f in SYNTHETIC_FIELDS if isinstance(meta.get(f), list)), [])
+            elif isinstance(meta, dict):
+                field = next((f for f in SYNTHETIC_FIELDS if f in meta), None)
+                synthetic = meta[field] if field else []
                 if raw is None and isinstance(meta.get("caption"), str):
                     raw = meta["caption"]
+            else:
+                raise SampleError(entry.key, f"json member is {type(meta).__name__} {meta!r:.40}, not an object or a list of captions")
+            bad = [type(c).__name__ for c in synthetic if not isinstance(c, str)] if isinstance(synthetic, list) else None
+            if bad is None or bad:
+                kind = type(synthetic).__name__ if bad is None else f"a list holding {sorted(set(bad))}"
+                raise SampleError(entry.key, f"synthetic captions in the json member must be a list of strings, got {kind}")
         raw, synthetic = clean_captions(raw, synthetic)
         return RawSample(entry.key, members[image_ext], raw, synthetic, meta)
 

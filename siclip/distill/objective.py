@@ -83,8 +83,16 @@ class SiCLIPObjective(nn.Module):
             if self.interactive is not None:
                 terms["interactive"] = self.interactive(p_image, p_text, t_image, t_text)
         if self.pair_matching is not None:
-            terms["pair_matching"] = self.pair_matching(image, text)
+            terms["pair_matching"] = self._pair_matching(image, text)
         weights = {"clip": cfg.clip, "feature": cfg.feature, "relation": cfg.relation,
                    "interactive": cfg.interactive, "pair_matching": cfg.pair_matching}  # fmt: skip
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
         return terms
+
+    def _pair_matching(self, image: Tensor, text: Tensor) -> Tensor:
+        """PM on the batch; a batch reduced (by skipped samples) below two pairs has no negative, so its PM term is
+        an exact 0 that still reaches PM's parameters (DDP expects a gradient for every parameter on every rank).
+        The training loop counts these steps."""
+        if image.shape[0] >= self.pair_matching.MIN_PAIRS:
+            return self.pair_matching(image, text)
+        return sum(p.sum() for p in self.pair_matching.parameters()) * 0.0

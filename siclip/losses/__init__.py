@@ -3,6 +3,6 @@
 from .clip_loss import ClipLoss, SigLipLoss, clip_logits
 from .gather import distributed_info, gather_features
 from .pair_matching import PairMatchingLoss
-from .validation import check_pair
+from .validation import NonFiniteInput, check_pair
 
-__all__ = ["ClipLoss", "PairMatchingLoss", "SigLipLoss", "check_pair", "clip_logits", "distributed_info", "gather_features"]
+__all__ = ["ClipLoss", "NonFiniteInput", "PairMatchingLoss", "SigLipLoss", "check_pair", "clip_logits", "distributed_info", "gather_features"]

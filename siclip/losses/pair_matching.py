@@ -29,6 +29,8 @@ FORMS = ("hyperplane", "cosine")
 
 
 class PairMatchingLoss(nn.Module):
+    MIN_PAIRS = 2  # a negative is another pair of the batch
+
     def __init__(
         self,
         embed_dim: int,
@@ -76,8 +78,8 @@ class PairMatchingLoss(nn.Module):
     def forward(self, image_features: Tensor, text_features: Tensor, generator: torch.Generator | None = None) -> Tensor:
         check_pair(image_features, text_features)
         n = image_features.shape[0]
-        if n < 2:
-            raise ValueError("pair matching needs at least 2 pairs in a batch to find negatives")
+        if n < self.MIN_PAIRS:
+            raise ValueError(f"pair matching needs at least {self.MIN_PAIRS} pairs in a batch to find negatives, got {n}")
         similarity = image_features.detach() @ text_features.detach().T
         text_for_image = self.mine(similarity, generator)  # (n, k)
         image_for_text = self.mine(similarity.T, generator)

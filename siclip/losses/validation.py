@@ -6,6 +6,10 @@ import torch
 from torch import Tensor
 
 
+class NonFiniteInput(ValueError):
+    """A loss was given features holding NaN or Inf (the training loop reports it as a non-finite forward pass)."""
+
+
 def check_pair(a: Tensor, b: Tensor, names: tuple[str, str] = ("image_features", "text_features"), same_width: bool = True) -> None:
     """Two ``(batch, dim)`` feature tensors of one batch, finite."""
     for name, t in zip(names, (a, b)):
@@ -19,4 +23,4 @@ def check_pair(a: Tensor, b: Tensor, names: tuple[str, str] = ("image_features",
         raise ValueError(f"widths differ: {names[0]} is {a.shape[1]}-d, {names[1]} is {b.shape[1]}-d")
     for name, t in zip(names, (a, b)):
         if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or Inf")
+            raise NonFiniteInput(f"{name} contains NaN or Inf")

@@ -1,7 +1,10 @@
 """Training: configuration dataclasses, the training task (student + objective + teacher), the loop."""
 
 from .config import DataConfig, TrainConfig
-from .loop import NonFiniteLoss, build_task, train, warmup_cosine
+from .guard import NonFiniteLoss, TrainingInterrupted
+from .loop import build_task, train, warmup_cosine
+from .state import CheckpointError, RunDirectoryBusy
 from .task import TrainingTask
 
-__all__ = ["DataConfig", "NonFiniteLoss", "TrainConfig", "TrainingTask", "build_task", "train", "warmup_cosine"]
+__all__ = ["CheckpointError", "DataConfig", "NonFiniteLoss", "RunDirectoryBusy", "TrainConfig", "TrainingInterrupted", "TrainingTask",
+           "build_task", "train", "warmup_cosine"]  # fmt: skip

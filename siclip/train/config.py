@@ -18,6 +18,7 @@ class DataConfig:
     normalize_on_device: bool = False  # loader workers hand over uint8 crops; (x/255 − mean)/std runs on the device
     tokenizer: str = "embedded"
     vocab_path: str | None = None
+    max_skip_fraction: float | None = 0.5  # an epoch skipping more of its samples stops the run (an empty one always does)
 
 
 @dataclass
@@ -50,3 +51,4 @@ class TrainConfig:
     eval_retrieval_images: int = 500
     calibration_captions: int = 128  # for sharing chosen by divergence
     device: str = "auto"
+    dist_timeout: float = 1800.0  # seconds a rank waits for the others in a collective before the run fails

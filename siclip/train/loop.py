@@ -10,29 +10,32 @@ as one that never stopped.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
+import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from siclip.data import AugmentConfig, EmbeddedConfig, EmbeddedSource, ImageTextDataset, ImageTextLoader, create_tokenizer, open_source
 from siclip.distill import FrozenTeacher, SiCLIPObjective
+from siclip.losses import NonFiniteInput, PairMatchingLoss
 from siclip.models import (
     build_siclip, count_parameters_by_group, create_model, fuse_frozen_towers, get_model_config, load_checkpoint, save_checkpoint,
 )  # fmt: skip
 
 from .config import TrainConfig
-from .state import MetricsLogger, load_training_checkpoint, rng_state, save_atomic, set_rng_state
+from .guard import NonFiniteLoss, StopSignals, TrainingInterrupted, flatten_tensors, nonfinite_names
+from .resume import prepare_run_directory, reconcile_resumed_config
+from .state import MetricsLogger, RunLock, load_training_checkpoint, rng_state, save_atomic, set_rng_state
 from .step import backward_and_step, channels_last_on, create_optimizer, forward_terms, to_device
 from .task import TrainingTask
-
-
-class NonFiniteLoss(FloatingPointError):
-    """A loss term became NaN or Inf; the last good state was saved first."""
 
 
 def _sharing_groups(model) -> list[list[int]]:
@@ -59,7 +62,8 @@ def build_data(config: TrainConfig, image_size: int, context_length: int, rank: 
     source = open_source(data.source, EmbeddedConfig(seed=data.seed, num_train=data.num_train, image_size=image_size))
     tokenizer = create_tokenizer(data.tokenizer, vocab_path=data.vocab_path, context_length=context_length)
     dataset = ImageTextDataset(source, tokenizer, augment_config=AugmentConfig(image_size, normalize=not data.normalize_on_device), p_synthetic=data.p_synthetic, seed=config.seed)
-    loader = ImageTextLoader(dataset, data.batch_size, num_workers=data.workers, seed=config.seed, rank=rank, world_size=world)
+    loader = ImageTextLoader(dataset, data.batch_size, num_workers=data.workers, seed=config.seed, rank=rank, world_size=world,
+                             max_skip_fraction=data.max_skip_fraction)  # fmt: skip
     return loader, tokenizer
 
 
@@ -112,21 +116,55 @@ def _device(config: TrainConfig) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def train(config: TrainConfig, *, resume: bool = False, max_steps: int | None = None, progress: bool = True) -> dict:
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, max_steps: int | None = None,
+          progress: bool = True) -> dict:  # fmt: skip
     """Train; returns the run summary (also written to ``out_dir/summary.json``).
 
     ``max_steps`` stops early after that many optimiser steps in total (a deliberate interruption).
+    An output directory that already holds a run is refused unless ``resume`` (continue it) or
+    ``overwrite`` (start over); one in use by another run is refused, naming its PID. SIGINT/SIGTERM
+    save at the next step boundary and raise :class:`TrainingInterrupted`; a NaN or Inf loss term,
+    gradient or parameter raises :class:`NonFiniteLoss` naming it and the last good checkpoint.
     """
     if config.accumulation != 1:
         raise ValueError(
             "gradient accumulation would split each batch's contrastive negatives across micro-batches and change "
             "the loss; use a smaller batch, or several GPUs (features are gathered across ranks)"
         )
+    if resume and overwrite:
+        raise ValueError("resume continues the run in out_dir and overwrite starts it over: choose one")
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     owns_group = distributed and not dist.is_initialized()
     if owns_group:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.dist_timeout))
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    out_dir = Path(config.out_dir)
+    lock = None
+    try:
+        if rank == 0:
+            lock = RunLock(out_dir)
+            prepare_run_directory(out_dir, resume=resume, overwrite=overwrite)
+        with StopSignals() as signals:
+            summary = _train(config, resume=resume, max_steps=max_steps, progress=progress, distributed=distributed,
+                             rank=rank, world=world, signals=signals)  # fmt: skip
+    except BaseException as err:
+        if owns_group:  # these two stop every rank at the same step; anything else may have stopped this rank alone
+            if isinstance(err, (NonFiniteLoss, TrainingInterrupted)):
+                dist.barrier()
+            dist.destroy_process_group()
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+    if owns_group:  # every rank reaches this point before the group (and its connections) goes
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _train(config: TrainConfig, *, resume: bool, max_steps: int | None, progress: bool, distributed: bool, rank: int,
+           world: int, signals: StopSignals) -> dict:  # fmt: skip
     device = _device(config)
     out_dir = Path(config.out_dir)
     checkpoint_path = out_dir / "checkpoint.pt"
@@ -145,54 +183,92 @@ def train(config: TrainConfig, *, resume: bool = False, max_steps: int | None = 
     model = torch.nn.parallel.DistributedDataParallel(task) if distributed else task
     model = torch.compile(model) if config.compile else model
 
-    step = 0
-    if resume and checkpoint_path.exists():
-        state = load_training_checkpoint(checkpoint_path)
-        task.load_trainable_state(state["task"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        step = state["step"]
+    step, saved_step, pm_skipped = 0, None, 0
+    last: dict[str, float] = {}
+    if resume:
+        if checkpoint_path.exists():
+            state = load_training_checkpoint(checkpoint_path)
+            task.load_trainable_state(state["task"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            loader.load_state_dict(state["loader"])
+            set_rng_state(state["rng"])
+            step = saved_step = state["step"]
+            last, pm_skipped = state.get("last_terms", {}), state.get("pm_skipped_steps", 0)
+            config = reconcile_resumed_config(config, state.get("config", {}), checkpoint_path)
+        else:
+            warnings.warn(f"--resume: no checkpoint at {checkpoint_path}; starting from step 0", stacklevel=2)
 
     def save_state() -> None:
+        nonlocal saved_step
         if rank == 0:
-            save_atomic({"task": task.trainable_state(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "loader": loader.state_dict(), "rng": rng_state(), "step": step,
-                         "config": dataclasses.asdict(config)}, checkpoint_path)  # fmt: skip
+            payload = {"task": task.trainable_state(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "loader": loader.state_dict(), "rng": rng_state(), "step": step, "last_terms": last,
+                       "pm_skipped_steps": pm_skipped, "config": dataclasses.asdict(config)}  # fmt: skip
+            bad = nonfinite_names(flatten_tensors({"task": payload["task"], "optimizer": payload["optimizer"]["state"]}))
+            if bad:  # a checkpoint is only ever a state worth resuming from
+                raise NonFiniteLoss(f"{_listed(bad)} non-finite at step {step}; not saved. {_last_good(saved_step, checkpoint_path)}")
+            save_atomic(payload, checkpoint_path)
+        saved_step = step
 
-    logger = MetricsLogger(out_dir, enabled=rank == 0)
+    def stop_non_finite(what: str, *, save: bool) -> None:
+        """Raise naming ``what``; ``save``: the weights have not been touched by this step, so they are the last good state."""
+        if save:
+            save_state()
+        raise NonFiniteLoss(f"{what} became non-finite at step {step}; {_last_good(saved_step, checkpoint_path)}")
+
+    def check_gradients(norm: Tensor) -> None:
+        if not bool(torch.isfinite(norm)):  # the norm of the all-reduced gradients: every rank agrees
+            named = ((name, p.grad) for name, p in task.named_parameters() if p.grad is not None)
+            stop_non_finite(f"gradient norm {float(norm)} (gradients of {_listed(nonfinite_names(named))})", save=True)
+
+    logger = MetricsLogger(out_dir, enabled=rank == 0, resume_step=step if resume else None)
     stop = total_steps if max_steps is None else min(total_steps, max_steps)
     bar = tqdm(total=total_steps, initial=step, desc=f"train {config.model}", disable=not progress or rank != 0)
-    last: dict[str, float] = {}
+    pm_on = getattr(task.objective, "pair_matching", None) is not None
     started = time.perf_counter()
     task.train()
     while step < stop:
         for batch in loader:
             t0 = time.perf_counter()
             batch = to_device(batch, device, channels_last=channels_last)
-            terms = forward_terms(model, batch, bf16=use_bf16)
+            try:
+                terms = forward_terms(model, batch, bf16=use_bf16)
+            except NonFiniteInput as err:  # features went non-finite before any loss could be computed
+                stop_non_finite(f"the forward pass ({err})", save=True)
             bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
-            if bad:
-                save_state()  # nothing has been updated by this batch: the saved state is the last good one
-                raise NonFiniteLoss(f"loss term(s) {bad} became non-finite at step {step}; last good state saved to {checkpoint_path}")
-            grad_norm = backward_and_step(terms["total"], optimizer, task.parameters(), grad_clip=config.grad_clip)
+            if _any_rank(bool(bad), device):
+                stop_non_finite(f"loss term(s) {bad}", save=True)  # nothing has been updated by this batch
+            grad_norm = backward_and_step(terms["total"], optimizer, task.parameters(), grad_clip=config.grad_clip,
+                                          before_step=check_gradients)  # fmt: skip
+            bad = nonfinite_names((name, p) for name, p in task.named_parameters() if p.requires_grad)
+            if bad:  # the in-memory weights are lost; the checkpoint on disk is not touched
+                stop_non_finite(f"parameter(s) {_listed(bad)} after the optimiser step", save=False)
             scheduler.step()
             step += 1
+            pm_skipped += pm_on and batch["size"] < PairMatchingLoss.MIN_PAIRS
             last = {name: value.item() for name, value in terms.items()}
             rate = batch["size"] * world / (time.perf_counter() - t0)
             bar.update(1)
             bar.set_postfix({**{k: f"{v:.3g}" for k, v in last.items()}, "img/s": f"{rate:.0f}"})
             if step % config.log_every == 0 or step == stop:
                 logger.log(step, {**last, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "samples_per_s": rate})
-            if step % config.checkpoint_every == 0 or step == stop:
+            interrupted = _any_rank(signals.received is not None, device)
+            if step % config.checkpoint_every == 0 or step == stop or interrupted:
                 save_state()
+            if interrupted:
+                bar.close()
+                name = signal.Signals(signals.received or signal.SIGTERM).name
+                logger.summary(_summary(config, student, step, total_steps, started, last, pm_skipped) | {"interrupted": name})
+                raise TrainingInterrupted(signals.received or signal.SIGTERM,
+                                          f"{name} at step {step}: state saved to {checkpoint_path}; continue with --resume")  # fmt: skip
             if step >= stop:
                 break
     bar.close()
-    summary = {"model": config.model, "steps": step, "total_steps": total_steps, "seconds": time.perf_counter() - started,
-               "final_loss": last, "parameters": count_parameters_by_group(student),
-               "sharing": [list(g) for g in _sharing_groups(student)], "config": dataclasses.asdict(config)}  # fmt: skip
+    if pm_skipped:
+        warnings.warn(f"pair matching skipped on {pm_skipped} step(s) whose batch had fewer than {PairMatchingLoss.MIN_PAIRS} pairs "
+                      "left after skipped samples", stacklevel=2)  # fmt: skip
+    summary = _summary(config, student, step, total_steps, started, last, pm_skipped)
     if step >= total_steps and rank == 0:
         save_checkpoint(student, out_dir / "model.pt")
         if config.evaluate:
@@ -202,7 +278,29 @@ def train(config: TrainConfig, *, resume: bool = False, max_steps: int | None = 
             eval_world = EmbeddedConfig(seed=config.data.seed, zero_shot_per_class=config.eval_zero_shot_per_class)
             summary["eval"] = evaluate_embedded(student, tokenizer, eval_world, retrieval_images=config.eval_retrieval_images)
     logger.summary(summary)
-    if owns_group:  # every rank reaches this point before the group (and its connections) goes
-        dist.barrier()
-        dist.destroy_process_group()
     return summary
+
+
+def _summary(config: TrainConfig, student, step: int, total_steps: int, started: float, last: dict, pm_skipped: int) -> dict:
+    return {"model": config.model, "steps": step, "total_steps": total_steps, "seconds": time.perf_counter() - started,
+            "final_loss": last, "pm_skipped_steps": pm_skipped, "parameters": count_parameters_by_group(student),
+            "sharing": [list(g) for g in _sharing_groups(student)], "config": dataclasses.asdict(config)}  # fmt: skip
+
+
+def _listed(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _last_good(saved_step: int | None, checkpoint_path: Path) -> str:
+    if saved_step is None:
+        return "no checkpoint was written in this run"
+    return f"the last good state (step {saved_step}) is in {checkpoint_path}"
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` or-ed over the ranks, so every rank stops (or carries on) together."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

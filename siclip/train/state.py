@@ -1,19 +1,49 @@
-"""Training state on disk: atomic checkpoints with everything an exact resume needs, and metric logs."""
+"""Training state on disk: atomic checkpoints with everything an exact resume needs, metric logs, and the
+run directory's lock.
+
+Checkpoints hold only tensors and plain Python values (RNG states included), so they load with
+``torch.load(weights_only=True)``: resuming never runs code from the file.
+"""
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
+import pickle
 import random
+import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+CHECKPOINT_KEYS = ("task", "optimizer", "scheduler", "loader", "rng", "step")
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint that cannot be used; the message names the file and what is wrong with it."""
+
+
+class RunDirectoryBusy(RuntimeError):
+    """Another process holds the run directory's lock."""
+
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain values (what a weights-only load accepts).
+
+    numpy's Mersenne Twister state ``(name, keys[624], pos, has_gauss, gauss)`` keeps its keys as an int64
+    tensor; Python's ``random`` state is a tuple of ints already.
+    """
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},  # fmt: skip
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -21,42 +51,118 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_atomic(payload: dict, path: Path) -> Path:
-    """``torch.save`` to a temporary file in the same directory, then rename: never half a checkpoint."""
+    """``torch.save`` to a temporary file of a unique name in the same directory, then rename: never half a
+    checkpoint, and two writers never share a temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
 def load_training_checkpoint(path: Path) -> dict:
-    # Optimiser and RNG states hold numpy and Python objects, so this file is not weights-only; it is
-    # the run's own file, written by save_atomic.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The payload :func:`save_atomic` wrote, loaded weights-only; :class:`CheckpointError` naming ``path``
+    when the file is empty, truncated, not a checkpoint, or would run code when unpickled."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): not a checkpoint")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} ({size} bytes) is not a torch checkpoint archive: truncated, overwritten or another file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain values and was not loaded "
+                              f"(loading it could run code from the file): {first}") from None  # fmt: skip
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"checkpoint {path} ({size} bytes) cannot be read, it is damaged ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a training checkpoint: it needs {list(CHECKPOINT_KEYS)}, has {have}")
+    return state
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``out_dir/.lock`` for the life of a run; the file names the holder's PID.
+
+    The kernel drops the lock when its process dies (even by SIGKILL), so a crashed run never leaves a
+    stale lock behind.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / ".lock"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise RunDirectoryBusy(f"run directory {out_dir} is in use by another run (PID {holder}); "
+                                   "wait for it to finish or choose another output directory") from None  # fmt: skip
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 class MetricsLogger:
-    """Rows of metrics to ``metrics.csv`` (and TensorBoard when installed); the run summary to JSON."""
+    """Rows of metrics to ``metrics.csv`` (and TensorBoard when installed); the run summary to JSON.
 
-    def __init__(self, out_dir: Path, enabled: bool = True) -> None:
+    ``resume_step``: the step of the checkpoint a run resumes from; rows logged after it (by the run that
+    stopped) are dropped, so the resumed run's rows are not written twice.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool = True, resume_step: int | None = None) -> None:
         self.out_dir, self.enabled = out_dir, enabled
         self.path = out_dir / "metrics.csv"
         self._writer = None
         if enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                self._drop_rows_after(resume_step)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(out_dir / "tensorboard"))
+                purge = None if resume_step is None else resume_step + 1
+                self._writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
             except ImportError:
                 self._writer = None
+
+    def _drop_rows_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+        if len(kept) == len(rows):
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -75,5 +181,7 @@ class MetricsLogger:
     def summary(self, data: dict) -> Path:
         path = self.out_dir / "summary.json"
         if self.enabled:
-            path.write_text(json.dumps(data, indent=1, default=str))
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1, default=str))
+            os.replace(tmp, path)
         return path

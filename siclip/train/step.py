@@ -3,13 +3,14 @@
     terms = forward_terms(model, batch, bf16=True)       # student, teacher, every loss term
     backward_and_step(terms["total"], optimizer, params, grad_clip=1.0)
 
-The loop checks ``terms`` for non-finite values between the two (so the saved state is the last good
-one); ``benchmarks/gpu_train_step.py`` times exactly these calls.
+The loop checks ``terms`` for non-finite values between the two, the gradient norm before the step
+(``before_step``) and the weights after it, so the saved state is always the last good one;
+``benchmarks/gpu_train_step.py`` times exactly these calls.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -77,13 +78,26 @@ def forward_terms(model: nn.Module, batch: dict, *, bf16: bool) -> dict[str, Ten
 
 
 def backward_and_step(
-    loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterable[Tensor], *, grad_clip: float | None
+    loss: Tensor,
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[Tensor],
+    *,
+    grad_clip: float | None,
+    before_step: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
-    """Backward, clip the global gradient norm (if ``grad_clip``), optimizer step; returns the norm before clipping."""
+    """Backward, clip the global gradient norm ‖g‖₂ = (Σ_p ‖g_p‖²)^½ to ``grad_clip`` (if set), optimizer step;
+    returns the norm before clipping.
+
+    ``before_step(norm)`` runs between clipping and the step (the loop's non-finite gradient check: it
+    raises before a NaN gradient reaches the weights); with it the norm is computed even without clipping.
+    """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = loss.new_zeros(())
-    if grad_clip:
-        norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip, foreach=True)
+    if grad_clip or before_step is not None:
+        max_norm = grad_clip or float("inf")  # an infinite bound measures without clipping
+        norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm, foreach=True)
+    if before_step is not None:
+        before_step(norm)
     optimizer.step()
     return norm

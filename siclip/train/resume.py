@@ -1,0 +1,67 @@
+"""What a run finds in its output directory: a fresh start, a run to continue, or one it must not overwrite.
+
+    prepare_run_directory(out_dir, resume=False, overwrite=False)   # refuses a directory holding a run
+    config = reconcile_resumed_config(config, checkpoint["config"], path)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import warnings
+from pathlib import Path
+
+from .config import TrainConfig
+
+RUN_FILES = ("checkpoint.pt", "metrics.csv", "summary.json", "model.pt")
+# The optimiser's hyper-parameters live in its state: a resumed run uses the checkpoint's values.
+OPTIMIZER_FIELDS = ("lr", "weight_decay", "betas", "eps")
+# Settings that change neither the weights nor the schedule, free to differ on a resume.
+FREE_ON_RESUME = {"out_dir", "log_every", "checkpoint_every", "evaluate", "eval_zero_shot_per_class", "eval_retrieval_images",
+                  "device", "dist_timeout", "compile", "data.workers", "data.max_skip_fraction"}  # fmt: skip
+
+
+def prepare_run_directory(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run over an existing one unless ``overwrite`` (which deletes its files); drop the
+    temporary files a killed run left (the caller holds the directory's lock, so no writer owns them)."""
+    for tmp in [*out_dir.glob(".*.tmp"), *out_dir.glob("*.pt.tmp")]:
+        tmp.unlink(missing_ok=True)
+    if resume:
+        return
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): pass --resume to continue it "
+                              "or --overwrite to delete it and start over")  # fmt: skip
+    for name in found:
+        (out_dir / name).unlink()
+    shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "model_overrides":
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def reconcile_resumed_config(config: TrainConfig, saved: dict, path: Path) -> TrainConfig:
+    """The configuration a resumed run really trains with, warning about every setting that differs from the
+    checkpoint's: optimiser settings come from the checkpoint (its state holds them), the rest from ``config``."""
+    new, old = _flat(dataclasses.asdict(config)), _flat(saved)
+    kept = {}
+    for name in sorted(set(new) & set(old)):
+        if new[name] == old[name] or name in FREE_ON_RESUME:
+            continue
+        if name in OPTIMIZER_FIELDS:
+            kept[name] = tuple(old[name]) if isinstance(old[name], list) else old[name]
+            used = f"the run continues with the checkpoint's {old[name]} (the optimiser state holds it); start a new run to change it"
+        else:
+            used = f"this run uses {new[name]}"
+        warnings.warn(f"--resume: {name} is {new[name]} but {path} was written with {old[name]}; {used}", stacklevel=3)
+    return dataclasses.replace(config, **kept)
