@@ -39,6 +39,7 @@ class TextConfig:
     mlp_ratio: float = 4.0
     mixer_kernel: int = 11
     layer_scale_init: float = 1e-5
+    tokenizer: str = "clip"  # the tokenizer whose ids the vocabulary holds: "clip" (BPE), "embedded", "words"
 
 
 def resample_positions(table: Tensor, length: int) -> Tensor:
