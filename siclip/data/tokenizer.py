@@ -273,3 +273,10 @@ def check_unknown_rate(tokenizer, texts: Sequence[str], threshold: float, where:
             "Use --tokenizer words (a vocabulary from your captions) or --tokenizer clip"
         )
     return rate
+
+
+def tokenizer_for(text_config, spec: dict | None = None, where: str = "checkpoint"):
+    """The tokenizer a model was trained with: the saved ``spec`` if any, else the one its text config names."""
+    if spec is not None:
+        return tokenizer_from_spec(spec, where)
+    return create_tokenizer(text_config.tokenizer, context_length=text_config.context_length)

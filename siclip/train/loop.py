@@ -19,13 +19,16 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from siclip.data import AugmentConfig, EmbeddedConfig, EmbeddedSource, ImageTextDataset, ImageTextLoader, create_tokenizer, open_source
+from siclip.data import AugmentConfig, EpochSampler, ImageTextDataset, ImageTextLoader
+from siclip.data.tokenizer import tokenizer_spec
 from siclip.distill import FrozenTeacher, SiCLIPObjective
 from siclip.models import (
     build_siclip, count_parameters_by_group, create_model, fuse_frozen_towers, get_model_config, load_checkpoint, save_checkpoint,
 )  # fmt: skip
 
 from .config import TrainConfig
+from .evaluation import evaluate_run, read_caption_file
+from .inputs import RunInputs, prepare_run, settled_model_config, training_captions
 from .state import MetricsLogger, load_training_checkpoint, rng_state, save_atomic, set_rng_state
 from .step import backward_and_step, channels_last_on, create_optimizer, forward_terms, to_device
 from .task import TrainingTask
@@ -54,23 +57,25 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_data(config: TrainConfig, image_size: int, context_length: int, rank: int, world: int):
+def build_data(config: TrainConfig, inputs: RunInputs, image_size: int, rank: int, world: int) -> ImageTextLoader:
     data = config.data
-    source = open_source(data.source, EmbeddedConfig(seed=data.seed, num_train=data.num_train, image_size=image_size))
-    tokenizer = create_tokenizer(data.tokenizer, vocab_path=data.vocab_path, context_length=context_length)
-    dataset = ImageTextDataset(source, tokenizer, augment_config=AugmentConfig(image_size, normalize=not data.normalize_on_device), p_synthetic=data.p_synthetic, seed=config.seed)
-    loader = ImageTextLoader(dataset, data.batch_size, num_workers=data.workers, seed=config.seed, rank=rank, world_size=world)
-    return loader, tokenizer
+    dataset = ImageTextDataset(inputs.source, inputs.tokenizer, augment_config=AugmentConfig(image_size, normalize=not data.normalize_on_device), p_synthetic=data.p_synthetic, seed=config.seed)
+    return ImageTextLoader(dataset, data.batch_size, num_workers=data.workers, seed=config.seed, rank=rank, world_size=world)
 
 
-def build_task(config: TrainConfig) -> TrainingTask:
-    """Student (inheriting from the teacher when one is given and the model is a SiCLIP), objective, teacher."""
+def build_task(config: TrainConfig, inputs: RunInputs | None = None) -> TrainingTask:
+    """Student (inheriting from the teacher when one is given and the model is a SiCLIP), objective, teacher.
+
+    ``inputs`` (source, teacher, tokenizer) come from :func:`~siclip.train.inputs.prepare_run`, which runs here when not given.
+    """
     model_config = get_model_config(config.model, **config.model_overrides)
-    teacher_model = load_checkpoint(config.teacher) if config.teacher else None
+    inputs = inputs if inputs is not None else prepare_run(config, model_config)
+    model_config = settled_model_config(model_config, inputs.tokenizer, inputs.teacher)
+    teacher_model = inputs.teacher
     if teacher_model is not None and model_config.siclip is not None:
         divergence = None
         if model_config.siclip.sharing in ("threshold", "optimal"):  # measured on the teacher's text blocks
-            divergence = calibration_divergence(teacher_model, config)
+            divergence = calibration_divergence(teacher_model, config, inputs)
         student, _ = build_siclip(teacher_model, model_config.siclip, divergence=divergence)
     else:
         if model_config.siclip is not None and model_config.siclip.sharing in ("threshold", "optimal"):
@@ -87,14 +92,20 @@ def build_task(config: TrainConfig) -> TrainingTask:
     return TrainingTask(student, objective, teacher)
 
 
-def calibration_divergence(model, config: TrainConfig):
-    """Attention JS divergences between the text blocks of ``model`` on embedded validation captions."""
+def calibration_divergence(model, config: TrainConfig, inputs: RunInputs):
+    """Attention JS divergences between the text blocks of ``model`` on calibration captions: the lines of
+    ``config.calibration_captions_file``, else captions of the training data (its first batches' order)."""
     from siclip.analysis.divergence import text_divergences
 
-    tokenizer = create_tokenizer(config.data.tokenizer, vocab_path=config.data.vocab_path, context_length=model.config.text.context_length)
-    val = EmbeddedSource(EmbeddedConfig(seed=config.data.seed, num_val=config.calibration_captions), "val")
-    ids = tokenizer([val.load(i).synthetic[0] for i in range(len(val))])
-    return text_divergences(model.eval(), ids)["attention"].numpy()
+    if config.calibration_captions_file is not None:
+        texts = read_caption_file(config.calibration_captions_file)
+    else:
+        indices = EpochSampler(len(inputs.source), seed=config.seed).order(0)[: config.calibration_captions]
+        texts = [t for i in indices for t in training_captions(inputs.source, [i], config.data.p_synthetic)[:1]]
+    if not texts:
+        raise ValueError(f"no calibration captions in {config.calibration_captions_file or config.data.source}")
+    ids = inputs.tokenizer(texts[: config.calibration_captions]).to(next(model.parameters()).device)
+    return text_divergences(model.eval(), ids)["attention"].cpu().numpy()
 
 
 def _device(config: TrainConfig) -> torch.device:
@@ -123,12 +134,13 @@ def train(config: TrainConfig, *, resume: bool = False, max_steps: int | None = 
     checkpoint_path = out_dir / "checkpoint.pt"
     torch.manual_seed(config.seed)
 
-    task = build_task(config).to(device)
+    inputs = prepare_run(config, get_model_config(config.model, **config.model_overrides), rank=rank, resume=resume)
+    task = build_task(config, inputs).to(device)
     channels_last = channels_last_on(device, config.channels_last)
     if channels_last:
         task.to(memory_format=torch.channels_last)
     student = task.student
-    loader, tokenizer = build_data(config, student.config.image.image_size, student.config.text.context_length, rank, world)
+    loader, tokenizer = build_data(config, inputs, student.config.image.image_size, rank, world), inputs.tokenizer
     optimizer = create_optimizer(task, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
     total_steps = config.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, config.warmup_steps, total_steps))
@@ -185,13 +197,9 @@ def train(config: TrainConfig, *, resume: bool = False, max_steps: int | None = 
                "final_loss": last, "parameters": count_parameters_by_group(student),
                "sharing": [list(g) for g in _sharing_groups(student)], "config": dataclasses.asdict(config)}  # fmt: skip
     if step >= total_steps and rank == 0:
-        save_checkpoint(student, out_dir / "model.pt")
+        save_checkpoint(student, out_dir / "model.pt", tokenizer=tokenizer_spec(tokenizer))
         if config.evaluate:
-            from siclip.eval import evaluate_embedded
-
-            student.eval()
-            eval_world = EmbeddedConfig(seed=config.data.seed, zero_shot_per_class=config.eval_zero_shot_per_class)
-            summary["eval"] = evaluate_embedded(student, tokenizer, eval_world, retrieval_images=config.eval_retrieval_images)
+            summary["eval"] = evaluate_run(student, tokenizer, config)
     logger.summary(summary)
     if owns_group:  # every rank reaches this point before the group (and its connections) goes
         dist.barrier()
