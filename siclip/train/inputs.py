@@ -110,6 +110,8 @@ def check_tokenizer(tokenizer, student_config: ModelConfig, teacher, teacher_spe
     problems = []
     if tokenizer.vocab_size > student_config.text.vocab_size:
         problems.append(f"its {tokenizer.vocab_size} ids do not fit the student's vocabulary of {student_config.text.vocab_size}")
+    if teacher is not None and tokenizer.vocab_size > teacher.config.text.vocab_size:
+        problems.append(f"its {tokenizer.vocab_size} ids do not fit the teacher's vocabulary of {teacher.config.text.vocab_size}")
     if teacher is not None:
         expected = tokenizer_for(teacher.config.text, teacher_spec, where)
         if tokenizer_spec(expected) != tokenizer_spec(tokenizer):
