@@ -36,6 +36,7 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     parser.add_argument("--preset", choices=sorted(PRESETS))
     parser.add_argument("--model")
     parser.add_argument("--teacher", help="checkpoint to inherit from (SiCLIP models) and distil from (--wikd)")
+    parser.add_argument("--teacher-model", help="config an Apple-layout teacher file is built as (mobileclip_s0)")
     parser.add_argument("--wikd", action="store_true", help="feature, relation and interactive distillation + PM")
     parser.add_argument("--out", dest="out_dir")
     parser.add_argument("--data", dest="source", help="'embedded', a shard directory/pattern or a .csv/.tsv")
@@ -64,7 +65,7 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     config = PRESETS[args.preset] if args.preset else TrainConfig()
-    top = {k: getattr(args, k) for k in ("model", "teacher", "out_dir", "epochs", "lr", "evaluate", "eval_zeroshot", "eval_classnames",
+    top = {k: getattr(args, k) for k in ("model", "teacher", "teacher_model", "out_dir", "epochs", "lr", "evaluate", "eval_zeroshot", "eval_classnames",
            "eval_templates", "eval_retrieval", "eval_embedded", "calibration_captions_file") if getattr(args, k) is not None}  # fmt: skip
     data = {k: getattr(args, k) for k in ("source", "num_train", "batch_size", "workers", "p_synthetic", "tokenizer", "vocab_path",
             "max_unknown_rate", "image_key", "caption_key", "synthetic_keys") if getattr(args, k) is not None}  # fmt: skip

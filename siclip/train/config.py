@@ -32,6 +32,7 @@ class TrainConfig:
     model: str = "mobileclip_tiny"
     model_overrides: dict = field(default_factory=dict)  # e.g. {"siclip": {"sharing": "optimal", "sharing_max_groups": 2}}
     teacher: str | None = None  # checkpoint: the student inherits from it (SiCLIP) and distils from it
+    teacher_model: str = "mobileclip_s0"  # the registered config a teacher file in Apple's layout is built as
     out_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(feature=0, relation=0, interactive=0, pair_matching=0))

@@ -124,7 +124,7 @@ def check_tokenizer(tokenizer, student_config: ModelConfig, teacher, teacher_spe
 def prepare_run(config: TrainConfig, model_config: ModelConfig, *, rank: int = 0, resume: bool = False) -> RunInputs:
     """Source, teacher and a tokenizer checked against the models and the first batches' captions."""
     source = open_training_source(config, model_config.image.image_size)
-    teacher, teacher_spec = load_model(config.teacher) if config.teacher else (None, None)
+    teacher, teacher_spec = load_model(config.teacher, model=config.teacher_model) if config.teacher else (None, None)
     tokenizer = resolve_tokenizer(config, model_config, source, teacher, teacher_spec, resume=resume)
     inherits = teacher is not None and model_config.siclip is not None
     student_config = teacher.config if inherits else settled_model_config(model_config, tokenizer, teacher)
