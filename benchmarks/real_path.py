@@ -14,6 +14,7 @@ Writes OUT/run (train.py's outputs, eval/*.json), OUT/real_path.json and prints 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -42,11 +43,12 @@ def write_user_files(out: Path, image_size: int, train: int, per_class: int, ret
     (out / "templates.txt").write_text("\n".join(templates) + "\n")
     source, captions = retrieval_set(world, "test")
     (out / "retrieval").mkdir(exist_ok=True)
-    rows = ["filepath,title"]
-    for i in range(len(source)):
-        (out / "retrieval" / f"{i:05d}.png").write_bytes(encode_image(source.load(i).image))
-        rows += [f"retrieval/{i:05d}.png,{caption}" for caption in captions[i]]
-    (out / "retrieval.csv").write_text("\n".join(rows) + "\n")
+    with open(out / "retrieval.csv", "w", newline="") as f:  # the csv module quotes captions with commas
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "title"])
+        for i in range(len(source)):
+            (out / "retrieval" / f"{i:05d}.png").write_bytes(encode_image(source.load(i).image))
+            writer.writerows([f"retrieval/{i:05d}.png", caption] for caption in captions[i])
     return {"shards": out / "shards", "zeroshot": out / "zeroshot", "classnames": out / "classnames.txt",
             "templates": out / "templates.txt", "retrieval": out / "retrieval.csv"}  # fmt: skip
 

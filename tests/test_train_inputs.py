@@ -6,10 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from siclip.models import create_model, save_checkpoint, to_apple_state_dict
+from siclip.models import create_model, get_model_config, save_checkpoint, to_apple_state_dict
 from siclip.train import DataConfig, TrainConfig, build_task
 from siclip.train.inputs import prepare_run
-from siclip.models import get_model_config
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from siclip.data import AugmentConfig, EpochSampler, ImageTextDataset, ImageText
 from siclip.data.tokenizer import tokenizer_spec
 from siclip.distill import FrozenTeacher, SiCLIPObjective
 from siclip.models import (
-    build_siclip, count_parameters_by_group, create_model, fuse_frozen_towers, get_model_config, load_checkpoint, save_checkpoint,
+    build_siclip, count_parameters_by_group, create_model, fuse_frozen_towers, get_model_config, save_checkpoint,
 )  # fmt: skip
 
 from .config import TrainConfig
