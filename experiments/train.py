@@ -36,6 +36,7 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     parser.add_argument("--preset", choices=sorted(PRESETS))
     parser.add_argument("--model")
     parser.add_argument("--teacher", help="checkpoint to inherit from (SiCLIP models) and distil from (--wikd)")
+    parser.add_argument("--image-size", type=int, help="input resolution of a model built from scratch (e.g. 32 for small scans)")
     parser.add_argument("--teacher-model", help="config an Apple-layout teacher file is built as (mobileclip_s0)")
     parser.add_argument("--wikd", action="store_true", help="feature, relation and interactive distillation + PM")
     parser.add_argument("--out", dest="out_dir")
@@ -72,6 +73,8 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     if args.eval_classnames and not args.eval_zeroshot:
         parser.error("--classnames needs --eval-zeroshot")
     flags = {k: True for k in ("compile", "fuse_frozen_towers", "grad_checkpointing") if getattr(args, k)}
+    if args.image_size is not None:
+        top["model_overrides"] = {**config.model_overrides, "image": {**config.model_overrides.get("image", {}), "image_size": args.image_size}}
     config = dataclasses.replace(config, **top, **flags, data=dataclasses.replace(config.data, **data))
     if args.wikd:
         config = dataclasses.replace(config, objective=ObjectiveConfig())

@@ -127,6 +127,9 @@ def prepare_run(config: TrainConfig, model_config: ModelConfig, *, rank: int = 0
     teacher, teacher_spec = load_model(config.teacher, model=config.teacher_model) if config.teacher else (None, None)
     tokenizer = resolve_tokenizer(config, model_config, source, teacher, teacher_spec, resume=resume)
     inherits = teacher is not None and model_config.siclip is not None
+    if inherits and model_config.image.image_size != teacher.config.image.image_size:
+        raise ValueError(f"the student inherits {config.teacher}, which takes {teacher.config.image.image_size} px images, "
+                         f"not {model_config.image.image_size} (leave --image-size out)")  # fmt: skip
     student_config = teacher.config if inherits else settled_model_config(model_config, tokenizer, teacher)
     check_tokenizer(tokenizer, student_config, teacher, teacher_spec, str(config.teacher))
     rate = check_unknown_rate(tokenizer, training_captions(source, first_batches(config, len(source)), config.data.p_synthetic),
