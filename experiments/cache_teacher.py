@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 from siclip.data import AugmentConfig, EmbeddedConfig, build_teacher_cache, create_tokenizer, open_source
+from siclip.data.tokenizer import tokenizer_for
 from siclip.distill import FrozenTeacher
+from siclip.models import load_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,15 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", type=Path, required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tokenizer", default="embedded", choices=["embedded", "clip"])
+    parser.add_argument("--tokenizer", choices=["embedded", "clip", "words"], help="default: the one saved with the teacher, else its config's")
     parser.add_argument("--vocab-path", type=Path)
     parser.add_argument("--num-train", type=int, default=10_000, help="size of the embedded split")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     args = parser.parse_args(argv)
-    teacher = FrozenTeacher.from_checkpoint(args.teacher)
-    model = teacher.model
-    tokenizer = create_tokenizer(args.tokenizer, vocab_path=args.vocab_path, context_length=model.config.text.context_length)
+    loaded, spec = load_model(args.teacher)
+    model = FrozenTeacher(loaded).model
+    if args.tokenizer is None:
+        tokenizer = tokenizer_for(model.config.text, spec, str(args.teacher))
+    else:
+        tokenizer = create_tokenizer(args.tokenizer, vocab_path=args.vocab_path, context_length=model.config.text.context_length)
     path = build_teacher_cache(
         open_source(args.data, EmbeddedConfig(num_train=args.num_train)), model.encode_image, model.encode_text, tokenizer, args.out,
         augment_config=AugmentConfig(model.config.image.image_size), batch_size=args.batch_size,

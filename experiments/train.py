@@ -2,12 +2,19 @@
 
     python experiments/train.py --preset demo                          # the README's main job (CPU, minutes)
     python experiments/train.py --model siclip_tiny --teacher runs/demo/model.pt --wikd --out runs/student
-    python experiments/train.py --data data/shards --tokenizer clip --vocab-path bpe.txt.gz --model mobileclip_s0
+    python experiments/train.py --model siclip_s0 --teacher mobileclip_s0.pt --data data/shards --wikd --out runs/s0
+    python experiments/train.py --data train.csv --synthetic-keys syn0,syn1 --tokenizer words \
+        --eval-zeroshot data/test --classnames classes.txt --templates prompts.txt --out runs/mine
     python experiments/train.py ... --resume                            # continue exactly where it stopped
     python experiments/train.py ... --overwrite                         # start over in a directory holding a run
 
 Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the next step boundary and exits with status 130 / 143;
 ``--resume`` continues from it. A NaN or Inf loss, gradient or weight stops the run naming it (status 1).
+
+--teacher: a siclip checkpoint or Apple's mobileclip_s0.pt (the format is detected).
+--tokenizer: the model's own by default (the teacher's when there is one); "words" builds a vocabulary
+from your training captions; models built from scratch take the tokenizer's vocabulary size.
+With --data other than the embedded world, only the benchmarks you name are evaluated.
 
 Multi-GPU: ``torchrun --nproc_per_node=N experiments/train.py ...`` (features are gathered across ranks).
 """
@@ -34,6 +41,8 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--preset", choices=sorted(PRESETS))
     parser.add_argument("--model")
     parser.add_argument("--teacher", help="checkpoint to inherit from (SiCLIP models) and distil from (--wikd)")
+    parser.add_argument("--image-size", type=int, help="input resolution of a model built from scratch (e.g. 32 for small scans)")
+    parser.add_argument("--teacher-model", help="config an Apple-layout teacher file is built as (mobileclip_s0)")
     parser.add_argument("--wikd", action="store_true", help="feature, relation and interactive distillation + PM")
     parser.add_argument("--out", dest="out_dir")
     parser.add_argument("--data", dest="source", help="'embedded', a shard directory/pattern or a .csv/.tsv")
@@ -41,8 +50,19 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--workers", type=int)
     parser.add_argument("--p-synthetic", type=float)
-    parser.add_argument("--tokenizer", choices=["embedded", "clip"])
-    parser.add_argument("--vocab-path")
+    parser.add_argument("--tokenizer", choices=["embedded", "clip", "words"], help="default: the teacher's, else the model's")
+    parser.add_argument("--vocab-path", help="CLIP merges file, or a word list for --tokenizer words")
+    parser.add_argument("--max-unknown-rate", type=float, help="refuse above this fraction of <unk> caption tokens (0.05)")
+    parser.add_argument("--image-key", help="CSV image path column (filepath)")
+    parser.add_argument("--caption-key", help="CSV caption column (title)")
+    parser.add_argument("--synthetic-keys", type=lambda s: tuple(k for k in s.split(",") if k), help="CSV synthetic caption columns, comma-separated")
+    parser.add_argument("--eval-zeroshot", help="zero-shot set: class-per-subfolder directory or filepath,label CSV")
+    parser.add_argument("--classnames", dest="eval_classnames", help="class names file (one per line or JSON list)")
+    parser.add_argument("--templates", dest="eval_templates", help="prompt templates file ({} placeholder); CLIP's ensemble by default")
+    parser.add_argument("--eval-retrieval", help="retrieval set: filepath,title CSV (one row per caption) or shards")
+    parser.add_argument("--eval-embedded", action="store_true", default=None, help="also evaluate on the embedded world")
+    parser.add_argument("--no-eval", dest="evaluate", action="store_false", default=None, help="no end-of-run evaluation")
+    parser.add_argument("--calibration-captions", dest="calibration_captions_file", help="captions file for sharing chosen by divergence")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--compile", action="store_true")
@@ -52,17 +72,20 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--log-every", type=int, help="steps between metrics.csv rows")
     parser.add_argument("--max-skip-fraction", type=float, help="stop when an epoch skips more than this fraction of its samples")
     parser.add_argument("--dist-timeout", type=float, help="seconds a rank waits for the others before the run fails")
-    parser.add_argument("--no-evaluate", dest="evaluate", action="store_false", default=None, help="skip the end-of-run evaluation")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     args = parser.parse_args(argv)
     config = PRESETS[args.preset] if args.preset else TrainConfig()
-    top = {k: getattr(args, k) for k in ("model", "teacher", "out_dir", "epochs", "lr", "checkpoint_every", "log_every", "dist_timeout",
-                                         "evaluate")
+    top = {k: getattr(args, k) for k in ("model", "teacher", "teacher_model", "out_dir", "epochs", "lr", "evaluate", "eval_zeroshot", "eval_classnames",
+           "eval_templates", "eval_retrieval", "eval_embedded", "calibration_captions_file", "checkpoint_every", "log_every", "dist_timeout")
            if getattr(args, k) is not None}  # fmt: skip
     data = {k: getattr(args, k) for k in ("source", "num_train", "batch_size", "workers", "p_synthetic", "tokenizer", "vocab_path",
-                                          "max_skip_fraction") if getattr(args, k) is not None}  # fmt: skip
+            "max_unknown_rate", "image_key", "caption_key", "synthetic_keys", "max_skip_fraction") if getattr(args, k) is not None}  # fmt: skip
+    if args.eval_classnames and not args.eval_zeroshot:
+        parser.error("--classnames needs --eval-zeroshot")
     flags = {k: True for k in ("compile", "fuse_frozen_towers", "grad_checkpointing") if getattr(args, k)}
+    if args.image_size is not None:
+        top["model_overrides"] = {**config.model_overrides, "image": {**config.model_overrides.get("image", {}), "image_size": args.image_size}}
     config = dataclasses.replace(config, **top, **flags, data=dataclasses.replace(config.data, **data))
     if args.wikd:
         config = dataclasses.replace(config, objective=ObjectiveConfig())
@@ -82,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{config.model}: {summary['steps']} steps in {summary['seconds']:.0f} s, final loss "
           + ", ".join(f"{k} {v:.3f}" for k, v in summary["final_loss"].items()))  # fmt: skip
     print(f"parameters: {summary['parameters']}")
-    if "eval" in summary:
+    if summary.get("eval"):
         print("\n| metric | value |\n|---|---|")
         for name, value in summary["eval"].items():
             print(f"| {name} | {100 * value:.1f} % |")
-    print(f"\nmodel, checkpoint, metrics.csv and summary.json in {config.out_dir}")
+    print(f"\nmodel, checkpoint, metrics.csv, summary.json and eval/*.json in {config.out_dir}")
     return 0
 
 

@@ -106,9 +106,10 @@ def test_broken_checkpoint_lists_every_problem(tmp_path):
     with pytest.raises(CheckpointMismatch) as err:
         load_mobileclip_s0(state)
     message = str(err.value)
-    assert "1 missing keys: text.transformer.1.mlp.fc1.weight" in message
-    assert "1 unexpected keys: visual.head.extra" in message
-    assert "text.projection: checkpoint (512, 256) vs model (512, 512)" in message
+    # keys named as in the user's file, not in siclip's layout
+    assert "1 missing keys: text_encoder.transformer.2.pre_norm_ffn.1.weight" in message
+    assert "1 unexpected keys: image_encoder.model.head.extra" in message
+    assert "text_encoder.projection_layer: checkpoint (512, 256) vs model (512, 512)" in message
     with pytest.raises(FileNotFoundError, match="mobileclip_s0.pt"):
         load_mobileclip_s0(tmp_path / "mobileclip_s0.pt")
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from siclip.data import ClipBpeTokenizer, WordTokenizer, create_tokenizer
-from siclip.data.tokenizer import open_clip_merges_file
+from siclip.data.tokenizer import (
+    build_word_vocabulary, check_unknown_rate, tokenizer_from_spec, tokenizer_spec, unknown_token_rate,
+)  # fmt: skip
 
 
 def test_word_tokenizer_layout_and_round_trip():
@@ -53,18 +55,59 @@ def test_clip_bpe_applies_merges_in_rank_order(tiny_merges):
 def test_create_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="merges file not found"):
         ClipBpeTokenizer(tmp_path / "nope.txt.gz")
-    if open_clip_merges_file() is None:
-        with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-            create_tokenizer("clip")
+    with pytest.raises(ValueError, match="needs its word list"):
+        create_tokenizer("words")
     with pytest.raises(ValueError, match="unknown tokenizer"):
         create_tokenizer("sentencepiece")
 
 
-@pytest.mark.skipif(open_clip_merges_file() is None, reason="open_clip is not installed")
+def test_packaged_clip_bpe_works_offline():
+    """The merges file ships with the package: CLIP's ids for a sentence everyone has tokenized."""
+    tok = create_tokenizer("clip")
+    assert tok.vocab_size == 49408 and tok.context_length == 77
+    assert tok("a photo of a cat")[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
 def test_clip_bpe_matches_open_clip():
-    import open_clip
+    open_clip = pytest.importorskip("open_clip")
 
     ours = create_tokenizer("clip")
     theirs = open_clip.get_tokenizer("ViT-B-32")
     texts = ["a photo of a red circle.", "IMG_0412.jpg free shipping!!", "naïve café — 3 dogs"]
     assert torch.equal(ours(texts), theirs(texts))
+
+
+def test_word_tokenizer_from_captions_round_trips_as_data():
+    captions = ["a handwritten digit seven", "A handwritten digit two.", "digit seven"]
+    words = build_word_vocabulary(captions)
+    assert words == [".", "a", "digit", "handwritten", "seven", "two"]
+    assert build_word_vocabulary(captions, min_count=2) == ["a", "digit", "handwritten", "seven"]
+    tok = create_tokenizer("words", words=words, context_length=12)
+    spec = tokenizer_spec(tok)
+    assert spec == {"name": "words", "context_length": 12, "words": words}  # plain data, no pickle
+    again = tokenizer_from_spec(spec)
+    assert torch.equal(again(captions), tok(captions)) and again.vocab_size == tok.vocab_size == len(words) + 4
+    assert tokenizer_spec(create_tokenizer("clip")) == {"name": "clip", "context_length": 77}
+    with pytest.raises(ValueError, match="name"):
+        tokenizer_from_spec(["a"], "x.pt")
+
+
+def test_word_list_file(tmp_path):
+    (tmp_path / "w.json").write_text('["b", "a"]')
+    (tmp_path / "w.txt").write_text("b\n\na\n")
+    for name in ("w.json", "w.txt"):
+        assert create_tokenizer("words", vocab_path=tmp_path / name).words[2:-2] == ["a", "b"]
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="bad.json"):
+        create_tokenizer("words", vocab_path=tmp_path / "bad.json")
+
+
+def test_unknown_rate_counts_content_tokens_and_refuses_above_threshold():
+    tok = create_tokenizer("embedded")
+    texts = ["a red circle", "a handwritten digit seven"]  # 3 + 4 content tokens, 3 unknown
+    rate, examples = unknown_token_rate(tok, texts)
+    assert rate == pytest.approx(3 / 7) and set(examples) == {"handwritten", "digit", "seven"}
+    with pytest.raises(ValueError, match=r"42\.9 %.*handwritten"):
+        check_unknown_rate(tok, texts, 0.05, "train.csv")
+    assert check_unknown_rate(tok, texts[:1], 0.05, "x") == 0.0
+    assert unknown_token_rate(create_tokenizer("clip"), texts)[0] == 0.0  # byte-level BPE has no unknowns

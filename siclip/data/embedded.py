@@ -102,14 +102,15 @@ def retrieval_set(config: EmbeddedConfig = EmbeddedConfig(), split: str = "test"
     return source, captions
 
 
-def open_source(spec: str, embedded: EmbeddedConfig = EmbeddedConfig(), split: str = "train"):
-    """A source from a spec: ``"embedded"`` (the world's ``split``), a ``.csv``/``.tsv`` file, or shards."""
+def open_source(spec: str, embedded: EmbeddedConfig = EmbeddedConfig(), split: str = "train", **csv_options):
+    """A source from a spec: ``"embedded"`` (the world's ``split``), a ``.csv``/``.tsv`` file (any case;
+    ``csv_options`` go to :class:`~siclip.data.tabular.CsvSource`, e.g. ``synthetic_keys``), or shards."""
     if spec == "embedded":
         return EmbeddedSource(embedded, split)
-    if spec.endswith((".csv", ".tsv")):
-        from .tabular import CsvSource
+    from .tabular import CsvSource, is_table
 
-        return CsvSource(spec)
+    if is_table(spec):
+        return CsvSource(spec, **csv_options)
     from .webdataset import ShardSource
 
     return ShardSource(spec)

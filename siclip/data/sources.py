@@ -44,16 +44,47 @@ class Source(Protocol):
     def load(self, index: int) -> RawSample: ...
 
 
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB from any PIL mode and bit depth.
+
+    PIL's ``convert("RGB")`` clips 16- and 32-bit integer images at 255 (a 16-bit scan becomes solid
+    white), so wide integer modes are rescaled first: ``v8 = round(v16 / 257)`` (0…65535 → 0…255,
+    values outside clipped); float images (``F``) are taken as 0…1 when their maximum is at most 1,
+    else as 0…255. Alpha is dropped as CLIP's preprocessing does; palettes, CMYK, YCbCr, LAB and
+    1-bit images go through PIL's own conversion.
+    """
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else 1.0
+        grey = np.clip(np.rint(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(img.convert("RGB"))
+
+
 def decode_image(data: np.ndarray | bytes, key: str) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB; a corrupt or truncated encoding raises :class:`SampleError`."""
+    """``(H, W, 3)`` uint8 RGB (see :func:`to_rgb`); a corrupt or truncated encoding raises :class:`SampleError`."""
     if isinstance(data, np.ndarray):
         return data
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # forces the full decode: a truncated file fails here, not later
-            return np.array(img.convert("RGB"))
+            return to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise SampleError(key, f"corrupt image ({type(err).__name__}: {err})") from None
+
+
+def sniff_image_format(data: bytes) -> str | None:
+    """``"jpg"``, ``"png"``, ``"webp"``… from the encoded bytes (not from a file name), or None."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+    return {"JPEG": "jpg"}.get(fmt, fmt.lower()) if fmt else None
 
 
 def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:

@@ -1,10 +1,17 @@
 """Tokenizers with one interface: ``tokenizer(texts) -> LongTensor (n, context_length)``.
 
-- :class:`WordTokenizer`: a word-level vocabulary (the embedded world's by default). The end-of-text
-  token has the largest id, so end-of-text pooling by ``argmax`` over ids works as with CLIP's BPE.
-- :class:`ClipBpeTokenizer`: CLIP's byte-level BPE (Radford et al. 2021) read from a merges file
-  (``bpe_simple_vocab_16e6.txt.gz``, the one open_clip ships); nothing is downloaded.
-  :func:`create_tokenizer` ``("clip")`` finds that file in an installed ``open_clip``.
+- :class:`WordTokenizer`: a word-level vocabulary (the embedded world's, or one built from the user's
+  training captions with :func:`build_word_vocabulary`). The end-of-text token has the largest id, so
+  end-of-text pooling by ``argmax`` over ids works as with CLIP's BPE.
+- :class:`ClipBpeTokenizer`: CLIP's byte-level BPE (Radford et al. 2021) read from a merges file.
+  The package ships OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` (MIT, notice in ``vocab/``), so
+  :func:`create_tokenizer` ``("clip")`` works offline with no extra install.
+
+A tokenizer is saved with a model as plain data (:func:`tokenizer_spec`, :func:`tokenizer_from_spec`):
+a name, and for word tokenizers the word list; never a pickled object.
+
+:func:`unknown_token_rate` measures how much of a caption set a tokenizer cannot represent:
+``rate = #<unk> ids / #content ids`` (sot, eot and padding excluded); byte-level BPE has none.
 
 Both follow open_clip's convention: ``[sot] tokens [eot]`` then zero padding, truncated to the context
 length with the last kept token replaced by ``eot``.
@@ -15,13 +22,16 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import json
 import re
+from collections import Counter
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
+CLIP_MERGES_FILE = Path(__file__).parent / "vocab" / "bpe_simple_vocab_16e6.txt.gz"
 _WORD = re.compile(r"[a-z]+|[0-9]+|[^\sa-z0-9]")
 
 
@@ -72,8 +82,9 @@ class _Tokenize:
 class WordTokenizer(_Tokenize):
     """Word-level tokenizer: ``<pad>`` = 0, ``<unk>`` = 1, the words, then ``<sot>``, ``<eot>`` (largest id)."""
 
-    def __init__(self, words: Sequence[str], context_length: int = 32) -> None:
-        words = sorted(set(words))
+    def __init__(self, words: Sequence[str], context_length: int = 32, name: str = "words") -> None:
+        self.name = name
+        words = sorted(set(words) - {"<pad>", "<unk>", "<sot>", "<eot>"})
         self.words = ["<pad>", "<unk>", *words, "<sot>", "<eot>"]
         self.ids = {w: i for i, w in enumerate(self.words)}
         self.context_length = context_length
@@ -83,6 +94,9 @@ class WordTokenizer(_Tokenize):
 
     def encode(self, text: str) -> list[int]:
         return [self.ids.get(w, self.unk_token_id) for w in basic_words(text)]
+
+    def unknown_words(self, text: str) -> list[str]:
+        return [w for w in basic_words(text) if w not in self.ids]
 
     def decode(self, ids: Sequence[int]) -> str:
         return " ".join(self.words[i] for i in ids if i not in (self.pad_token_id, self.sot_token_id, self.eot_token_id))
@@ -106,11 +120,14 @@ class ClipBpeTokenizer(_Tokenize):
     """CLIP's byte-level BPE from a merges file; vocabulary 49,408 with the standard file."""
 
     NUM_MERGES = 49152 - 256 - 2  # as in CLIP: the file has more lines than the model uses
+    name = "clip"
+    unk_token_id = None  # byte-level: every text is representable
 
-    def __init__(self, merges_path: str | Path, context_length: int = 77) -> None:
+    def __init__(self, merges_path: str | Path = None, context_length: int = 77) -> None:
         import regex
 
-        path = Path(merges_path)
+        path = Path(merges_path) if merges_path is not None else CLIP_MERGES_FILE
+        self.merges_path = None if merges_path is None else str(merges_path)
         if not path.is_file():
             raise FileNotFoundError(f"CLIP BPE merges file not found: {path}")
         opener = gzip.open if path.suffix == ".gz" else open
@@ -169,28 +186,97 @@ class ClipBpeTokenizer(_Tokenize):
         return bytearray(byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
 
-def open_clip_merges_file() -> Path | None:
-    """The merges file an installed ``open_clip`` ships, if any."""
-    try:
-        import open_clip
-    except ImportError:
-        return None
-    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    return path if path.is_file() else None
+def build_word_vocabulary(captions: Iterable[str], min_count: int = 1) -> list[str]:
+    """The words (:func:`basic_words`) of ``captions`` seen at least ``min_count`` times, sorted."""
+    counts = Counter(w for text in captions for w in basic_words(text))
+    return sorted(w for w, n in counts.items() if n >= min_count)
 
 
-def create_tokenizer(name: str = "embedded", *, vocab_path: str | Path | None = None, context_length: int | None = None):
-    """``"embedded"``: the world's word tokenizer; ``"clip"``: CLIP BPE from ``vocab_path`` or open_clip."""
+def create_tokenizer(name: str = "embedded", *, vocab_path: str | Path | None = None, context_length: int | None = None, words=None):
+    """A tokenizer by name.
+
+    - ``"embedded"``: the world's word tokenizer.
+    - ``"clip"``: CLIP BPE from the packaged merges file, or ``vocab_path``.
+    - ``"words"``: a word tokenizer over ``words`` (e.g. :func:`build_word_vocabulary` of the training
+      captions) or over the JSON word list at ``vocab_path``.
+    """
     if name == "embedded":
         from .captions import vocabulary
 
-        return WordTokenizer(vocabulary(), context_length or 32)
+        return WordTokenizer(vocabulary(), context_length or 32, name="embedded")
     if name == "clip":
-        path = vocab_path or open_clip_merges_file()
-        if path is None:
-            raise FileNotFoundError(
-                "the CLIP BPE tokenizer needs its merges file (bpe_simple_vocab_16e6.txt.gz): pass vocab_path= "
-                "or install open_clip_torch, which ships it; nothing is downloaded"
-            )
-        return ClipBpeTokenizer(path, context_length or 77)
-    raise ValueError(f"unknown tokenizer {name!r}; choose 'embedded' or 'clip'")
+        return ClipBpeTokenizer(vocab_path, context_length or 77)
+    if name == "words":
+        if words is None:
+            if vocab_path is None:
+                raise ValueError("the 'words' tokenizer needs its word list: build it from the training captions or pass vocab_path (a JSON list)")
+            words = read_word_list(vocab_path)
+        return WordTokenizer(words, context_length or 32)
+    raise ValueError(f"unknown tokenizer {name!r}; choose 'embedded', 'clip' or 'words'")
+
+
+def read_word_list(path: str | Path) -> list[str]:
+    """A JSON list of words (as :func:`save_word_list` writes), or one word per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"word list not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            words = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not a JSON list of words ({err})") from None
+    else:
+        words = [line.strip() for line in text.splitlines() if line.strip()]
+    if not words or not all(isinstance(w, str) for w in words):
+        raise ValueError(f"{path}: expected a non-empty list of words")
+    return words
+
+
+def tokenizer_spec(tokenizer) -> dict:
+    """What rebuilds ``tokenizer``, as plain data for a checkpoint: name, context length, words or merges path."""
+    spec = {"name": tokenizer.name, "context_length": tokenizer.context_length}
+    if tokenizer.name == "words":
+        spec["words"] = tokenizer.words[2:-2]
+    if tokenizer.name == "clip" and tokenizer.merges_path is not None:
+        spec["vocab_path"] = tokenizer.merges_path
+    return spec
+
+
+def tokenizer_from_spec(spec: dict, where: str = "checkpoint"):
+    """The tokenizer :func:`tokenizer_spec` described."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(f"{where}: the saved tokenizer must be a dict with a 'name', got {type(spec).__name__}")
+    return create_tokenizer(spec["name"], vocab_path=spec.get("vocab_path"), context_length=spec.get("context_length"), words=spec.get("words"))
+
+
+def unknown_token_rate(tokenizer, texts: Iterable[str]) -> tuple[float, list[str]]:
+    """``(#<unk> / #content tokens, the most frequent unknown words)`` of ``texts`` under ``tokenizer``."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    total, unknown, words = 0, 0, Counter()
+    for text in texts:
+        ids = tokenizer.encode(text)
+        total += len(ids)
+        if unk is not None:
+            unknown += sum(1 for i in ids if i == unk)
+            words.update(tokenizer.unknown_words(text))
+    return (unknown / total if total else 0.0), [w for w, _ in words.most_common(8)]
+
+
+def check_unknown_rate(tokenizer, texts: Sequence[str], threshold: float, where: str) -> float:
+    """Refuse (``ValueError``) when more than ``threshold`` of the content tokens of ``texts`` are ``<unk>``."""
+    rate, examples = unknown_token_rate(tokenizer, texts)
+    if rate > threshold:
+        raise ValueError(
+            f"{where}: the {tokenizer.name!r} tokenizer maps {100 * rate:.1f} % of the caption tokens to <unk> "
+            f"(threshold {100 * threshold:.0f} %), e.g. {examples}; the model would not see these words. "
+            "Use --tokenizer words (a vocabulary from your captions) or --tokenizer clip"
+        )
+    return rate
+
+
+def tokenizer_for(text_config, spec: dict | None = None, where: str = "checkpoint"):
+    """The tokenizer a model was trained with: the saved ``spec`` if any, else the one its text config names."""
+    if spec is not None:
+        return tokenizer_from_spec(spec, where)
+    return create_tokenizer(text_config.tokenizer, context_length=text_config.context_length)

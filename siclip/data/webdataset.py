@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .sources import RawSample, SampleError, Source, clean_captions, decode_image, encode_image
+from .sources import RawSample, SampleError, Source, clean_captions, decode_image, encode_image, sniff_image_format
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SYNTHETIC_FIELDS = ("synthetic_captions", "syn_text", "captions")
@@ -189,16 +189,32 @@ def _write_atomic_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
     os.replace(tmp, path)
 
 
+def shard_key(key: str) -> str:
+    """A WebDataset key for a source key: no dots or slashes, which the reader would split on
+    (``png32/01496.png`` → ``png32_01496_png``); the original key is kept in the ``.json`` member."""
+    return re.sub(r"[./\\]", "_", key)
+
+
 def sample_members(sample: RawSample, image_format: str = "png") -> list[tuple[str, bytes]]:
-    """The tar members of one sample: image, ``.txt`` raw caption, ``.json`` with the synthetic list."""
-    image = sample.image if isinstance(sample.image, bytes) else encode_image(sample.image, image_format)
-    ext = image_format if not isinstance(sample.image, bytes) else "jpg"
-    members = [(f"{sample.key}.{ext}", image)]
+    """The tar members of one sample: image, ``.txt`` raw caption, ``.json`` with the synthetic list.
+
+    Encoded images keep their bytes under the extension of their actual format (sniffed, not taken
+    from a file name); formats the reader does not list (BMP, TIFF, GIF…) are decoded and re-encoded.
+    """
+    if isinstance(sample.image, bytes):
+        ext = sniff_image_format(sample.image)
+        image = sample.image
+        if ext not in IMAGE_EXTS:  # an undecodable image raises SampleError here, and the sample is skipped
+            image, ext = encode_image(decode_image(sample.image, sample.key), image_format), image_format
+    else:
+        image, ext = encode_image(sample.image, image_format), image_format
+    key = shard_key(sample.key)
+    members = [(f"{key}.{ext}", image)]
     if sample.raw_caption is not None:
-        members.append((f"{sample.key}.txt", sample.raw_caption.encode("utf-8")))
+        members.append((f"{key}.txt", sample.raw_caption.encode("utf-8")))
     meta = {k: v for k, v in sample.meta.items() if k not in SYNTHETIC_FIELDS}
     meta = {"key": sample.key, **meta, "synthetic_captions": list(sample.synthetic)}
-    members.append((f"{sample.key}.json", json.dumps(meta).encode("utf-8")))
+    members.append((f"{key}.json", json.dumps(meta).encode("utf-8")))
     return members
 
 
@@ -221,13 +237,19 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     total = len(source) if limit is None else min(limit, len(source))
     paths: list[Path] = []
+    written: dict[str, str] = {}  # shard key -> source key: two keys must not collapse into one sample
     for start in tqdm(range(0, total, samples_per_shard), desc="writing shards", disable=not progress):
         members: list[tuple[str, bytes]] = []
         for index in range(start, min(start + samples_per_shard, total)):
             try:
-                members.extend(sample_members(source.load(index), image_format))
+                sample = source.load(index)
+                new = sample_members(sample, image_format)
             except SampleError:
                 continue
+            key = shard_key(sample.key)
+            if written.setdefault(key, sample.key) != sample.key:
+                raise ValueError(f"source keys {written[key]!r} and {sample.key!r} both become shard key {key!r}")
+            members.extend(new)
         path = out / f"{prefix}-{len(paths):06d}.tar"
         _write_atomic_tar(path, members)
         paths.append(path)

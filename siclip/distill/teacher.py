@@ -42,12 +42,9 @@ class FrozenTeacher(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> FrozenTeacher:
         """A checkpoint of this package, or Apple's ``mobileclip_s0.pt`` (recognised by its keys)."""
-        from siclip.models import load_checkpoint, load_mobileclip_s0
+        from siclip.models import load_model
 
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(payload, dict) and payload.get("format") == "siclip-model-1":
-            return cls(load_checkpoint(path))
-        return cls(load_mobileclip_s0(payload))
+        return cls(load_model(path)[0])
 
     @torch.no_grad()
     def forward(self, batch: dict) -> TeacherOutput:

@@ -26,17 +26,29 @@ def zero_shot_weights(encode_text: Callable[[list[str]], Tensor], classnames: Se
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Fraction of rows whose label is among the ``k`` largest logits."""
-    top = logits.topk(max(ks), dim=1).indices
+    """Fraction of rows whose label is among the ``k`` largest logits (``k`` capped at the class count)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
     return {f"top{k}": hits[:, :k].any(1).float().mean().item() for k in ks}
+
+
+def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """``(classes,)`` top-1 accuracy within each class (its recall); NaN for a class with no sample.
+
+    ``acc_c = #{i : label_i = c, argmax_i = c} / #{i : label_i = c}``; their mean over the classes
+    present is CLIP_benchmark's ``mean_per_class_recall``.
+    """
+    predicted = logits.argmax(dim=1)
+    totals = torch.bincount(labels, minlength=num_classes).double()
+    correct = torch.bincount(labels[predicted == labels], minlength=num_classes).double()
+    return torch.where(totals > 0, correct / totals.clamp(min=1), torch.full_like(totals, float("nan")))
 
 
 def recall_at_k(image_features: Tensor, text_features: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """Retrieval recall@k both ways; ``text_to_image[j]`` is the image that caption ``j`` describes."""
     similarity = image_features.float() @ text_features.float().T  # (images, texts)
     n_images = image_features.shape[0]
-    owner = text_to_image[None, :] == torch.arange(n_images)[:, None]  # (images, texts): caption j belongs to image i
+    owner = text_to_image[None, :] == torch.arange(n_images, device=text_to_image.device)[:, None]  # (images, texts): caption j belongs to image i
     out = {}
     for k in ks:
         top_texts = similarity.topk(min(k, similarity.shape[1]), dim=1).indices

@@ -12,9 +12,14 @@ from siclip.data import AugmentConfig, EmbeddedConfig, EmbeddedSource, augment, 
 from .metrics import recall_at_k, topk_accuracy, zero_shot_weights
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def embed_source(model, source, indices=None, *, image_size: int, batch_size: int = 256) -> Tensor:
-    """Unit-norm image embeddings of ``source`` (evaluation view: resize, centre crop)."""
+    """Unit-norm image embeddings of ``source`` (evaluation view: resize, centre crop), computed on the model's device."""
+    device = _device(model)
     view = AugmentConfig(image_size, train=False)
     indices = range(len(source)) if indices is None else indices
     out, batch = [], []
@@ -22,29 +27,32 @@ def embed_source(model, source, indices=None, *, image_size: int, batch_size: in
         sample = source.load(i)
         batch.append(augment(decode_image(sample.image, sample.key), None, view))
         if len(batch) == batch_size:
-            out.append(model.encode_image(torch.stack(batch)))
+            out.append(model.encode_image(torch.stack(batch).to(device)))
             batch = []
     if batch:
-        out.append(model.encode_image(torch.stack(batch)))
+        out.append(model.encode_image(torch.stack(batch).to(device)))
     return torch.cat(out)
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
+@torch.no_grad()
+def zero_shot_logits(model, tokenizer, source, classnames, templates, *, image_size: int, batch_size: int = 256) -> Tensor:
+    """``(images, classes)`` cosine similarities between the images and the template-ensemble classifier."""
+    device = _device(model)
+    weights = zero_shot_weights(lambda texts: model.encode_text(tokenizer(texts).to(device)), classnames, templates)
+    images = embed_source(model, source, image_size=image_size, batch_size=batch_size)
+    return images.float() @ weights.T
 
 
 @torch.no_grad()
 def zero_shot_eval(model, tokenizer, source, labels: Tensor, classnames, templates, *, image_size: int) -> dict[str, float]:
-    device = _device(model)
-    weights = zero_shot_weights(lambda texts: model.encode_text(tokenizer(texts).to(device)), classnames, templates)
-    images = embed_source(model, source, image_size=image_size)
-    return topk_accuracy(images.float() @ weights.T, labels.to(images.device))
+    logits = zero_shot_logits(model, tokenizer, source, classnames, templates, image_size=image_size)
+    return topk_accuracy(logits, labels.to(logits.device))
 
 
 @torch.no_grad()
-def retrieval_eval(model, tokenizer, source, captions: list[list[str]], *, image_size: int) -> dict[str, float]:
+def retrieval_eval(model, tokenizer, source, captions: list[list[str]], *, image_size: int, batch_size: int = 256) -> dict[str, float]:
     device = _device(model)
-    images = embed_source(model, source, image_size=image_size)
+    images = embed_source(model, source, image_size=image_size, batch_size=batch_size)
     flat = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
     texts = torch.cat([model.encode_text(tokenizer(flat[i : i + 512]).to(device)) for i in range(0, len(flat), 512)])

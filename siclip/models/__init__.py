@@ -2,12 +2,15 @@
 
 - :func:`create_model` / :func:`list_models`: named configurations (``mobileclip_s0``, ``siclip_s0``,
   ``mobileclip_tiny``, ``siclip_tiny``) stored as JSON data.
-- :func:`load_mobileclip_s0`: Apple's released checkpoint through a documented, strict key mapping.
+- :func:`load_mobileclip_s0`: Apple's released checkpoint through a documented, strict key mapping;
+  :func:`load_model` reads that layout or a siclip checkpoint, whichever the file is.
 - :func:`build_siclip`: weight inheritance from a MobileCLIP teacher, with a report.
 - :func:`reparameterize_model`: train-time branches → fused inference convolutions.
 """
 
-from .checkpoint import CheckpointMismatch, apple_key_to_siclip, convert_apple_state_dict, load_mobileclip_s0
+from .checkpoint import (
+    CheckpointMismatch, apple_key_to_siclip, convert_apple_state_dict, load_mobileclip_s0, load_model, siclip_key_to_apple, to_apple_state_dict,
+)  # fmt: skip
 from .clip import CLIP, CLIPOutput, ModelConfig, SiCLIPConfig
 from .factory import create_model, get_model_config, list_models, load_checkpoint, register_model_config, save_checkpoint
 from .fastvit import MCi, ImageConfig
@@ -18,6 +21,6 @@ from .text import MCt, TextConfig
 __all__ = [
     "CLIP", "CLIPOutput", "CheckpointMismatch", "ImageConfig", "InheritanceReport", "MCi", "MCt", "ModelConfig",
     "SiCLIPConfig", "TextConfig", "apple_key_to_siclip", "build_siclip", "convert_apple_state_dict", "count_parameters_by_group", "create_model",
-    "frozen_modules", "fuse_frozen_towers", "get_model_config", "list_models", "load_checkpoint", "load_mobileclip_s0",
-    "register_model_config", "reparameterize_model", "save_checkpoint", "to_siclip",
+    "frozen_modules", "fuse_frozen_towers", "get_model_config", "list_models", "load_checkpoint", "load_mobileclip_s0", "load_model",
+    "register_model_config", "reparameterize_model", "save_checkpoint", "siclip_key_to_apple", "to_apple_state_dict", "to_siclip",
 ]  # fmt: skip

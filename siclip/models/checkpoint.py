@@ -17,7 +17,9 @@ applied in order (``T`` = number of text transformer layers, 4 for S0):
 | ``logit_scale`` | ``logit_scale`` |
 
 A reparameterised state dict (``reparam_conv`` / ``lkb_reparam`` keys) loads into a reparameterised
-model. Loading is strict: every missing, unexpected or mis-shaped key is listed in one error.
+model. Loading is strict: every missing, unexpected or mis-shaped key is listed in one error, named as
+in Apple's file (:func:`siclip_key_to_apple` is the inverse mapping; :func:`to_apple_state_dict`
+writes a model in Apple's layout). :func:`load_model` reads either format, detecting which.
 """
 
 from __future__ import annotations
@@ -71,6 +73,48 @@ def apple_key_to_siclip(key: str, text_layers: int = 4) -> str | None:
     return None
 
 
+_SIMPLE_INVERSE = [
+    (r"^visual\.conv_exp\.se\.fc1\.", "image_encoder.model.conv_exp.se.reduce."),
+    (r"^visual\.conv_exp\.se\.fc2\.", "image_encoder.model.conv_exp.se.expand."),
+    (r"^visual\.", "image_encoder.model."),
+    (r"^text\.token_embedding\.", "text_encoder.embedding_layer."),
+    (r"^text\.positional_embedding$", "text_encoder.positional_embedding.pos_embed.pos_embed"),
+    (r"^text\.final_norm\.", "text_encoder.final_layer_norm."),
+    (r"^text\.projection$", "text_encoder.projection_layer"),
+    (r"^logit_scale$", "logit_scale"),
+]
+
+
+def siclip_key_to_apple(name: str, text_layers: int = 4) -> str:
+    """The Apple MobileCLIP name of a siclip key (the inverse of :func:`apple_key_to_siclip`); unknown names pass through."""
+    match = re.match(r"^text\.(mixer_in|mixer_out)\.(.*)$", name)
+    if match:
+        index = 0 if match.group(1) == "mixer_in" else text_layers + 1
+        return f"text_encoder.transformer.{index}.{match.group(2)}"
+    match = re.match(r"^text\.transformer\.(\d+)\.(.*)$", name)
+    if match:
+        index, rest = int(match.group(1)), match.group(2)
+        for apple, ours in _TEXT_BLOCK_PARTS.items():
+            if rest.startswith(ours + "."):
+                return f"text_encoder.transformer.{index + 1}.{apple}.{rest[len(ours) + 1:]}"
+        return name
+    for pattern, replacement in _SIMPLE_INVERSE:
+        if re.match(pattern, name):
+            return re.sub(pattern, replacement, name)
+    return name
+
+
+def to_apple_state_dict(model: CLIP) -> dict[str, Tensor]:
+    """``model``'s weights in the layout of Apple's ``mobileclip_s0.pt`` (positional table as [1, 1, T, D])."""
+    layers = model.config.text.layers
+    out = {}
+    for name, value in model.state_dict().items():
+        if name == "text.positional_embedding":
+            value = value[None, None]
+        out[siclip_key_to_apple(name, layers)] = value
+    return out
+
+
 def convert_apple_state_dict(state_dict: dict[str, Tensor], text_layers: int = 4) -> tuple[dict[str, Tensor], list[str]]:
     """``(mapped state dict, keys without a counterpart)``; the positional embedding is squeezed to (T, D)."""
     mapped, unmapped = {}, []
@@ -89,16 +133,19 @@ class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit the model: carries every problem at once."""
 
 
-def check_state_dict(model: torch.nn.Module, state_dict: dict[str, Tensor], unmapped: list[str] = (), what: str = "checkpoint") -> None:
+def check_state_dict(
+    model: torch.nn.Module, state_dict: dict[str, Tensor], unmapped: list[str] = (), what: str = "checkpoint", display=lambda k: k
+) -> None:
     """Raise :class:`CheckpointMismatch` listing missing, unexpected and mis-shaped keys, if any.
 
-    BatchNorm's ``num_batches_tracked`` counters may be absent (they do not affect the outputs).
+    ``display`` names a key as the user's file does (e.g. :func:`siclip_key_to_apple`). BatchNorm's
+    ``num_batches_tracked`` counters may be absent (they do not affect the outputs).
     """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
-    unexpected = list(unmapped) + [k for k in state_dict if k not in expected]
+    missing = [display(k) for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = list(unmapped) + [display(k) for k in state_dict if k not in expected]
     shapes = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        f"{display(k)}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
         for k, v in state_dict.items()
         if k in expected and tuple(v.shape) != tuple(expected[k].shape)
     ]
@@ -115,7 +162,7 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, Tensor], unma
         )
 
 
-def load_mobileclip_s0(path_or_state_dict: str | Path | dict, *, model: str = "mobileclip_s0") -> CLIP:
+def load_mobileclip_s0(path_or_state_dict: str | Path | dict, *, model: str = "mobileclip_s0", what: str = "state dict") -> CLIP:
     """MobileCLIP-S0 (``model`` may name another registered MobileCLIP config) carrying Apple's weights.
 
     Accepts the path of ``mobileclip_s0.pt`` or its state dict (possibly wrapped in ``"state_dict"``).
@@ -125,16 +172,44 @@ def load_mobileclip_s0(path_or_state_dict: str | Path | dict, *, model: str = "m
         path = Path(path_or_state_dict)
         if not path.is_file():
             raise FileNotFoundError(f"MobileCLIP checkpoint not found: {path}")
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         what = str(path)
     else:
-        state_dict, what = path_or_state_dict, "state dict"
+        state_dict = path_or_state_dict
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
     net = create_model(model).eval()
     if any(".reparam_conv." in k or ".lkb_reparam." in k for k in state_dict):
         reparameterize_model(net, inplace=True)
-    mapped, unmapped = convert_apple_state_dict(state_dict, net.config.text.layers)
-    check_state_dict(net, mapped, unmapped, what)
+    layers = net.config.text.layers
+    mapped, unmapped = convert_apple_state_dict(state_dict, layers)
+    check_state_dict(net, mapped, unmapped, what, display=lambda k: siclip_key_to_apple(k, layers))
     net.load_state_dict(mapped, strict=False)
     return net
+
+
+def is_apple_layout(payload) -> bool:
+    """A (possibly ``"state_dict"``-wrapped) state dict with Apple's ``image_encoder.`` / ``text_encoder.`` keys."""
+    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+        payload = payload["state_dict"]
+    return isinstance(payload, dict) and any(isinstance(k, str) and k.startswith(("image_encoder.", "text_encoder.")) for k in payload)
+
+
+def load_model(path: str | Path, *, model: str = "mobileclip_s0") -> tuple[CLIP, dict | None]:
+    """``(model, tokenizer spec saved with it or None)`` from a siclip checkpoint or a file in Apple's
+    ``mobileclip_s0.pt`` layout (built as the registered config ``model``); the format is detected."""
+    from .factory import load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a pickle with code in it, a truncated or foreign file
+        raise ValueError(f"{path}: not a loadable weights file ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    if isinstance(payload, dict) and payload.get("format") == "siclip-model-1":
+        return load_checkpoint(path), payload.get("tokenizer")
+    if is_apple_layout(payload):
+        return load_mobileclip_s0(payload, model=model, what=str(path)), None
+    keys = list(payload)[:5] if isinstance(payload, dict) else type(payload).__name__
+    raise ValueError(f"{path}: neither a siclip checkpoint nor a state dict in Apple's MobileCLIP layout (it holds {keys})")

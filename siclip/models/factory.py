@@ -90,7 +90,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> CLIP:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != "siclip-model-1":
-        raise ValueError(f"{path} is not a siclip model checkpoint (for Apple's MobileCLIP-S0 use load_mobileclip_s0)")
+        raise ValueError(f"{path} is not a siclip model checkpoint (load_model reads Apple's MobileCLIP-S0 layout too)")
     model = create_model(ModelConfig.from_dict(payload["config"]))
     fuse_towers(model, payload.get("fused_towers", []))  # rebuild the fused layout, then load its weights
     model.load_state_dict(payload["state_dict"])

@@ -1,7 +1,12 @@
 """MCt, MobileCLIP's text encoder: [RepMixer, N × Pre-LN transformer, RepMixer] over token embeddings.
 
-    x = E[ids] + P;  x = RepMixer(x);  x = Block_i(x) for i < N;  x = RepMixer(x)
+    x = E[ids] + P_T;  x = RepMixer(x);  x = Block_i(x) for i < N;  x = RepMixer(x)
     feature = LayerNorm(x)[eot] @ W_proj,   eot = argmax(ids)  (the end-of-text token has the largest id)
+
+``P_T`` is the positional table resampled to the ``T`` tokens given, as Apple's MCt does (bilinear
+``F.interpolate`` of the (1, 1, C, D) table to (T, D), half-pixel centres): row ``t`` is
+``(1 − w)·P[⌊s⌋] + w·P[min(⌊s⌋ + 1, C − 1)]`` with ``s = max(0, (t + ½)·C/T − ½)``, ``w = s − ⌊s⌋``;
+at ``T = C`` it is ``P`` itself.
 
 Attention is bidirectional over every position, padding included, as in Apple's encoder (it passes no
 mask); the RepMixer blocks convolve over the sequence laid out as a 1×T map.
@@ -12,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from siclip.blocks import PreLNBlock
 
@@ -32,6 +39,16 @@ class TextConfig:
     mlp_ratio: float = 4.0
     mixer_kernel: int = 11
     layer_scale_init: float = 1e-5
+    tokenizer: str = "clip"  # the tokenizer whose ids the vocabulary holds: "clip" (BPE), "embedded", "words"
+
+
+def resample_positions(table: Tensor, length: int) -> Tensor:
+    """``(length, width)`` positions from a ``(context, width)`` table by linear interpolation along the
+    sequence with half-pixel centres (Apple's bilinear resize of the table; the width axis is unchanged)."""
+    if length == table.shape[0]:
+        return table
+    resized = F.interpolate(rearrange(table, "pos width -> 1 width pos"), size=length, mode="linear", align_corners=False)
+    return rearrange(resized, "1 width pos -> pos width")
 
 
 class SequenceRepMixerBlock(RepMixerBlock):
@@ -82,7 +99,7 @@ class MCt(nn.Module):
             )
         trainable = self.positional_embedding.requires_grad or has_trainable(self.token_embedding)
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):  # a frozen embedding stores nothing
-            x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+            x = self.token_embedding(ids) + resample_positions(self.positional_embedding, ids.shape[1])
         stages = [self.mixer_in, *self.transformer, self.mixer_out, self.final_norm]
         x = run_stages(stages, x, checkpointing=self.grad_checkpointing)
         pooled = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]

@@ -9,15 +9,22 @@ from siclip.distill import ObjectiveConfig
 
 @dataclass
 class DataConfig:
-    source: str = "embedded"  # "embedded", a shard directory/pattern, or a .csv/.tsv file
+    source: str = "embedded"  # "embedded", a shard directory/pattern, or a .csv/.tsv file (any case)
     num_train: int = 2000  # embedded world only
     seed: int = 0  # embedded world only
     p_synthetic: float = 0.5
     batch_size: int = 64
     workers: int = 0
     normalize_on_device: bool = False  # loader workers hand over uint8 crops; (x/255 − mean)/std runs on the device
-    tokenizer: str = "embedded"
-    vocab_path: str | None = None
+    tokenizer: str | None = None  # None: the teacher's, else the model's; "clip", "embedded", "words" (built from the captions)
+    vocab_path: str | None = None  # a CLIP merges file, or a word list (JSON list / one per line) for "words"
+    vocab_samples: int | None = None  # "words": samples whose captions make the vocabulary (None: all)
+    vocab_min_count: int = 1  # "words": keep words seen at least this often
+    max_unknown_rate: float = 0.05  # refuse to train when more of the first batches' caption tokens are <unk>
+    tokenizer_check_samples: int = 512  # samples of the first batches checked for unknown tokens
+    image_key: str = "filepath"  # CSV/TSV columns
+    caption_key: str = "title"
+    synthetic_keys: tuple[str, ...] = ()  # CSV/TSV synthetic caption columns (or one column holding a JSON list)
     max_skip_fraction: float | None = 0.5  # an epoch skipping more of its samples stops the run (an empty one always does)
 
 
@@ -26,6 +33,7 @@ class TrainConfig:
     model: str = "mobileclip_tiny"
     model_overrides: dict = field(default_factory=dict)  # e.g. {"siclip": {"sharing": "optimal", "sharing_max_groups": 2}}
     teacher: str | None = None  # checkpoint: the student inherits from it (SiCLIP) and distils from it
+    teacher_model: str = "mobileclip_s0"  # the registered config a teacher file in Apple's layout is built as
     out_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(feature=0, relation=0, interactive=0, pair_matching=0))
@@ -47,8 +55,14 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     evaluate: bool = True
+    eval_zeroshot: str | None = None  # the user's zero-shot set: class-per-subfolder directory or filepath,label CSV
+    eval_classnames: str | None = None  # class names file (one per line or JSON list)
+    eval_templates: str | None = None  # prompt templates file ({} placeholder); None: CLIP's 80-template ensemble
+    eval_retrieval: str | None = None  # the user's retrieval set: filepath,title CSV (rows grouped by image) or shards
+    eval_embedded: bool | None = None  # None: only when training on the embedded world with no user benchmark
     eval_zero_shot_per_class: int = 5
     eval_retrieval_images: int = 500
     calibration_captions: int = 128  # for sharing chosen by divergence
+    calibration_captions_file: str | None = None  # one caption per line; None: captions of the training data
     device: str = "auto"
     dist_timeout: float = 1800.0  # seconds a rank waits for the others in a collective before the run fails

@@ -23,15 +23,18 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from siclip.data import AugmentConfig, EmbeddedConfig, EmbeddedSource, ImageTextDataset, ImageTextLoader, create_tokenizer, open_source
+from siclip.data import AugmentConfig, EpochSampler, ImageTextDataset, ImageTextLoader
+from siclip.data.tokenizer import tokenizer_spec
 from siclip.distill import FrozenTeacher, SiCLIPObjective
 from siclip.losses import NonFiniteInput, PairMatchingLoss
 from siclip.models import (
-    build_siclip, count_parameters_by_group, create_model, fuse_frozen_towers, get_model_config, load_checkpoint, save_checkpoint,
+    build_siclip, count_parameters_by_group, create_model, fuse_frozen_towers, get_model_config, save_checkpoint,
 )  # fmt: skip
 
 from .config import TrainConfig
+from .evaluation import evaluate_run, read_caption_file
 from .guard import NonFiniteLoss, StopSignals, TrainingInterrupted, flatten_tensors, nonfinite_names
+from .inputs import RunInputs, prepare_run, settled_model_config, training_captions
 from .resume import prepare_run_directory, reconcile_resumed_config
 from .state import MetricsLogger, RunLock, load_training_checkpoint, rng_state, save_atomic, set_rng_state
 from .step import backward_and_step, channels_last_on, create_optimizer, forward_terms, to_device
@@ -57,23 +60,25 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_data(config: TrainConfig, image_size: int, context_length: int, rank: int, world: int):
+def build_data(config: TrainConfig, inputs: RunInputs, image_size: int, rank: int, world: int) -> ImageTextLoader:
     data = config.data
-    source = open_source(data.source, EmbeddedConfig(seed=data.seed, num_train=data.num_train, image_size=image_size))
-    tokenizer = create_tokenizer(data.tokenizer, vocab_path=data.vocab_path, context_length=context_length)
-    dataset = ImageTextDataset(source, tokenizer, augment_config=AugmentConfig(image_size, normalize=not data.normalize_on_device), p_synthetic=data.p_synthetic, seed=config.seed)
-    loader = ImageTextLoader(dataset, data.batch_size, num_workers=data.workers, seed=config.seed, rank=rank, world_size=world,
-                             max_skip_fraction=data.max_skip_fraction)  # fmt: skip
-    return loader, tokenizer
+    dataset = ImageTextDataset(inputs.source, inputs.tokenizer, augment_config=AugmentConfig(image_size, normalize=not data.normalize_on_device), p_synthetic=data.p_synthetic, seed=config.seed)
+    return ImageTextLoader(dataset, data.batch_size, num_workers=data.workers, seed=config.seed, rank=rank, world_size=world,
+                           max_skip_fraction=data.max_skip_fraction)  # fmt: skip
 
 
-def build_task(config: TrainConfig) -> TrainingTask:
-    """Student (inheriting from the teacher when one is given and the model is a SiCLIP), objective, teacher."""
+def build_task(config: TrainConfig, inputs: RunInputs | None = None) -> TrainingTask:
+    """Student (inheriting from the teacher when one is given and the model is a SiCLIP), objective, teacher.
+
+    ``inputs`` (source, teacher, tokenizer) come from :func:`~siclip.train.inputs.prepare_run`, which runs here when not given.
+    """
     model_config = get_model_config(config.model, **config.model_overrides)
-    teacher_model = load_checkpoint(config.teacher) if config.teacher else None
+    inputs = inputs if inputs is not None else prepare_run(config, model_config)
+    model_config = settled_model_config(model_config, inputs.tokenizer, inputs.teacher)
+    teacher_model = inputs.teacher
     if teacher_model is not None and model_config.siclip is not None:
         measure = {"text": calibration_divergence, "image": calibration_image_divergence}  # on the teacher's blocks
-        divergence = {tower: measure[tower](teacher_model, config) for tower in model_config.siclip.measured_towers()}
+        divergence = {tower: measure[tower](teacher_model, config, inputs) for tower in model_config.siclip.measured_towers()}
         student, _ = build_siclip(teacher_model, model_config.siclip, divergence=divergence)
     else:
         if model_config.siclip is not None and model_config.siclip.measured_towers():
@@ -90,24 +95,29 @@ def build_task(config: TrainConfig) -> TrainingTask:
     return TrainingTask(student, objective, teacher)
 
 
-def calibration_divergence(model, config: TrainConfig):
-    """Attention JS divergences between the text blocks of ``model`` on embedded validation captions."""
+def calibration_divergence(model, config: TrainConfig, inputs: RunInputs):
+    """Attention JS divergences between the text blocks of ``model`` on calibration captions: the lines of
+    ``config.calibration_captions_file``, else captions of the training data (its first batches' order)."""
     from siclip.analysis.divergence import text_divergences
 
-    tokenizer = create_tokenizer(config.data.tokenizer, vocab_path=config.data.vocab_path, context_length=model.config.text.context_length)
-    val = EmbeddedSource(EmbeddedConfig(seed=config.data.seed, num_val=config.calibration_captions), "val")
-    ids = tokenizer([val.load(i).synthetic[0] for i in range(len(val))])
-    return text_divergences(model.eval(), ids)["attention"].numpy()
+    if config.calibration_captions_file is not None:
+        texts = read_caption_file(config.calibration_captions_file)
+    else:
+        indices = EpochSampler(len(inputs.source), seed=config.seed).order(0)[: config.calibration_captions]
+        texts = [t for i in indices for t in training_captions(inputs.source, [i], config.data.p_synthetic)[:1]]
+    if not texts:
+        raise ValueError(f"no calibration captions in {config.calibration_captions_file or config.data.source}")
+    ids = inputs.tokenizer(texts[: config.calibration_captions]).to(next(model.parameters()).device)
+    return text_divergences(model.eval(), ids)["attention"].cpu().numpy()
 
 
-def calibration_image_divergence(model, config: TrainConfig):
-    """Attention JS divergences between the image attention blocks of ``model`` on embedded validation images."""
+def calibration_image_divergence(model, config: TrainConfig, inputs: RunInputs):
+    """Attention JS divergences between the image attention blocks of ``model`` on the first
+    ``config.calibration_captions`` images of the training data (evaluation view)."""
     from siclip.analysis.divergence import calibration_images, image_divergences
 
-    size = model.config.image.image_size
-    val = EmbeddedSource(EmbeddedConfig(seed=config.data.seed, num_val=config.calibration_captions, image_size=size), "val")
-    images = calibration_images(val, config.calibration_captions, size)
-    return image_divergences(model.eval(), images)["attention"].numpy()
+    images = calibration_images(inputs.source, config.calibration_captions, model.config.image.image_size)
+    return image_divergences(model.eval(), images.to(next(model.parameters()).device))["attention"].cpu().numpy()
 
 
 def _device(config: TrainConfig) -> torch.device:
@@ -170,12 +180,13 @@ def _train(config: TrainConfig, *, resume: bool, max_steps: int | None, progress
     checkpoint_path = out_dir / "checkpoint.pt"
     torch.manual_seed(config.seed)
 
-    task = build_task(config).to(device)
+    inputs = prepare_run(config, get_model_config(config.model, **config.model_overrides), rank=rank, resume=resume)
+    task = build_task(config, inputs).to(device)
     channels_last = channels_last_on(device, config.channels_last)
     if channels_last:
         task.to(memory_format=torch.channels_last)
     student = task.student
-    loader, tokenizer = build_data(config, student.config.image.image_size, student.config.text.context_length, rank, world)
+    loader, tokenizer = build_data(config, inputs, student.config.image.image_size, rank, world), inputs.tokenizer
     optimizer = create_optimizer(task, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
     total_steps = config.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, config.warmup_steps, total_steps))
@@ -270,13 +281,9 @@ def _train(config: TrainConfig, *, resume: bool, max_steps: int | None, progress
                       "left after skipped samples", stacklevel=2)  # fmt: skip
     summary = _summary(config, student, step, total_steps, started, last, pm_skipped)
     if step >= total_steps and rank == 0:
-        save_checkpoint(student, out_dir / "model.pt")
+        save_checkpoint(student, out_dir / "model.pt", tokenizer=tokenizer_spec(tokenizer))
         if config.evaluate:
-            from siclip.eval import evaluate_embedded
-
-            student.eval()
-            eval_world = EmbeddedConfig(seed=config.data.seed, zero_shot_per_class=config.eval_zero_shot_per_class)
-            summary["eval"] = evaluate_embedded(student, tokenizer, eval_world, retrieval_images=config.eval_retrieval_images)
+            summary["eval"] = evaluate_run(student, tokenizer, config)
     logger.summary(summary)
     return summary
 

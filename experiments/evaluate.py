@@ -1,0 +1,57 @@
+"""Evaluate a model on your own benchmark sets (CLIP_benchmark's tasks and JSON layout).
+
+    python experiments/evaluate.py --model runs/mine/model.pt --zeroshot data/test --classnames classes.txt --out runs/mine/eval
+    python experiments/evaluate.py --model mobileclip_s0.pt --zeroshot test.csv --templates prompts.txt --retrieval val.csv
+
+--model: a siclip checkpoint (its tokenizer is saved in it) or Apple's mobileclip_s0.pt (CLIP BPE).
+--zeroshot: a folder with one subfolder per class, or a CSV/TSV with filepath,label columns.
+--classnames: one name per line or a JSON list, in class order (sorted folder order for a folder).
+--templates: one prompt per line with a {} placeholder; CLIP's 80-template ensemble by default.
+--retrieval: a CSV/TSV with filepath,title rows (one row per caption) or WebDataset shards.
+Writes {dataset}_{task}.json per task into --out and prints the metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from siclip.data.tokenizer import tokenizer_for
+from siclip.eval import run_benchmarks
+from siclip.models import load_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="siclip checkpoint or Apple-layout mobileclip_s0.pt")
+    parser.add_argument("--zeroshot", help="class-per-subfolder directory or filepath,label CSV/TSV")
+    parser.add_argument("--classnames", help="class names file (one per line or JSON list)")
+    parser.add_argument("--templates", help="prompt templates file, one per line with {}")
+    parser.add_argument("--retrieval", help="filepath,title CSV/TSV (several rows per image) or shards")
+    parser.add_argument("--out", help="directory for the JSON results")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda:1', …")
+    args = parser.parse_args(argv)
+    if args.zeroshot is None and args.retrieval is None:
+        parser.error("nothing to evaluate: give --zeroshot and/or --retrieval")
+    if args.classnames is not None and args.zeroshot is None:
+        parser.error("--classnames needs --zeroshot")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    model, spec = load_model(args.model)
+    tokenizer = tokenizer_for(model.config.text, spec, args.model)
+    model = model.to(device).eval()
+    records = run_benchmarks(model, tokenizer, model_name=model.config.name, zeroshot=args.zeroshot, classnames=args.classnames,
+                             templates=args.templates, retrieval_data=args.retrieval, out_dir=args.out, batch_size=args.batch_size)  # fmt: skip
+    for record in records:
+        shown = {k: v for k, v in record["metrics"].items() if k != "per_class_accuracy"}
+        print(json.dumps({"dataset": record["dataset"], "task": record["task"], **shown}))
+    if args.out:
+        print(f"results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Evaluation on the user's own benchmark sets, in CLIP_benchmark's tasks and result layout.
+
+- Zero-shot classification (:func:`zero_shot_dataset`, :func:`zero_shot_classification`): images from
+  a folder with one subfolder per class (classes in sorted folder order) or a CSV/TSV with
+  ``filepath,label`` (a label is a class index or a class name); class names from a file (one per
+  line, or a JSON list, in class order); templates from a file (one per line, each with a ``{}``
+  placeholder), CLIP's 80-template ensemble by default. Reports top-1, top-5 (capped at the number of
+  classes) and per-class accuracy; ``mean_per_class_recall`` is their mean over the classes present.
+- Retrieval (:func:`retrieval_dataset`, :func:`retrieval`): a CSV/TSV whose rows repeat an image
+  path once per caption (COCO style; the caption column and any extra caption columns count), or
+  WebDataset shards whose samples carry their captions (``.txt`` and the ``.json`` list). Recall@1/5/10
+  both ways, with CLIP_benchmark's names: ``image_retrieval_recall@k`` (a caption finds its image) and
+  ``text_retrieval_recall@k`` (an image finds any of its captions).
+
+Each result is a record ``{"dataset", "model", "pretrained", "task", "metrics", "language"}`` as
+CLIP_benchmark writes it; :func:`write_record` saves one as ``{dataset}_{task}.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from siclip.data import RawSample, SampleError
+from siclip.data.tabular import is_table, read_table
+
+from .metrics import per_class_accuracy, topk_accuracy
+from .run import retrieval_eval, zero_shot_logits
+from .templates import CLIP_TEMPLATES
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+class ImageFileSource:
+    """A :class:`~siclip.data.sources.Source` over image files listed by path (no captions)."""
+
+    def __init__(self, paths: Sequence[Path], keys: Sequence[str]) -> None:
+        self.paths, self.keys = list(paths), list(keys)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> RawSample:
+        try:
+            data = self.paths[index].read_bytes()
+        except OSError as err:
+            raise SampleError(self.keys[index], f"missing image file {self.paths[index]} ({type(err).__name__})") from None
+        return RawSample(self.keys[index], data, None)
+
+
+def read_classnames(path: str | Path) -> list[str]:
+    """Class names in class order: a JSON list, or one per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class names file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not a JSON list of class names ({err})") from None
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"{path}: expected a non-empty list of non-empty class names")
+    return [n.strip() for n in names]
+
+
+def read_templates(path: str | Path | None) -> list[str]:
+    """Prompt templates, one per line with a ``{}`` placeholder; CLIP's ensemble when ``path`` is None."""
+    if path is None:
+        return list(CLIP_TEMPLATES)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"templates file not found: {path}")
+    templates = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise ValueError(f"{path}: every template needs exactly one {{}} placeholder for the class name; wrong: {bad[:3]}")
+    return templates
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def zero_shot_dataset(path: str | Path, classnames: Sequence[str] | None = None, *, image_key: str = "filepath",
+                      label_key: str = "label") -> tuple[ImageFileSource, torch.Tensor, list[str]]:  # fmt: skip
+    """``(source, labels, class names)`` from a class-per-subfolder directory or a ``filepath,label`` table.
+
+    Without ``classnames`` the classes are named after the folders (``_`` read as a space) or, for a
+    table, are its sorted distinct labels.
+    """
+    path = Path(path)
+    if path.is_dir():
+        folders = sorted(p for p in path.iterdir() if p.is_dir())
+        if not folders:
+            raise ValueError(f"{path}: expected one subfolder of images per class, found none")
+        names = list(classnames) if classnames is not None else [f.name.replace("_", " ") for f in folders]
+        if len(names) != len(folders):
+            raise ValueError(f"{path}: {len(folders)} class folders but {len(names)} class names (names follow the sorted folder order)")
+        files, labels = [], []
+        for label, folder in enumerate(folders):
+            found = _image_files(folder)
+            if not found:
+                raise ValueError(f"{folder}: a class folder without images")
+            files += found
+            labels += [label] * len(found)
+        keys = [str(f.relative_to(path)) for f in files]
+        return ImageFileSource(files, keys), torch.tensor(labels), names
+    if not path.is_file():
+        raise FileNotFoundError(f"zero-shot data not found: {path} (a folder of class subfolders or a CSV/TSV)")
+    if not is_table(path):
+        raise ValueError(f"{path}: zero-shot data must be a folder or a .csv/.tsv table with columns {image_key},{label_key}")
+    header, rows = read_table(path, "\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
+    missing = [c for c in (image_key, label_key) if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; the file has {header}")
+    column = {name: i for i, name in enumerate(header)}
+    raw_labels = [row[column[label_key]].strip() for row in rows]
+    if all(label.isdigit() for label in raw_labels):
+        labels = [int(label) for label in raw_labels]
+        names = list(classnames) if classnames is not None else [str(i) for i in range(max(labels) + 1)]
+        bad = sorted({label for label in labels if label >= len(names)})
+        if bad:
+            raise ValueError(f"{path}: label indices {bad[:5]} exceed the {len(names)} class names")
+    else:
+        names = list(classnames) if classnames is not None else sorted(set(raw_labels))
+        index = {name: i for i, name in enumerate(names)}
+        unknown = sorted({label for label in raw_labels if label not in index})
+        if unknown:
+            raise ValueError(f"{path}: labels {unknown[:5]} are not among the class names {names[:10]}")
+        labels = [index[label] for label in raw_labels]
+    files = [path.parent / row[column[image_key]] for row in rows]
+    return ImageFileSource(files, [row[column[image_key]] for row in rows]), torch.tensor(labels), names
+
+
+def retrieval_dataset(path: str | Path, *, image_key: str = "filepath", caption_key: str = "title",
+                      caption_columns: Sequence[str] = ()) -> tuple[object, list[list[str]]]:  # fmt: skip
+    """``(source, captions)`` with ``captions[i]`` every caption of image ``i`` (grouped by image path)."""
+    path = Path(path)
+    if is_table(path):
+        if not path.is_file():
+            raise FileNotFoundError(f"retrieval data not found: {path}")
+        header, rows = read_table(path, "\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
+        missing = [c for c in (image_key, caption_key, *caption_columns) if c not in header]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; the file has {header}")
+        column = {name: i for i, name in enumerate(header)}
+        grouped: dict[str, list[str]] = {}
+        for row in rows:
+            texts = [row[column[c]].strip() for c in (caption_key, *caption_columns)]
+            grouped.setdefault(row[column[image_key]], []).extend(t for t in texts if t)
+        keys = list(grouped)
+        source = ImageFileSource([path.parent / k for k in keys], keys)
+        captions = [grouped[k] for k in keys]
+    else:
+        from siclip.data import ShardSource
+
+        source = ShardSource(path)
+        captions = []
+        for i in range(len(source)):
+            sample = source.load(i)
+            captions.append([c for c in sample.captions() if c])
+    empty = [source.keys[i] if hasattr(source, "keys") else str(i) for i, c in enumerate(captions) if not c][:5]
+    if empty:
+        raise ValueError(f"{path}: images without any caption: {empty}")
+    return source, captions
+
+
+def benchmark_record(dataset: str, model: str, task: str, metrics: dict, pretrained: str = "") -> dict:
+    """One result in CLIP_benchmark's layout."""
+    return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics, "language": "en"}
+
+
+def dataset_name(path: str | Path) -> str:
+    """A benchmark's name: the folder or file name without its suffix."""
+    path = Path(path)
+    return path.name if path.is_dir() else path.stem
+
+
+def zero_shot_classification(model, tokenizer, path: str | Path, *, classnames: Sequence[str] | None = None,
+                             templates: Sequence[str] | None = None, batch_size: int = 256) -> dict:  # fmt: skip
+    """CLIP_benchmark's zero-shot metrics on the user's set: ``acc1``, ``acc5``, ``mean_per_class_recall``
+    and ``per_class_accuracy`` (class name → accuracy)."""
+    source, labels, names = zero_shot_dataset(path, classnames)
+    templates = list(templates) if templates is not None else list(CLIP_TEMPLATES)
+    was_training = model.training
+    model.eval()
+    logits = zero_shot_logits(model, tokenizer, source, names, templates, image_size=model.config.image.image_size, batch_size=batch_size)
+    model.train(was_training)
+    labels = labels.to(logits.device)
+    top = topk_accuracy(logits, labels, ks=(1, 5))
+    per_class = per_class_accuracy(logits, labels, len(names)).cpu()
+    present = ~per_class.isnan()
+    return {
+        "acc1": top["top1"],
+        "acc5": top["top5"],
+        "mean_per_class_recall": per_class[present].mean().item(),
+        "per_class_accuracy": {name: per_class[i].item() for i, name in enumerate(names) if present[i]},
+        "images": len(source),
+        "classes": len(names),
+    }
+
+
+def retrieval(model, tokenizer, path: str | Path, *, caption_columns: Sequence[str] = (), batch_size: int = 256) -> dict:
+    """CLIP_benchmark's retrieval metrics: ``image_retrieval_recall@k`` and ``text_retrieval_recall@k``, k = 1, 5, 10."""
+    source, captions = retrieval_dataset(path, caption_columns=caption_columns)
+    was_training = model.training
+    model.eval()
+    recall = retrieval_eval(model, tokenizer, source, captions, image_size=model.config.image.image_size, batch_size=batch_size)
+    model.train(was_training)
+    metrics = {}
+    for k in (1, 5, 10):
+        metrics[f"image_retrieval_recall@{k}"] = recall[f"text_to_image_R@{k}"]
+        metrics[f"text_retrieval_recall@{k}"] = recall[f"image_to_text_R@{k}"]
+    return {**metrics, "images": len(captions), "captions": sum(len(c) for c in captions)}
+
+
+def write_record(record: dict, out_dir: str | Path) -> Path:
+    """``out_dir/{dataset}_{task}.json``, written whole (temporary file, then rename)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{record['dataset']}_{record['task']}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def run_benchmarks(model, tokenizer, *, model_name: str, zeroshot: str | Path | None = None, classnames: str | Path | None = None,
+                   templates: str | Path | None = None, retrieval_data: str | Path | None = None, out_dir: str | Path | None = None,
+                   batch_size: int = 256) -> list[dict]:  # fmt: skip
+    """The evaluations asked for, as CLIP_benchmark records (also written to ``out_dir`` when given).
+
+    The files are read before any image is embedded, so a wrong class names or templates file fails at once.
+    """
+    names = read_classnames(classnames) if classnames is not None else None
+    prompts = read_templates(templates)
+    records = []
+    if zeroshot is not None:
+        metrics = zero_shot_classification(model, tokenizer, zeroshot, classnames=names, templates=prompts, batch_size=batch_size)
+        records.append(benchmark_record(dataset_name(zeroshot), model_name, "zeroshot_classification", metrics))
+    if retrieval_data is not None:
+        metrics = retrieval(model, tokenizer, retrieval_data, batch_size=batch_size)
+        records.append(benchmark_record(dataset_name(retrieval_data), model_name, "zeroshot_retrieval", metrics))
+    if out_dir is not None:
+        for record in records:
+            write_record(record, out_dir)
+    return records
+
+
+def headline(records: list[dict]) -> dict[str, float]:
+    """``{"dataset/metric": value}`` for the scalar fractions of each record (for summaries and tables)."""
+    skip = {"images", "classes", "captions"}
+    return {f"{r['dataset']}/{k}": v for r in records for k, v in r["metrics"].items() if isinstance(v, float) and k not in skip}

@@ -1,0 +1,139 @@
+"""What a run reads before its first step: the training source, the teacher, and a tokenizer that fits both
+the data and the model.
+
+Which tokenizer (first that applies): ``config.data.tokenizer``; the teacher's (the tokenizer saved in
+its checkpoint, or the one its configuration names), since the teacher reads the student's token ids;
+the one the student's configuration names. ``"words"`` builds a word vocabulary from the training
+captions (:func:`~siclip.data.tokenizer.build_word_vocabulary`) and saves it in ``out_dir/tokenizer.json``
+(and with the model), so a resumed run and the evaluation use the same one.
+
+Before the first step :func:`check_tokenizer` refuses (one ``ValueError``) a tokenizer whose ids do not
+fit the student's or teacher's vocabulary, a student that does not use its teacher's tokenizer, and
+captions whose unknown-token rate over the first batches exceeds ``config.data.max_unknown_rate``.
+A student built from scratch takes the tokenizer's vocabulary (:func:`vocabulary_follows`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from siclip.data import EmbeddedConfig, EpochSampler, SampleError, open_source
+from siclip.data.tokenizer import build_word_vocabulary, check_unknown_rate, create_tokenizer, tokenizer_for, tokenizer_from_spec, tokenizer_spec
+from siclip.models import ModelConfig, load_model
+
+from .config import TrainConfig
+
+
+@dataclass
+class RunInputs:
+    source: object
+    tokenizer: object
+    teacher: object | None  # a CLIP, or None
+    unknown_rate: float
+
+
+def open_training_source(config: TrainConfig, image_size: int):
+    data = config.data
+    csv = {"image_key": data.image_key, "caption_key": data.caption_key, "synthetic_keys": list(data.synthetic_keys)}
+    return open_source(data.source, EmbeddedConfig(seed=data.seed, num_train=data.num_train, image_size=image_size), **csv)
+
+
+def training_captions(source, indices, p_synthetic: float = 0.5) -> list[str]:
+    """Every caption of the samples at ``indices`` that training can draw (raw unless ``p_synthetic`` is 1,
+    synthetic unless it is 0); samples that cannot be loaded are left out."""
+    texts = []
+    for i in indices:
+        try:
+            sample = source.load(int(i))
+        except SampleError:
+            continue
+        if p_synthetic < 1 and sample.raw_caption:
+            texts.append(sample.raw_caption)
+        if p_synthetic > 0:
+            texts.extend(sample.synthetic)
+    return texts
+
+
+def first_batches(config: TrainConfig, size: int) -> list[int]:
+    """The sample indices of the first batches of epoch 0 (the loader's own order on rank 0)."""
+    order = EpochSampler(size, seed=config.seed).order(0)
+    return order[: config.data.tokenizer_check_samples].tolist()
+
+
+def _save_json_atomic(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def resolve_tokenizer(config: TrainConfig, model_config: ModelConfig, source, teacher, teacher_spec: dict | None, *, resume: bool = False):
+    """The run's tokenizer (see the module docstring for the order of choice)."""
+    data, context = config.data, model_config.text.context_length
+    saved = Path(config.out_dir) / "tokenizer.json"
+    if resume and saved.is_file():
+        return tokenizer_from_spec(json.loads(saved.read_text()), str(saved))
+    if data.tokenizer is None and teacher is not None:
+        return tokenizer_for(teacher.config.text, teacher_spec, str(config.teacher))
+    name = data.tokenizer or model_config.text.tokenizer
+    if name == "words" and data.vocab_path is None:
+        limit = len(source) if data.vocab_samples is None else min(len(source), data.vocab_samples)
+        words = build_word_vocabulary(training_captions(source, range(limit), data.p_synthetic), min_count=data.vocab_min_count)
+        return create_tokenizer("words", words=words, context_length=context)
+    return create_tokenizer(name, vocab_path=data.vocab_path, context_length=context)
+
+
+def vocabulary_follows(model_config: ModelConfig, tokenizer) -> ModelConfig:
+    """A model built from scratch embeds the tokenizer's ids: its vocabulary becomes the tokenizer's when the
+    tokenizer is not the one its configuration names (or does not fit it)."""
+    text = model_config.text
+    if tokenizer.name == text.tokenizer and tokenizer.vocab_size <= text.vocab_size:
+        return model_config
+    from dataclasses import replace
+
+    return replace(model_config, text=replace(text, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer.name))
+
+
+def settled_model_config(model_config: ModelConfig, tokenizer, teacher) -> ModelConfig:
+    """The student's configuration: a SiCLIP inheriting from a teacher keeps it (and the teacher's
+    vocabulary); a model built from scratch takes the tokenizer's vocabulary."""
+    if teacher is not None and model_config.siclip is not None:
+        return model_config
+    return vocabulary_follows(model_config, tokenizer)
+
+
+def check_tokenizer(tokenizer, student_config: ModelConfig, teacher, teacher_spec: dict | None, where: str) -> None:
+    """One error, before the first step, when the tokenizer's ids cannot mean what the models expect."""
+    problems = []
+    if tokenizer.vocab_size > student_config.text.vocab_size:
+        problems.append(f"its {tokenizer.vocab_size} ids do not fit the student's vocabulary of {student_config.text.vocab_size}")
+    if teacher is not None and tokenizer.vocab_size > teacher.config.text.vocab_size:
+        problems.append(f"its {tokenizer.vocab_size} ids do not fit the teacher's vocabulary of {teacher.config.text.vocab_size}")
+    if teacher is not None:
+        expected = tokenizer_for(teacher.config.text, teacher_spec, where)
+        if tokenizer_spec(expected) != tokenizer_spec(tokenizer):
+            problems.append(f"the teacher reads the same ids but was trained with the {expected.name!r} tokenizer "
+                            f"({expected.vocab_size} ids); leave --tokenizer out to use it")  # fmt: skip
+    if problems:
+        raise ValueError(f"tokenizer {tokenizer.name!r} ({tokenizer.vocab_size} ids) does not fit model {student_config.name!r}: " + "; ".join(problems))
+
+
+def prepare_run(config: TrainConfig, model_config: ModelConfig, *, rank: int = 0, resume: bool = False) -> RunInputs:
+    """Source, teacher and a tokenizer checked against the models and the first batches' captions."""
+    source = open_training_source(config, model_config.image.image_size)
+    teacher, teacher_spec = load_model(config.teacher, model=config.teacher_model) if config.teacher else (None, None)
+    tokenizer = resolve_tokenizer(config, model_config, source, teacher, teacher_spec, resume=resume)
+    inherits = teacher is not None and model_config.siclip is not None
+    if inherits and model_config.image.image_size != teacher.config.image.image_size:
+        raise ValueError(f"the student inherits {config.teacher}, which takes {teacher.config.image.image_size} px images, "
+                         f"not {model_config.image.image_size} (leave --image-size out)")  # fmt: skip
+    student_config = teacher.config if inherits else settled_model_config(model_config, tokenizer, teacher)
+    check_tokenizer(tokenizer, student_config, teacher, teacher_spec, str(config.teacher))
+    rate = check_unknown_rate(tokenizer, training_captions(source, first_batches(config, len(source)), config.data.p_synthetic),
+                              config.data.max_unknown_rate, config.data.source)  # fmt: skip
+    if rank == 0:
+        _save_json_atomic(tokenizer_spec(tokenizer), Path(config.out_dir) / "tokenizer.json")
+    return RunInputs(source, tokenizer, teacher, rate)

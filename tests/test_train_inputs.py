@@ -1,0 +1,77 @@
+"""What a run checks before its first step: tokenizer and model agree, captions are representable,
+Apple's checkpoint works as --teacher, CSV synthetic columns reach the dataset."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from siclip.models import create_model, get_model_config, save_checkpoint, to_apple_state_dict
+from siclip.train import DataConfig, TrainConfig, build_task
+from siclip.train.inputs import prepare_run
+
+
+@pytest.fixture
+def digits_csv(tmp_path):
+    (tmp_path / "img").mkdir()
+    rows = ["filepath,title,syn0"]
+    for i in range(40):
+        Image.fromarray(np.full((8, 8), 6 * i, np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,a handwritten digit {['one', 'two'][i % 2]},synthetic scan number {i % 2}")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "train.csv"
+
+
+def _config(tmp_path, source, **data):
+    return TrainConfig(model="mobileclip_tiny", out_dir=str(tmp_path / "run"), evaluate=False,
+                       data=DataConfig(source=str(source), batch_size=8, **data))  # fmt: skip
+
+
+def test_embedded_tokenizer_on_foreign_captions_is_refused_naming_words(tmp_path, digits_csv):
+    with pytest.raises(ValueError, match=r"(?s)train\.csv: the 'embedded' tokenizer maps .* % .*handwritten"):
+        build_task(_config(tmp_path, digits_csv, tokenizer="embedded"))
+
+
+def test_words_tokenizer_from_captions_and_vocabulary_follows(tmp_path, digits_csv):
+    config = _config(tmp_path, digits_csv, tokenizer="words", synthetic_keys=("syn0",))
+    inputs = prepare_run(config, get_model_config("mobileclip_tiny"))
+    words = inputs.tokenizer.words[2:-2]
+    assert {"handwritten", "synthetic", "scan", "0", "1"} <= set(words) and inputs.unknown_rate == 0.0
+    assert (tmp_path / "run" / "tokenizer.json").is_file()
+    task = build_task(config, inputs)
+    assert task.student.config.text.vocab_size == len(words) + 4 and task.student.config.text.tokenizer == "words"
+    clip = build_task(_config(tmp_path, digits_csv, tokenizer="clip"))
+    assert clip.student.config.text.vocab_size == 49408  # the tiny model takes CLIP's vocabulary
+
+
+def test_synthetic_columns_reach_the_dataset(tmp_path, digits_csv):
+    from siclip.data import ImageTextDataset
+
+    config = _config(tmp_path, digits_csv, tokenizer="words", synthetic_keys=("syn0",), p_synthetic=1.0)
+    inputs = prepare_run(config, get_model_config("mobileclip_tiny"))
+    sample = ImageTextDataset(inputs.source, inputs.tokenizer, p_synthetic=1.0)[3]
+    assert sample["caption"] == "synthetic scan number 1" and sample["caption_index"] == 1
+
+
+def test_teacher_tokenizer_is_used_and_a_different_one_refused(tmp_path, digits_csv):
+    teacher = create_model("mobileclip_tiny")
+    path = save_checkpoint(teacher, tmp_path / "teacher.pt", tokenizer={"name": "clip", "context_length": 32})
+    config = _config(tmp_path, digits_csv, synthetic_keys=("syn0",))
+    config.teacher = str(path)
+    with pytest.raises(ValueError, match="does not fit model 'mobileclip_tiny'.*the teacher's vocabulary of 256"):
+        prepare_run(config, get_model_config("mobileclip_tiny"))  # CLIP ids in a 256-word teacher: one message
+    config.data.tokenizer = "words"
+    with pytest.raises(ValueError, match="the teacher reads the same ids but was trained with the 'clip' tokenizer"):
+        prepare_run(config, get_model_config("mobileclip_tiny"))
+
+
+@pytest.mark.slow
+def test_apple_layout_teacher_on_the_command_line(tmp_path, digits_csv):
+    """--teacher accepts Apple's mobileclip_s0.pt layout: the SiCLIP-S0 student inherits it, CLIP BPE by default."""
+    torch.save(to_apple_state_dict(create_model("mobileclip_s0")), tmp_path / "mobileclip_s0.pt")
+    config = TrainConfig(model="siclip_s0", teacher=str(tmp_path / "mobileclip_s0.pt"), out_dir=str(tmp_path / "run"),
+                         data=DataConfig(source=str(digits_csv), batch_size=8))  # fmt: skip
+    inputs = prepare_run(config, get_model_config("siclip_s0"))
+    assert inputs.tokenizer.name == "clip" and inputs.tokenizer.vocab_size == 49408
+    task = build_task(config, inputs)
+    assert task.student.config.text.vocab_size == 49408
