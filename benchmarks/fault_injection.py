@@ -50,7 +50,7 @@ STEPS = 8
 
 def command(out: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "experiments" / "train.py"), "--model", "mobileclip_tiny", "--num-train", "64",
-            "--batch-size", "16", "--epochs", "2", "--out", str(out), "--no-evaluate", "--log-every", "1", *extra]  # fmt: skip
+            "--batch-size", "16", "--epochs", "2", "--out", str(out), "--no-eval", "--log-every", "1", *extra]  # fmt: skip
 
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -140,7 +140,7 @@ def test_cli_huge_lr_stops_with_a_message_and_status_1(tmp_path, capsys):
     finally:
         sys.path.pop(0)
     out = tmp_path / "cli"
-    status = cli.main(["--lr", "1e3", "--num-train", "128", "--batch-size", "16", "--out", str(out), "--no-evaluate",
+    status = cli.main(["--lr", "1e3", "--num-train", "128", "--batch-size", "16", "--out", str(out), "--no-eval",
                        "--checkpoint-every", "1"])  # fmt: skip
     err = capsys.readouterr().err
     assert status == 1 and "NonFiniteLoss" in err and "became non-finite" in err
@@ -451,7 +451,7 @@ def test_cli_knobs_reach_the_config(monkeypatch):
         import train as cli
     finally:
         sys.path.pop(0)
-    config, args = cli.parse(["--checkpoint-every", "7", "--dist-timeout", "60", "--overwrite", "--max-skip-fraction", "0.2", "--no-evaluate"])
+    config, args = cli.parse(["--checkpoint-every", "7", "--dist-timeout", "60", "--overwrite", "--max-skip-fraction", "0.2", "--no-eval"])
     assert (config.checkpoint_every, config.dist_timeout, config.data.max_skip_fraction, config.evaluate) == (7, 60.0, 0.2, False)
     assert args.overwrite and not args.resume
     seen = {}
@@ -482,7 +482,7 @@ def test_blocks_name_the_shape_they_need(block):
 
 def _cli(out: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "experiments" / "train.py"), "--model", "mobileclip_tiny", "--num-train", "96",
-            "--batch-size", "16", "--epochs", "2", "--out", str(out), "--no-evaluate", "--log-every", "1", *extra]  # fmt: skip
+            "--batch-size", "16", "--epochs", "2", "--out", str(out), "--no-eval", "--log-every", "1", *extra]  # fmt: skip
 
 
 def _env():
