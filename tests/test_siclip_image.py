@@ -169,10 +169,14 @@ def test_image_sharing_chosen_by_divergence(seed):
 
 def test_training_measures_image_divergences_on_the_teacher(seed):
     from siclip.train import TrainConfig
+    from siclip.data import EmbeddedConfig, EmbeddedSource
+    from siclip.train.inputs import RunInputs
     from siclip.train.loop import calibration_image_divergence
 
     teacher = create_model("mobileclip_tiny").eval()
-    d = calibration_image_divergence(teacher, TrainConfig(calibration_captions=4))
+    source = EmbeddedSource(EmbeddedConfig(num_train=8, image_size=teacher.config.image.image_size), "train")  # the training images
+    inputs = RunInputs(source=source, tokenizer=None, teacher=teacher, unknown_rate=0.0)
+    d = calibration_image_divergence(teacher, TrainConfig(calibration_captions=4), inputs)
     assert d.shape == (2, 2) and d[0, 1] == d[1, 0] > 0 and d[0, 0] == 0
     config = SiCLIPConfig(image_sharing="optimal", image_sharing_max_groups=1)
     student, report = build_siclip(teacher, config, divergence={"image": d})
