@@ -1,9 +1,14 @@
-"""Jensen–Shannon divergences between a model's text blocks, their heatmaps, and the sharing plans picked.
+"""Jensen–Shannon divergences between a model's text blocks, their heatmaps, and the sharing plans picked;
+or, with ``--preset``, the divergence between adjacent blocks of both towers through a training run.
 
     python experiments/divergence_report.py --checkpoint runs/demo/model.pt [--captions 256] [--out runs/reports]
     python experiments/divergence_report.py --model mobileclip_tiny        # an untrained model, for a look
+    python experiments/divergence_report.py --preset demo --snapshots 8 --out runs/divergence_demo
 
-The calibration batch is ``--captions`` synthetic captions of the embedded world's validation split.
+The calibration batch is ``--captions`` synthetic captions (and, for the image tower, the images) of the
+embedded world's validation split. ``--preset`` trains that preset of ``experiments/train.py`` in
+segments (exact resume), snapshots the model at ``--snapshots`` evenly spaced steps (step 0 included) and
+writes ``trajectory.csv`` and ``trajectory.png``; rerunning continues where it stopped.
 """
 
 from __future__ import annotations
@@ -13,9 +18,38 @@ import json
 import sys
 from pathlib import Path
 
-from siclip.analysis.divergence import plot_heatmap, sharing_plans, text_divergences
-from siclip.data import EmbeddedConfig, EmbeddedSource, create_tokenizer
-from siclip.models import create_model, load_checkpoint
+import dataclasses
+
+import pandas as pd
+import torch
+
+from siclip.analysis.divergence import adjacent_trajectory, plot_heatmap, plot_trajectory, sharing_plans, text_divergences
+from siclip.data import AugmentConfig, EmbeddedConfig, EmbeddedSource, augment, create_tokenizer, decode_image
+from siclip.models import create_model, get_model_config, load_checkpoint
+from siclip.train.loop import build_data
+from siclip.train.presets import PRESETS
+from siclip.train.snapshots import train_with_snapshots
+
+
+def trajectory(preset: str, snapshots: int, captions: int, out: Path) -> int:
+    config = dataclasses.replace(PRESETS[preset], out_dir=str(out / "run"))
+    model_config = get_model_config(config.model, **config.model_overrides)
+    loader, _ = build_data(config, model_config.image.image_size, model_config.text.context_length, 0, 1)
+    total = config.epochs * len(loader)
+    steps = sorted({round(total * k / (snapshots - 1)) for k in range(snapshots)})
+    paths = train_with_snapshots(config, steps, progress=True)
+    tokenizer = create_tokenizer(config.data.tokenizer, vocab_path=config.data.vocab_path, context_length=model_config.text.context_length)
+    val = EmbeddedSource(EmbeddedConfig(seed=config.data.seed, num_val=captions, image_size=model_config.image.image_size), "val")
+    samples = [val.load(i) for i in range(captions)]
+    ids = tokenizer([s.synthetic[0] for s in samples])
+    view = AugmentConfig(model_config.image.image_size, train=False)
+    images = torch.stack([augment(decode_image(s.image, s.key), None, view) for s in samples[:64]])
+    rows = adjacent_trajectory({step: load_checkpoint(path) for step, path in paths.items()}, ids, images)
+    pd.DataFrame(rows).to_csv(out / "trajectory.csv", index=False)
+    plot = plot_trajectory(rows, out / "trajectory.png", f"{config.model} ({preset}): JS divergence between adjacent blocks while training")
+    print(pd.DataFrame(rows).pivot_table(index="step", columns=["tower", "pair"], values="attention").round(4).to_string())
+    print(f"\n{out / 'trajectory.csv'} and {plot}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,9 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path)
     source.add_argument("--model")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="divergences through a training run of this preset")
+    parser.add_argument("--snapshots", type=int, default=8, help="with --preset: snapshots, evenly spaced, step 0 included")
     parser.add_argument("--captions", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("runs/reports"))
     args = parser.parse_args(argv)
+    if args.preset:
+        if args.snapshots < 2:
+            parser.error("--snapshots must be at least 2 (the start and the end of the run)")
+        args.out.mkdir(parents=True, exist_ok=True)
+        return trajectory(args.preset, args.snapshots, args.captions, args.out)
     model = (load_checkpoint(args.checkpoint) if args.checkpoint else create_model(args.model)).eval()
     name = model.config.name
     tokenizer = create_tokenizer("embedded", context_length=model.config.text.context_length)
