@@ -3,12 +3,13 @@ or, with ``--preset``, the divergence between adjacent blocks of both towers thr
 
     python experiments/divergence_report.py --checkpoint runs/demo/model.pt [--captions 256] [--out runs/reports]
     python experiments/divergence_report.py --model mobileclip_tiny        # an untrained model, for a look
-    python experiments/divergence_report.py --preset demo --snapshots 8 --out runs/divergence_demo
+    python experiments/divergence_report.py --preset demo --snapshots 8 --out runs/divergence --run-dir runs/demo
 
 The calibration batch is ``--captions`` synthetic captions (and, for the image tower, the images) of the
 embedded world's validation split. ``--preset`` trains that preset of ``experiments/train.py`` in
 segments (exact resume), snapshots the model at ``--snapshots`` evenly spaced steps (step 0 included) and
-writes ``trajectory.csv`` and ``trajectory.png``; rerunning continues where it stopped.
+writes ``trajectory.csv`` and ``trajectory.png``; rerunning continues where it stopped. With
+``--run-dir runs/demo`` the run is the demo's teacher, which ``experiments/demo.py`` then reuses.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from siclip.train.presets import PRESETS
 from siclip.train.snapshots import train_with_snapshots
 
 
-def trajectory(preset: str, snapshots: int, captions: int, out: Path) -> int:
-    config = dataclasses.replace(PRESETS[preset], out_dir=str(out / "run"))
+def trajectory(preset: str, snapshots: int, captions: int, out: Path, run_dir: Path) -> int:
+    config = dataclasses.replace(PRESETS[preset], out_dir=str(run_dir))
     model_config = get_model_config(config.model, **config.model_overrides)
     loader, _ = build_data(config, model_config.image.image_size, model_config.text.context_length, 0, 1)
     total = config.epochs * len(loader)
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--model")
     source.add_argument("--preset", choices=sorted(PRESETS), help="divergences through a training run of this preset")
     parser.add_argument("--snapshots", type=int, default=8, help="with --preset: snapshots, evenly spaced, step 0 included")
+    parser.add_argument("--run-dir", type=Path, help="with --preset: the run's directory (default <out>/run); runs/demo makes it the demo's teacher")
     parser.add_argument("--captions", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("runs/reports"))
     args = parser.parse_args(argv)
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.snapshots < 2:
             parser.error("--snapshots must be at least 2 (the start and the end of the run)")
         args.out.mkdir(parents=True, exist_ok=True)
-        return trajectory(args.preset, args.snapshots, args.captions, args.out)
+        return trajectory(args.preset, args.snapshots, args.captions, args.out, args.run_dir or args.out / "run")
     model = (load_checkpoint(args.checkpoint) if args.checkpoint else create_model(args.model)).eval()
     name = model.config.name
     tokenizer = create_tokenizer("embedded", context_length=model.config.text.context_length)

@@ -41,3 +41,22 @@ def test_adjacent_trajectory_reads_both_towers(tmp_path, seed):
     one = adjacent_trajectory({0: create_model("mobileclip_tiny", image={"layers": [1, 1, 2, 1]}).eval()}, ids, images)
     assert {r["tower"] for r in one} == {"text"}  # an image tower with one attention block has no pair
     assert plot_trajectory(rows, tmp_path / "t.png", "test").stat().st_size > 0
+
+
+def test_divergence_report_trajectory_of_a_preset(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("divergence_report", Path(__file__).resolve().parents[1] / "experiments" / "divergence_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    tiny = TrainConfig(model="mobileclip_tiny", model_overrides={"image": {"layers": [1, 1, 2, 2]}}, epochs=1, warmup_steps=1,
+                       checkpoint_every=100, evaluate=False, data=DataConfig(num_train=48, batch_size=16))  # fmt: skip
+    monkeypatch.setitem(report.PRESETS, "tiny", tiny)
+    assert report.main(["--preset", "tiny", "--snapshots", "3", "--captions", "8", "--out", str(tmp_path)]) == 0
+    frame = pd.read_csv(tmp_path / "trajectory.csv")
+    assert sorted(frame.step.unique()) == [0, 2, 3]  # 3 steps in all: 0, round(1.5) = 2, 3
+    assert set(frame.tower) == {"text", "image"} and (tmp_path / "trajectory.png").stat().st_size > 0
+    assert (tmp_path / "run" / "model.pt").exists()
