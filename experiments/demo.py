@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs"), help="parent of the teacher's and the student's run directories")
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--timing-rounds", type=int, default=5, help="interleaved rounds of the inference timing (median)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     teacher_config, student_config = PRESETS["demo"], PRESETS["demo-student"]
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         done = path.exists() and "eval" in json.loads(path.read_text())
         summaries[name] = json.loads(path.read_text()) if done else train(config, resume=True)
     models = {"teacher": load_checkpoint(teacher_dir / "model.pt"), "student": load_checkpoint(student_dir / "model.pt")}
-    rates = inference_rates(models)
+    rates = inference_rates(models, rounds=args.timing_rounds)
     rows = []
     for name, summary in summaries.items():
         params, metrics = summary["parameters"], summary["eval"]
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                      "zero-shot top-1 %": 100 * metrics["zeroshot_top1"], "zero-shot top-5 %": 100 * metrics["zeroshot_top5"],
                      "I→T R@1 %": 100 * metrics["image_to_text_R@1"], "T→I R@1 %": 100 * metrics["text_to_image_R@1"],
                      **rates[name]})  # fmt: skip
-    print(f"\n{device_name('cpu')}, torch {torch.__version__}; inference reparameterised, batch 64, timed interleaved\n")
+    print(f"\n{device_name('cpu')}, torch {torch.__version__}; inference reparameterised, batch 64, median of {args.timing_rounds} interleaved rounds\n")
     table = to_markdown(rows)
     print(table)
     (args.out / "demo_table.md").write_text(table + "\n")
