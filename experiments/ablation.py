@@ -2,9 +2,9 @@
 
     python experiments/ablation.py --preset smoke     # CI: a few steps per run, checks every stage's outputs
     python experiments/ablation.py --preset cpu       # 2 CPU cores, about 60 minutes
-    python experiments/ablation.py --preset gpu       # one H100, about 10 minutes
+    python experiments/ablation.py --preset gpu --workers 12   # one H100 (16 host cores), about 10 minutes
 
-1. Train a MobileCLIP-tiny teacher on world 0 with accurate (synthetic) captions.
+1. Train a MobileCLIP-tiny teacher on world 0 (synthetic and raw captions, as the demo's teacher).
 2. Train SiCLIP-tiny students on world 1, one factor at a time around "+WIKD+PM, synthetic captions, adjacent
    sharing, text tower" (``siclip.analysis.ablation.ROWS``), each over the preset's seeds.
 3. Evaluate every run on the same items (world 0's zero-shot and retrieval sets), save per-item outcomes,
@@ -42,7 +42,7 @@ def common(p: AblationPreset) -> dict:
 
 def teacher_config(p: AblationPreset, out: Path, workers: int) -> TrainConfig:
     overrides = {"image": {"image_size": p.image_size}} if p.image_size != 64 else {}
-    data = DataConfig(num_train=p.teacher_samples, batch_size=p.batch, p_synthetic=1.0, workers=workers, seed=TEACHER_WORLD)
+    data = DataConfig(num_train=p.teacher_samples, batch_size=p.batch, p_synthetic=p.teacher_p_synthetic, workers=workers, seed=TEACHER_WORLD)
     return TrainConfig(model="mobileclip_tiny", model_overrides=overrides, out_dir=str(out), epochs=p.teacher_epochs, lr=p.teacher_lr,
                        objective=CLIP_ONLY, data=data, **common(p))  # fmt: skip
 

@@ -2,7 +2,7 @@
 
 Design (one factor at a time around an anchor, every row over ``seeds`` training seeds):
 
-- one MobileCLIP-tiny **teacher**, trained on its own world (seed 0) with accurate captions;
+- one MobileCLIP-tiny **teacher**, trained on its own world (seed 0) with synthetic and raw captions;
 - SiCLIP-tiny **students** trained on a second world (seed 1, a new dataset), each row changing one
   thing from the anchor "+WIKD+PM, synthetic captions, adjacent sharing, text tower converted":
   the method ladder baseline → +WI → +WIKD → +WIKD+PM, raw captions, sharing none / by divergence,
@@ -45,6 +45,7 @@ class AblationPreset:
     batch: int = 128
     teacher_lr: float = 2e-3
     student_lr: float = 2e-3
+    teacher_p_synthetic: float = 0.5  # raw alt-text half the time: it names shapes canonically (experiments/RESULTS.md)
     warmup_steps: int = 20
     image_size: int = 64  # the teacher's (and so the students') input size
 
@@ -53,11 +54,13 @@ PRESETS = {
     # CI: every stage runs and writes its outputs, a few steps each.
     "smoke": AblationPreset(teacher_samples=128, teacher_epochs=1, student_samples=64, student_epochs=1, seeds=2,
                             eval_per_class=1, eval_images=32, batch=32, warmup_steps=1),
-    # 2 CPU cores, about 60 minutes (see experiments/RESULTS.md).
-    "cpu": AblationPreset(teacher_samples=40_960, teacher_epochs=2, student_samples=4096, student_epochs=3, seeds=3,
+    # 2 CPU cores, about 60 minutes (estimated from quiet-machine step costs, experiments/RESULTS.md): a teacher of
+    # 640 steps (~8 min), 8 rows × 3 seeds of 96-step students (~75 s each) and their evaluations (~15 s each).
+    "cpu": AblationPreset(teacher_samples=81_920, teacher_epochs=1, student_samples=4096, student_epochs=3, seeds=3,
                           eval_per_class=10, eval_images=1000, batch=128),
-    # One H100, about 10 minutes.
-    "gpu": AblationPreset(teacher_samples=100_000, teacher_epochs=6, student_samples=20_000, student_epochs=6, seeds=3,
+    # One H100 with 16 host cores, about 10 minutes (estimated, not yet run): the embedded world renders on the
+    # CPU, so use --workers 12; ~1.4 M training samples at the loader's ~10 k samples/s, 25 evaluations.
+    "gpu": AblationPreset(teacher_samples=204_800, teacher_epochs=2, student_samples=20_480, student_epochs=2, seeds=3,
                           eval_per_class=20, eval_images=1000, batch=512, teacher_lr=4e-3, student_lr=4e-3),
 }  # fmt: skip
 
