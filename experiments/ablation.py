@@ -30,8 +30,8 @@ from siclip.analysis.ablation import (
 )  # fmt: skip
 from siclip.data import EmbeddedConfig, create_tokenizer
 from siclip.eval import evaluate_embedded
-from siclip.models import load_checkpoint
 from siclip.train import DataConfig, TrainConfig, train
+from siclip.train.snapshots import student_from_checkpoint
 
 TEACHER_WORLD, STUDENT_WORLD = 0, 1
 
@@ -61,7 +61,7 @@ def run_and_evaluate(config: TrainConfig, p: AblationPreset) -> dict:
     out = Path(config.out_dir)
     if not (out / "outcomes.npz").exists():
         train(config, resume=True, progress=False)
-        model = load_checkpoint(out / "model.pt").eval()
+        model = student_from_checkpoint(config).eval()  # model.pt cannot rebuild a plan chosen by divergence
         tokenizer = create_tokenizer(config.data.tokenizer, vocab_path=config.data.vocab_path, context_length=model.config.text.context_length)
         world = EmbeddedConfig(seed=TEACHER_WORLD, zero_shot_per_class=p.eval_per_class, num_test=p.eval_images)
         save_outcomes(evaluate_embedded(model, tokenizer, world, retrieval_images=p.eval_images, per_item=True), out / "outcomes.npz")

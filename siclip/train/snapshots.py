@@ -21,6 +21,15 @@ from .loop import build_task, train
 from .state import load_training_checkpoint
 
 
+def student_from_checkpoint(config: TrainConfig):
+    """The student as the run's ``checkpoint.pt`` holds it, rebuilt as :func:`build_task` builds it (so a
+    sharing plan chosen by divergence is measured again on the teacher, where ``load_checkpoint`` could not)."""
+    state = load_training_checkpoint(Path(config.out_dir) / "checkpoint.pt")
+    student = build_task(config).student
+    student.load_state_dict(state["task"]["student"])
+    return student
+
+
 def snapshot_path(config: TrainConfig, step: int) -> Path:
     return Path(config.out_dir) / "snapshots" / f"step_{step:06d}.pt"
 
@@ -45,10 +54,7 @@ def train_with_snapshots(config: TrainConfig, steps: list[int], *, progress: boo
                 summary = train(config, resume=True, max_steps=step, progress=progress)
                 if summary["steps"] < step:
                     raise ValueError(f"snapshot at step {step} asked of a run of {summary['total_steps']} steps ({config.out_dir})")
-                state = load_training_checkpoint(Path(config.out_dir) / "checkpoint.pt")
-                student = build_task(config).student
-                student.load_state_dict(state["task"]["student"])
-                save_checkpoint(student, path)
+                save_checkpoint(student_from_checkpoint(config), path)
         paths[step] = path
     summary_path = Path(config.out_dir) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
