@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-## The main job: train MobileCLIP-tiny on the embedded world (CPU, minutes), evaluate, print the table.
+## The main job: a MobileCLIP-tiny teacher and its SiCLIP-tiny student (WI + WIKD + PM) on the embedded world
+## (CPU, under 10 minutes), evaluated on the same items, one table.
 demo: setup
-	$(PY) experiments/train.py --preset demo
+	$(PY) experiments/demo.py
 
 ## The block micro-benchmarks as one table (SAS-P against Pre-LN, shaped attention against SDPA).
 blocks: setup

@@ -1,83 +1,116 @@
-"""SiCLIP's ablation on the embedded world: WI, WIKD and PM, raw against synthetic captions, sharing plans.
+"""SiCLIP's ablation on the embedded world, over seeds, with intervals and paired differences.
 
-    python experiments/ablation.py --preset smoke     # CI: a few steps per run
-    python experiments/ablation.py --preset cpu       # 2-core CPU, under 30 minutes
-    python experiments/ablation.py --preset gpu       # a CUDA machine
+    python experiments/ablation.py --preset smoke     # CI: a few steps per run, checks every stage's outputs
+    python experiments/ablation.py --preset cpu       # 2 CPU cores, about 60 minutes
+    python experiments/ablation.py --preset gpu --workers 12   # one H100 (16 host cores), about 10 minutes
 
-1. Train a MobileCLIP-tiny teacher on a large set with accurate (synthetic) captions.
-2. Train SiCLIP-tiny students on a small set: baseline (no inheritance, CLIP loss), +WI, +WIKD, +WIKD+PM,
-   each with raw or synthetic captions and with sharing none / adjacent pairs / chosen by divergence.
-3. Print and save the table (parameters, zero-shot top-1, R@1 both ways), training curves and the
-   accuracy–parameters plot to ``<out>/``.
+1. Train a MobileCLIP-tiny teacher on world 0 (synthetic and raw captions, as the demo's teacher).
+2. Train SiCLIP-tiny students on world 1, one factor at a time around "+WIKD+PM, synthetic captions, adjacent
+   sharing, text tower" (``siclip.analysis.ablation.ROWS``), each over the preset's seeds.
+3. Evaluate every run on the same items (world 0's zero-shot and retrieval sets), save per-item outcomes,
+   and write ``ablation.md`` (mean ± std [95 % bootstrap interval] per metric, paired differences between
+   neighbouring rows), ``ablation.csv``, ``differences.csv``, ``curves.png`` and ``rows.png`` to ``<out>/``.
+
+Resumable: a run with ``outcomes.npz`` is done and skipped, an interrupted one continues from its checkpoint.
+A row the model code cannot build (e.g. converting the image tower before that lands) is reported and skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
+import json
 import sys
+import time
 from pathlib import Path
 
-from siclip.analysis.ablation import collect, plot_curves, plot_tradeoff, write_tables
-from siclip.distill import ObjectiveConfig
+from siclip.analysis.ablation import (
+    CAPTIONS, CLIP_ONLY, PRESETS, ROWS, SHARING, AblationPreset, Row, load_outcomes, markdown_tables, plot_curves, plot_rows,
+    save_outcomes, summarize, write_tables,
+)  # fmt: skip
+from siclip.data import EmbeddedConfig
+from siclip.data.tokenizer import tokenizer_for
+from siclip.eval import evaluate_embedded
 from siclip.train import DataConfig, TrainConfig, train
+from siclip.train.snapshots import student_from_checkpoint
 
-PRESETS = {
-    "smoke": dict(teacher_samples=256, teacher_epochs=1, student_samples=128, student_epochs=1, batch=64, eval_per_class=1, eval_images=64),
-    "cpu": dict(teacher_samples=4096, teacher_epochs=4, student_samples=1024, student_epochs=3, batch=128, eval_per_class=2, eval_images=300),
-    "gpu": dict(teacher_samples=50_000, teacher_epochs=10, student_samples=10_000, student_epochs=10, batch=512, eval_per_class=5, eval_images=1000),
-}
-CLIP_ONLY = ObjectiveConfig(feature=0, relation=0, interactive=0, pair_matching=0)
-VARIANTS = {  # name: (inherit from the teacher, objective)
-    "baseline": (False, CLIP_ONLY),
-    "+WI": (True, CLIP_ONLY),
-    "+WIKD": (True, ObjectiveConfig(pair_matching=0)),
-    "+WIKD+PM": (True, ObjectiveConfig()),
-}
-SHARING = {
-    "none": {"sharing": "none"},
-    "adjacent": {"sharing": "adjacent"},
-    "divergence": {"sharing": "optimal", "sharing_max_groups": 2},
-}
-CAPTIONS = {"raw": 0.0, "synthetic": 1.0}
+TEACHER_WORLD, STUDENT_WORLD = 0, 1
+
+
+def common(p: AblationPreset) -> dict:
+    return dict(warmup_steps=p.warmup_steps, log_every=5, checkpoint_every=50, evaluate=False)
+
+
+def teacher_config(p: AblationPreset, out: Path, workers: int) -> TrainConfig:
+    overrides = {"image": {"image_size": p.image_size}} if p.image_size != 64 else {}
+    data = DataConfig(num_train=p.teacher_samples, batch_size=p.batch, p_synthetic=p.teacher_p_synthetic, workers=workers, seed=TEACHER_WORLD)
+    return TrainConfig(model="mobileclip_tiny", model_overrides=overrides, out_dir=str(out), epochs=p.teacher_epochs, lr=p.teacher_lr,
+                       objective=CLIP_ONLY, data=data, **common(p))  # fmt: skip
+
+
+def student_config(p: AblationPreset, row: Row, seed: int, teacher: Path, out: Path, workers: int) -> TrainConfig:
+    overrides = {"siclip": {**SHARING[row.sharing], "convert": list(row.convert)}}
+    if p.image_size != 64:
+        overrides["image"] = {"image_size": p.image_size}
+    data = DataConfig(num_train=p.student_samples, batch_size=p.batch, p_synthetic=CAPTIONS[row.captions], workers=workers, seed=STUDENT_WORLD)
+    return TrainConfig(model="siclip_tiny", model_overrides=overrides, out_dir=str(out), teacher=str(teacher) if row.inherit else None,
+                       epochs=p.student_epochs, lr=p.student_lr, objective=row.objective, data=data, seed=seed, **common(p))  # fmt: skip
+
+
+def run_and_evaluate(config: TrainConfig, p: AblationPreset) -> dict:
+    """Train (resuming), evaluate on the shared items, save ``outcomes.npz``; returns the run summary."""
+    out = Path(config.out_dir)
+    if not (out / "outcomes.npz").exists():
+        train(config, resume=True, progress=False)
+        model = student_from_checkpoint(config).eval()  # model.pt cannot rebuild a plan chosen by divergence
+        tokenizer = tokenizer_for(model.config.text)  # the model's own (the embedded world's words for the tiny models)
+        world = EmbeddedConfig(seed=TEACHER_WORLD, zero_shot_per_class=p.eval_per_class, num_test=p.eval_images)
+        save_outcomes(evaluate_embedded(model, tokenizer, world, retrieval_images=p.eval_images, per_item=True), out / "outcomes.npz")
+    return json.loads((out / "summary.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    parser.add_argument("--out", type=Path, default=None, help="default runs/ablation_<preset>")
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--seeds", type=int, help="override the preset's number of seeds")
     args = parser.parse_args(argv)
     p = PRESETS[args.preset]
-    common = dict(lr=2e-3, warmup_steps=5, log_every=1, checkpoint_every=1000, eval_zero_shot_per_class=p["eval_per_class"],
-                  eval_retrieval_images=p["eval_images"])  # fmt: skip
+    if args.seeds:
+        p = dataclasses.replace(p, seeds=args.seeds)
+    out = args.out or Path(f"runs/ablation_{args.preset}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "preset.json").write_text(json.dumps({"preset": args.preset, **dataclasses.asdict(p)}, indent=1))
+    started = time.perf_counter()
 
-    teacher_dir = args.out / "teacher"
-    if not (teacher_dir / "model.pt").exists():
-        train(TrainConfig(model="mobileclip_tiny", out_dir=str(teacher_dir), epochs=p["teacher_epochs"], objective=CLIP_ONLY,
-                          data=DataConfig(num_train=p["teacher_samples"], batch_size=p["batch"], p_synthetic=1.0, workers=args.workers),
-                          **common))  # fmt: skip
-    runs, labels = {"teacher": teacher_dir}, {"teacher": {"variant": "teacher (MobileCLIP-tiny)", "captions": "synthetic", "sharing": "-"}}
-    for (variant, (inherit, objective)), (captions, p_syn), (sharing, overrides) in itertools.product(VARIANTS.items(), CAPTIONS.items(), SHARING.items()):
-        if sharing == "divergence" and not inherit:
-            continue  # divergences are measured on the teacher
-        name = f"{variant} {captions} {sharing}"
-        out = args.out / name.replace(" ", "_").replace("+", "plus_")
-        labels[name] = {"variant": variant, "captions": captions, "sharing": sharing}
-        runs[name] = out
-        if (out / "summary.json").exists():
-            continue
-        config = TrainConfig(model="siclip_tiny", model_overrides={"siclip": overrides}, out_dir=str(out),
-                             teacher=str(teacher_dir / "model.pt") if inherit else None, epochs=p["student_epochs"], objective=objective,
-                             data=DataConfig(num_train=p["student_samples"], batch_size=p["batch"], p_synthetic=p_syn,
-                                             workers=args.workers, seed=1), **common)  # fmt: skip
-        train(config, progress=False)
-    frame = collect(runs, labels)
-    md, csv = write_tables(frame, args.out)
-    plot_curves({k: v for k, v in runs.items() if k != "teacher"}, args.out / "curves.png")
-    plot_tradeoff(frame, args.out / "tradeoff.png")
-    print(md.read_text())
-    print(f"table {md} and {csv}; plots curves.png and tradeoff.png in {args.out}")
+    teacher_dir = out / "teacher"
+    summary = run_and_evaluate(teacher_config(p, teacher_dir, args.workers), p)
+    top1 = load_outcomes(teacher_dir / "outcomes.npz")["zeroshot_top1"].mean()
+    print(f"teacher: zero-shot top-1 {100 * top1:.1f} % after {summary['steps']} steps ({summary['seconds']:.0f} s)", flush=True)
+    runs, parameters, skipped = {"teacher (MobileCLIP-tiny)": [teacher_dir]}, {"teacher (MobileCLIP-tiny)": summary["parameters"]}, {}
+    for row in ROWS:
+        runs[row.name] = []
+        for seed in range(p.seeds):
+            run_dir = out / f"{row.slug}_seed{seed}"
+            try:
+                summary = run_and_evaluate(student_config(p, row, seed, teacher_dir / "model.pt", run_dir, args.workers), p)
+            except NotImplementedError as err:  # the model code cannot build this row yet: say so, keep the others
+                skipped[row.name] = str(err)
+                print(f"skipped row {row.name!r}: {err}", flush=True)
+                break
+            runs[row.name].append(run_dir)
+            parameters[row.name] = summary["parameters"]
+            print(f"{row.name} seed {seed}: {summary['steps']} steps ({summary['seconds']:.0f} s)", flush=True)
+    rows, differences = summarize(runs, parameters)
+    md = write_tables(rows, differences, out)
+    plot_curves({f"{r} seed 0": dirs[0] for r, dirs in runs.items() if dirs}, out / "curves.png")
+    plot_rows(rows, out / "rows.png")
+    if skipped:
+        with md.open("a") as f:
+            f.write("\n" + "\n".join(f"Skipped: {name} ({why})" for name, why in skipped.items()) + "\n")
+    print(markdown_tables(rows, differences))
+    print(f"{time.perf_counter() - started:.0f} s; tables {md}, ablation.csv, differences.csv; plots curves.png, rows.png in {out}")
     return 0
 
 

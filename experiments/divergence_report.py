@@ -1,23 +1,55 @@
 """Jensen–Shannon divergences between a model's attention blocks, per tower, their heatmaps, and the sharing
-plans picked.
+plans picked; or, with ``--preset``, the divergence between adjacent blocks of both towers through a training run.
 
     python experiments/divergence_report.py --checkpoint runs/demo/model.pt [--captions 256] [--images 128] [--out runs/reports]
     python experiments/divergence_report.py --model mobileclip_tiny        # an untrained model, for a look
+    python experiments/divergence_report.py --preset demo --snapshots 8 --out runs/divergence --run-dir runs/demo
 
 The calibration batches are ``--captions`` synthetic captions (text blocks) and ``--images`` images (the image
 encoder's attention blocks, over the positions of their feature map) of the embedded world's validation split.
+``--preset`` trains that preset of ``experiments/train.py`` in segments (exact resume), snapshots the model at
+``--snapshots`` evenly spaced steps (step 0 included) and writes ``trajectory.csv`` and ``trajectory.png``;
+rerunning continues where it stopped. With ``--run-dir runs/demo`` the run is the demo's teacher, which
+``experiments/demo.py`` then reuses.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from siclip.analysis.divergence import calibration_images, image_divergences, plot_heatmap, sharing_plans, text_divergences
+import pandas as pd
+
+from siclip.analysis.divergence import (
+    adjacent_trajectory, calibration_images, image_divergences, plot_heatmap, plot_trajectory, sharing_plans, text_divergences,
+)  # fmt: skip
 from siclip.data import EmbeddedConfig, EmbeddedSource, create_tokenizer
-from siclip.models import create_model, load_checkpoint
+from siclip.models import create_model, get_model_config, load_checkpoint
+from siclip.train.inputs import prepare_run
+from siclip.train.loop import build_data
+from siclip.train.presets import PRESETS
+from siclip.train.snapshots import train_with_snapshots
+
+
+def trajectory(preset: str, snapshots: int, captions: int, images: int, out: Path, run_dir: Path) -> int:
+    config = dataclasses.replace(PRESETS[preset], out_dir=str(run_dir))
+    model_config = get_model_config(config.model, **config.model_overrides)
+    inputs = prepare_run(config, model_config)
+    total = config.epochs * len(build_data(config, inputs, model_config.image.image_size, 0, 1))
+    steps = sorted({round(total * k / (snapshots - 1)) for k in range(snapshots)})
+    paths = train_with_snapshots(config, steps, progress=True)
+    val = EmbeddedSource(EmbeddedConfig(seed=config.data.seed, num_val=captions, image_size=model_config.image.image_size), "val")
+    ids = inputs.tokenizer([val.load(i).synthetic[0] for i in range(captions)])
+    batch = calibration_images(val, images, model_config.image.image_size)
+    rows = adjacent_trajectory({step: load_checkpoint(path) for step, path in paths.items()}, ids, batch)
+    pd.DataFrame(rows).to_csv(out / "trajectory.csv", index=False)
+    plot = plot_trajectory(rows, out / "trajectory.png", f"{config.model} ({preset}): JS divergence between adjacent blocks while training")
+    print(pd.DataFrame(rows).pivot_table(index="step", columns=["tower", "pair"], values="attention").round(4).to_string())
+    print(f"\n{out / 'trajectory.csv'} and {plot}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path)
     source.add_argument("--model")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="divergences through a training run of this preset")
+    parser.add_argument("--snapshots", type=int, default=8, help="with --preset: snapshots, evenly spaced, step 0 included")
+    parser.add_argument("--run-dir", type=Path, help="with --preset: the run's directory (default <out>/run); runs/demo makes it the demo's teacher")
     parser.add_argument("--captions", type=int, default=256)
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("runs/reports"))
     args = parser.parse_args(argv)
+    if args.preset:
+        if args.snapshots < 2:
+            parser.error("--snapshots must be at least 2 (the start and the end of the run)")
+        args.out.mkdir(parents=True, exist_ok=True)
+        return trajectory(args.preset, args.snapshots, args.captions, min(args.images, 64), args.out, args.run_dir or args.out / "run")
     model = (load_checkpoint(args.checkpoint) if args.checkpoint else create_model(args.model)).eval()
     name = model.config.name
     tokenizer = create_tokenizer("embedded", context_length=model.config.text.context_length)

@@ -1,6 +1,7 @@
 """Train a CLIP (MobileCLIP or SiCLIP) on the embedded world or on your data, then evaluate it.
 
-    python experiments/train.py --preset demo                          # the README's main job (CPU, minutes)
+    python experiments/train.py --preset demo                          # the demo's teacher (experiments/demo.py runs both)
+    python experiments/train.py --preset demo-student                  # the demo's SiCLIP student of runs/demo/model.pt
     python experiments/train.py --model siclip_tiny --teacher runs/demo/model.pt --wikd --out runs/student
     python experiments/train.py --model siclip_s0 --teacher mobileclip_s0.pt --data data/shards --wikd --out runs/s0
     python experiments/train.py --data train.csv --synthetic-keys syn0,syn1 --tokenizer words \
@@ -27,13 +28,8 @@ import sys
 
 from siclip.data import TooManySkipped
 from siclip.distill import ObjectiveConfig
-from siclip.train import CheckpointError, DataConfig, NonFiniteLoss, RunDirectoryBusy, TrainConfig, TrainingInterrupted, train
-
-PRESETS = {
-    # A MobileCLIP-tiny trained with the CLIP loss on 4,096 embedded samples: about four minutes on 2 CPU cores.
-    "demo": TrainConfig(model="mobileclip_tiny", out_dir="runs/demo", epochs=4, lr=2e-3, warmup_steps=20,
-                        data=DataConfig(num_train=4096, batch_size=128, p_synthetic=1.0)),  # fmt: skip
-}
+from siclip.train import CheckpointError, NonFiniteLoss, RunDirectoryBusy, TrainConfig, TrainingInterrupted, train
+from siclip.train.presets import PRESETS
 
 
 def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:

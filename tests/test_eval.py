@@ -44,3 +44,18 @@ def test_evaluate_embedded_runs_on_a_tiny_model():
     assert set(metrics) >= {"zeroshot_top1", "zeroshot_top5", "image_to_text_R@1", "text_to_image_R@10"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert model.training  # restored
+
+
+def test_per_item_outcomes_average_to_the_metrics(seed):
+    images = F.normalize(torch.randn(10, 8), dim=-1)
+    texts = F.normalize(torch.randn(30, 8), dim=-1)
+    owner = torch.arange(10).repeat_interleave(3)
+    means, items = recall_at_k(images, texts, owner), recall_at_k(images, texts, owner, per_item=True)
+    assert items["image_to_text_R@1"].shape == (10,) and items["text_to_image_R@5"].shape == (30,)
+    for name, value in means.items():
+        assert items[name].dtype == torch.bool and items[name].float().mean().item() == pytest.approx(value)
+    logits, labels = torch.randn(20, 7), torch.randint(0, 7, (20,))
+    hits = topk_accuracy(logits, labels, ks=(1, 3), per_item=True)
+    for k in (1, 3):
+        expected = [labels[i].item() in logits[i].topk(k).indices.tolist() for i in range(20)]
+        assert hits[f"top{k}"].tolist() == expected

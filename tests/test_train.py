@@ -84,26 +84,6 @@ def test_schedule_and_refusals(tmp_path):
         train(_config(tmp_path, "noteacher", objective=ObjectiveConfig()), progress=False)
 
 
-@pytest.mark.slow
-def test_ablation_smoke_preset_writes_the_table_and_plots(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "experiments" / "ablation.py"), "--preset", "smoke", "--out", str(tmp_path)],
-                         check=True, capture_output=True, text=True).stdout  # fmt: skip
-    assert "| +WIKD+PM synthetic divergence | +WIKD+PM | synthetic | divergence |" in out
-    for name in ("ablation.md", "ablation.csv", "curves.png", "tradeoff.png"):
-        assert (tmp_path / name).stat().st_size > 0
-    import pandas as pd
-
-    table = pd.read_csv(tmp_path / "ablation.csv")
-    assert len(table) == 1 + 4 * 2 * 3 - 2  # the teacher, and no divergence plan without a teacher
-    shared = table[table.sharing == "adjacent"].params_total.unique()
-    assert len(shared) == 1 and shared[0] < table[table.sharing == "none"].params_total.iloc[0]
-
-
 def test_training_with_uint8_batches_normalised_on_the_device(tmp_path):
     config = _config(tmp_path, "uint8", epochs=1, data=DataConfig(num_train=32, batch_size=16, normalize_on_device=True))
     summary = train(config, progress=False)

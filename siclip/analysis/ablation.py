@@ -1,44 +1,189 @@
-"""Ablation tables and plots from run summaries (``summary.json`` and ``metrics.csv`` of each run)."""
+"""SiCLIP's ablation on the embedded world: presets, rows, per-item evaluation, tables with intervals, plots.
+
+Design (one factor at a time around an anchor, every row over ``seeds`` training seeds):
+
+- one MobileCLIP-tiny **teacher**, trained on its own world (seed 0) with synthetic and raw captions;
+- SiCLIP-tiny **students** trained on a second world (seed 1, a new dataset), each row changing one
+  thing from the anchor "+WIKD+PM, synthetic captions, adjacent sharing, text tower converted":
+  the method ladder baseline → +WI → +WIKD → +WIKD+PM, raw captions, sharing none / by divergence,
+  both towers converted;
+- every run (teacher included) is evaluated on the same items (zero-shot images, retrieval images and
+  captions of world 0's held-out splits); the per-item outcomes are saved (``outcomes.npz``), and
+  :mod:`siclip.analysis.stats` turns them into mean ± std over seeds, two-level bootstrap intervals and
+  paired differences between neighbouring rows (same seeds, same items).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-COLUMNS = {
-    "params_total": ("parameters", "total"),
-    "params_trainable": ("parameters", "trainable"),
-    "zeroshot_top1": ("eval", "zeroshot_top1"),
-    "i2t_R@1": ("eval", "image_to_text_R@1"),
-    "t2i_R@1": ("eval", "text_to_image_R@1"),
-}
+from siclip.analysis.stats import estimate, paired_difference
+from siclip.distill import ObjectiveConfig
+
+CLIP_ONLY = ObjectiveConfig(feature=0, relation=0, interactive=0, pair_matching=0)
+METRICS = {"zeroshot_top1": "zero-shot top-1", "zeroshot_top5": "zero-shot top-5",
+           "image_to_text_R@1": "I→T R@1", "text_to_image_R@1": "T→I R@1"}  # fmt: skip
 
 
-def collect(run_dirs: dict[str, Path], labels: dict[str, dict] | None = None) -> pd.DataFrame:
-    """One row per run: its labels (e.g. variant, captions, sharing), parameters and metrics (in %)."""
-    rows = []
-    for name, run in run_dirs.items():
-        summary = json.loads((Path(run) / "summary.json").read_text())
-        row = {"run": name, **(labels or {}).get(name, {})}
-        for column, (section, key) in COLUMNS.items():
-            value = summary.get(section, {}).get(key)
-            row[column] = 100 * value if section == "eval" and value is not None else value
-        row["final_loss"] = summary.get("final_loss", {}).get("total")
-        rows.append(row)
-    return pd.DataFrame(rows)
+@dataclass(frozen=True)
+class AblationPreset:
+    """Sizes of one ablation: the teacher's run, each student's run, seeds and evaluation sets."""
+
+    teacher_samples: int
+    teacher_epochs: int
+    student_samples: int
+    student_epochs: int
+    seeds: int
+    eval_per_class: int  # zero-shot images per class (100 classes)
+    eval_images: int  # retrieval images (5 captions each)
+    batch: int = 128
+    teacher_lr: float = 2e-3
+    student_lr: float = 2e-3
+    teacher_p_synthetic: float = 0.5  # raw alt-text half the time: it names shapes canonically (experiments/RESULTS.md)
+    warmup_steps: int = 20
+    image_size: int = 64  # the teacher's (and so the students') input size
 
 
-def write_tables(frame: pd.DataFrame, out_dir: Path, name: str = "ablation") -> tuple[Path, Path]:
-    """``<name>.md`` (the paper's form: parameters, zero-shot top-1, R@1 both ways) and ``<name>.csv``."""
+PRESETS = {
+    # CI: every stage runs and writes its outputs, a few steps each.
+    "smoke": AblationPreset(teacher_samples=128, teacher_epochs=1, student_samples=64, student_epochs=1, seeds=2,
+                            eval_per_class=1, eval_images=32, batch=32, warmup_steps=1),
+    # 2 CPU cores, about 60 minutes (estimated from quiet-machine step costs, experiments/RESULTS.md): a teacher of
+    # 640 steps (~8 min), 8 rows × 3 seeds of 96-step students (~75 s each) and their evaluations (~15 s each).
+    "cpu": AblationPreset(teacher_samples=81_920, teacher_epochs=1, student_samples=4096, student_epochs=3, seeds=3,
+                          eval_per_class=10, eval_images=1000, batch=128),
+    # One H100 with 16 host cores, about 10 minutes (estimated, not yet run): the embedded world renders on the
+    # CPU, so use --workers 12; ~1.4 M training samples at the loader's ~10 k samples/s, 25 evaluations.
+    "gpu": AblationPreset(teacher_samples=204_800, teacher_epochs=2, student_samples=20_480, student_epochs=2, seeds=3,
+                          eval_per_class=20, eval_images=1000, batch=512, teacher_lr=4e-3, student_lr=4e-3),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Row:
+    """One ablation row: the method, the student's captions, its sharing plan and the towers converted."""
+
+    name: str
+    inherit: bool  # weight inheritance from the teacher (WI)
+    objective: ObjectiveConfig
+    captions: str = "synthetic"
+    sharing: str = "adjacent"
+    convert: tuple[str, ...] = ("text",)
+
+    @property
+    def slug(self) -> str:
+        return self.name.replace("+", "plus_").replace(" ", "_").replace(",", "")
+
+
+ANCHOR = "+WIKD+PM"
+ROWS = [
+    Row("baseline", False, CLIP_ONLY),
+    Row("+WI", True, CLIP_ONLY),
+    Row("+WIKD", True, ObjectiveConfig(pair_matching=0)),
+    Row(ANCHOR, True, ObjectiveConfig()),
+    Row("+WIKD+PM raw captions", True, ObjectiveConfig(), captions="raw"),
+    Row("+WIKD+PM sharing none", True, ObjectiveConfig(), sharing="none"),
+    Row("+WIKD+PM sharing by divergence", True, ObjectiveConfig(), sharing="divergence"),
+    Row("+WIKD+PM both towers", True, ObjectiveConfig(), convert=("text", "image")),
+]
+# Neighbouring rows: (row, the row it is compared with, what the difference measures).
+COMPARISONS = [
+    ("+WI", "baseline", "weight inheritance"),
+    ("+WIKD", "+WI", "distillation (FD + RD + ICL)"),
+    (ANCHOR, "+WIKD", "pair matching"),
+    (ANCHOR, "+WIKD+PM raw captions", "synthetic over raw captions"),
+    (ANCHOR, "+WIKD+PM sharing none", "adjacent sharing over none"),
+    ("+WIKD+PM sharing by divergence", ANCHOR, "sharing by divergence over adjacent"),
+    ("+WIKD+PM both towers", ANCHOR, "both towers over text only"),
+]
+CAPTIONS = {"raw": 0.0, "synthetic": 1.0}
+SHARING = {"none": {"sharing": "none"}, "adjacent": {"sharing": "adjacent"},
+           "divergence": {"sharing": "optimal", "sharing_max_groups": 2}}  # fmt: skip
+
+
+def save_outcomes(outcomes: dict, path: Path) -> Path:
+    """Per-item boolean outcomes (``evaluate_embedded(..., per_item=True)``) to ``.npz``, written atomically."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **{k: np.asarray(v, dtype=bool) for k, v in outcomes.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def load_outcomes(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no evaluation outcomes at {path}: the run has not finished")
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def summarize(runs: dict[str, list[Path]], parameters: dict[str, dict], *, resamples: int = 2000) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(rows, differences)`` tables from finished runs.
+
+    ``runs[row]`` lists the run directories of the row's seeds in seed order (each with ``outcomes.npz``);
+    rows: per metric mean, std, 95 % interval (fractions); differences: each of :data:`COMPARISONS`
+    whose two rows both ran, paired by seed and item.
+    """
+    outcomes = {row: [load_outcomes(Path(d) / "outcomes.npz") for d in dirs] for row, dirs in runs.items() if dirs}
+    stacked = {row: {m: np.stack([o[m] for o in seeds]) for m in METRICS} for row, seeds in outcomes.items()}
+    records = []
+    for row, metrics in stacked.items():
+        record = {"row": row, "seeds": len(outcomes[row]), **{f"params_{k}": v for k, v in parameters.get(row, {}).items()}}
+        for metric, x in metrics.items():
+            e = estimate(x, resamples=resamples)
+            record |= {f"{metric}": e.mean, f"{metric}_std": e.std, f"{metric}_low": e.low, f"{metric}_high": e.high}
+        records.append(record)
+    differences = []
+    for a, b, meaning in COMPARISONS:
+        if a not in stacked or b not in stacked:
+            continue
+        seeds = min(len(outcomes[a]), len(outcomes[b]))  # paired seed by seed
+        record = {"comparison": f"{a} − {b}", "measures": meaning, "seeds": seeds}
+        for metric in METRICS:
+            d = paired_difference(stacked[a][metric][:seeds], stacked[b][metric][:seeds], resamples=resamples)
+            record |= {f"{metric}": d.mean, f"{metric}_std": d.std, f"{metric}_low": d.low, f"{metric}_high": d.high}
+        differences.append(record)
+    return pd.DataFrame(records), pd.DataFrame(differences)
+
+
+def _cell(frame_row, metric: str, signed: bool = False) -> str:
+    mean, std, low, high = (100 * frame_row[f"{metric}{s}"] for s in ("", "_std", "_low", "_high"))
+    sign = "+" if signed and mean > 0 else ""
+    return f"{sign}{mean:.1f} ± {std:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def markdown_tables(rows: pd.DataFrame, differences: pd.DataFrame) -> str:
+    """The two tables in markdown: metrics as ``mean ± std [95 % interval]`` in %, differences in points."""
+    lines = ["| row | seeds | params (image / text / total, M) | " + " | ".join(METRICS.values()) + " |",
+             "|---|---:|---:|" + "---:|" * len(METRICS)]  # fmt: skip
+    for _, r in rows.iterrows():
+        params = " / ".join(f"{r[f'params_{k}'] / 1e6:.2f}" if f"params_{k}" in r and r[f"params_{k}"] == r[f"params_{k}"] else "–"
+                            for k in ("image", "text", "total"))  # fmt: skip
+        lines.append(f"| {r['row']} | {r['seeds']} | {params} | " + " | ".join(_cell(r, m) for m in METRICS) + " |")
+    if len(differences):
+        lines += ["", "| paired difference (points) | measures | seeds | " + " | ".join(METRICS.values()) + " |",
+                  "|---|---|---:|" + "---:|" * len(METRICS)]  # fmt: skip
+        for _, d in differences.iterrows():
+            lines.append(f"| {d['comparison']} | {d['measures']} | {d['seeds']} | " + " | ".join(_cell(d, m, True) for m in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: pd.DataFrame, differences: pd.DataFrame, out_dir: Path) -> Path:
+    """``ablation.md`` (both tables), ``ablation.csv`` and ``differences.csv`` in ``out_dir``; returns the markdown path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_dir / f"{name}.csv", out_dir / f"{name}.md"
-    frame.to_csv(csv_path, index=False)
-    from siclip.analysis.benchmark import to_markdown
-
-    md_path.write_text(to_markdown(frame.to_dict("records")) + "\n")
-    return md_path, csv_path
+    rows.to_csv(out_dir / "ablation.csv", index=False)
+    differences.to_csv(out_dir / "differences.csv", index=False)
+    md = out_dir / "ablation.md"
+    md.write_text(markdown_tables(rows, differences))
+    return md
 
 
 def _pyplot():
@@ -69,16 +214,22 @@ def plot_curves(run_dirs: dict[str, Path], path: Path, metric: str = "clip") -> 
     return path
 
 
-def plot_tradeoff(frame: pd.DataFrame, path: Path, metric: str = "zeroshot_top1") -> Path:
-    """Accuracy against parameter count, each run a labelled point."""
+def plot_rows(rows: pd.DataFrame, path: Path, metric: str = "zeroshot_top1") -> Path:
+    """Each row's mean with its 95 % interval as an error bar, against its parameter count."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.scatter(frame["params_total"] / 1e6, frame[metric])
-    for _, row in frame.iterrows():
-        ax.annotate(row["run"], (row["params_total"] / 1e6, row[metric]), fontsize=6)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    x, y = rows["params_total"] / 1e6, 100 * rows[metric]
+    err = [100 * (rows[metric] - rows[f"{metric}_low"]), 100 * (rows[f"{metric}_high"] - rows[metric])]
+    ax.errorbar(x, y, yerr=err, fmt="o", capsize=3)
+    for xi, yi, name in zip(x, y, rows["row"]):
+        ax.annotate(name, (xi, yi), fontsize=7, xytext=(4, 2), textcoords="offset points")
     ax.set_xlabel("parameters (M)")
-    ax.set_ylabel(f"{metric} (%)")
+    ax.set_ylabel(f"{METRICS[metric]} (%), mean and 95 % interval")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def preset_record(preset: AblationPreset) -> str:
+    return json.dumps(dataclasses.asdict(preset))

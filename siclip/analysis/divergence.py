@@ -122,6 +122,59 @@ def image_divergences(model, images: Tensor) -> dict[str, Tensor]:
     return block_divergences(blocks, lambda: model.visual(images))
 
 
+def adjacent_trajectory(snapshots: dict[int, nn.Module], ids: Tensor, images: Tensor) -> list[dict]:
+    """JS divergence between adjacent block calls of each tower at each training step.
+
+    ``snapshots`` maps a step to the model as it was then. Rows: ``step, tower, pair ("0-1"), attention,
+    features`` (nats); a tower with fewer than two attention blocks has no row.
+    """
+    from siclip.models.siclip import attention_stage
+
+    rows = []
+    for step, model in sorted(snapshots.items()):
+        model.eval()
+        towers = {"text": (model.text.transformer, lambda m=model: m.text(ids)),
+                  "image": (attention_stage(model, converted=True)[1], lambda m=model: m.visual(images))}  # fmt: skip
+        for tower, (blocks, run) in towers.items():
+            if len(blocks) < 2:
+                continue
+            d = block_divergences(blocks, run)
+            for i in range(d["attention"].shape[0] - 1):
+                rows.append({"step": step, "tower": tower, "pair": f"{i}-{i + 1}",
+                             "attention": float(d["attention"][i, i + 1]), "features": float(d["features"][i, i + 1])})  # fmt: skip
+    return rows
+
+
+def plot_trajectory(rows: list[dict], path: str | Path, title: str) -> Path:
+    """Adjacent-block JS divergence against training step: one panel per tower and reading, one line per pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    towers = list(dict.fromkeys(frame["tower"]))
+    fig, axes = plt.subplots(len(towers), 2, figsize=(10, 3.2 * len(towers)), squeeze=False)
+    for r, tower in enumerate(towers):
+        part = frame[frame.tower == tower]
+        for c, reading in enumerate(("attention", "features")):
+            ax = axes[r][c]
+            for pair, line in part.groupby("pair", sort=False):
+                ax.plot(line["step"], line[reading], marker="o", label=f"blocks {pair}")
+            ax.set_title(f"{tower} tower, {reading}")
+            ax.set_xlabel("training step")
+            ax.set_ylabel("JS divergence (nats)")
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def sharing_plans(divergence: Tensor, *, max_groups: int | None = None) -> dict[str, SharingPlan]:
     """The plan each strategy picks: none, adjacent pairs, threshold at the median adjacent divergence,
     and the optimal partition into ``max_groups`` (default half the blocks) runs."""

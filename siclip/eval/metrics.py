@@ -25,11 +25,12 @@ def zero_shot_weights(encode_text: Callable[[list[str]], Tensor], classnames: Se
     return torch.stack(weights)
 
 
-def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Fraction of rows whose label is among the ``k`` largest logits (``k`` capped at the class count)."""
+def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5), *, per_item: bool = False) -> dict:
+    """Fraction of rows whose label is among the ``k`` largest logits, ``k`` capped at the class count
+    (``per_item``: the boolean hit of each row)."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
-    return {f"top{k}": hits[:, :k].any(1).float().mean().item() for k in ks}
+    return {f"top{k}": _reduce(hits[:, :k].any(1), per_item) for k in ks}
 
 
 def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -44,15 +45,22 @@ def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> Tens
     return torch.where(totals > 0, correct / totals.clamp(min=1), torch.full_like(totals, float("nan")))
 
 
-def recall_at_k(image_features: Tensor, text_features: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Retrieval recall@k both ways; ``text_to_image[j]`` is the image that caption ``j`` describes."""
+def _reduce(hits: Tensor, per_item: bool):
+    return hits.cpu() if per_item else hits.float().mean().item()
+
+
+def recall_at_k(
+    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10), *, per_item: bool = False
+) -> dict:
+    """Retrieval recall@k both ways; ``text_to_image[j]`` is the image that caption ``j`` describes.
+    ``per_item``: the boolean hit of each image (image→text) and each caption (text→image) instead of the means."""
     similarity = image_features.float() @ text_features.float().T  # (images, texts)
     n_images = image_features.shape[0]
     owner = text_to_image[None, :] == torch.arange(n_images, device=text_to_image.device)[:, None]  # (images, texts): caption j belongs to image i
     out = {}
     for k in ks:
         top_texts = similarity.topk(min(k, similarity.shape[1]), dim=1).indices
-        out[f"image_to_text_R@{k}"] = owner.gather(1, top_texts).any(1).float().mean().item()
+        out[f"image_to_text_R@{k}"] = _reduce(owner.gather(1, top_texts).any(1), per_item)
         top_images = similarity.T.topk(min(k, n_images), dim=1).indices
-        out[f"text_to_image_R@{k}"] = (top_images == text_to_image[:, None]).any(1).float().mean().item()
+        out[f"text_to_image_R@{k}"] = _reduce((top_images == text_to_image[:, None]).any(1), per_item)
     return out

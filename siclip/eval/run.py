@@ -44,31 +44,37 @@ def zero_shot_logits(model, tokenizer, source, classnames, templates, *, image_s
 
 
 @torch.no_grad()
-def zero_shot_eval(model, tokenizer, source, labels: Tensor, classnames, templates, *, image_size: int) -> dict[str, float]:
+def zero_shot_eval(model, tokenizer, source, labels: Tensor, classnames, templates, *, image_size: int, per_item: bool = False) -> dict:
     logits = zero_shot_logits(model, tokenizer, source, classnames, templates, image_size=image_size)
-    return topk_accuracy(logits, labels.to(logits.device))
+    return topk_accuracy(logits, labels.to(logits.device), per_item=per_item)
 
 
 @torch.no_grad()
-def retrieval_eval(model, tokenizer, source, captions: list[list[str]], *, image_size: int, batch_size: int = 256) -> dict[str, float]:
+def retrieval_eval(model, tokenizer, source, captions: list[list[str]], *, image_size: int, batch_size: int = 256,
+                   per_item: bool = False) -> dict:  # fmt: skip
     device = _device(model)
     images = embed_source(model, source, image_size=image_size, batch_size=batch_size)
     flat = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
     texts = torch.cat([model.encode_text(tokenizer(flat[i : i + 512]).to(device)) for i in range(0, len(flat), 512)])
-    return recall_at_k(images, texts, owner.to(images.device))
+    return recall_at_k(images, texts, owner.to(images.device), per_item=per_item)
 
 
-def evaluate_embedded(model, tokenizer, config: EmbeddedConfig = EmbeddedConfig(), *, retrieval_images: int = 500) -> dict[str, float]:
-    """Zero-shot top-1/top-5 on the embedded classes and retrieval R@1/5/10 on held-out test images."""
+def evaluate_embedded(
+    model, tokenizer, config: EmbeddedConfig = EmbeddedConfig(), *, retrieval_images: int = 500, per_item: bool = False
+) -> dict:
+    """Zero-shot top-1/top-5 on the embedded classes and retrieval R@1/5/10 on held-out test images.
+
+    ``per_item``: each metric as the boolean outcome of every item (zero-shot image, retrieval image or
+    caption), whose mean is the metric: what seed-and-item bootstrap intervals resample."""
     was_training = model.training
     model.eval()
     image_size = model.config.image.image_size
     zs = EmbeddedSource(config, "zeroshot")
     classnames, templates = zero_shot_prompts()
     labels = torch.tensor([zs.label(i) for i in range(len(zs))])
-    metrics = {f"zeroshot_{k}": v for k, v in zero_shot_eval(model, tokenizer, zs, labels, classnames, templates, image_size=image_size).items()}
+    metrics = {f"zeroshot_{k}": v for k, v in zero_shot_eval(model, tokenizer, zs, labels, classnames, templates, image_size=image_size, per_item=per_item).items()}
     source, captions = retrieval_set(replace(config, num_test=min(retrieval_images, config.num_test)), "test")
-    metrics |= retrieval_eval(model, tokenizer, source, captions, image_size=image_size)
+    metrics |= retrieval_eval(model, tokenizer, source, captions, image_size=image_size, per_item=per_item)
     model.train(was_training)
     return metrics
