@@ -233,7 +233,7 @@ def test_cuda_step_matches_cpu_step_in_float32(seed):
 def test_fused_towers_survive_a_checkpoint_round_trip(tmp_path, seed):
     from siclip.models import load_checkpoint, save_checkpoint
 
-    student, _ = build_siclip(perturb_batchnorm_(create_model("mobileclip_tiny"), seed), SiCLIPConfig())
+    student, _ = build_siclip(perturb_batchnorm_(create_model("mobileclip_tiny"), seed), SiCLIPConfig(convert=("text",)))  # an all-frozen image tower
     fuse_frozen_towers(student)
     loaded = load_checkpoint(save_checkpoint(student, tmp_path / "model.pt"))
     assert loaded.fused_towers == ["visual"] and not any(p.requires_grad for p in loaded.visual.parameters())
