@@ -70,12 +70,16 @@ def test_inherited_student_runs_its_frozen_prefix_without_a_graph(seed):
     images, ids = torch.randn(4, 3, 64, 64), torch.randint(1, 255, (4, 32))
     ids[:, -1] = 255
     modes = grad_modes(student, lambda: student(images, ids))
-    frozen = [n for n in modes if n.startswith(("visual.", "text.mixer_in"))]
-    assert frozen and not any(modes[n] for n in frozen)  # the whole image tower and the text prefix
+    image_prefix = ("visual.patch_embed", *(f"visual.network.{i}." for i in range(7)))
+    frozen = [n for n in modes if n.startswith((*image_prefix, "text.mixer_in"))]
+    assert frozen and not any(modes[n] for n in frozen)  # the image tower before its SAS-P stage and the text prefix
     assert all(modes[n] for n in modes if n.startswith("text.transformer.") and n.count(".") == 2)
-    assert all(modes[n] for n in ("text.mixer_out", "text.final_norm"))  # gradients flow back through them
+    assert all(modes[n] for n in ("visual.network.7.0", "visual.network.7.1", "text.mixer_out", "text.final_norm"))
+    assert all(modes[n] for n in ("visual.conv_exp", "visual.head"))  # gradients flow back through them
     out = student(images, ids)
-    assert out.image_features.grad_fn is None and out.text_features.grad_fn is not None
+    assert out.image_features.grad_fn is not None and out.text_features.grad_fn is not None
+    text_only, _ = build_siclip(create_model("mobileclip_tiny"), SiCLIPConfig(convert=("text",)))
+    assert text_only.train()(images, ids).image_features.grad_fn is None  # an all-frozen image tower keeps no graph
 
 
 def test_frozen_prefix_saves_exactly_what_the_trainable_suffix_saves(seed):
@@ -130,14 +134,17 @@ def test_frozen_batchnorm_keeps_inherited_statistics(seed):
     student.train()
     assert student.text.transformer[0].training and not student.visual.patch_embed[0].rbr_conv[0].bn.training
     student(torch.randn(4, 3, 64, 64), torch.randint(1, 256, (4, 32)))
-    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items() if "running" in k)
+    trained = "visual.network.7."  # the image SAS-P blocks train, and their BatchNorm with them
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items() if "running" in k and not k.startswith(trained))
+    assert not torch.equal(before[trained + "0.norm.running_mean"], student.state_dict()[trained + "0.norm.running_mean"])
     trainable = create_model("mobileclip_tiny").train()
     assert trainable.visual.patch_embed[0].rbr_conv[0].bn.training  # only frozen BatchNorm stays in eval
 
 
 def test_fused_frozen_towers_compute_the_same_features(seed):
     teacher = perturb_batchnorm_(create_model("mobileclip_tiny"), seed).eval()
-    student, _ = build_siclip(teacher, SiCLIPConfig())
+    student, _ = build_siclip(teacher, SiCLIPConfig(convert=("text",)))  # the text-only ablation: an all-frozen image tower
+    assert fuse_frozen_towers(build_siclip(teacher, SiCLIPConfig())[0]) == []  # the default trains image blocks
     images = torch.randn(3, 3, 64, 64)
     reference = student.eval().encode_image(images)
     assert fuse_frozen_towers(student) == ["visual"]
@@ -226,7 +233,7 @@ def test_cuda_step_matches_cpu_step_in_float32(seed):
 def test_fused_towers_survive_a_checkpoint_round_trip(tmp_path, seed):
     from siclip.models import load_checkpoint, save_checkpoint
 
-    student, _ = build_siclip(perturb_batchnorm_(create_model("mobileclip_tiny"), seed), SiCLIPConfig())
+    student, _ = build_siclip(perturb_batchnorm_(create_model("mobileclip_tiny"), seed), SiCLIPConfig(convert=("text",)))  # an all-frozen image tower
     fuse_frozen_towers(student)
     loaded = load_checkpoint(save_checkpoint(student, tmp_path / "model.pt"))
     assert loaded.fused_towers == ["visual"] and not any(p.requires_grad for p in loaded.visual.parameters())
