@@ -96,7 +96,11 @@ def test_image_attention_divergences(seed):
     torch.testing.assert_close(probs, attention_probabilities(old, x))
     images = calibration_images(EmbeddedSource(EmbeddedConfig(num_val=4, image_size=64), "val"), 4, 64)
     assert images.shape == (4, 3, 64, 64)
-    for model in (teacher, create_model("siclip_tiny").eval()):
+    student = create_model("siclip_tiny").eval()
+    with torch.no_grad():  # a fresh SAS-P block has W_Q = 0 (uniform attention, zero divergence): give it queries
+        for p in student.visual.network[7].parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    for model in (teacher, student):
         d = image_divergences(model, images)
         assert d["attention"].shape == (2, 2) and d["attention_per_head"].shape == (2, 2, 4)
         torch.testing.assert_close(d["attention"], d["attention"].T)
