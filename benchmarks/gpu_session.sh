@@ -4,12 +4,13 @@
 #     bash benchmarks/gpu_session.sh OUT_DIR
 #     SMOKE=1 bash benchmarks/gpu_session.sh OUT_DIR      # tiny sizes on the CPU, no time limits: checks the script
 #
-# In this order (issues 2, 7, 11, 15):
+# In this order (issues 2, 7, 11, 12, 15):
 #   1. the block table, Pre-LN against SAS-P with PyTorch ops and with the Triton kernels, eager then
 #      compiled, with the eager profile of each variant (blocks.md);
 #   2. shaped attention against SDPA, time and peak memory, up to 4,096 tokens (blocks.md);
 #   3. the training-step figures still predicted in RESULTS.md: the teacher-first peak at batch 1536, the
 #      checkpointed all-trainable ladder, the profile (step/), the uint8 loader handover (loader.txt);
+#      SiCLIP-S0 against MobileCLIP-S0 image encoders, bf16 training and inference (appended to blocks.md);
 #   4. benchmarks/real_path.sh, when it exists, given what time is left (real_path.tar.gz).
 # Each step has its own time limit and writes under OUT_DIR as it goes, so a step cut short loses only
 # itself. At most 8 files: session.log (device and every step's output), blocks.md, loader.txt,
@@ -28,12 +29,12 @@ budget=570  # seconds for the whole call; step 4 gets what steps 1-3 leave
 limit() { if [ "$smoke" = 1 ]; then echo 0; else echo "$1"; fi; }
 
 if [ "$smoke" = 1 ]; then
-    blocks=(--smoke --device cpu) step=(--smoke --device cpu)
+    blocks=(--smoke --device cpu) step=(--smoke --device cpu) encoders=(--tiny --device cpu --steps 2 --warmup 1)
     loader=(--sizes 64 --workers 0 --samples 64 --writers 1 --batch-size 16 --generate 50)
     ladder=(--trainable-ladder-ckpt 16)
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    blocks=() step=(--steps 10)
+    blocks=() step=(--steps 10) encoders=(--compile)
     loader=(--sizes 256 --workers 16 --samples 16384 --writers 16 --batch-size 256 --generate 1000)
     ladder=(--trainable-ladder-ckpt 256 512 768 1024)
 fi
@@ -55,6 +56,10 @@ timeout "$(limit 90)" python3 benchmarks/gpu_train_step.py "${step[@]}" --out "$
     --trainable-ladder "${ladder[@]}"
 python3 benchmarks/gpu_train_step.py --out "$out/step" --from-jsonl "$out/step/train_step.jsonl" > /dev/null
 timeout "$(limit 50)" python3 benchmarks/data_throughput.py "${loader[@]}" --outputs float32 uint8 | tee "$out/loader.txt"
+echo "== 3b. SiCLIP-S0 against MobileCLIP-S0 image encoders (issue 12)"
+timeout "$(limit 60)" python3 benchmarks/gpu_image_encoders.py "${encoders[@]}" --out "$out/image_encoders.tmp" \
+    && cat "$out/image_encoders.tmp" >> "$out/blocks.md"
+rm -f "$out/image_encoders.tmp"
 
 echo "== 4. the real path (issue 11)"
 if [ ! -f benchmarks/real_path.sh ]; then
