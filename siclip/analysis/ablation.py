@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from siclip.analysis.figures import pyplot, save_figure
 from siclip.analysis.stats import estimate, paired_difference
 from siclip.distill import ObjectiveConfig
 
@@ -186,19 +187,10 @@ def write_tables(rows: pd.DataFrame, differences: pd.DataFrame, out_dir: Path) -
     return md
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(run_dirs: dict[str, Path], path: Path, metric: str = "clip") -> Path:
     """Training loss against step, one line per run; the CLIP term by default, the one every objective
     shares (totals differ in scale: FD carries λ1 = 4000)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(11, 5))
     for name, run in run_dirs.items():
         metrics = Path(run) / "metrics.csv"
@@ -209,14 +201,12 @@ def plot_curves(run_dirs: dict[str, Path], path: Path, metric: str = "clip") -> 
     ax.set_ylabel(f"loss ({metric})")
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_rows(rows: pd.DataFrame, path: Path, metric: str = "zeroshot_top1") -> Path:
     """Each row's mean with its 95 % interval as an error bar, against its parameter count."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     x, y = rows["params_total"] / 1e6, 100 * rows[metric]
     err = [100 * (rows[metric] - rows[f"{metric}_low"]), 100 * (rows[f"{metric}_high"] - rows[metric])]
@@ -226,9 +216,7 @@ def plot_rows(rows: pd.DataFrame, path: Path, metric: str = "zeroshot_top1") -> 
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel(f"{METRICS[metric]} (%), mean and 95 % interval")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def preset_record(preset: AblationPreset) -> str:

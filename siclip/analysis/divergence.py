@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from siclip.blocks import PreLNBlock, SASBlock, SASPBlock, SASPBlock2d, SharingPlan, plan_sharing
 from siclip.blocks.sharing import adjacent_divergences
 
+from .figures import pyplot, save_figure
+
 
 def js_divergence(p: Tensor, q: Tensor, dim: int = -1) -> Tensor:
     """Exact JS divergence (nats) between distributions along ``dim``; 0·log 0 = 0."""
@@ -147,10 +149,7 @@ def adjacent_trajectory(snapshots: dict[int, nn.Module], ids: Tensor, images: Te
 
 def plot_trajectory(rows: list[dict], path: str | Path, title: str) -> Path:
     """Adjacent-block JS divergence against training step: one panel per tower and reading, one line per pair."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import pandas as pd
 
     frame = pd.DataFrame(rows)
@@ -168,11 +167,7 @@ def plot_trajectory(rows: list[dict], path: str | Path, title: str) -> Path:
             ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def sharing_plans(divergence: Tensor, *, max_groups: int | None = None) -> dict[str, SharingPlan]:
@@ -191,11 +186,7 @@ def sharing_plans(divergence: Tensor, *, max_groups: int | None = None) -> dict[
 
 def plot_heatmap(matrix: Tensor, path: str | Path, title: str, labels: list[str] | None = None) -> Path:
     """A labelled heatmap PNG of a divergence matrix."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     values = matrix.detach().cpu().numpy()
     n = values.shape[0]
     labels = labels or [f"block {i}" for i in range(n)]
@@ -209,8 +200,4 @@ def plot_heatmap(matrix: Tensor, path: str | Path, title: str, labels: list[str]
     fig.colorbar(image, ax=ax, label="Jensen–Shannon divergence (nats)")
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

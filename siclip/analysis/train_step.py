@@ -35,6 +35,7 @@ from siclip.train.step import backward_and_step, channels_last_on, create_optimi
 from siclip.train.task import TrainingTask
 
 from .benchmark import _timed
+from .figures import pyplot, save_figure
 
 VARIANTS = ("siclip", "siclip_cached", "all_trainable", "image_last_stage")
 
@@ -228,11 +229,7 @@ def plot_step_scaling(
     rows: list[dict], path: str | Path, *, budget_gib: float = 24.0, target_gib: float = 20.0, title: str | None = None
 ) -> Path:
     """Peak memory and images/s against batch size, one line per variant (and checkpointing setting)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_mem, ax_rate) = plt.subplots(1, 2, figsize=(11, 4.8))
     series: dict[str, list[dict]] = {}
     for row in rows:
@@ -255,8 +252,4 @@ def plot_step_scaling(
     handles, labels = ax_mem.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)

@@ -215,22 +215,28 @@ def create_tokenizer(name: str = "embedded", *, vocab_path: str | Path | None = 
     raise ValueError(f"unknown tokenizer {name!r}; choose 'embedded', 'clip' or 'words'")
 
 
-def read_word_list(path: str | Path) -> list[str]:
-    """A JSON list of words (as :func:`save_word_list` writes), or one word per line."""
+def read_string_list(path: str | Path, what: str) -> list[str]:
+    """The strings of a file holding a JSON list, or one per line (blank lines skipped); ``what`` names them
+    in errors ("words", "class names")."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"word list not found: {path}")
+        raise FileNotFoundError(f"{what} file not found: {path}")
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         try:
-            words = json.loads(text)
+            items = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not a JSON list of words ({err})") from None
+            raise ValueError(f"{path}: not a JSON list of {what} ({err})") from None
     else:
-        words = [line.strip() for line in text.splitlines() if line.strip()]
-    if not words or not all(isinstance(w, str) for w in words):
-        raise ValueError(f"{path}: expected a non-empty list of words")
-    return words
+        items = [line.strip() for line in text.splitlines() if line.strip()]
+    if not items or not all(isinstance(item, str) for item in items):
+        raise ValueError(f"{path}: expected a non-empty list of {what}")
+    return items
+
+
+def read_word_list(path: str | Path) -> list[str]:
+    """A JSON list of words (as :func:`save_word_list` writes), or one word per line."""
+    return read_string_list(path, "words")
 
 
 def tokenizer_spec(tokenizer) -> dict:

@@ -26,6 +26,7 @@ import torch
 
 from siclip.data import RawSample, SampleError
 from siclip.data.tabular import is_table, read_table
+from siclip.data.tokenizer import read_string_list
 
 from .metrics import per_class_accuracy, topk_accuracy
 from .run import retrieval_eval, zero_shot_logits
@@ -53,18 +54,8 @@ class ImageFileSource:
 
 def read_classnames(path: str | Path) -> list[str]:
     """Class names in class order: a JSON list, or one per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class names file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            names = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not a JSON list of class names ({err})") from None
-    else:
-        names = [line.strip() for line in text.splitlines() if line.strip()]
-    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+    names = read_string_list(path, "class names")
+    if not all(n.strip() for n in names):
         raise ValueError(f"{path}: expected a non-empty list of non-empty class names")
     return [n.strip() for n in names]
 
