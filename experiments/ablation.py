@@ -32,6 +32,7 @@ from siclip.data import EmbeddedConfig
 from siclip.data.tokenizer import tokenizer_for
 from siclip.eval import evaluate_embedded
 from siclip.train import DataConfig, TrainConfig, train
+from siclip.train.presets import WORLD_DATA, WORLD_IMAGE_LR_SCALE, WORLD_MODEL, WORLD_TEXT_FROZEN_FRACTION
 from siclip.train.snapshots import student_from_checkpoint
 
 TEACHER_WORLD, STUDENT_WORLD = 0, 1
@@ -41,18 +42,27 @@ def common(p: AblationPreset) -> dict:
     return dict(warmup_steps=p.warmup_steps, log_every=5, checkpoint_every=50, evaluate=False)
 
 
+def world_data(p: AblationPreset, **fields) -> DataConfig:
+    """The demo's embedded-world data recipe (shape twins, no crops) at the preset's batch size."""
+    return DataConfig(**{**WORLD_DATA, "batch_size": p.batch, **fields})
+
+
+def world_model(p: AblationPreset) -> dict:
+    return {**WORLD_MODEL, "image": {**WORLD_MODEL["image"], "image_size": p.image_size}}
+
+
 def teacher_config(p: AblationPreset, out: Path, workers: int) -> TrainConfig:
-    overrides = {"image": {"image_size": p.image_size}} if p.image_size != 64 else {}
-    data = DataConfig(num_train=p.teacher_samples, batch_size=p.batch, p_synthetic=p.teacher_p_synthetic, workers=workers, seed=TEACHER_WORLD)
-    return TrainConfig(model="mobileclip_tiny", model_overrides=overrides, out_dir=str(out), epochs=p.teacher_epochs, lr=p.teacher_lr,
+    """The teacher learns as the demo's does: image tower at a higher lr, text tower still for the first third."""
+    data = world_data(p, num_train=p.teacher_samples, p_synthetic=p.teacher_p_synthetic, workers=workers, seed=TEACHER_WORLD)
+    steps = p.teacher_epochs * (p.teacher_samples // p.batch)
+    return TrainConfig(model="mobileclip_tiny", model_overrides=world_model(p), out_dir=str(out), epochs=p.teacher_epochs, lr=p.teacher_lr,
+                       tower_lr_scale={"image": WORLD_IMAGE_LR_SCALE}, tower_frozen_steps={"text": int(steps * WORLD_TEXT_FROZEN_FRACTION)},
                        objective=CLIP_ONLY, data=data, **common(p))  # fmt: skip
 
 
 def student_config(p: AblationPreset, row: Row, seed: int, teacher: Path, out: Path, workers: int) -> TrainConfig:
-    overrides = {"siclip": {**SHARING[row.sharing], "convert": list(row.convert)}}
-    if p.image_size != 64:
-        overrides["image"] = {"image_size": p.image_size}
-    data = DataConfig(num_train=p.student_samples, batch_size=p.batch, p_synthetic=CAPTIONS[row.captions], workers=workers, seed=STUDENT_WORLD)
+    overrides = {**world_model(p), "siclip": {**SHARING[row.sharing], "convert": list(row.convert)}}
+    data = world_data(p, num_train=p.student_samples, p_synthetic=CAPTIONS[row.captions], workers=workers, seed=STUDENT_WORLD)
     return TrainConfig(model="siclip_tiny", model_overrides=overrides, out_dir=str(out), teacher=str(teacher) if row.inherit else None,
                        epochs=p.student_epochs, lr=p.student_lr, objective=row.objective, data=data, seed=seed, **common(p))  # fmt: skip
 

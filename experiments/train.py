@@ -32,6 +32,18 @@ from siclip.train import CheckpointError, NonFiniteLoss, RunDirectoryBusy, Train
 from siclip.train.presets import PRESETS
 
 
+def tower_values(kind):
+    """``image=2.5,text=1`` → ``{"image": 2.5, "text": 1.0}``."""
+
+    def parse_pairs(text: str) -> dict:
+        pairs = [item.split("=", 1) for item in text.split(",") if item]
+        if any(len(pair) != 2 for pair in pairs):
+            raise argparse.ArgumentTypeError(f"expected tower=value pairs such as image=2.5,text=1, got {text!r}")
+        return {tower.strip(): kind(value) for tower, value in pairs}
+
+    return parse_pairs
+
+
 def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS))
@@ -46,6 +58,12 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--workers", type=int)
     parser.add_argument("--p-synthetic", type=float)
+    parser.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="random resized crop area fraction (0.6 1.0); 1 1 keeps the whole image")
+    parser.add_argument("--crop-ratio", type=float, nargs=2, metavar=("MIN", "MAX"), help="random resized crop aspect ratio (0.75 1.333)")
+    parser.add_argument("--shape-twins", action="store_true", default=None, help="embedded world: batch each scene with its shape twin")
+    parser.add_argument("--mask-padding", action="store_true", help="text attention ignores padding (a model built from scratch)")
+    parser.add_argument("--tower-lr-scale", type=tower_values(float), help="per-tower lr factors, e.g. image=2.5,text=1")
+    parser.add_argument("--tower-frozen-steps", type=tower_values(int), help="steps a tower stays still, e.g. text=150")
     parser.add_argument("--tokenizer", choices=["embedded", "clip", "words"], help="default: the teacher's, else the model's")
     parser.add_argument("--vocab-path", help="CLIP merges file, or a word list for --tokenizer words")
     parser.add_argument("--max-unknown-rate", type=float, help="refuse above this fraction of <unk> caption tokens (0.05)")
@@ -73,15 +91,22 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     args = parser.parse_args(argv)
     config = PRESETS[args.preset] if args.preset else TrainConfig()
     top = {k: getattr(args, k) for k in ("model", "teacher", "teacher_model", "out_dir", "epochs", "lr", "evaluate", "eval_zeroshot", "eval_classnames",
-           "eval_templates", "eval_retrieval", "eval_embedded", "calibration_captions_file", "checkpoint_every", "log_every", "dist_timeout")
+           "eval_templates", "eval_retrieval", "eval_embedded", "calibration_captions_file", "checkpoint_every", "log_every", "dist_timeout",
+           "tower_lr_scale", "tower_frozen_steps")
            if getattr(args, k) is not None}  # fmt: skip
     data = {k: getattr(args, k) for k in ("source", "num_train", "batch_size", "workers", "p_synthetic", "tokenizer", "vocab_path",
-            "max_unknown_rate", "image_key", "caption_key", "synthetic_keys", "max_skip_fraction") if getattr(args, k) is not None}  # fmt: skip
+            "max_unknown_rate", "image_key", "caption_key", "synthetic_keys", "max_skip_fraction", "shape_twins", "crop_scale", "crop_ratio")
+            if getattr(args, k) is not None}  # fmt: skip
     if args.eval_classnames and not args.eval_zeroshot:
         parser.error("--classnames needs --eval-zeroshot")
     flags = {k: True for k in ("compile", "fuse_frozen_towers", "grad_checkpointing") if getattr(args, k)}
+    overrides = config.model_overrides
     if args.image_size is not None:
-        top["model_overrides"] = {**config.model_overrides, "image": {**config.model_overrides.get("image", {}), "image_size": args.image_size}}
+        overrides = {**overrides, "image": {**overrides.get("image", {}), "image_size": args.image_size}}
+    if args.mask_padding:
+        overrides = {**overrides, "text": {**overrides.get("text", {}), "mask_padding": True}}
+    if overrides is not config.model_overrides:
+        top["model_overrides"] = overrides
     config = dataclasses.replace(config, **top, **flags, data=dataclasses.replace(config.data, **data))
     if args.wikd:
         config = dataclasses.replace(config, objective=ObjectiveConfig())

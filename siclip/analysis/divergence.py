@@ -42,8 +42,10 @@ def _split(x: Tensor, heads: int) -> Tensor:
 
 
 @torch.no_grad()
-def attention_probabilities(block: nn.Module, x: Tensor) -> Tensor:
-    """``(batch, heads, tokens, tokens)`` softmax attention a block computes on its input ``x``."""
+def attention_probabilities(block: nn.Module, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    """``(batch, heads, tokens, tokens)`` softmax attention a block computes on its input ``x``.
+
+    ``key_padding_mask`` (True = hidden, as the block was called with it) gives hidden keys probability 0."""
     from siclip.models.fastvit import AttentionBlock
 
     if isinstance(block, SASPBlock):
@@ -65,14 +67,21 @@ def attention_probabilities(block: nn.Module, x: Tensor) -> Tensor:
     else:
         raise TypeError(f"cannot read attention from a {type(block).__name__}")
     q, k = _split(q, attn.num_heads), _split(k, attn.num_heads)
-    return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+    logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1)
 
 
 @torch.no_grad()
-def record_blocks(blocks: nn.ModuleList | nn.Sequential, run) -> list[tuple[nn.Module, Tensor, Tensor]]:
-    """``(block, input, output)`` for every call of a block of ``blocks`` while ``run()`` executes, in order."""
-    calls: list[tuple[nn.Module, Tensor, Tensor]] = []
-    handles = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, args[0], out))) for m in {id(b): b for b in blocks}.values()]
+def record_blocks(blocks: nn.ModuleList | nn.Sequential, run) -> list[tuple[nn.Module, Tensor, Tensor, Tensor | None]]:
+    """``(block, input, output, key_padding_mask)`` for every call of a block of ``blocks`` while ``run()`` executes, in order."""
+    calls: list[tuple[nn.Module, Tensor, Tensor, Tensor | None]] = []
+
+    def record(module, args, kwargs, out):
+        calls.append((module, args[0], out, kwargs.get("key_padding_mask")))
+
+    handles = [m.register_forward_hook(record, with_kwargs=True) for m in {id(b): b for b in blocks}.values()]
     try:
         run()
     finally:
@@ -90,8 +99,8 @@ def block_divergences(blocks: nn.ModuleList | nn.Sequential, run) -> dict[str, T
     calls = record_blocks(blocks, run)
     if len(calls) < 2:
         raise ValueError("need at least two block calls to compare")
-    probs = [attention_probabilities(block, x).double() for block, x, _ in calls]
-    feats = [torch.softmax((y if y.dim() == 3 else rearrange(y, "b c h w -> b (h w) c")).double(), dim=-1) for _, _, y in calls]
+    probs = [attention_probabilities(block, x, mask).double() for block, x, _, mask in calls]
+    feats = [torch.softmax((y if y.dim() == 3 else rearrange(y, "b c h w -> b (h w) c")).double(), dim=-1) for _, _, y, _ in calls]
     n, heads = len(calls), probs[0].shape[1]
     per_head = torch.zeros(n, n, heads, dtype=torch.float64)
     features = torch.zeros(n, n, dtype=torch.float64)

@@ -6,7 +6,7 @@ image; captions come from a separate stream, so changing caption settings leaves
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -18,10 +18,20 @@ from .captions import (
     zero_shot_classes,
 )
 from .sources import RawSample
-from .world import Scene, render_scene, sample_scene
+from .world import SHAPES, Scene, render_scene, sample_scene
 
 STREAMS = {"train": 0, "val": 1, "test": 2, "zeroshot": 3}
 _CAPTION_STREAM = 1000  # caption rngs live apart from scene rngs
+_TWIN_STREAM = 3000
+
+
+def shape_twin(scene: Scene, rng: np.random.Generator, scene_id: int) -> Scene:
+    """``scene`` with every object's shape replaced by a different one drawn uniformly; all else kept."""
+    objects = tuple(
+        replace(o, shape=SHAPES[(SHAPES.index(o.shape) + 1 + int(rng.integers(len(SHAPES) - 1))) % len(SHAPES)])
+        for o in scene.objects
+    )
+    return replace(scene, objects=objects, scene_id=scene_id)
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,12 @@ class EmbeddedConfig:
     max_objects: int = 3
     raw: RawCaptionConfig = field(default_factory=RawCaptionConfig)
     zero_shot_per_class: int = 5
+    # Training split only: odd scene 2j+1 is the *shape twin* of scene 2j, the same objects (colours,
+    # sizes, places) and background with every shape changed. Batched together (the loader's
+    # group_size 2), each twin is the other's hard negative, decided by shape alone; without them almost
+    # every negative in a batch is told apart by colour or position and a small model never learns
+    # shape (experiments/RESULTS.md, "What limits the demo").
+    shape_twins: bool = False
 
     def size(self, split: str) -> int:
         sizes = {"train": self.num_train, "val": self.num_val, "test": self.num_test}
@@ -63,6 +79,8 @@ class EmbeddedSource:
         if self.split == "zeroshot":
             classes = zero_shot_classes()
             return sample_scene(cfg.seed, scene_id, label=classes[index % len(classes)])
+        if cfg.shape_twins and self.split == "train" and index % 2:
+            return shape_twin(self.scene(index - 1), np.random.default_rng([cfg.seed, _TWIN_STREAM, index]), scene_id)
         return sample_scene(cfg.seed, scene_id, max_objects=cfg.max_objects)
 
     def label(self, index: int) -> int:

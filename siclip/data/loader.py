@@ -30,26 +30,37 @@ class EpochSampler(Sampler):
     Each rank takes every ``world_size``-th index of the permutation; the tail that does not divide
     evenly is dropped, so every rank sees the same number of samples (as DDP needs). ``start`` skips
     the first indices of the next iteration only (a resumed epoch).
+
+    ``group_size = g > 1`` permutes groups of ``g`` consecutive indices ``[g·j, g·j + g)`` instead, each
+    group staying whole, in order and on one rank: with a batch size divisible by ``g`` a group is never
+    split across batches (the embedded world's shape twins, which must meet as each other's negatives).
     """
 
-    def __init__(self, size: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, size: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, group_size: int = 1
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        if size < world_size:
-            raise ValueError(f"{size} samples cannot be split over {world_size} ranks")
+        if group_size < 1:
+            raise ValueError(f"group_size must be at least 1, got {group_size}")
+        if size // group_size < world_size:
+            raise ValueError(f"{size} samples in groups of {group_size} cannot be split over {world_size} ranks")
         self.size, self.shuffle, self.seed, self.rank, self.world_size = size, shuffle, seed, rank, world_size
+        self.group_size = group_size
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def order(self, epoch: int) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.size) if self.shuffle else np.arange(self.size)
-        per_rank = self.size // self.world_size
-        return perm[self.rank : per_rank * self.world_size : self.world_size]
+        groups = self.size // self.group_size
+        perm = np.random.default_rng([self.seed, epoch]).permutation(groups) if self.shuffle else np.arange(groups)
+        per_rank = groups // self.world_size
+        mine = perm[self.rank : per_rank * self.world_size : self.world_size]
+        return (mine[:, None] * self.group_size + np.arange(self.group_size)).reshape(-1)
 
     def __len__(self) -> int:
-        return self.size // self.world_size - self.start
+        return self.size // self.group_size // self.world_size * self.group_size - self.start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, start = self.epoch, self.start
@@ -119,11 +130,14 @@ class ImageTextLoader:
         world_size: int = 1,
         pin_memory: bool = False,
         max_skip_fraction: float | None = None,
+        group_size: int = 1,
     ) -> None:
+        if batch_size % group_size:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of group_size {group_size}, or groups are split across batches")
         if max_skip_fraction is not None and not 0.0 <= max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1] or None, got {max_skip_fraction}")
         self.dataset, self.batch_size, self.max_skip_fraction = dataset, batch_size, max_skip_fraction
-        self.sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+        self.sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, group_size=group_size)
         self.loader = StatefulDataLoader(
             dataset,
             batch_size=batch_size,

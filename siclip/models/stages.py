@@ -13,7 +13,7 @@ Two savings, both exact (gradients are unchanged):
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +31,13 @@ def train_only(model: nn.Module, prefixes: tuple[str, ...]) -> None:
         p.requires_grad_(name.startswith(prefixes))
 
 
-def run_stages(stages: Iterable[nn.Module], x: Tensor, *, checkpointing: bool = False) -> Tensor:
+def run_stages(
+    stages: Iterable[nn.Module], x: Tensor, *, checkpointing: bool = False, stage_kwargs: Sequence[dict] | None = None
+) -> Tensor:
     """``x`` through ``stages`` in order, with the frozen prefix untracked and later stages optionally checkpointed.
+
+    ``stage_kwargs[i]`` are keyword arguments for stage ``i`` (e.g. a key-padding mask), passed through
+    checkpointing too.
 
     A stage is tracked from the first one that has a trainable parameter or receives an input that
     requires a gradient; every stage after it is tracked too (a gradient has to flow back through it).
@@ -42,15 +47,18 @@ def run_stages(stages: Iterable[nn.Module], x: Tensor, *, checkpointing: bool = 
     """
     tracking = False
     grad = torch.is_grad_enabled()
-    for stage in stages:
+    stages = list(stages)
+    if stage_kwargs is not None and len(stage_kwargs) != len(stages):
+        raise ValueError(f"stage_kwargs has {len(stage_kwargs)} entries for {len(stages)} stages")
+    for stage, kwargs in zip(stages, stage_kwargs or [{}] * len(stages)):
         tracking = tracking or (grad and (x.requires_grad or has_trainable(stage)))
         if not tracking:
             with torch.no_grad():
-                x = stage(x)
+                x = stage(x, **kwargs)
         elif checkpointing:
-            x = checkpoint(stage, x, use_reentrant=False)
+            x = checkpoint(stage, x, use_reentrant=False, **kwargs)
         else:
-            x = stage(x)
+            x = stage(x, **kwargs)
     return x
 
 

@@ -13,6 +13,9 @@ class DataConfig:
     num_train: int = 2000  # embedded world only
     seed: int = 0  # embedded world only
     p_synthetic: float = 0.5
+    shape_twins: bool = False  # embedded world only: batch every scene with its shape twin (EmbeddedConfig.shape_twins)
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop: area fraction kept; (1, 1) with
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # ratio (1, 1) turns cropping off (square images)
     batch_size: int = 64
     workers: int = 0
     normalize_on_device: bool = False  # loader workers hand over uint8 crops; (x/255 − mean)/std runs on the device
@@ -43,6 +46,11 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 10
+    # Per-tower learning rates: lr × tower_lr_scale[tower], and 0 before step tower_frozen_steps[tower]
+    # (towers "image", "text"; the rest, e.g. the temperature, follows lr). A text tower held still
+    # while the image tower starts makes the image learn what the random text features tell apart.
+    tower_lr_scale: dict = field(default_factory=dict)
+    tower_frozen_steps: dict = field(default_factory=dict)
     grad_clip: float = 1.0
     accumulation: int = 1
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU

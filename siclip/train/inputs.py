@@ -15,6 +15,8 @@ A student built from scratch takes the tokenizer's vocabulary (:func:`vocabulary
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 from dataclasses import dataclass
@@ -38,7 +40,10 @@ class RunInputs:
 def open_training_source(config: TrainConfig, image_size: int):
     data = config.data
     csv = {"image_key": data.image_key, "caption_key": data.caption_key, "synthetic_keys": list(data.synthetic_keys)}
-    return open_source(data.source, EmbeddedConfig(seed=data.seed, num_train=data.num_train, image_size=image_size), **csv)
+    if data.shape_twins and data.source != "embedded":
+        raise ValueError(f"shape_twins is a property of the embedded world; the training data is {data.source!r}")
+    embedded = EmbeddedConfig(seed=data.seed, num_train=data.num_train, image_size=image_size, shape_twins=data.shape_twins)
+    return open_source(data.source, embedded, **csv)
 
 
 def training_captions(source, indices, p_synthetic: float = 0.5) -> list[str]:
@@ -99,9 +104,10 @@ def vocabulary_follows(model_config: ModelConfig, tokenizer) -> ModelConfig:
 
 def settled_model_config(model_config: ModelConfig, tokenizer, teacher) -> ModelConfig:
     """The student's configuration: a SiCLIP inheriting from a teacher keeps it (and the teacher's
-    vocabulary); a model built from scratch takes the tokenizer's vocabulary."""
+    vocabulary), reading text as the teacher does (``mask_padding``); a model built from scratch takes the
+    tokenizer's vocabulary."""
     if teacher is not None and model_config.siclip is not None:
-        return model_config
+        return dataclasses.replace(model_config, text=dataclasses.replace(model_config.text, mask_padding=teacher.config.text.mask_padding))
     return vocabulary_follows(model_config, tokenizer)
 
 

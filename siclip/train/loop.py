@@ -37,7 +37,7 @@ from .guard import NonFiniteLoss, StopSignals, TrainingInterrupted, flatten_tens
 from .inputs import RunInputs, prepare_run, settled_model_config, training_captions
 from .resume import prepare_run_directory, reconcile_resumed_config
 from .state import MetricsLogger, RunLock, load_training_checkpoint, rng_state, save_atomic, set_rng_state
-from .step import backward_and_step, channels_last_on, create_optimizer, forward_terms, to_device
+from .step import TOWERS, backward_and_step, channels_last_on, create_optimizer, forward_terms, to_device
 from .task import TrainingTask
 
 
@@ -60,11 +60,25 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def tower_schedules(optimizer, warmup: int, total: int, frozen_steps: dict) -> list:
+    """One learning-rate factor per parameter group: :func:`warmup_cosine`, and 0 for a group whose tower
+    is still frozen (``step < frozen_steps[tower]``)."""
+    unknown = set(frozen_steps) - set(TOWERS)
+    if unknown:
+        raise ValueError(f"tower_frozen_steps names unknown towers {sorted(unknown)}; towers are {list(TOWERS)}")
+
+    def factor(start: int):
+        return lambda step: warmup_cosine(step, warmup, total) if step >= start else 0.0
+
+    return [factor(int(frozen_steps.get(group.get("tower"), 0))) for group in optimizer.param_groups]
+
+
 def build_data(config: TrainConfig, inputs: RunInputs, image_size: int, rank: int, world: int) -> ImageTextLoader:
     data = config.data
-    dataset = ImageTextDataset(inputs.source, inputs.tokenizer, augment_config=AugmentConfig(image_size, normalize=not data.normalize_on_device), p_synthetic=data.p_synthetic, seed=config.seed)
+    augment_config = AugmentConfig(image_size, scale=tuple(data.crop_scale), ratio=tuple(data.crop_ratio), normalize=not data.normalize_on_device)
+    dataset = ImageTextDataset(inputs.source, inputs.tokenizer, augment_config=augment_config, p_synthetic=data.p_synthetic, seed=config.seed)
     return ImageTextLoader(dataset, data.batch_size, num_workers=data.workers, seed=config.seed, rank=rank, world_size=world,
-                           max_skip_fraction=data.max_skip_fraction)  # fmt: skip
+                           max_skip_fraction=data.max_skip_fraction, group_size=2 if data.shape_twins else 1)  # fmt: skip
 
 
 def build_task(config: TrainConfig, inputs: RunInputs | None = None) -> TrainingTask:
@@ -187,9 +201,10 @@ def _train(config: TrainConfig, *, resume: bool, max_steps: int | None, progress
         task.to(memory_format=torch.channels_last)
     student = task.student
     loader, tokenizer = build_data(config, inputs, student.config.image.image_size, rank, world), inputs.tokenizer
-    optimizer = create_optimizer(task, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
+    optimizer = create_optimizer(task, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps,
+                                 tower_lr_scale=config.tower_lr_scale)  # fmt: skip
     total_steps = config.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, config.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tower_schedules(optimizer, config.warmup_steps, total_steps, config.tower_frozen_steps))
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     model = torch.nn.parallel.DistributedDataParallel(task) if distributed else task
     model = torch.compile(model) if config.compile else model

@@ -20,20 +20,49 @@ from siclip.data import normalize_images
 from siclip.models.clip import MAX_LOGIT_SCALE
 
 
+TOWERS = ("image", "text")
+
+
+def tower_of(name: str) -> str | None:
+    """The tower a parameter name belongs to: ``"image"`` (``visual.``), ``"text"`` (``text.``), else None.
+
+    Names may be prefixed by their owner (``student.visual.…`` in a training task)."""
+    parts = name.split(".")
+    if "visual" in parts[:-1]:
+        return "image"
+    if "text" in parts[:-1]:
+        return "text"
+    return None
+
+
 def create_optimizer(
-    module: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6
+    module: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
+    tower_lr_scale: dict | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over ``module``'s trainable parameters, no decay on gains, norms and biases; fused on CUDA.
+
+    Each group holds one tower's parameters (``group["tower"]``: "image", "text" or None), at
+    ``lr × tower_lr_scale[tower]`` (1 when not given).
 
     After every step the optimiser clamps each trainable ``logit_scale`` in place to [0, ln 100]
     (:func:`clamp_logit_scales_`), so the bound never sits inside a forward pass.
     """
-    groups = param_groups_weight_decay(module, weight_decay)
+    scales = dict(tower_lr_scale or {})
+    unknown = set(scales) - set(TOWERS)
+    if unknown:
+        raise ValueError(f"tower_lr_scale names unknown towers {sorted(unknown)}; towers are {list(TOWERS)}")
+    tower = {id(p): tower_of(name) for name, p in module.named_parameters()}
+    groups = []
+    for group in param_groups_weight_decay(module, weight_decay):
+        for name in (*TOWERS, None):
+            params = [p for p in group["params"] if tower[id(p)] == name]
+            if params:
+                groups.append({**group, "params": params, "tower": name, "lr": lr * scales.get(name, 1.0)})
     on_cuda = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None)
-    scales = logit_scale_parameters(module)
-    if scales:
-        optimizer.register_step_post_hook(lambda *_: clamp_logit_scales_(scales))
+    temperatures = logit_scale_parameters(module)
+    if temperatures:
+        optimizer.register_step_post_hook(lambda *_: clamp_logit_scales_(temperatures))
     return optimizer
 
 
