@@ -1,9 +1,9 @@
 """Named training configurations: the README's main job (the demo teacher and its SiCLIP student).
 
-The demo's sizes come from measurements on the 2-core CPU (``experiments/RESULTS.md``, "What limits the
-demo"): zero-shot accuracy on the embedded classes is limited by learning the objects' *shapes* (colour
-is learned within a hundred steps, shape stays at chance for hundreds more), so the teacher gets as
-many optimiser steps as the time allows.
+The recipe comes from measurements on the 2-core CPU (``experiments/RESULTS.md``, "What limits the demo"):
+on the embedded world, zero-shot accuracy is limited by learning the objects' *shapes*; colour and
+position tell almost every pair in a batch apart, so plain contrastive training learns colour and stays
+at chance on shape. Five changes together lift the demo teacher from 8.8 % to 52.6 % top-1 in 448 steps.
 """
 
 from __future__ import annotations
