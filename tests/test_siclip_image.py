@@ -55,6 +55,14 @@ def test_sasp_block2d_matches_reference_in_float64(seed):
     torch.testing.assert_close(a + f, block(x))
     with pytest.raises(ValueError, match=r"SASPBlock2d expects \(batch, channels, height, width\)"):
         block(x.flatten(2))
+    # Channels-last input takes the token-layout path; both give the reference, in eval and in training
+    # (batch statistics over batch and positions, as BatchNorm2d).
+    last = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(block(last), reference_sasp2d(block, x), rtol=1e-10, atol=1e-10)
+    block.train()
+    expected = nn.functional.batch_norm(x, None, None, block.norm.weight, block.norm.bias, training=True, eps=block.norm.eps)
+    for inp in (x, last):
+        torch.testing.assert_close(block.normed_map(inp), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_converted_attention_block_inherits_its_parts(seed):

@@ -82,18 +82,27 @@ class SASPBlock2d(nn.Module):
     def num_heads(self) -> int:
         return self.attn.num_heads
 
+    def normed_map(self, x: Tensor) -> Tensor:
+        """BN(X) as a ``(batch, dim, h, w)`` map in ``x``'s memory format (channels-first or channels-last)."""
+        _check_map(x, type(self).__name__)
+        if x.is_contiguous(memory_format=torch.channels_last):  # tokens (b, h·w, c) are a free view of it
+            return rearrange(self.norm(rearrange(x, "b c h w -> b (h w) c")), "b (h w) c -> b c h w", h=x.shape[-2])
+        return nn.BatchNorm1d.forward(self.norm, x.flatten(2)).view_as(x)  # (N, C, L): per-channel, as BatchNorm2d
+
     def normed_tokens(self, x: Tensor) -> Tensor:
         """H = BN(X) as ``(batch, h·w, dim)`` tokens."""
-        _check_map(x, type(self).__name__)
-        return self.norm(rearrange(x, "b c h w -> b (h w) c"))
+        return rearrange(self.normed_map(x), "b c h w -> b (h w) c")
 
     def forward_branches(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The two terms of the output, ``(β_SA·ShapedMHA(BN(X)), β_FF·FFN(BN(X)))``, as maps."""
-        height = x.shape[-2]
-        h = self.normed_tokens(x)
-        attention = rearrange(self.attn(h, gain=self.gain_attn), "b (h w) c -> b c h w", h=height)
-        return attention, self.gain_mlp * self.ffn(rearrange(h, "b (h w) c -> b c h w", h=height))
+        """The two terms of the output, ``(β_SA·ShapedMHA(BN(X)), β_FF·FFN(BN(X)))``, as maps.
+
+        The FFN's convolutions read BN(X) in the input's memory format: converting a channels-first map to
+        tokens for them made the ConvFFN 1.5× slower at batch 1 on a CPU (benchmarks/RESULTS.md)."""
+        normed = self.normed_map(x)
+        tokens = rearrange(normed, "b c h w -> b (h w) c")
+        attention = rearrange(self.attn(tokens, gain=self.gain_attn), "b (h w) c -> b c h w", h=x.shape[-2])
+        return attention, self.gain_mlp * self.ffn(normed)
 
     def forward(self, x: Tensor) -> Tensor:
         attention, ffn = self.forward_branches(x)
-        return attention + ffn
+        return ffn + attention  # the sum takes the FFN output's layout, which is the input's
