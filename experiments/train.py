@@ -30,6 +30,7 @@ from siclip.data import TooManySkipped
 from siclip.distill import ObjectiveConfig
 from siclip.train import CheckpointError, NonFiniteLoss, RunDirectoryBusy, TrainConfig, TrainingInterrupted, train
 from siclip.train.presets import PRESETS
+from siclip.train.step import TOWERS
 
 
 def tower_values(kind):
@@ -39,6 +40,9 @@ def tower_values(kind):
         pairs = [item.split("=", 1) for item in text.split(",") if item]
         if any(len(pair) != 2 for pair in pairs):
             raise argparse.ArgumentTypeError(f"expected tower=value pairs such as image=2.5,text=1, got {text!r}")
+        unknown = sorted({tower.strip() for tower, _ in pairs} - set(TOWERS))
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown towers {unknown} in {text!r}; towers are {list(TOWERS)}")
         return {tower.strip(): kind(value) for tower, value in pairs}
 
     return parse_pairs

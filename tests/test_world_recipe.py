@@ -185,5 +185,6 @@ def test_command_line_sets_the_recipe():
     assert config.data.shape_twins and config.data.crop_scale == [1.0, 1.0] and config.data.crop_ratio == [1.0, 1.0]
     assert config.model_overrides == {"image": {"image_size": 96}, "text": {"mask_padding": True}}
     assert config.tower_lr_scale == {"image": 2.5} and config.tower_frozen_steps == {"text": 150}
-    with pytest.raises(SystemExit):
-        cli.parse(["--tower-lr-scale", "image"])
+    for bad in (["--tower-lr-scale", "image"], ["--tower-frozen-steps", "vision=3"]):
+        with pytest.raises(SystemExit):
+            cli.parse(bad)
