@@ -103,6 +103,8 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
             if getattr(args, k) is not None}  # fmt: skip
     if args.eval_classnames and not args.eval_zeroshot:
         parser.error("--classnames needs --eval-zeroshot")
+    if args.shape_twins and (args.source or config.data.source) != "embedded":
+        parser.error(f"--shape-twins pairs scenes of the embedded world; the training data is {args.source!r}")
     flags = {k: True for k in ("compile", "fuse_frozen_towers", "grad_checkpointing") if getattr(args, k)}
     overrides = config.model_overrides
     if args.image_size is not None:
