@@ -43,7 +43,13 @@ def tower_values(kind):
         unknown = sorted({tower.strip() for tower, _ in pairs} - set(TOWERS))
         if unknown:
             raise argparse.ArgumentTypeError(f"unknown towers {unknown} in {text!r}; towers are {list(TOWERS)}")
-        return {tower.strip(): kind(value) for tower, value in pairs}
+        try:
+            values = {tower.strip(): kind(value) for tower, value in pairs}
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"each value in {text!r} must be a {kind.__name__}") from None
+        if any(v < 0 for v in values.values()):
+            raise argparse.ArgumentTypeError(f"values must not be negative, got {text!r}")
+        return values
 
     return parse_pairs
 
@@ -103,6 +109,10 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
             if getattr(args, k) is not None}  # fmt: skip
     if args.eval_classnames and not args.eval_zeroshot:
         parser.error("--classnames needs --eval-zeroshot")
+    if args.crop_scale and not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        parser.error(f"--crop-scale MIN MAX needs 0 < MIN <= MAX <= 1, got {args.crop_scale}")
+    if args.crop_ratio and not 0 < args.crop_ratio[0] <= args.crop_ratio[1]:
+        parser.error(f"--crop-ratio MIN MAX needs 0 < MIN <= MAX, got {args.crop_ratio}")
     if args.shape_twins and (args.source or config.data.source) != "embedded":
         parser.error(f"--shape-twins pairs scenes of the embedded world; the training data is {args.source!r}")
     flags = {k: True for k in ("compile", "fuse_frozen_towers", "grad_checkpointing") if getattr(args, k)}
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n| metric | value |\n|---|---|")
         for name, value in summary["eval"].items():
             print(f"| {name} | {100 * value:.1f} % |")
-    print(f"\nmodel, checkpoint, metrics.csv, summary.json and eval/*.json in {config.out_dir}")
+    print(f"\nmodel, checkpoint, metrics.csv, summary.json{' and eval/*.json' if summary.get('eval') else ''} in {config.out_dir}")
     return 0
 
 

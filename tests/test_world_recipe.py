@@ -166,11 +166,23 @@ def test_tower_learning_rates_and_frozen_start():
         tower_schedules(optimizer, 0, 10, {"txt": 5})
 
 
-def test_inheriting_student_reads_text_as_its_teacher():
-    teacher = create_model("mobileclip_tiny", text={"mask_padding": True})
+def test_inheriting_student_reads_text_and_images_as_its_teacher(tmp_path):
+    from siclip.models import get_model_config, save_checkpoint
+    from siclip.train.inputs import prepare_run
+
+    teacher = create_model("mobileclip_tiny", text={"mask_padding": True}, image={"image_size": 96})
     student_config = create_model("siclip_tiny").config
-    assert student_config.text.mask_padding is False
-    assert settled_model_config(student_config, None, teacher).text.mask_padding is True
+    assert student_config.text.mask_padding is False and student_config.image.image_size == 64
+    settled = settled_model_config(student_config, None, teacher)
+    assert settled.text.mask_padding is True and settled.image.image_size == 96
+    # From the command line: --teacher alone works; an --image-size that disagrees is refused, naming both sizes.
+    path = save_checkpoint(teacher, tmp_path / "teacher.pt")
+    config = TrainConfig(model="siclip_tiny", teacher=str(path), out_dir=str(tmp_path / "run"), data=DataConfig(num_train=64, batch_size=16))
+    inputs = prepare_run(config, get_model_config("siclip_tiny"))
+    assert inputs.source.config.image_size == 96
+    wrong = dataclasses.replace(config, model_overrides={"image": {"image_size": 64}})
+    with pytest.raises(ValueError, match="takes 96 px images, not 64: leave --image-size out or pass 96"):
+        prepare_run(wrong, get_model_config("siclip_tiny", image={"image_size": 64}))
 
 
 def test_command_line_sets_the_recipe():
@@ -185,6 +197,15 @@ def test_command_line_sets_the_recipe():
     assert config.data.shape_twins and config.data.crop_scale == [1.0, 1.0] and config.data.crop_ratio == [1.0, 1.0]
     assert config.model_overrides == {"image": {"image_size": 96}, "text": {"mask_padding": True}}
     assert config.tower_lr_scale == {"image": 2.5} and config.tower_frozen_steps == {"text": 150}
-    for bad in (["--tower-lr-scale", "image"], ["--tower-frozen-steps", "vision=3"]):
+    for bad in (["--tower-lr-scale", "image"], ["--tower-frozen-steps", "vision=3"], ["--tower-lr-scale", "image=abc"],
+                ["--tower-frozen-steps", "text=-5"], ["--crop-scale", "1.2", "0.5"], ["--crop-ratio", "2", "1"]):  # fmt: skip
         with pytest.raises(SystemExit):
             cli.parse(bad)
+
+
+def test_crop_settings_are_checked():
+    from siclip.data import AugmentConfig
+
+    for bad in ({"scale": (1.2, 0.5)}, {"scale": (0.0, 1.0)}, {"ratio": (2.0, 1.0)}):
+        with pytest.raises(ValueError, match="crop"):
+            AugmentConfig(**bad)

@@ -35,6 +35,12 @@ class AugmentConfig:
     # which moves a quarter of the bytes between loader workers and to the device.
     normalize: bool = True
 
+    def __post_init__(self) -> None:
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"crop scale (min, max) needs 0 < min <= max <= 1, got {tuple(self.scale)}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"crop ratio (min, max) needs 0 < min <= max, got {tuple(self.ratio)}")
+
 
 def normalize_images(images: Tensor, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> Tensor:
     """``(x/255 − mean)/std`` in float32 for uint8 images ``(…, 3, H, W)``, on their device, memory format kept."""

@@ -104,10 +104,11 @@ def vocabulary_follows(model_config: ModelConfig, tokenizer) -> ModelConfig:
 
 def settled_model_config(model_config: ModelConfig, tokenizer, teacher) -> ModelConfig:
     """The student's configuration: a SiCLIP inheriting from a teacher keeps it (and the teacher's
-    vocabulary), reading text as the teacher does (``mask_padding``); a model built from scratch takes the
-    tokenizer's vocabulary."""
+    vocabulary), reading text and images as the teacher does (``mask_padding``, ``image_size``); a model
+    built from scratch takes the tokenizer's vocabulary."""
     if teacher is not None and model_config.siclip is not None:
-        return dataclasses.replace(model_config, text=dataclasses.replace(model_config.text, mask_padding=teacher.config.text.mask_padding))
+        return dataclasses.replace(model_config, text=dataclasses.replace(model_config.text, mask_padding=teacher.config.text.mask_padding),
+                                   image=dataclasses.replace(model_config.image, image_size=teacher.config.image.image_size))
     return vocabulary_follows(model_config, tokenizer)
 
 
@@ -128,14 +129,19 @@ def check_tokenizer(tokenizer, student_config: ModelConfig, teacher, teacher_spe
 
 
 def prepare_run(config: TrainConfig, model_config: ModelConfig, *, rank: int = 0, resume: bool = False) -> RunInputs:
-    """Source, teacher and a tokenizer checked against the models and the first batches' captions."""
-    source = open_training_source(config, model_config.image.image_size)
+    """Source, teacher and a tokenizer checked against the models and the first batches' captions.
+
+    A student that inherits from a teacher takes the teacher's input size unless one was asked for."""
     teacher, teacher_spec = load_model(config.teacher, model=config.teacher_model) if config.teacher else (None, None)
-    tokenizer = resolve_tokenizer(config, model_config, source, teacher, teacher_spec, resume=resume)
     inherits = teacher is not None and model_config.siclip is not None
-    if inherits and model_config.image.image_size != teacher.config.image.image_size:
-        raise ValueError(f"the student inherits {config.teacher}, which takes {teacher.config.image.image_size} px images, "
-                         f"not {model_config.image.image_size} (leave --image-size out)")  # fmt: skip
+    if inherits:
+        asked, size = config.model_overrides.get("image", {}).get("image_size"), teacher.config.image.image_size
+        if asked is not None and asked != size:
+            raise ValueError(f"the student inherits {config.teacher}, which takes {size} px images, "
+                             f"not {asked}: leave --image-size out or pass {size}")  # fmt: skip
+        model_config = settled_model_config(model_config, None, teacher)
+    source = open_training_source(config, model_config.image.image_size)
+    tokenizer = resolve_tokenizer(config, model_config, source, teacher, teacher_spec, resume=resume)
     student_config = teacher.config if inherits else settled_model_config(model_config, tokenizer, teacher)
     check_tokenizer(tokenizer, student_config, teacher, teacher_spec, str(config.teacher))
     rate = check_unknown_rate(tokenizer, training_captions(source, first_batches(config, len(source)), config.data.p_synthetic),
