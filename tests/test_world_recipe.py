@@ -164,6 +164,8 @@ def test_tower_learning_rates_and_frozen_start():
         create_optimizer(model, lr=1e-3, weight_decay=0.0, tower_lr_scale={"vision": 2})
     with pytest.raises(ValueError, match="unknown towers"):
         tower_schedules(optimizer, 0, 10, {"txt": 5})
+    with pytest.warns(UserWarning, match=r"keeps \['text'\] still for all 10 steps"):
+        tower_schedules(optimizer, 0, 10, {"text": 10})
 
 
 def test_inheriting_student_reads_text_and_images_as_its_teacher(tmp_path):

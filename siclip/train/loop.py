@@ -66,6 +66,9 @@ def tower_schedules(optimizer, warmup: int, total: int, frozen_steps: dict) -> l
     unknown = set(frozen_steps) - set(TOWERS)
     if unknown:
         raise ValueError(f"tower_frozen_steps names unknown towers {sorted(unknown)}; towers are {list(TOWERS)}")
+    never = sorted(tower for tower, steps in frozen_steps.items() if steps >= total)
+    if never:
+        warnings.warn(f"tower_frozen_steps keeps {never} still for all {total} steps of this run: they will not train")
 
     def factor(start: int):
         return lambda step: warmup_cosine(step, warmup, total) if step >= start else 0.0
