@@ -26,11 +26,11 @@ import argparse
 import dataclasses
 import sys
 
-from siclip.data import TooManySkipped
+from siclip.data import AugmentConfig, TooManySkipped
 from siclip.distill import ObjectiveConfig
 from siclip.train import CheckpointError, NonFiniteLoss, RunDirectoryBusy, TrainConfig, TrainingInterrupted, train
 from siclip.train.presets import PRESETS
-from siclip.train.step import TOWERS
+from siclip.train.step import check_tower_names
 
 
 def tower_values(kind):
@@ -40,9 +40,11 @@ def tower_values(kind):
         pairs = [item.split("=", 1) for item in text.split(",") if item]
         if any(len(pair) != 2 for pair in pairs):
             raise argparse.ArgumentTypeError(f"expected tower=value pairs such as image=2.5,text=1, got {text!r}")
-        unknown = sorted({tower.strip() for tower, _ in pairs} - set(TOWERS))
-        if unknown:
-            raise argparse.ArgumentTypeError(f"unknown towers {unknown} in {text!r}; towers are {list(TOWERS)}")
+        towers = {tower.strip() for tower, _ in pairs}
+        try:
+            check_tower_names(towers, repr(text))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
         try:
             values = {tower.strip(): kind(value) for tower, value in pairs}
         except ValueError:
@@ -109,10 +111,10 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
             if getattr(args, k) is not None}  # fmt: skip
     if args.eval_classnames and not args.eval_zeroshot:
         parser.error("--classnames needs --eval-zeroshot")
-    if args.crop_scale and not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
-        parser.error(f"--crop-scale MIN MAX needs 0 < MIN <= MAX <= 1, got {args.crop_scale}")
-    if args.crop_ratio and not 0 < args.crop_ratio[0] <= args.crop_ratio[1]:
-        parser.error(f"--crop-ratio MIN MAX needs 0 < MIN <= MAX, got {args.crop_ratio}")
+    try:  # AugmentConfig holds the rule for crop bounds; checking here makes a bad flag a usage error
+        AugmentConfig(scale=tuple(args.crop_scale or config.data.crop_scale), ratio=tuple(args.crop_ratio or config.data.crop_ratio))
+    except ValueError as err:
+        parser.error(f"--crop-scale / --crop-ratio: {err}")
     if args.shape_twins and (args.source or config.data.source) != "embedded":
         parser.error(f"--shape-twins pairs scenes of the embedded world; the training data is {args.source!r}")
     flags = {k: True for k in ("compile", "fuse_frozen_towers", "grad_checkpointing") if getattr(args, k)}

@@ -37,7 +37,7 @@ from .guard import NonFiniteLoss, StopSignals, TrainingInterrupted, flatten_tens
 from .inputs import RunInputs, prepare_run, settled_model_config, training_captions
 from .resume import prepare_run_directory, reconcile_resumed_config
 from .state import MetricsLogger, RunLock, load_training_checkpoint, rng_state, save_atomic, set_rng_state
-from .step import TOWERS, backward_and_step, channels_last_on, create_optimizer, forward_terms, to_device
+from .step import backward_and_step, check_tower_names, channels_last_on, create_optimizer, forward_terms, to_device
 from .task import TrainingTask
 
 
@@ -63,9 +63,7 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 def tower_schedules(optimizer, warmup: int, total: int, frozen_steps: dict) -> list:
     """One learning-rate factor per parameter group: :func:`warmup_cosine`, and 0 for a group whose tower
     is still frozen (``step < frozen_steps[tower]``)."""
-    unknown = set(frozen_steps) - set(TOWERS)
-    if unknown:
-        raise ValueError(f"tower_frozen_steps names unknown towers {sorted(unknown)}; towers are {list(TOWERS)}")
+    check_tower_names(frozen_steps, "tower_frozen_steps")
     never = sorted(tower for tower, steps in frozen_steps.items() if steps >= total)
     if never:
         warnings.warn(f"tower_frozen_steps keeps {never} still for all {total} steps of this run: they will not train")

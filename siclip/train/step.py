@@ -23,6 +23,13 @@ from siclip.models.clip import MAX_LOGIT_SCALE
 TOWERS = ("image", "text")
 
 
+def check_tower_names(values: dict, field: str) -> None:
+    """Raise a ValueError naming ``field`` when ``values`` has a key that is not one of :data:`TOWERS`."""
+    unknown = set(values) - set(TOWERS)
+    if unknown:
+        raise ValueError(f"{field} names unknown towers {sorted(unknown)}; towers are {list(TOWERS)}")
+
+
 def tower_of(name: str) -> str | None:
     """The tower a parameter name belongs to: ``"image"`` (``visual.``), ``"text"`` (``text.``), else None.
 
@@ -48,9 +55,7 @@ def create_optimizer(
     (:func:`clamp_logit_scales_`), so the bound never sits inside a forward pass.
     """
     scales = dict(tower_lr_scale or {})
-    unknown = set(scales) - set(TOWERS)
-    if unknown:
-        raise ValueError(f"tower_lr_scale names unknown towers {sorted(unknown)}; towers are {list(TOWERS)}")
+    check_tower_names(scales, "tower_lr_scale")
     tower = {id(p): tower_of(name) for name, p in module.named_parameters()}
     groups = []
     for group in param_groups_weight_decay(module, weight_decay):
