@@ -24,13 +24,16 @@ from siclip.analysis.benchmark import VARIANTS, BlockShape, available_variants, 
 from siclip.analysis.traffic import OpTraffic, extrapolate, roofline_ms, trace_traffic
 
 SHAPES = [BlockShape(512, 8, 77, 1536), BlockShape(512, 8, 256, 256), BlockShape(768, 12, 197, 256)]
+# Modelled only (not in the timed tables): SAS-P with autograd composing norm, projection and activation,
+# to show what the fused input function (siclip.blocks.parallel_input) saves.
+MODEL_ONLY = {"sasp_unfused": ("sasp", "sdpa", {"fused_input": False})}
 
 
 def block_traffic(variant: str, shape: BlockShape, small: tuple[int, int] = (2, 4)) -> list[OpTraffic]:
     """Ops of one forward + backward of a ``variant`` block at ``shape``, extrapolated from two small batches."""
     torch.manual_seed(0)
-    kind, backend = VARIANTS[variant]
-    block = make_block(kind, shape.dim, shape.heads, backend=backend)
+    kind, backend, options = MODEL_ONLY[variant] if variant in MODEL_ONLY else (*VARIANTS[variant], {})
+    block = make_block(kind, shape.dim, shape.heads, backend=backend, **options)
 
     def trace(batch: int) -> list[OpTraffic]:
         x = torch.randn(batch, shape.tokens, shape.dim, requires_grad=True)
@@ -61,7 +64,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=6, help="largest non-matmul ops listed per SAS-P shape")
     args = parser.parse_args()
     rows, heavy = [], []
-    variants = available_variants("cpu")
+    variants = [*available_variants("cpu"), *MODEL_ONLY]
     for shape in SHAPES:
         row = {"shape": str(shape)}
         for kind in variants:

@@ -42,3 +42,20 @@ def test_roofline_takes_the_slower_bound_per_op():
     ops = [OpTraffic("mm", bytes=10**9, flops=10**12), OpTraffic("add", bytes=3 * 10**9, flops=0)]
     # mm: max(1e12/1e14, 1e9/1e12) = 10 ms; add: 3 ms; two launches of 5 µs.
     assert roofline_ms(ops, tflops=100, tbytes_per_s=1, launch_us=5) == pytest.approx(13.01)
+
+
+def test_destinations_are_written_not_read_and_allocation_is_free(seed):
+    src, pre = torch.randn(4, 6), torch.randn(4, 6)
+    buffer = torch.empty(4, 10)  # allocated outside the trace
+    ops = trace_traffic(
+        lambda: (
+            buffer[:, :6].copy_(src),
+            torch.ops.aten.gelu_backward.grad_input(src, pre, grad_input=buffer[:, 4:]),
+            torch.empty(100, 100),
+            buffer.add_(1.0),
+        )
+    )
+    assert [o.op for o in ops] == ["copy_", "gelu_backward", "add_"]
+    assert ops[0].bytes == 2 * 24 * 4  # src read, the slice written
+    assert ops[1].bytes == 3 * 24 * 4  # two inputs read, a strided 4×6 destination written
+    assert ops[2].bytes == 2 * 40 * 4  # in place: read and written

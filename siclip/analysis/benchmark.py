@@ -42,12 +42,12 @@ class BlockShape:
         return f"d{self.dim} h{self.heads} t{self.tokens} b{self.batch}"
 
 
-def make_block(kind: str, dim: int, heads: int, *, backend: str | None = None) -> nn.Module:
+def make_block(kind: str, dim: int, heads: int, *, backend: str | None = None, **options) -> nn.Module:
     """A block of ``kind`` with the MLP both kinds share (GELU, biases), so only the design differs.
-    ``backend`` picks SAS-P's shaped-attention backend (default ``"auto"``)."""
+    ``backend`` picks SAS-P's shaped-attention backend (default ``"auto"``); ``options`` go to the block."""
     if kind not in BLOCKS:
         raise ValueError(f"unknown block kind {kind!r}; choose one of {sorted(BLOCKS)}")
-    extra = {"mlp_bias": True} if kind == "sasp" else {}
+    extra = {"mlp_bias": True, **options} if kind == "sasp" else dict(options)
     if backend is not None:
         extra["backend"] = backend
     return BLOCKS[kind](dim, heads, act="gelu", **extra)

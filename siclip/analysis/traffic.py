@@ -8,7 +8,8 @@ al. 2009, *Roofline*):
 
 where P is the device's matrix rate and B its memory bandwidth. ``bytes_op`` counts every distinct input
 element read once and every output element written once: a lower bound that fused kernels approach.
-View ops (no data moved) are skipped. A broadcast (stride-0) input counts its distinct elements only.
+View ops and allocations (no data moved) are skipped; an ``out=`` destination, and the destination of a
+write-only op (``copy_``, ``zero_``, ``fill_``), counts as written, not read. A broadcast (stride-0) input counts its distinct elements only.
 FLOPs come from ``torch.utils.flop_counter``'s formulas, so matrix products, convolutions and
 attention kernels carry them.
 
@@ -49,8 +50,20 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
-# Ops that return an alias or only relabel a tensor's shape: no bytes move.
-_NO_DATA = (torch.ops.aten.detach, torch.ops.aten.lift_fresh, torch.ops.aten._unsafe_view)
+# Ops that return an alias, only relabel a tensor's shape or allocate: no bytes move.
+_NO_DATA = (torch.ops.aten.detach, torch.ops.aten.lift_fresh, torch.ops.aten._unsafe_view, torch.ops.aten.empty)
+# In-place ops that overwrite ``self`` without reading it.
+_WRITE_ONLY = (torch.ops.aten.copy_, torch.ops.aten.zero_, torch.ops.aten.fill_)
+
+
+def _read_arguments(func, args: tuple, kwargs: dict) -> list:
+    """The arguments an op reads: all but its ``out=`` destinations (and a write-only op's ``self``)."""
+    schema = func._schema.arguments
+    written = {a.name for a in schema if a.is_out}
+    if func.overloadpacket in _WRITE_ONLY:
+        written.add(schema[0].name)
+    positional = [v for a, v in zip(schema, args) if a.name not in written]
+    return positional + [v for name, v in kwargs.items() if name not in written]
 
 
 class TrafficCounter(TorchDispatchMode):
@@ -65,7 +78,7 @@ class TrafficCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func.is_view or func.overloadpacket in _NO_DATA:
             return out
-        tensors = _tensors(list(args) + list(kwargs.values())) + _tensors(out)
+        tensors = _tensors(_read_arguments(func, args, kwargs)) + _tensors(out)
         moved = sum(distinct_bytes(t) for t in tensors)
         flops = 0
         counter = flop_registry.get(func.overloadpacket)

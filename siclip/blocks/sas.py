@@ -26,6 +26,7 @@ from .init import init_linears
 from .masking import check_block_input, resolve_block_masks
 from .mlp import Mlp
 from .norms import NormSpec, create_norm
+from .parallel_input import activation_name, fusable_norm, norm_project_act
 from .shaped_attention import ShapedAttention
 
 
@@ -159,12 +160,15 @@ class SASBlock(_ShapedBlock):
 class SASPBlock(_ShapedBlock):
     """Parallel simplified block: X_out = β_SA·ShapedMHA(Norm(X)) + β_FF·MLP(Norm(X)), no skips.
 
-    ``norm`` names the one pre-norm both branches share; every other argument but ``fused_proj`` is
-    :class:`_ShapedBlock`'s. With ``fused_proj`` (default) the query, key, optional value and first MLP
-    projections run as one ``dim -> 2·dim (+dim) + hidden`` matmul, like timm's ``ParallelScalingBlock``.
-    The weights stay in their own submodules (``attn.q``, ``attn.k``, ``mlp.fc1``) and are concatenated
-    per call (a d×6d copy, small next to the activations), so attention weights can be shared or
-    inherited on their own.
+    ``norm`` names the one pre-norm both branches share; every other argument but ``fused_proj`` and
+    ``fused_input`` is :class:`_ShapedBlock`'s. With ``fused_proj`` (default) the query, key, optional value
+    and first MLP projections run as one ``dim -> 2·dim (+dim) + hidden`` matmul, like timm's
+    ``ParallelScalingBlock``. The weights stay in their own submodules (``attn.q``, ``attn.k``, ``mlp.fc1``)
+    and are concatenated per call (a d×6d copy, small next to the activations), so attention weights can be
+    shared or inherited on their own. With ``fused_input`` too (default), a LayerNorm block without a
+    trainable value matrix and with a GELU/ReLU/SiLU MLP runs norm, projection and activation as one
+    autograd function whose backward writes no ``cat`` and no gradient sums of its own
+    (:mod:`~siclip.blocks.parallel_input`); the same arithmetic, less memory traffic.
     """
 
     def __init__(
@@ -175,38 +179,60 @@ class SASPBlock(_ShapedBlock):
         *,
         norm: NormSpec = "layernorm",
         fused_proj: bool = True,
+        fused_input: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(dim, num_heads, mlp_ratio, **kwargs)
-        self.fused_proj = fused_proj
+        self.fused_proj, self.fused_input = fused_proj, fused_input
         self.norm = create_norm(norm, dim)
 
-    def _input_projections(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """q, k, values and MLP hidden pre-activation from the normalised input ``h``."""
+    def _stacked_projection(self) -> tuple[Tensor, Tensor | None, list[int]]:
+        """[W_Q; W_K; (W_V'); W_1], the matching biases (zeros where a layer has none) and the row counts."""
         attn, fc1 = self.attn, self.mlp.fc1
-        value = attn.value
-        if not self.fused_proj:
-            v = h if value is None else value(h)
-            return attn.q(h), attn.k(h), v, fc1(h)
         layers = [(attn.q.weight, attn.q.bias), (attn.k.weight, attn.k.bias)]
-        if value is not None:
-            layers.append((value.weight, None))
+        if attn.value is not None:
+            layers.append((attn.value.weight, None))
         layers.append((fc1.weight, fc1.bias))
         weight = torch.cat([w for w, _ in layers])
         bias = None
         if any(b is not None for _, b in layers):
             bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in layers])
-        parts = nn.functional.linear(h, weight, bias).split([w.shape[0] for w, _ in layers], dim=-1)
+        return weight, bias, [w.shape[0] for w, _ in layers]
+
+    def _input_projections(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q, k, values and MLP hidden pre-activation from the normalised input ``h``."""
+        attn, value = self.attn, self.attn.value
+        if not self.fused_proj:
+            v = h if value is None else value(h)
+            return attn.q(h), attn.k(h), v, self.mlp.fc1(h)
+        weight, bias, sizes = self._stacked_projection()
+        parts = nn.functional.linear(h, weight, bias).split(sizes, dim=-1)
         q, k, hidden = parts[0], parts[1], parts[-1]
         v = h if value is None else value.combine(h, parts[2])
         return q, k, v, hidden
 
-    def _attention_and_hidden(self, x: Tensor, causal: bool, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """β_SA·ShapedMHA(Norm(X)) and the MLP's pre-activation fc1(Norm(X))."""
-        h = self.norm(x)
-        q, k, v, hidden = self._input_projections(h)
+    def _fused_activation(self) -> str | None:
+        """The activation's name when norm, projection and activation can run as one function
+        (:mod:`~siclip.blocks.parallel_input`), else None."""
+        if not (self.fused_input and self.fused_proj) or self.attn.value is not None or not fusable_norm(self.norm):
+            return None
+        if torch.compiler.is_compiling():  # Inductor fuses the unfused path's elementwise passes itself
+            return None
+        if torch.jit.is_tracing():  # a traced graph (fvcore's FLOP count, ONNX) cannot see into an autograd Function
+            return None
+        return activation_name(self.mlp.act)
+
+    def _attention_and_activation(self, x: Tensor, causal: bool, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """β_SA·ShapedMHA(Norm(X)) and the MLP's activation act(fc1(Norm(X)))."""
+        act = self._fused_activation()
+        if act is not None:
+            weight, bias, _ = self._stacked_projection()
+            q, k, v, activation = norm_project_act(x, self.norm, weight, bias, self.dim, act)
+        else:
+            q, k, v, hidden = self._input_projections(self.norm(x))
+            activation = self.mlp.act(hidden)
         a = self.attn.attend(q, k, v, causal=causal, key_padding_mask=key_padding_mask, gain=self.gain_attn)
-        return a, hidden
+        return a, activation
 
     def forward_branches(
         self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool | None = None, **kw
@@ -214,21 +240,20 @@ class SASPBlock(_ShapedBlock):
         """The two terms of the output, ``(β_SA·ShapedMHA(Norm(X)), β_FF·MLP(Norm(X)))``, for analysis."""
         check_block_input(x, self.dim, type(self).__name__)
         causal, key_padding_mask = resolve_block_masks(self.causal, key_padding_mask, causal, **kw)
-        a, hidden = self._attention_and_hidden(x, causal, key_padding_mask)
-        return a, self.gain_mlp * self.mlp.from_hidden(hidden)
+        a, activation = self._attention_and_activation(x, causal, key_padding_mask)
+        return a, self.gain_mlp * self.mlp.fc2(activation)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool | None = None, **kw) -> Tensor:
         check_block_input(x, self.dim, type(self).__name__)
         causal, key_padding_mask = resolve_block_masks(self.causal, key_padding_mask, causal, **kw)
-        return self._add_mlp_output(*self._attention_and_hidden(x, causal, key_padding_mask))
+        return self._add_mlp_output(*self._attention_and_activation(x, causal, key_padding_mask))
 
-    def _add_mlp_output(self, a: Tensor, hidden: Tensor) -> Tensor:
-        """a + β_FF·fc2(act(hidden)) as one matrix product: β_FF scales fc2's weights (a d×4d product, not a pass
+    def _add_mlp_output(self, a: Tensor, activation: Tensor) -> Tensor:
+        """a + β_FF·fc2(activation) as one matrix product: β_FF scales fc2's weights (a d×4d product, not a pass
         over the activations) and the product's epilogue adds ``a``, so neither the MLP output nor its scaled
         copy is written, and β_FF's gradient is a reduction over weights instead of activations."""
         fc2, gain = self.mlp.fc2, self.gain_mlp
-        act = self.mlp.act(hidden)
-        out = torch.addmm(a.reshape(-1, a.shape[-1]), act.reshape(-1, act.shape[-1]), (fc2.weight * gain).t())
+        out = torch.addmm(a.reshape(-1, a.shape[-1]), activation.reshape(-1, activation.shape[-1]), (fc2.weight * gain).t())
         if fc2.bias is not None:
             out = out.add_(fc2.bias * gain)
         return out.view(a.shape)
