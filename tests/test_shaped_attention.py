@@ -161,3 +161,19 @@ def test_cuda_half_precision_matches_reference(seed, backend, causal):
         warnings.simplefilter("ignore", RuntimeWarning)
         out = shaped_attention(*(t.cuda().bfloat16() for t in (q, k, v, a, b, g)), causal=causal, backend=backend)
     torch.testing.assert_close(out.double().cpu(), ref, rtol=0.05, atol=0.05)
+
+
+def test_strided_head_dim_still_takes_sdpa_fused_kernel(seed):
+    """Values viewed from a channels-first map have head_dim strided; SDPA's fused kernels need unit stride
+    there, so the input is copied once rather than sending SDPA to its T×T math path. Same result either way."""
+    from siclip.analysis.traffic import trace_traffic
+
+    q, k = torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
+    v = torch.randn(2, 4, 8, 9).transpose(-2, -1)  # (batch, heads, tokens, head_dim) with head_dim strided
+    assert v.stride(-1) != 1
+    gains = torch.rand(4) + 0.5, torch.rand(4) + 0.5, torch.rand(4)
+    ops = trace_traffic(lambda: shaped_attention(q, k, v, *gains, backend="sdpa"))
+    names = [o.op for o in ops]
+    assert "_scaled_dot_product_flash_attention_for_cpu" in names and "bmm" not in names
+    expected = shaped_attention(q, k, v.contiguous(), *gains, backend="math")
+    torch.testing.assert_close(shaped_attention(q, k, v, *gains, backend="sdpa"), expected, rtol=1e-5, atol=1e-5)

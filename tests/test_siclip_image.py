@@ -65,6 +65,20 @@ def test_sasp_block2d_matches_reference_in_float64(seed):
         torch.testing.assert_close(block.normed_map(inp), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_sasp_block2d_attention_takes_sdpa_fused_kernel_on_either_layout(seed, memory_format):
+    """A channels-first map's token view has head_dim strided; SDPA would then take its math path (a T×T
+    matrix, slower: it was 13 % of stage 4 at batch 1). The block hands it unit-stride tokens instead."""
+    from siclip.analysis.traffic import trace_traffic
+
+    block = randomized(SASPBlock2d(64, 4, ConvFFN(64, 192), zero_query=False, backend="sdpa"), seed).eval()
+    x = torch.randn(2, 64, 6, 6).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        ops = [o.op for o in trace_traffic(lambda: block(x))]
+    assert "_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "bmm" not in ops and "_softmax" not in ops
+
+
 def test_converted_attention_block_inherits_its_parts(seed):
     dim = 64
     old = randomized(AttentionBlock(dim, 3.0, 16, 1e-5), seed).eval()

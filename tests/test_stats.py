@@ -78,3 +78,24 @@ def test_bad_shapes_are_named():
         estimate(np.zeros(5))
     with pytest.raises(ValueError, match="same seeds and items"):
         paired_difference(np.zeros((3, 5)), np.zeros((2, 5)))
+
+
+def test_paired_speedup_is_the_geometric_mean_of_round_ratios_and_cancels_slow_spells(seed):
+    from siclip.analysis.benchmark import paired_speedup
+
+    rng = np.random.default_rng(seed)
+    rounds = 40
+    spells = np.exp(rng.normal(0, 0.3, rounds))  # the machine's speed drifts by ±30 % between rounds
+    jitter = np.exp(rng.normal(0, 0.01, rounds))
+    base = 100.0 * spells
+    other = base / 1.05 * jitter  # 5 % faster, measured moments apart
+    s = paired_speedup(list(base), list(other))
+    ratios = base / other
+    assert s.mean == pytest.approx(float(np.exp(np.log(ratios).mean())), rel=1e-12)
+    assert s.low <= s.mean <= s.high
+    assert s.low > 1.04 and s.high < 1.06  # the drift cancels: the interval is about ±0.3 %, not ±10 %
+    assert s.seeds == rounds
+    exact = paired_speedup([2.0, 4.0, 8.0], [1.0, 2.0, 4.0])
+    assert (exact.mean, exact.low, exact.high) == pytest.approx((2.0, 2.0, 2.0))
+    with pytest.raises(ValueError, match="same number"):
+        paired_speedup([1.0, 2.0], [1.0])

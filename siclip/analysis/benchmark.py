@@ -9,16 +9,19 @@ is bracketed by events and synchronised.
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from siclip.blocks import PreLNBlock, SASPBlock, count_parameters, shaped_attention
+from siclip.analysis.stats import Estimate, estimate
 from siclip.blocks.backends import triton_runs_on
 
 BLOCKS: dict[str, Callable[..., nn.Module]] = {"pre_ln": PreLNBlock, "sasp": SASPBlock}
@@ -84,7 +87,8 @@ def time_interleaved(
 
     Interleaving puts every variant under the same conditions (clock, cache, a neighbour's load),
     so the ratio of two medians is trustworthy on a noisy machine too. The peak memory of each
-    variant comes from one extra call after a reset of the allocator's statistics.
+    variant comes from one extra call after a reset of the allocator's statistics. ``times_ms`` keeps
+    every round's time, for :func:`paired_speedup`.
     """
     for step in steps.values():
         for _ in range(warmup):
@@ -102,8 +106,22 @@ def time_interleaved(
             step()
             torch.cuda.synchronize(device)
             peak = torch.cuda.max_memory_allocated(device) / 2**30
-        results[name] = {"ms": statistics.median(times[name]), "peak_gib": peak}
+        results[name] = {"ms": statistics.median(times[name]), "peak_gib": peak, "times_ms": times[name]}
     return results
+
+
+def paired_speedup(base_ms: list[float], other_ms: list[float], *, level: float = 0.95) -> Estimate:
+    """How many times faster ``other`` runs than ``base``, from rounds timed round-robin.
+
+    Round r gives the ratio base_r / other_r of two calls made moments apart, so a slow spell of the
+    machine cancels within the round. The estimate is the geometric mean of those ratios,
+    exp(mean_r log(base_r / other_r)), with a percentile bootstrap interval over rounds.
+    """
+    if len(base_ms) != len(other_ms) or len(base_ms) < 2:
+        raise ValueError(f"need the same number (≥ 2) of rounds of each, got {len(base_ms)} and {len(other_ms)}")
+    logs = np.log(np.asarray(base_ms, dtype=np.float64) / np.asarray(other_ms, dtype=np.float64))
+    e = estimate(logs[None, :], level=level)
+    return Estimate(math.exp(e.mean), float(np.exp(logs).std(ddof=1)), math.exp(e.low), math.exp(e.high), len(logs))
 
 
 def forward_backward_step(module: nn.Module, x: Tensor, dtype: torch.dtype) -> Callable[[], None]:

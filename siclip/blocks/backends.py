@@ -135,6 +135,10 @@ def softmax_attention(
         if attn_mask is not None:
             logits = logits.masked_fill(~attn_mask, float("-inf"))
         return logits.softmax(-1) @ v
+    # SDPA's fused kernels (flash, memory-efficient; CPU and CUDA) need a unit stride along head_dim and
+    # otherwise fall back to its math path, which writes the T×T matrix. A strided input, such as values
+    # taken straight from a channels-first map, is copied once instead.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale
     )

@@ -99,7 +99,9 @@ class SASPBlock2d(nn.Module):
         The FFN's convolutions read BN(X) in the input's memory format: converting a channels-first map to
         tokens for them made the ConvFFN 1.5× slower at batch 1 on a CPU (benchmarks/RESULTS.md)."""
         normed = self.normed_map(x)
-        tokens = rearrange(normed, "b c h w -> b (h w) c")
+        # Tokens with unit stride along channels: SDPA's fused kernels need it (a channels-first map's token
+        # view would send it to its math path), and the projections and the combination read it once.
+        tokens = rearrange(normed, "b c h w -> b (h w) c").contiguous()
         attention = rearrange(self.attn(tokens, gain=self.gain_attn), "b (h w) c -> b c h w", h=x.shape[-2])
         return attention, self.gain_mlp * self.ffn(normed)
 
