@@ -125,6 +125,8 @@ def test_other_norms_values_and_activations_take_the_composed_path():
     assert SASPBlock(32, 4, act=nn.Tanh())._fused_activation() is None
     assert SASPBlock(32, 4, fused_proj=False)._fused_activation() is None
     assert SASPBlock(32, 4, act="gelu")._fused_activation() == "gelu"
+    with torch.no_grad():  # inference: nothing to save for a backward, so the composed ops
+        assert SASPBlock(32, 4, act="gelu")._fused_activation() is None
 
 
 def test_compiled_block_takes_the_composed_path_and_matches_eager(seed):

@@ -22,8 +22,10 @@ What this saves against autograd composing the same ops (``benchmarks/block_traf
   back once for the norm's backward.
 
 Everything else is the same arithmetic as the unfused path (``SASPBlock(fused_input=False)``), which is the
-reference the tests hold this to in float64. Under ``torch.compile`` the block takes the unfused path:
-Inductor fuses those elementwise passes itself.
+reference the tests hold this to in float64. The block takes the unfused path where the function would not
+pay: under ``torch.compile`` (Inductor fuses those elementwise passes itself), under the JIT tracer (which
+cannot see into it) and when autograd is not recording (inference: there is no backward to save, and the
+autograd function's call overhead cost 3 % of the text encoder at batch 1 on a CPU).
 """
 
 from __future__ import annotations

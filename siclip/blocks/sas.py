@@ -216,6 +216,8 @@ class SASPBlock(_ShapedBlock):
         (:mod:`~siclip.blocks.parallel_input`), else None."""
         if not (self.fused_input and self.fused_proj) or self.attn.value is not None or not fusable_norm(self.norm):
             return None
+        if not torch.is_grad_enabled():  # its backward is the point; without one the composed ops are as fast
+            return None
         if torch.compiler.is_compiling():  # Inductor fuses the unfused path's elementwise passes itself
             return None
         if torch.jit.is_tracing():  # a traced graph (fvcore's FLOP count, ONNX) cannot see into an autograd Function
