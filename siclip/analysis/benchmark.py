@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from siclip.blocks import PreLNBlock, SASPBlock, count_parameters, shaped_attention
 from siclip.analysis.stats import Estimate, estimate
+from siclip.blocks import PreLNBlock, SASPBlock, count_parameters, shaped_attention
 from siclip.blocks.backends import triton_runs_on
 
 BLOCKS: dict[str, Callable[..., nn.Module]] = {"pre_ln": PreLNBlock, "sasp": SASPBlock}
@@ -282,10 +282,17 @@ def loader_throughput(loader, *, batches: int | None = None, warmup: int = 2) ->
 
 
 @torch.inference_mode()
+def encoder_timings(
+    encoders: dict[str, Callable[[Tensor], Tensor]], inputs: Tensor, *, rounds: int = 5, warmup: int = 1
+) -> dict[str, dict]:
+    """:func:`time_interleaved` results of each encoder on ``inputs`` (a batch), in inference mode, with
+    ``per_s`` (items per second) added."""
+    results = time_interleaved({n: functools.partial(f, inputs) for n, f in encoders.items()}, inputs.device, rounds=rounds, warmup=warmup)
+    return {name: {**r, "per_s": inputs.shape[0] / (r["ms"] / 1e3)} for name, r in results.items()}
+
+
 def encoder_throughput(
     encoders: dict[str, Callable[[Tensor], Tensor]], inputs: Tensor, *, rounds: int = 5, warmup: int = 1
 ) -> dict[str, float]:
     """Items per second of each encoder on ``inputs`` (a batch), timed round-robin (CPU or CUDA)."""
-    device = inputs.device
-    results = time_interleaved({n: functools.partial(f, inputs) for n, f in encoders.items()}, device, rounds=rounds, warmup=warmup)
-    return {name: inputs.shape[0] / (r["ms"] / 1e3) for name, r in results.items()}
+    return {name: r["per_s"] for name, r in encoder_timings(encoders, inputs, rounds=rounds, warmup=warmup).items()}

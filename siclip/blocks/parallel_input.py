@@ -98,8 +98,10 @@ class _NormProjectAct(torch.autograd.Function):
             grad = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
             for i, d in enumerate((dq, dk)):
                 part = grad[:, i * qk_width : (i + 1) * qk_width]
-                # dQ and dK arrive in attention's head layout: one strided copy into G, not a reshape first.
-                part.zero_() if d is None else part.view(d.shape).copy_(d)
+                if d is None:
+                    part.zero_()
+                else:  # dQ and dK arrive in attention's head layout: one strided copy into G, not a reshape first
+                    part.view(d.shape).copy_(d)
             hidden = grad[:, 2 * qk_width :]
             if da is None:
                 hidden.zero_()
