@@ -59,16 +59,30 @@ def test_sasp_matches_plain_reference(seed, norm, causal, padded, trainable_valu
 
 
 @pytest.mark.parametrize("mlp_bias", [False, True])
-def test_sasp_gradients_match_plain_reference(seed, mlp_bias):
-    """Every parameter's gradient (β_FF folded into fc2's weights included) equals the reference's."""
+@pytest.mark.parametrize("tokens", [3, 11])  # 3·3·96 activations < 24·96 weights < 3·11·96: β_FF scales either side
+def test_sasp_gradients_match_plain_reference(seed, mlp_bias, tokens):
+    """Every parameter's gradient (β_FF folded into fc2's weights or into the activations) equals the reference's."""
     block = randomize_(SASPBlock(24, 4, mlp_bias=mlp_bias).double()).train()
-    x = torch.randn(3, 11, 24, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(3, 11, 24, dtype=torch.float64)
+    x = torch.randn(3, tokens, 24, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, tokens, 24, dtype=torch.float64)
     params = [x, *block.parameters()]
     fast = torch.autograd.grad(block(x), params, g)
     slow = torch.autograd.grad(reference_sasp(block, x, False, None), params, g)
     for name, a, b in zip(["x", *(n for n, _ in block.named_parameters())], fast, slow):
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("no_autograd", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("trainable_value", [False, True])
+@pytest.mark.parametrize("tokens", [3, 11])
+def test_sasp_inference_path_matches_plain_reference(seed, no_autograd, trainable_value, tokens):
+    """Without autograd the block takes separate projections (no stacked weight copy): the same function."""
+    block = randomize_(SASPBlock(24, 4, trainable_value=trainable_value, mlp_bias=True).double()).eval()
+    x = torch.randn(3, tokens, 24, dtype=torch.float64)
+    mask = padding_mask(3, tokens)
+    expected = reference_sasp(block, x, True, mask).detach()
+    with no_autograd():
+        torch.testing.assert_close(block(x, mask, True), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("causal,padded", [(False, True), (True, False)])

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from siclip.analysis.stats import bootstrap_means, estimate, paired_difference
 
@@ -99,3 +100,14 @@ def test_paired_speedup_is_the_geometric_mean_of_round_ratios_and_cancels_slow_s
     assert (exact.mean, exact.low, exact.high) == pytest.approx((2.0, 2.0, 2.0))
     with pytest.raises(ValueError, match="same number"):
         paired_speedup([1.0, 2.0], [1.0])
+
+
+def test_time_interleaved_alternates_the_order_and_keeps_each_variants_rounds():
+    from siclip.analysis.benchmark import time_interleaved
+
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    result = time_interleaved(steps, torch.device("cpu"), rounds=4, warmup=1)
+    assert calls[:3] == list("abc")  # warm-up
+    assert "".join(calls[3:]) == "abc" "cba" "abc" "cba"
+    assert all(len(r["times_ms"]) == 4 and r["ms"] >= 0 for r in result.values())

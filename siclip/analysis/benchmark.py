@@ -86,7 +86,8 @@ def time_interleaved(
     """Median milliseconds (and CUDA peak GiB) of each named step, timed round-robin.
 
     Interleaving puts every variant under the same conditions (clock, cache, a neighbour's load),
-    so the ratio of two medians is trustworthy on a noisy machine too. The peak memory of each
+    so the ratio of two medians is trustworthy on a noisy machine too. The order reverses every other
+    round (A B, B A, …), so no variant always runs right after another one, warm or cooled by it. The peak memory of each
     variant comes from one extra call after a reset of the allocator's statistics. ``times_ms`` keeps
     every round's time, for :func:`paired_speedup`.
     """
@@ -94,9 +95,10 @@ def time_interleaved(
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            times[name].append(_timed(step, device))
+    order = list(steps)
+    for round_index in range(rounds):
+        for name in order if round_index % 2 == 0 else reversed(order):
+            times[name].append(_timed(steps[name], device))
     results = {}
     for name, step in steps.items():
         peak = float("nan")
