@@ -5,7 +5,8 @@
 
 --model: a siclip checkpoint (its tokenizer is saved in it) or Apple's mobileclip_s0.pt (CLIP BPE).
 --zeroshot: a folder with one subfolder per class, or a CSV/TSV with filepath,label columns.
---classnames: one name per line or a JSON list, in class order (sorted folder order for a folder).
+--classnames: one name per line or a JSON list, in class order; class folders named after their
+              classes match by name, other folders follow sorted folder order.
 --templates: one prompt per line with a {} placeholder; CLIP's 80-template ensemble by default.
 --retrieval: a CSV/TSV with filepath,title rows (one row per caption) or WebDataset shards.
 Writes {dataset}_{task}.json per task into --out and prints the metrics.

@@ -15,7 +15,7 @@ from siclip.data import CsvSource, create_tokenizer, write_shards
 from siclip.data.transforms import CLIP_MEAN, CLIP_STD
 from siclip.eval import (
     CLIP_TEMPLATES, embed_source, per_class_accuracy, read_classnames, read_templates, retrieval, retrieval_dataset, run_benchmarks,
-    topk_accuracy, zero_shot_dataset,
+    topk_accuracy, zero_shot_classification, zero_shot_dataset,
 )  # fmt: skip
 
 LEVELS = {"apple": 20, "banana": 110, "cherry": 220}  # each class is a solid grey level
@@ -93,6 +93,32 @@ def test_zero_shot_from_a_csv_with_indices_or_names(folder, tmp_path):
     with pytest.raises(ValueError, match="3 class folders but 2 class names"):
         zero_shot_dataset(folder, ["a", "b"])
     assert zero_shot_dataset(folder)[2] == list(LEVELS)
+
+
+def test_class_folders_named_after_their_classes_take_their_class_in_any_listed_order(folder, tmp_path):
+    listed = ["Cherry", "apple", "banana"]  # not the sorted folder order; case differs too
+    source, labels, names = zero_shot_dataset(folder, listed)
+    assert names == listed
+    by_folder = {source.keys[i].split("/")[0]: int(labels[i]) for i in range(len(source))}
+    assert by_folder == {"apple": 1, "banana": 2, "cherry": 0}
+    (tmp_path / "names.json").write_text(json.dumps(listed))
+    tokenizer = create_tokenizer("words", words=[n.lower() for n in listed])
+    oracle = OracleCLIP(tokenizer, [n.lower() for n in listed])
+    metrics = zero_shot_classification(oracle, tokenizer, folder, classnames=[n.lower() for n in listed], templates=["{}"])
+    assert metrics["acc1"] == pytest.approx(9 / 10)  # as in sorted order: the listing order changes nothing
+    spaced = tmp_path / "spaced"
+    for name in ("granny_smith", "Red_Delicious"):
+        _image(spaced / name / "0.png", 50)
+    source, labels, _ = zero_shot_dataset(spaced, ["red delicious", "Granny Smith"])
+    assert {source.keys[i].split("/")[0]: int(labels[i]) for i in range(2)} == {"Red_Delicious": 0, "granny_smith": 1}
+
+
+def test_a_folder_named_after_another_class_than_its_sorted_position_is_refused(folder):
+    with pytest.raises(ValueError, match=r"folder 'apple' would be class 'banana', not 'apple'") as err:
+        zero_shot_dataset(folder, ["banana", "apple", "durian"])
+    assert str(folder) in str(err.value) and "['apple', 'banana', 'cherry']" in str(err.value)
+    # Folders named otherwise keep the documented sorted-order rule.
+    assert zero_shot_dataset(folder, ["pome", "berry", "drupe"])[1].tolist() == [0] * 3 + [1] * 4 + [2] * 3
 
 
 def test_classnames_and_templates_files(tmp_path):

@@ -1,8 +1,8 @@
 """Evaluation on the user's own benchmark sets, in CLIP_benchmark's tasks and result layout.
 
 - Zero-shot classification (:func:`zero_shot_dataset`, :func:`zero_shot_classification`): images from
-  a folder with one subfolder per class (classes in sorted folder order) or a CSV/TSV with
-  ``filepath,label`` (a label is a class index or a class name); class names from a file (one per
+  a folder with one subfolder per class (named after its class, else classes in sorted folder order)
+  or a CSV/TSV with ``filepath,label`` (a label is a class index or a class name); class names from a file (one per
   line, or a JSON list, in class order); templates from a file (one per line, each with a ``{}``
   placeholder), CLIP's 80-template ensemble by default. Reports top-1, top-5 (capped at the number of
   classes) and per-class accuracy; ``mean_per_class_recall`` is their mean over the classes present.
@@ -78,12 +78,40 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _comparable(name: str) -> str:
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+def folder_labels(root: Path, folders: Sequence[Path], names: Sequence[str]) -> list[int]:
+    """The class index of each (sorted) class folder.
+
+    Folders named after the class names (``_`` read as a space, case ignored) take the class of their
+    name, in whatever order the names are listed; otherwise class i is the i-th folder in sorted order.
+    A folder named after one class but placed, by that order, on another is refused: its every image
+    would be scored against the wrong name.
+    """
+    folder_names = [_comparable(f.name) for f in folders]
+    index = {_comparable(n): i for i, n in enumerate(names)}
+    if sorted(folder_names) == sorted(index) and len(index) == len(names):
+        return [index[n] for n in folder_names]
+    clashes = [(f.name, names[i], names[index[n]]) for i, (f, n) in enumerate(zip(folders, folder_names)) if n in index and index[n] != i]
+    if clashes:
+        examples = "; ".join(f"folder {f!r} would be class {given!r}, not {own!r}" for f, given, own in clashes[:3])
+        raise ValueError(
+            f"{root}: class folders are matched to class names in sorted folder order, and {len(clashes)} folder(s) are named "
+            f"after a different class ({examples}). Name every folder after its class, or list the class names in sorted "
+            f"folder order: {[f.name for f in folders][:10]}"
+        )
+    return list(range(len(folders)))
+
+
 def zero_shot_dataset(path: str | Path, classnames: Sequence[str] | None = None, *, image_key: str = "filepath",
                       label_key: str = "label") -> tuple[ImageFileSource, torch.Tensor, list[str]]:  # fmt: skip
     """``(source, labels, class names)`` from a class-per-subfolder directory or a ``filepath,label`` table.
 
     Without ``classnames`` the classes are named after the folders (``_`` read as a space) or, for a
-    table, are its sorted distinct labels.
+    table, are its sorted distinct labels. With them, folders are matched to names by
+    :func:`folder_labels`.
     """
     path = Path(path)
     if path.is_dir():
@@ -94,7 +122,7 @@ def zero_shot_dataset(path: str | Path, classnames: Sequence[str] | None = None,
         if len(names) != len(folders):
             raise ValueError(f"{path}: {len(folders)} class folders but {len(names)} class names (names follow the sorted folder order)")
         files, labels = [], []
-        for label, folder in enumerate(folders):
+        for folder, label in zip(folders, folder_labels(path, folders, names)):
             found = _image_files(folder)
             if not found:
                 raise ValueError(f"{folder}: a class folder without images")
