@@ -11,11 +11,11 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from siclip.data import CsvSource, create_tokenizer, write_shards
+from siclip.data import AugmentConfig, CsvSource, augment, create_tokenizer, decode_image, write_shards
 from siclip.data.transforms import CLIP_MEAN, CLIP_STD
 from siclip.eval import (
     CLIP_TEMPLATES, embed_source, per_class_accuracy, read_classnames, read_templates, retrieval, retrieval_dataset, run_benchmarks,
-    topk_accuracy, zero_shot_classification, zero_shot_dataset,
+    topk_accuracy, zero_shot_classification, zero_shot_dataset, zero_shot_logits,
 )  # fmt: skip
 
 LEVELS = {"apple": 20, "banana": 110, "cherry": 220}  # each class is a solid grey level
@@ -175,6 +175,27 @@ def test_every_evaluation_input_goes_to_the_model_device(folder, tmp_path):
     embed_source(spy, zero_shot_dataset(folder)[0], image_size=8, batch_size=4)
     assert {kind for kind, _ in spy.seen} == {"image", "text"}
     assert all(device == "meta" for _, device in spy.seen), spy.seen
+
+
+def test_cpu_evaluation_encodes_in_cache_sized_chunks_with_the_same_result(folder, seed):
+    from siclip.eval.run import CPU_CHUNK
+    from siclip.models import create_model
+
+    model = create_model("mobileclip_tiny").double().eval()
+    calls = []
+    encode_image, encode_text = model.encode_image, model.encode_text
+    model.encode_image = lambda x: calls.append(("image", len(x))) or encode_image(x)
+    model.encode_text = lambda x: calls.append(("text", len(x))) or encode_text(x)
+    source = zero_shot_dataset(folder)[0]  # 10 images, one batch of 256
+    embedded = embed_source(model, source, image_size=model.config.image.image_size)
+    assert [n for kind, n in calls if kind == "image"] == [4, 4, 2]
+    view = AugmentConfig(model.config.image.image_size, train=False)
+    whole = torch.stack([augment(decode_image(s.image, s.key), None, view) for s in map(source.load, range(len(source)))])
+    torch.testing.assert_close(embedded, encode_image(whole.double()), rtol=1e-12, atol=1e-12)
+    tokenizer = create_tokenizer("embedded")
+    calls.clear()
+    zero_shot_logits(model, tokenizer, source, ["a"], ["a photo of {}"] * (CPU_CHUNK["text"] + 1), image_size=model.config.image.image_size)
+    assert [n for kind, n in calls if kind == "text"] == [CPU_CHUNK["text"], 1]
 
 
 def test_calibration_captions_go_to_the_model_device(monkeypatch, tmp_path):

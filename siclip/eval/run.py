@@ -16,10 +16,27 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+# Per item, CPU inference slows down beyond a few images (or some 64 texts) per call: a large batch's activations
+# leave the caches and every elementwise pass goes to memory. MobileCLIP-S0 on a 2-core VM: 28 ms per image at
+# batch 1–4, 92 ms at 64; 14 ms per text up to 64, 21 ms at 512 (benchmarks/RESULTS.md). A GPU wants the batch whole.
+CPU_CHUNK = {"image": 4, "text": 64}
+
+
+def encode_on(device: torch.device, encode, inputs: Tensor, kind: str, dtype: torch.dtype | None = None) -> Tensor:
+    """``encode(inputs)`` on ``device`` (images in the model's ``dtype``); on a CPU, in chunks of
+    ``CPU_CHUNK[kind]`` rows (the same rows, faster)."""
+    inputs = inputs.to(device, dtype)
+    chunk = CPU_CHUNK[kind]
+    if device.type != "cpu" or len(inputs) <= chunk:
+        return encode(inputs)
+    return torch.cat([encode(part) for part in inputs.split(chunk)])
+
+
 @torch.no_grad()
 def embed_source(model, source, indices=None, *, image_size: int, batch_size: int = 256) -> Tensor:
     """Unit-norm image embeddings of ``source`` (evaluation view: resize, centre crop), computed on the model's device."""
     device = _device(model)
+    dtype = next(model.parameters()).dtype  # a half or double model gets images it can take
     view = AugmentConfig(image_size, train=False)
     indices = range(len(source)) if indices is None else indices
     out, batch = [], []
@@ -27,10 +44,10 @@ def embed_source(model, source, indices=None, *, image_size: int, batch_size: in
         sample = source.load(i)
         batch.append(augment(decode_image(sample.image, sample.key), None, view))
         if len(batch) == batch_size:
-            out.append(model.encode_image(torch.stack(batch).to(device)))
+            out.append(encode_on(device, model.encode_image, torch.stack(batch), "image", dtype))
             batch = []
     if batch:
-        out.append(model.encode_image(torch.stack(batch).to(device)))
+        out.append(encode_on(device, model.encode_image, torch.stack(batch), "image", dtype))
     return torch.cat(out)
 
 
@@ -38,7 +55,7 @@ def embed_source(model, source, indices=None, *, image_size: int, batch_size: in
 def zero_shot_logits(model, tokenizer, source, classnames, templates, *, image_size: int, batch_size: int = 256) -> Tensor:
     """``(images, classes)`` cosine similarities between the images and the template-ensemble classifier."""
     device = _device(model)
-    weights = zero_shot_weights(lambda texts: model.encode_text(tokenizer(texts).to(device)), classnames, templates)
+    weights = zero_shot_weights(lambda texts: encode_on(device, model.encode_text, tokenizer(texts), "text"), classnames, templates)
     images = embed_source(model, source, image_size=image_size, batch_size=batch_size)
     return images.float() @ weights.T
 
@@ -56,7 +73,7 @@ def retrieval_eval(model, tokenizer, source, captions: list[list[str]], *, image
     images = embed_source(model, source, image_size=image_size, batch_size=batch_size)
     flat = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
-    texts = torch.cat([model.encode_text(tokenizer(flat[i : i + 512]).to(device)) for i in range(0, len(flat), 512)])
+    texts = torch.cat([encode_on(device, model.encode_text, tokenizer(flat[i : i + 512]), "text") for i in range(0, len(flat), 512)])
     return recall_at_k(images, texts, owner.to(images.device), per_item=per_item)
 
 
