@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+from siclip.data import SampleError
 from siclip.data.tokenizer import tokenizer_for
 from siclip.eval import run_benchmarks
 from siclip.models import load_model
@@ -41,11 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.classnames is not None and args.zeroshot is None:
         parser.error("--classnames needs --zeroshot")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
-    model, spec = load_model(args.model)
-    tokenizer = tokenizer_for(model.config.text, spec, args.model)
-    model = model.to(device).eval()
-    records = run_benchmarks(model, tokenizer, model_name=model.config.name, zeroshot=args.zeroshot, classnames=args.classnames,
-                             templates=args.templates, retrieval_data=args.retrieval, out_dir=args.out, batch_size=args.batch_size)  # fmt: skip
+    try:  # a missing file or a malformed benchmark is the user's to fix: say what and where, without a traceback
+        model, spec = load_model(args.model)
+        tokenizer = tokenizer_for(model.config.text, spec, args.model)
+        model = model.to(device).eval()
+        records = run_benchmarks(model, tokenizer, model_name=model.config.name, zeroshot=args.zeroshot, classnames=args.classnames,
+                                 templates=args.templates, retrieval_data=args.retrieval, out_dir=args.out, batch_size=args.batch_size)  # fmt: skip
+    except (OSError, ValueError, SampleError) as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        return 2
     for record in records:
         shown = {k: v for k, v in record["metrics"].items() if k != "per_class_accuracy"}
         print(json.dumps({"dataset": record["dataset"], "task": record["task"], **shown}))

@@ -72,3 +72,12 @@ def test_train_and_evaluate_from_the_command_line_on_real_scans(tmp_path):
     assert metrics["images"] == 300 and metrics["classes"] == 10 and set(metrics["per_class_accuracy"]) == set(NAMES)
     assert metrics["acc1"] == pytest.approx(summary["eval"]["test/acc1"], abs=1e-6)  # the same model, the same numbers
     assert metrics["acc1"] >= 0.3, done.stdout  # chance is 0.1; 0.3 on 300 images is over 6 standard errors above it
+
+    # One folder renamed after its class while the others keep their digits: sorted order would score the
+    # zeros as "nine", so evaluation refuses, in one line that names the folder and the fix.
+    (files["test"] / "0").rename(files["test"] / "zero")
+    refused = subprocess.run([sys.executable, str(ROOT / "experiments/evaluate.py"), "--model", str(out / "model.pt"), "--zeroshot",
+                              str(files["test"]), "--classnames", str(files["classnames"])], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.startswith("evaluate.py: error: ") and "folder 'zero' would be class 'nine'" in refused.stderr
