@@ -28,6 +28,20 @@ budget=570  # seconds for the whole call; step 4 gets what steps 1-3 leave
 # A step's time limit: its share on the GPU, none in a CPU smoke run (`timeout 0` never fires).
 limit() { if [ "$smoke" = 1 ]; then echo 0; else echo "$1"; fi; }
 
+# Run one step under its limit; a failure is recorded and the next step still runs (the device time is spent
+# either way), and the summary at the end names every failed step, so a partial session cannot pass for whole.
+failed=()
+run_step() {
+    local name=$1 seconds=$2
+    shift 2
+    timeout "$seconds" "$@"
+    local status=$?
+    if [ "$status" -ne 0 ]; then
+        failed+=("$name (exit $status$([ "$status" = 124 ] && echo ', time limit'))")
+    fi
+    return 0
+}
+
 if [ "$smoke" = 1 ]; then
     blocks=(--smoke --device cpu) step=(--smoke --device cpu) encoders=(--tiny --device cpu --steps 2 --warmup 1)
     loader=(--sizes 64 --workers 0 --samples 64 --writers 1 --batch-size 16 --generate 50)
@@ -42,23 +56,24 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
     || echo "triton is not importable: the block table has no sasp_triton rows"
 
 echo "== 1. blocks, eager (with each variant's profile), then compiled"
-timeout "$(limit 80)" python3 benchmarks/gpu_blocks.py "${blocks[@]}" --modes eager --attention-tokens --profile \
-    --out "$out/blocks.md" --append
-timeout "$(limit 170)" python3 benchmarks/gpu_blocks.py "${blocks[@]}" --modes compile --attention-tokens --steps 10 \
-    --warmup 3 --out "$out/blocks.md" --append
+run_step "1. blocks eager" "$(limit 80)" python3 benchmarks/gpu_blocks.py "${blocks[@]}" --modes eager --attention-tokens \
+    --profile --out "$out/blocks.md" --append
+run_step "1. blocks compiled" "$(limit 170)" python3 benchmarks/gpu_blocks.py "${blocks[@]}" --modes compile \
+    --attention-tokens --steps 10 --warmup 3 --out "$out/blocks.md" --append
 echo "== 2. shaped attention against SDPA"
-timeout "$(limit 45)" python3 benchmarks/gpu_blocks.py "${blocks[@]}" --modes --attention-tokens 256 1024 4096 \
+run_step "2. attention" "$(limit 45)" python3 benchmarks/gpu_blocks.py "${blocks[@]}" --modes --attention-tokens 256 1024 4096 \
     --out "$out/blocks.md" --append
 echo "== 3. training step: teacher-first peak at batch 1536, checkpointed all-trainable ladder, profile; loader"
-timeout "$(limit 90)" python3 benchmarks/gpu_train_step.py "${step[@]}" --out "$out/step" \
+run_step "3. step, main" "$(limit 90)" python3 benchmarks/gpu_train_step.py "${step[@]}" --out "$out/step" \
     --main-variants siclip siclip_cached --skip ladder trainable profile
-timeout "$(limit 90)" python3 benchmarks/gpu_train_step.py "${step[@]}" --out "$out/step" --skip main ladder \
+run_step "3. step, ladder" "$(limit 90)" python3 benchmarks/gpu_train_step.py "${step[@]}" --out "$out/step" --skip main ladder \
     --trainable-ladder "${ladder[@]}"
-python3 benchmarks/gpu_train_step.py --out "$out/step" --from-jsonl "$out/step/train_step.jsonl" > /dev/null
-timeout "$(limit 50)" python3 benchmarks/data_throughput.py "${loader[@]}" --outputs float32 uint8 | tee "$out/loader.txt"
+run_step "3. step table" 0 python3 benchmarks/gpu_train_step.py --out "$out/step" --from-jsonl "$out/step/train_step.jsonl" > /dev/null
+run_step "3. loader" "$(limit 50)" python3 benchmarks/data_throughput.py "${loader[@]}" --outputs float32 uint8 > "$out/loader.txt"
+cat "$out/loader.txt"
 echo "== 3b. SiCLIP-S0 against MobileCLIP-S0 image encoders (issue 12)"
-timeout "$(limit 60)" python3 benchmarks/gpu_image_encoders.py "${encoders[@]}" --out "$out/image_encoders.tmp" \
-    && cat "$out/image_encoders.tmp" >> "$out/blocks.md"
+run_step "3b. image encoders" "$(limit 60)" python3 benchmarks/gpu_image_encoders.py "${encoders[@]}" --out "$out/image_encoders.tmp"
+[ -f "$out/image_encoders.tmp" ] && cat "$out/image_encoders.tmp" >> "$out/blocks.md"
 rm -f "$out/image_encoders.tmp"
 
 echo "== 4. the real path (issue 11)"
@@ -72,9 +87,14 @@ else
         echo "only ${left}s left of ${budget}s: real_path.sh skipped"
     else
         scratch=$(mktemp -d)
-        timeout "$left" bash benchmarks/real_path.sh "$scratch/real_path"
+        run_step "4. real path" "$left" bash benchmarks/real_path.sh "$scratch/real_path"
         tar -czf "$out/real_path.tar.gz" -C "$scratch" real_path  # one file, whatever the script wrote
         rm -rf "$scratch"
     fi
 fi
 echo "== done in ${SECONDS}s"
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "failed steps (the others' results are in $out):"
+    printf '  %s\n' "${failed[@]}"
+    exit 1
+fi
