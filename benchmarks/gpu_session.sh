@@ -13,7 +13,7 @@
 #      SiCLIP-S0 against MobileCLIP-S0 image encoders, bf16 training and inference (appended to blocks.md);
 #   4. benchmarks/real_path.sh, when it exists, given what time is left (real_path.tar.gz).
 # Each step has its own time limit and writes under OUT_DIR as it goes, so a step cut short loses only
-# itself. At most 8 files: session.log (device and every step's output), blocks.md, loader.txt,
+# itself; the call ends by naming every failed step (exit 1). At most 8 files: session.log (device and every step's output), blocks.md, loader.txt,
 # step/{train_step.jsonl,train_step.md,train_step.png,profile.txt}, real_path.tar.gz.
 # Afterwards, record the figures with the device name in benchmarks/RESULTS.md.
 set -u
