@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, config in (("teacher", teacher_config), ("student", student_config)):
         path = Path(config.out_dir) / "summary.json"
         done = path.exists() and "eval" in json.loads(path.read_text())
-        summaries[name] = json.loads(path.read_text()) if done else train(config, resume=True)
+        started_before = Path(config.out_dir).exists()  # a fresh run starts quietly; an interrupted one resumes
+        summaries[name] = json.loads(path.read_text()) if done else train(config, resume=started_before)
     models = {"teacher": load_checkpoint(teacher_dir / "model.pt"), "student": load_checkpoint(student_dir / "model.pt")}
     rates = inference_rates(models, rounds=args.timing_rounds)
     rows = []

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,10 @@ def test_demo_prints_the_teacher_student_table(tmp_path, monkeypatch, capsys):
                 data=DataConfig(num_train=32, batch_size=16))  # fmt: skip
     monkeypatch.setitem(demo.PRESETS, "demo", dataclasses.replace(demo.PRESETS["demo"], **tiny))
     monkeypatch.setitem(demo.PRESETS, "demo-student", dataclasses.replace(demo.PRESETS["demo-student"], **tiny))
-    assert demo.main(["--out", str(tmp_path), "--timing-rounds", "1"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert demo.main(["--out", str(tmp_path), "--timing-rounds", "1"]) == 0
+    assert not [w for w in caught if "--resume" in str(w.message)]  # a first run has nothing to resume: no warning
     table = (tmp_path / "demo_table.md").read_text()
     lines = table.splitlines()
     assert len(lines) == 4 and lines[2].startswith("| teacher: mobileclip_tiny") and lines[3].startswith("| student: siclip_tiny")
