@@ -1,7 +1,6 @@
 """Real users' files: every PIL mode, CSV quirks, shards written from a CSV read back."""
 
 import io
-import json
 
 import numpy as np
 import pytest
