@@ -117,8 +117,10 @@ def test_a_folder_named_after_another_class_than_its_sorted_position_is_refused(
     with pytest.raises(ValueError, match=r"folder 'apple' would be class 'banana', not 'apple'") as err:
         zero_shot_dataset(folder, ["banana", "apple", "durian"])
     assert str(folder) in str(err.value) and "['apple', 'banana', 'cherry']" in str(err.value)
-    # Folders named otherwise keep the documented sorted-order rule.
+    # Folders named otherwise keep the documented sorted-order rule, and so do names listed twice (a "crane"
+    # bird and a "crane" machine) where each folder sits on its own name.
     assert zero_shot_dataset(folder, ["pome", "berry", "drupe"])[1].tolist() == [0] * 3 + [1] * 4 + [2] * 3
+    assert zero_shot_dataset(folder, ["apple", "apple", "cherry"])[1].tolist() == [0] * 3 + [1] * 4 + [2] * 3
 
 
 def test_classnames_and_templates_files(tmp_path):

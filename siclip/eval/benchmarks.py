@@ -94,7 +94,8 @@ def folder_labels(root: Path, folders: Sequence[Path], names: Sequence[str]) -> 
     index = {_comparable(n): i for i, n in enumerate(names)}
     if sorted(folder_names) == sorted(index) and len(index) == len(names):
         return [index[n] for n in folder_names]
-    clashes = [(f.name, names[i], names[index[n]]) for i, (f, n) in enumerate(zip(folders, folder_names)) if n in index and index[n] != i]
+    given = [_comparable(n) for n in names]
+    clashes = [(f.name, names[i], names[index[n]]) for i, (f, n) in enumerate(zip(folders, folder_names)) if n in index and given[i] != n]
     if clashes:
         examples = "; ".join(f"folder {f!r} would be class {given!r}, not {own!r}" for f, given, own in clashes[:3])
         raise ValueError(
