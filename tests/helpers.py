@@ -1,7 +1,11 @@
 """Small helpers shared by the tests."""
 
 import torch
+from einops import rearrange
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from siclip.blocks import SASPBlock2d, shaped_attention_reference
 
 
 class ShapeRecorder(TorchDispatchMode):
@@ -32,3 +36,36 @@ def randomize_(module: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
         for p in module.parameters():
             p.add_(torch.randn_like(p) * std)
     return module
+
+
+def randomized(model: nn.Module, seed: int, dtype=torch.float32) -> nn.Module:
+    """Random weights, BatchNorm statistics and layer scales of order one, so that every term matters."""
+    g = torch.Generator().manual_seed(seed)
+    model = model.to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * (0.5 if "layer_scale" in name else 0.1))
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g, dtype=dtype) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g, dtype=dtype) + 0.5)
+    return model
+
+
+def reference_sasp2d(block: SASPBlock2d, x: torch.Tensor) -> torch.Tensor:
+    """β_SA·(αI + β·softmax(QKᵀ/√d) − γC)·H + β_FF·ConvFFN(H), H = BN(X), written out from the parameters."""
+    bn, attn, ffn = block.norm, block.attn, block.ffn
+    h = (x - bn.running_mean[:, None, None]) / (bn.running_var[:, None, None] + bn.eps).sqrt()
+    h = h * bn.weight[:, None, None] + bn.bias[:, None, None]
+    tokens = rearrange(h, "b c h w -> b (h w) c")
+    heads = attn.num_heads
+    q, k, v = (rearrange(t, "b t (n d) -> b n t d", n=heads) for t in (tokens @ attn.q.weight.T, tokens @ attn.k.weight.T, tokens))
+    shaped = attn.shaped
+    a = shaped_attention_reference(q, k, v, shaped.alpha, shaped.beta, shaped.gamma) * block.gain_attn
+    a = rearrange(a, "b n (h w) d -> b (n d) h w", h=x.shape[2])
+    dw, dwbn = ffn.conv.conv, ffn.conv.bn
+    z = nn.functional.conv2d(h, dw.weight, None, 1, dw.padding, 1, dw.groups)
+    z = (z - dwbn.running_mean[:, None, None]) / (dwbn.running_var[:, None, None] + dwbn.eps).sqrt() * dwbn.weight[:, None, None] + dwbn.bias[:, None, None]
+    z = torch.einsum("oc,bchw->bohw", ffn.fc1.weight[:, :, 0, 0], z) + ffn.fc1.bias[:, None, None]
+    z = torch.einsum("oc,bchw->bohw", ffn.fc2.weight[:, :, 0, 0], nn.functional.gelu(z)) + ffn.fc2.bias[:, None, None]
+    return a + block.gain_mlp * z

@@ -1,7 +1,10 @@
 """Standard multi-head self-attention: softmax(QKᵀ/√d + M)·V·W_P with a fused QKV projection.
 
 One fused path (``scaled_dot_product_attention``) and one explicit path behind ``fused_attn``, as in
-timm's ``layers/attention.py``; both accept a causal flag and a key-padding mask.
+timm's ``layers/attention.py``; both accept a causal flag and a key-padding mask. With ``fused_attn`` a CPU
+call without autograd still takes the explicit path while its scores fit in cache, where it is faster
+(:func:`~siclip.blocks.backends.explicit_is_faster`), exactly as shaped attention's ``"auto"`` does, so the
+two families are compared on the same kernels.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 from einops import rearrange
 from torch import Tensor, nn
 
-from .backends import softmax_attention
+from .backends import explicit_is_faster, needs_autograd, softmax_attention
 from .masking import check_key_padding_mask, sdpa_mask
 
 
@@ -32,7 +35,7 @@ class Attention(nn.Module):
         check_key_padding_mask(key_padding_mask, batch, tokens, causal)
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
         attn_mask, is_causal = sdpa_mask(key_padding_mask, causal, tokens)
-        out = softmax_attention(
-            q, k, v, causal=is_causal, attn_mask=attn_mask, scale=None, backend="sdpa" if self.fused_attn else "math"
-        )
+        scores = batch * self.num_heads * tokens * tokens
+        fused = self.fused_attn and not explicit_is_faster(x.device, scores, needs_autograd(x, self.qkv.weight))
+        out = softmax_attention(q, k, v, causal=is_causal, attn_mask=attn_mask, scale=None, backend="sdpa" if fused else "math")
         return self.proj(rearrange(out, "b h t d -> b t (h d)"))

@@ -4,7 +4,9 @@ Triton kernels for shaped attention's α/β/γ combination (:mod:`siclip.blocks.
 The xformers wheel on PyPI is built against the CUDA 12 runtime; beside a CUDA 13 build of torch it
 imports but its kernels fail at the first call. :func:`xformers_status` therefore runs one tiny kernel
 before xformers is ever used, and every caller falls back to SDPA with the reason in a warning.
-``"auto"`` picks ``"triton"`` for CUDA tensors when Triton imports, and SDPA with PyTorch ops elsewhere.
+``"auto"`` picks ``"triton"`` for CUDA tensors when Triton imports. On a CPU without autograd it picks the
+explicit ``"math"`` path while the T×T scores fit in a core's cache (:func:`explicit_is_faster`), and SDPA
+with PyTorch ops elsewhere.
 """
 
 from __future__ import annotations
@@ -16,6 +18,24 @@ import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "sdpa", "xformers", "math", "triton")
+
+#: Most batch·heads·tokens² attention scores for which a CPU without autograd runs attention as explicit
+#: products: 1 MiB in float32, which stays in a core's 2 MiB L2 cache through the softmax and the shaping.
+#: There SDPA's fused CPU kernel costs 1.2–1.8× as much (batch 1, 16 heads, 64 tokens: 187 against 108 µs for
+#: shaped attention, 144 against 87 µs for softmax attention); at 4× this size the explicit path lost
+#: (benchmarks/RESULTS.md, session 7).
+CPU_EXPLICIT_SCORES = 2**18
+
+
+def needs_autograd(*tensors: Tensor | float) -> bool:
+    """Whether autograd will record an operation on these inputs (grad mode on, one of them requiring grad)."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def explicit_is_faster(device: torch.device, scores: int, autograd: bool) -> bool:
+    """Whether attention with ``scores`` = batch·heads·tokens² entries should run as explicit products:
+    on a CPU, without autograd (SDPA's backward keeps no T×T matrix), while the scores fit in cache."""
+    return device.type == "cpu" and not autograd and scores <= CPU_EXPLICIT_SCORES
 
 
 @functools.cache
@@ -74,15 +94,19 @@ def _warn_fallback(reason: str, instead: str = "torch scaled_dot_product_attenti
     warnings.warn(f"{reason}; falling back to {instead}", RuntimeWarning, stacklevel=3)
 
 
-def resolve_backend(backend: str, x: Tensor, has_padding: bool) -> str:
-    """The backend that will really run for input ``x``: ``"sdpa"``, ``"xformers"``, ``"math"`` or ``"triton"``.
+def resolve_backend(backend: str, x: Tensor, has_padding: bool, autograd: bool = True) -> str:
+    """The backend that will really run for ``(batch, heads, tokens, head_dim)`` input ``x``: ``"sdpa"``,
+    ``"xformers"``, ``"math"`` or ``"triton"``; ``autograd`` says whether the call will be differentiated.
 
     ``"triton"`` names the Triton combination kernels of shaped attention; its softmax term runs on SDPA.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if x.device.type == "cuda" and triton_status()[0] else "sdpa"
+        if x.device.type == "cuda" and triton_status()[0]:
+            return "triton"
+        batch, heads, tokens, _ = x.shape
+        return "math" if explicit_is_faster(x.device, batch * heads * tokens * tokens, autograd) else "sdpa"
     if backend == "triton":
         usable, reason = triton_runs_on(x)
         if not usable:
@@ -127,14 +151,7 @@ def softmax_attention(
         )
         return out.transpose(1, 2)
     if backend == "math":
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        logits = (q @ k.transpose(-2, -1)) * scale
-        if causal:
-            t = q.shape[-2]
-            logits = logits.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-        if attn_mask is not None:
-            logits = logits.masked_fill(~attn_mask, float("-inf"))
-        return logits.softmax(-1) @ v
+        return apply_attention(attention_probs(q, k, causal=causal, attn_mask=attn_mask, scale=scale), v)
     # SDPA's fused kernels (flash, memory-efficient; CPU and CUDA) need a unit stride along head_dim and
     # otherwise fall back to its math path, which writes the T×T matrix. A strided input, such as values
     # taken straight from a channels-first map, is copied once instead.
@@ -142,3 +159,30 @@ def softmax_attention(
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale
     )
+
+
+def attention_probs(q: Tensor, k: Tensor, *, causal: bool, attn_mask: Tensor | None, scale: float | None) -> Tensor:
+    """P = softmax(QKᵀ·scale + M), the explicit ``(batch, heads, tokens, tokens)`` matrix.
+
+    The logits are scaled and masked in place: they are a fresh tensor, and neither a product's nor a
+    scaling's backward reads its output, so this is safe under autograd too.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+    if causal:
+        t = q.shape[-2]
+        logits.masked_fill_(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    if attn_mask is not None:
+        logits.masked_fill_(~attn_mask, float("-inf"))
+    return logits.softmax(-1)
+
+
+def apply_attention(matrix: Tensor, v: Tensor) -> Tensor:
+    """matrix·V per head, ``(batch, heads, tokens, head_dim)``, laid out like V in memory.
+
+    Values viewed from a channels-first map are head_dim-major (``stride(-2) == 1``); the product is then
+    computed as (Vᵀ·matrixᵀ)ᵀ, so the output is a channels-first map again and nothing is copied back.
+    """
+    if v.stride(-2) == 1 and v.stride(-1) != 1:
+        return torch.matmul(v.transpose(-2, -1), matrix.transpose(-2, -1)).transpose(-2, -1)
+    return torch.matmul(matrix, v)

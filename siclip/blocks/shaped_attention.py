@@ -8,10 +8,13 @@ with C = softmax(M), the attention a query would pay with all logits at zero: bi
 uniform over the non-padded keys, causal rows uniform over the visible keys (C_ij = 1/i for j ≤ i).
 α, β, γ act after the softmax, so the rows of A_h sum to α + β − γ, not to one.
 
-The fast path never forms a T×T matrix for I or C: I·V = V, and C·V is the (cumulative, when causal)
+The fused path never forms a T×T matrix for I or C: I·V = V, and C·V is the (cumulative, when causal)
 mean of V over the visible keys, so only the softmax term goes through a fused attention kernel. The
 combination α·V + β·S − γ·C·V (S the softmax term) runs either as PyTorch ops or, with the ``"triton"``
 backend, as one Triton kernel forward and one backward (:mod:`siclip.blocks.shaped_kernels`).
+
+The explicit ``"math"`` path (chosen by ``"auto"`` for small inputs on a CPU without autograd) forms the
+softmax matrix anyway, so it shapes it in place, A = β·P + α·I − γ·C, and multiplies once: A·V.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .backends import resolve_backend, softmax_attention
+from .backends import apply_attention, attention_probs, needs_autograd, resolve_backend, softmax_attention
 from .masking import additive_mask, check_key_padding_mask, sdpa_mask
 
 
@@ -94,22 +97,28 @@ def shaped_attention(
         key_padding_mask: bool ``(batch, tokens)``, True for tokens to ignore.
         scale: logit scale, default ``1/√head_dim``.
         backend: ``"sdpa"`` (PyTorch ``scaled_dot_product_attention``), ``"xformers"`` (CUDA only,
-            falls back to SDPA with a warning), ``"math"`` (explicit softmax), ``"triton"`` (SDPA for the
-            softmax, Triton kernels for the combination; CUDA, or CPU under ``TRITON_INTERPRET=1``; falls
-            back to PyTorch ops with a warning) or ``"auto"`` (``"triton"`` on CUDA when Triton imports,
-            else ``"sdpa"``).
+            falls back to SDPA with a warning), ``"math"`` (the explicit matrix A, then A·V), ``"triton"``
+            (SDPA for the softmax, Triton kernels for the combination; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``; falls back to PyTorch ops with a warning) or ``"auto"`` (``"triton"``
+            on CUDA when Triton imports; ``"math"`` on a CPU without autograd while batch·heads·tokens²
+            is at most :data:`~siclip.blocks.backends.CPU_EXPLICIT_SCORES`; else ``"sdpa"``).
 
     Returns:
-        ``(batch, heads, tokens, head_dim)``.
+        ``(batch, heads, tokens, head_dim)``, laid out like ``v`` on the ``"math"`` path.
     """
     _check_qkv(q, k, v)
     batch, heads, tokens, _ = q.shape
     check_key_padding_mask(key_padding_mask, batch, tokens, causal)
     alpha, beta, gamma = (_head_gain(n, g, heads, v) for n, g in (("alpha", alpha), ("beta", beta), ("gamma", gamma)))
 
-    backend = resolve_backend(backend, q, key_padding_mask is not None)
+    autograd = needs_autograd(q, k, v, alpha, beta, gamma)
+    backend = resolve_backend(backend, q, key_padding_mask is not None, autograd)
     softmax_backend = "sdpa" if backend == "triton" else backend
     attn_mask, is_causal = sdpa_mask(key_padding_mask, causal, tokens)
+    if backend == "math":
+        probs = attention_probs(q, k, causal=is_causal, attn_mask=attn_mask, scale=scale)
+        matrix = _shape(probs, alpha, beta, gamma, causal=causal, key_padding_mask=key_padding_mask, inplace=not autograd)
+        return apply_attention(matrix, v)
     if attn_mask is not None and softmax_backend == "sdpa" and attn_mask.device != q.device:
         attn_mask = attn_mask.to(q.device)
     soft = softmax_attention(q, k, v, causal=is_causal, attn_mask=attn_mask, scale=scale, backend=softmax_backend)
@@ -128,6 +137,32 @@ def shaped_attention(
     centre = centred_values(v, causal=causal, key_padding_mask=key_padding_mask)
     # Two fused multiply-adds over the full tensor; γ·C·V is (batch, heads, 1, d) when bidirectional.
     return torch.addcmul(torch.addcmul(-gamma * centre, alpha, v), beta, soft)
+
+
+def _shape(
+    probs: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    gamma: Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: Tensor | None,
+    inplace: bool,
+) -> Tensor:
+    """A = β·P + α·I − γ·C from the softmax matrix P, gains ``(1, heads, 1, 1)``; in P's storage when ``inplace``
+    (allowed only without autograd: the softmax's backward reads P)."""
+    tokens = probs.shape[-1]
+    centre: Tensor | float = 1.0 / tokens  # bidirectional, unpadded: C is uniform
+    if causal or key_padding_mask is not None:
+        rows = 1 if key_padding_mask is None else probs.shape[0]
+        mask = additive_mask(rows, tokens, causal=causal, key_padding_mask=key_padding_mask, dtype=probs.dtype, device=probs.device)
+        centre = torch.softmax(mask, dim=-1)
+    if not inplace:
+        eye = torch.eye(tokens, dtype=probs.dtype, device=probs.device)
+        return beta * probs + alpha * eye - gamma * centre
+    matrix = probs.mul_(beta)
+    matrix.diagonal(dim1=-2, dim2=-1).add_(alpha[..., 0])  # (1, heads, 1) against the (batch, heads, tokens) diagonal
+    return matrix.sub_(gamma * centre)
 
 
 def shaped_attention_matrix(

@@ -15,6 +15,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .backends import needs_autograd, resolve_backend
 from .norms import create_norm
 from .sas import ShapedSelfAttention
 
@@ -99,9 +100,14 @@ class SASPBlock2d(nn.Module):
         The FFN's convolutions read BN(X) in the input's memory format: converting a channels-first map to
         tokens for them made the ConvFFN 1.5× slower at batch 1 on a CPU (benchmarks/RESULTS.md)."""
         normed = self.normed_map(x)
-        # Tokens with unit stride along channels: SDPA's fused kernels need it (a channels-first map's token
-        # view would send it to its math path), and the projections and the combination read it once.
-        tokens = rearrange(normed, "b c h w -> b (h w) c").contiguous()
+        tokens = rearrange(normed, "b c h w -> b (h w) c")
+        # SDPA's fused kernels need unit stride along channels (a channels-first map's token view would send
+        # them to their math path), so such tokens are copied once for them. The explicit path reads any
+        # layout and writes its output in the values' layout, so a channels-first map stays one, uncopied.
+        heads = rearrange(tokens, "b t (h d) -> b h t d", h=self.num_heads)
+        autograd = needs_autograd(normed, self.attn.q.weight, self.gain_attn)
+        if resolve_backend(self.attn.shaped.backend, heads, False, autograd) != "math":
+            tokens = tokens.contiguous()
         attention = rearrange(self.attn(tokens, gain=self.gain_attn), "b (h w) c -> b c h w", h=x.shape[-2])
         return attention, self.gain_mlp * self.ffn(normed)
 
