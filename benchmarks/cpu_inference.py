@@ -9,11 +9,6 @@ speedup is the geometric mean of per-round ratios with a 95 % bootstrap interval
 met when the whole interval clears it. The
 ``image stage 4`` row times the only part of the image encoders that differs (the two attention blocks on
 the 8×8 map, RepCPE before them), where a neighbour's load blurs less of the ratio.
-
-Subnormal floats are flushed to zero (``torch.set_flush_denormal``), as CPU inference usually runs. The
-models are randomly initialised, and SiCLIP's conversion folds MCi0's initial layer scale (1e-5) into fc2's
-weights; their products with GELU's far negative tail are then subnormal, which made fc2 twice as slow in
-SiCLIP's stage 4 and nowhere else: an artifact of the initialisation, not of either architecture.
 """
 
 from __future__ import annotations
@@ -37,7 +32,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    flushed = torch.set_flush_denormal(True)
     torch.manual_seed(0)
     models = {name: reparameterize_model(create_model(name).eval()) for name in NAMES}
     images = torch.rand(args.batch, 3, 256, 256)
@@ -67,8 +61,7 @@ def main() -> None:
             "met": met,
         })  # fmt: skip
     print(f"{datetime.date.today()}, {device_name('cpu')}, torch {torch.__version__}, batch {args.batch}, "
-          f"reparameterised, subnormals {'flushed' if flushed else 'NOT flushed (unsupported here)'}, "
-          f"{args.rounds} rounds (stage 4: {4 * args.rounds}); rates are medians, speedup the "
+          f"reparameterised, {args.rounds} rounds (stage 4: {4 * args.rounds}); rates are medians, speedup the "
           "geometric mean of per-round ratios with its 95 % bootstrap interval\n")  # fmt: skip
     print(to_markdown(rows))
 

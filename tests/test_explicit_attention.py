@@ -6,6 +6,7 @@ import torch
 
 from siclip.analysis.traffic import trace_traffic
 from siclip.blocks import Attention, SASPBlock2d, shaped_attention, shaped_attention_reference
+from siclip.blocks import backends
 from siclip.blocks.backends import CPU_EXPLICIT_SCORES, resolve_backend
 from siclip.models.fastvit import ConvFFN
 
@@ -93,3 +94,29 @@ def test_sasp_block2d_inference_keeps_the_map_layout(seed, memory_format):
     assert FLASH not in ops
     assert attention.is_contiguous(memory_format=memory_format)  # channels-first tokens were never copied
     torch.testing.assert_close(out, reference_sasp2d(block, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("causal,padded", MASKINGS)
+def test_a_batch_beyond_the_cache_runs_in_chunks(seed, causal, padded, monkeypatch):
+    """Sequences are independent, so a batch whose scores outgrow the cache runs a few sequences per call:
+    same values, V's layout kept, two products per chunk; the key-padding mask is sliced with the batch."""
+    monkeypatch.setattr(backends, "CPU_EXPLICIT_SCORES", 2 * 3 * 9 * 9)  # two sequences of 3 heads × 9 tokens
+    q, k, v, gains = _qkv_gains(batch=5)
+    head_dim_major = v.transpose(-2, -1).contiguous().transpose(-2, -1)
+    mask = padding_mask(5, 9) if padded else None
+    ref = shaped_attention_reference(q, k, v, *gains, causal=causal, key_padding_mask=mask)
+    with torch.no_grad():
+        ops = _ops(lambda: shaped_attention(q, k, v, *gains, causal=causal, key_padding_mask=mask))
+        for values in (v, head_dim_major):
+            out = shaped_attention(q, k, values, *gains, causal=causal, key_padding_mask=mask)
+            assert out.stride() == values.stride()
+            torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert ops.count("bmm") == 2 * 3  # QKᵀ and A·V for sequences 0–1, 2–3 and 4
+
+    attn = randomized(Attention(9, 3), seed, torch.float64)
+    x = torch.randn(5, 9, 9, dtype=torch.float64)
+    fused = attn(x, causal=causal, key_padding_mask=mask)
+    with torch.no_grad():
+        ops = _ops(lambda: attn(x, causal=causal, key_padding_mask=mask))
+        torch.testing.assert_close(attn(x, causal=causal, key_padding_mask=mask), fused, rtol=1e-12, atol=1e-12)
+    assert FLASH not in ops and ops.count("bmm") == 2 * 3

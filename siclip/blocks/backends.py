@@ -5,8 +5,8 @@ The xformers wheel on PyPI is built against the CUDA 12 runtime; beside a CUDA 1
 imports but its kernels fail at the first call. :func:`xformers_status` therefore runs one tiny kernel
 before xformers is ever used, and every caller falls back to SDPA with the reason in a warning.
 ``"auto"`` picks ``"triton"`` for CUDA tensors when Triton imports. On a CPU without autograd it picks the
-explicit ``"math"`` path while the T×T scores fit in a core's cache (:func:`explicit_is_faster`), and SDPA
-with PyTorch ops elsewhere.
+explicit ``"math"`` path, in chunks of sequences whose T×T scores fit in a core's cache
+(:func:`explicit_is_faster`), and SDPA with PyTorch ops elsewhere.
 """
 
 from __future__ import annotations
@@ -19,23 +19,42 @@ from torch import Tensor
 
 BACKENDS = ("auto", "sdpa", "xformers", "math", "triton")
 
-#: Most batch·heads·tokens² attention scores for which a CPU without autograd runs attention as explicit
-#: products: 1 MiB in float32, which stays in a core's 2 MiB L2 cache through the softmax and the shaping.
-#: There SDPA's fused CPU kernel costs 1.2–1.8× as much (batch 1, 16 heads, 64 tokens: 187 against 108 µs for
-#: shaped attention, 144 against 87 µs for softmax attention); at 4× this size the explicit path lost
+#: Most heads·tokens² attention scores per explicit call on a CPU without autograd: 1 MiB in float32, which
+#: stays in a core's 2 MiB L2 cache through the softmax and the shaping. A larger batch runs in chunks of
+#: sequences that fit. SDPA's fused CPU kernel costs 1.2–2.9× as much as these calls (shaped attention, 16
+#: heads × 64 tokens: 187 against 108 µs at batch 1, 3.6–7.3 against 2.5 ms at batch 32; causal, 8 heads ×
+#: 77 tokens: 12.8–14.4 against 8.7 ms at batch 64); one unchunked call over 4× this many scores lost to it
 #: (benchmarks/RESULTS.md, session 7).
 CPU_EXPLICIT_SCORES = 2**18
 
 
-def needs_autograd(*tensors: Tensor | float) -> bool:
+def needs_autograd(*tensors: Tensor | float | None) -> bool:
     """Whether autograd will record an operation on these inputs (grad mode on, one of them requiring grad)."""
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
-def explicit_is_faster(device: torch.device, scores: int, autograd: bool) -> bool:
-    """Whether attention with ``scores`` = batch·heads·tokens² entries should run as explicit products:
-    on a CPU, without autograd (SDPA's backward keeps no T×T matrix), while the scores fit in cache."""
-    return device.type == "cpu" and not autograd and scores <= CPU_EXPLICIT_SCORES
+def explicit_is_faster(device: torch.device, heads: int, tokens: int, autograd: bool) -> bool:
+    """Whether attention should run as explicit products: on a CPU, without autograd (SDPA's backward keeps
+    no T×T matrix), when one sequence's heads·tokens² scores fit in cache (:data:`CPU_EXPLICIT_SCORES`)."""
+    return device.type == "cpu" and not autograd and heads * tokens * tokens <= CPU_EXPLICIT_SCORES
+
+
+def in_cached_chunks(fn, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, split: bool) -> Tensor:
+    """``fn(q, k, v, mask)`` over ``(batch, heads, tokens, ·)`` inputs; with ``split``, over as many sequences
+    per call as keep the scores within :data:`CPU_EXPLICIT_SCORES`. ``mask`` is sliced with the batch unless
+    it broadcasts over it. A split output is laid out like ``v``."""
+    batch, heads, tokens = q.shape[:3]
+    chunk = max(1, CPU_EXPLICIT_SCORES // (heads * tokens * tokens))
+    if not split or batch <= chunk:
+        return fn(q, k, v, mask)
+    out = None
+    for start in range(0, batch, chunk):
+        rows = slice(start, start + chunk)
+        part = fn(q[rows], k[rows], v[rows], mask if mask is None or mask.shape[0] == 1 else mask[rows])
+        if out is None:
+            out = torch.empty_like(v, dtype=part.dtype)
+        out[rows] = part
+    return out
 
 
 @functools.cache
@@ -105,8 +124,8 @@ def resolve_backend(backend: str, x: Tensor, has_padding: bool, autograd: bool =
     if backend == "auto":
         if x.device.type == "cuda" and triton_status()[0]:
             return "triton"
-        batch, heads, tokens, _ = x.shape
-        return "math" if explicit_is_faster(x.device, batch * heads * tokens * tokens, autograd) else "sdpa"
+        _, heads, tokens, _ = x.shape
+        return "math" if explicit_is_faster(x.device, heads, tokens, autograd) else "sdpa"
     if backend == "triton":
         usable, reason = triton_runs_on(x)
         if not usable:
@@ -151,7 +170,12 @@ def softmax_attention(
         )
         return out.transpose(1, 2)
     if backend == "math":
-        return apply_attention(attention_probs(q, k, causal=causal, attn_mask=attn_mask, scale=scale), v)
+
+        def explicit(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+            return apply_attention(attention_probs(q, k, causal=causal, attn_mask=attn_mask, scale=scale), v)
+
+        split = q.device.type == "cpu" and not needs_autograd(q, k, v)
+        return in_cached_chunks(explicit, q, k, v, attn_mask, split=split)
     # SDPA's fused kernels (flash, memory-efficient; CPU and CUDA) need a unit stride along head_dim and
     # otherwise fall back to its math path, which writes the T×T matrix. A strided input, such as values
     # taken straight from a channels-first map, is copied once instead.

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .backends import apply_attention, attention_probs, needs_autograd, resolve_backend, softmax_attention
+from .backends import apply_attention, attention_probs, in_cached_chunks, needs_autograd, resolve_backend, softmax_attention
 from .masking import additive_mask, check_key_padding_mask, sdpa_mask
 
 
@@ -100,8 +100,8 @@ def shaped_attention(
             falls back to SDPA with a warning), ``"math"`` (the explicit matrix A, then A·V), ``"triton"``
             (SDPA for the softmax, Triton kernels for the combination; CUDA, or CPU under
             ``TRITON_INTERPRET=1``; falls back to PyTorch ops with a warning) or ``"auto"`` (``"triton"``
-            on CUDA when Triton imports; ``"math"`` on a CPU without autograd while batch·heads·tokens²
-            is at most :data:`~siclip.blocks.backends.CPU_EXPLICIT_SCORES`; else ``"sdpa"``).
+            on CUDA when Triton imports; ``"math"`` on a CPU without autograd while heads·tokens² is at
+            most :data:`~siclip.blocks.backends.CPU_EXPLICIT_SCORES`, in chunks of the batch; else ``"sdpa"``).
 
     Returns:
         ``(batch, heads, tokens, head_dim)``, laid out like ``v`` on the ``"math"`` path.
@@ -113,12 +113,17 @@ def shaped_attention(
 
     autograd = needs_autograd(q, k, v, alpha, beta, gamma)
     backend = resolve_backend(backend, q, key_padding_mask is not None, autograd)
+    if backend == "math":
+
+        def explicit(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+            attn_mask, is_causal = sdpa_mask(key_padding_mask, causal, tokens)
+            probs = attention_probs(q, k, causal=is_causal, attn_mask=attn_mask, scale=scale)
+            shaped = _shape(probs, alpha, beta, gamma, causal=causal, key_padding_mask=key_padding_mask, inplace=not autograd)
+            return apply_attention(shaped, v)
+
+        return in_cached_chunks(explicit, q, k, v, key_padding_mask, split=not autograd and q.device.type == "cpu")
     softmax_backend = "sdpa" if backend == "triton" else backend
     attn_mask, is_causal = sdpa_mask(key_padding_mask, causal, tokens)
-    if backend == "math":
-        probs = attention_probs(q, k, causal=is_causal, attn_mask=attn_mask, scale=scale)
-        matrix = _shape(probs, alpha, beta, gamma, causal=causal, key_padding_mask=key_padding_mask, inplace=not autograd)
-        return apply_attention(matrix, v)
     if attn_mask is not None and softmax_backend == "sdpa" and attn_mask.device != q.device:
         attn_mask = attn_mask.to(q.device)
     soft = softmax_attention(q, k, v, causal=is_causal, attn_mask=attn_mask, scale=scale, backend=softmax_backend)
