@@ -34,6 +34,7 @@ from siclip.eval import evaluate_embedded
 from siclip.train import DataConfig, TrainConfig, train
 from siclip.train.presets import WORLD_DATA, WORLD_IMAGE_LR_SCALE, WORLD_MODEL, WORLD_TEXT_FROZEN_FRACTION
 from siclip.train.snapshots import student_from_checkpoint
+from siclip.train.malloc import keep_freed_memory
 
 TEACHER_WORLD, STUDENT_WORLD = 0, 1
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--seeds", type=int, help="override the preset's number of seeds")
     args = parser.parse_args(argv)
+    keep_freed_memory()
     p = PRESETS[args.preset]
     if args.seeds:
         p = dataclasses.replace(p, seeds=args.seeds)

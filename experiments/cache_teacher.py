@@ -18,6 +18,7 @@ from siclip.data import AugmentConfig, EmbeddedConfig, build_teacher_cache, crea
 from siclip.data.tokenizer import tokenizer_for
 from siclip.distill import FrozenTeacher
 from siclip.models import load_model
+from siclip.train.malloc import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     args = parser.parse_args(argv)
+    keep_freed_memory()
     loaded, spec = load_model(args.teacher)
     model = FrozenTeacher(loaded).model
     if args.tokenizer is None:

@@ -23,6 +23,7 @@ from siclip.analysis.benchmark import device_name, encoder_throughput, to_markdo
 from siclip.models import load_checkpoint, reparameterize_model
 from siclip.train import train
 from siclip.train.presets import PRESETS
+from siclip.train.malloc import keep_freed_memory
 
 
 def inference_rates(models: dict, *, batch: int = 64, rounds: int = 5) -> dict[str, dict[str, float]]:
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--timing-rounds", type=int, default=5, help="interleaved rounds of the inference timing (median)")
     args = parser.parse_args(argv)
+    keep_freed_memory()
     started = time.perf_counter()
     teacher_config, student_config = PRESETS["demo"], PRESETS["demo-student"]
     teacher_dir, student_dir = args.out / "demo", args.out / "demo_student"

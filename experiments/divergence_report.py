@@ -32,6 +32,7 @@ from siclip.train.inputs import prepare_run
 from siclip.train.loop import build_data
 from siclip.train.presets import PRESETS
 from siclip.train.snapshots import train_with_snapshots
+from siclip.train.malloc import keep_freed_memory
 
 
 def trajectory(preset: str, snapshots: int, captions: int, images: int, out: Path, run_dir: Path) -> int:
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("runs/reports"))
     args = parser.parse_args(argv)
+    keep_freed_memory()
     if args.preset:
         if args.snapshots < 2:
             parser.error("--snapshots must be at least 2 (the start and the end of the run)")

@@ -24,6 +24,7 @@ from siclip.data import SampleError
 from siclip.data.tokenizer import tokenizer_for
 from siclip.eval import run_benchmarks
 from siclip.models import load_model
+from siclip.train.malloc import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda:1', …")
     args = parser.parse_args(argv)
+    keep_freed_memory()
     if args.zeroshot is None and args.retrieval is None:
         parser.error("nothing to evaluate: give --zeroshot and/or --retrieval")
     if args.classnames is not None and args.zeroshot is None:

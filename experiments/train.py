@@ -31,6 +31,7 @@ from siclip.distill import ObjectiveConfig
 from siclip.train import CheckpointError, NonFiniteLoss, RunDirectoryBusy, TrainConfig, TrainingInterrupted, train
 from siclip.train.presets import PRESETS
 from siclip.train.step import check_tower_names
+from siclip.train.malloc import keep_freed_memory
 
 
 def tower_values(kind):
@@ -133,6 +134,7 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse(argv)
+    keep_freed_memory()
     try:
         summary = train(config, resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as stopped:
