@@ -16,9 +16,12 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-# Per item, CPU inference slows down beyond a few images (or some 64 texts) per call: a large batch's activations
-# leave the caches and every elementwise pass goes to memory. MobileCLIP-S0 on a 2-core VM: 28 ms per image at
-# batch 1–4, 92 ms at 64; 14 ms per text up to 64, 21 ms at 512 (benchmarks/RESULTS.md). A GPU wants the batch whole.
+# Per item, CPU inference is fastest at a few images (or some 64 texts) per call. Mostly because glibc's malloc
+# unmaps a large batch's activations after each pass and faults them in again on the next: MobileCLIP-S0 on a
+# 2-core VM took 28 ms per image at batch 4 and 72 ms at 64 with its defaults, 20 and 23 ms with
+# siclip.train.malloc.keep_freed_memory (which the command-line scripts call); texts 12.5 against 14.5 ms at 64
+# and 256, 11.2 and 11.1 ms. Chunks of 4 images and 64 texts are the fastest either way (benchmarks/RESULTS.md,
+# session 7). A GPU wants the batch whole.
 CPU_CHUNK = {"image": 4, "text": 64}
 
 
