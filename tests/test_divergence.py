@@ -109,6 +109,7 @@ def test_image_attention_divergences(seed):
     torch.testing.assert_close(image_divergences(teacher, images)["attention_per_head"][0, 1], manual)
 
 
+@torch.no_grad()  # as image_divergences runs the model: CPU inference takes the explicit attention path
 def _stage_probabilities(model, images):
     """The attention rows of both image blocks, read by running the stage block by block."""
     visual = model.visual
