@@ -53,8 +53,11 @@ def test_load_model_detects_both_formats(apple_file, tmp_path, seed):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match=r"junk\.pt: not a loadable weights file"):
         load_model(tmp_path / "junk.pt")
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(FileNotFoundError, match="nope.pt") as missing:
         load_model(tmp_path / "nope.pt")
+    assert "registered architecture" not in str(missing.value)
+    with pytest.raises(FileNotFoundError, match=r"siclip_s0 names a registered architecture.*trained checkpoint"):
+        load_model("siclip_s0")  # what a new user tries first with evaluate.py --model
 
 
 def test_broken_apple_file_names_keys_as_in_the_file(apple_file, tmp_path):

@@ -198,11 +198,15 @@ def is_apple_layout(payload) -> bool:
 def load_model(path: str | Path, *, model: str = "mobileclip_s0") -> tuple[CLIP, dict | None]:
     """``(model, tokenizer spec saved with it or None)`` from a siclip checkpoint or a file in Apple's
     ``mobileclip_s0.pt`` layout (built as the registered config ``model``); the format is detected."""
-    from .factory import load_checkpoint
+    from .factory import list_models, load_checkpoint
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+        hint = ""
+        if str(path) in list_models():  # an architecture's name, not trained weights
+            hint = (f" ({path} names a registered architecture, whose fresh weights have nothing to evaluate: pass a "
+                    "trained checkpoint, e.g. runs/<run>/model.pt, or Apple's mobileclip_s0.pt)")  # fmt: skip
+        raise FileNotFoundError(f"model file not found: {path}{hint}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a pickle with code in it, a truncated or foreign file
