@@ -57,6 +57,8 @@ def test_autograd_or_many_scores_keep_sdpa(seed):
     assert resolve_backend("auto", torch.empty(1, 1, edge + 1, 4), False, autograd=False) == "sdpa"
     assert resolve_backend("auto", torch.empty(1, 1, 8, 4), False, autograd=True) == "sdpa"
     assert resolve_backend("sdpa", torch.empty(1, 1, 8, 4), False, autograd=False) == "sdpa"  # named: obeyed
+    # half precision keeps SDPA, whose kernel runs the softmax in float32
+    assert resolve_backend("auto", torch.empty(1, 1, 8, 4, dtype=torch.bfloat16), False, autograd=False) == "sdpa"
 
 
 def test_head_dim_major_values_give_head_dim_major_output(seed):

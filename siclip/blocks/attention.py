@@ -36,6 +36,6 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
         attn_mask, is_causal = sdpa_mask(key_padding_mask, causal, tokens)
         autograd = needs_autograd(x, self.qkv.weight)
-        fused = self.fused_attn and not explicit_is_faster(x.device, self.num_heads, tokens, autograd)
+        fused = self.fused_attn and not explicit_is_faster(x, self.num_heads, tokens, autograd)
         out = softmax_attention(q, k, v, causal=is_causal, attn_mask=attn_mask, scale=None, backend="sdpa" if fused else "math")
         return self.proj(rearrange(out, "b h t d -> b t (h d)"))

@@ -33,10 +33,13 @@ def needs_autograd(*tensors: Tensor | float | None) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
-def explicit_is_faster(device: torch.device, heads: int, tokens: int, autograd: bool) -> bool:
-    """Whether attention should run as explicit products: on a CPU, without autograd (SDPA's backward keeps
-    no T×T matrix), when one sequence's heads·tokens² scores fit in cache (:data:`CPU_EXPLICIT_SCORES`)."""
-    return device.type == "cpu" and not autograd and heads * tokens * tokens <= CPU_EXPLICIT_SCORES
+def explicit_is_faster(x: Tensor, heads: int, tokens: int, autograd: bool) -> bool:
+    """Whether attention on input ``x`` should run as explicit products: on a CPU, without autograd (SDPA's
+    backward keeps no T×T matrix), in float32 or float64 (SDPA's kernel keeps a half-precision softmax in
+    float32; the explicit one would not), when one sequence's heads·tokens² scores fit in cache
+    (:data:`CPU_EXPLICIT_SCORES`)."""
+    full_precision = x.dtype in (torch.float32, torch.float64)
+    return x.device.type == "cpu" and full_precision and not autograd and heads * tokens * tokens <= CPU_EXPLICIT_SCORES
 
 
 def in_cached_chunks(fn, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, split: bool) -> Tensor:
@@ -125,7 +128,7 @@ def resolve_backend(backend: str, x: Tensor, has_padding: bool, autograd: bool =
         if x.device.type == "cuda" and triton_status()[0]:
             return "triton"
         _, heads, tokens, _ = x.shape
-        return "math" if explicit_is_faster(x.device, heads, tokens, autograd) else "sdpa"
+        return "math" if explicit_is_faster(x, heads, tokens, autograd) else "sdpa"
     if backend == "triton":
         usable, reason = triton_runs_on(x)
         if not usable:
