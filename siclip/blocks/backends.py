@@ -42,13 +42,13 @@ def explicit_is_faster(x: Tensor, heads: int, tokens: int, autograd: bool) -> bo
     return x.device.type == "cpu" and full_precision and not autograd and heads * tokens * tokens <= CPU_EXPLICIT_SCORES
 
 
-def in_cached_chunks(fn, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, split: bool) -> Tensor:
-    """``fn(q, k, v, mask)`` over ``(batch, heads, tokens, ·)`` inputs; with ``split``, over as many sequences
-    per call as keep the scores within :data:`CPU_EXPLICIT_SCORES`. ``mask`` is sliced with the batch unless
-    it broadcasts over it. A split output is laid out like ``v``."""
+def in_cached_chunks(fn, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, autograd: bool) -> Tensor:
+    """``fn(q, k, v, mask)`` over ``(batch, heads, tokens, ·)`` inputs; on a CPU without autograd, over as many
+    sequences per call as keep the scores within :data:`CPU_EXPLICIT_SCORES` (whole otherwise). ``mask`` is
+    sliced with the batch unless it broadcasts over it. A split output is laid out like ``v``."""
     batch, heads, tokens = q.shape[:3]
     chunk = max(1, CPU_EXPLICIT_SCORES // (heads * tokens * tokens))
-    if not split or batch <= chunk:
+    if autograd or q.device.type != "cpu" or batch <= chunk:
         return fn(q, k, v, mask)
     out = None
     for start in range(0, batch, chunk):
@@ -177,8 +177,7 @@ def softmax_attention(
         def explicit(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
             return apply_attention(attention_probs(q, k, causal=causal, attn_mask=attn_mask, scale=scale), v)
 
-        split = q.device.type == "cpu" and not needs_autograd(q, k, v)
-        return in_cached_chunks(explicit, q, k, v, attn_mask, split=split)
+        return in_cached_chunks(explicit, q, k, v, attn_mask, autograd=needs_autograd(q, k, v))
     # SDPA's fused kernels (flash, memory-efficient; CPU and CUDA) need a unit stride along head_dim and
     # otherwise fall back to its math path, which writes the T×T matrix. A strided input, such as values
     # taken straight from a channels-first map, is copied once instead.

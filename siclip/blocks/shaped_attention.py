@@ -121,7 +121,7 @@ def shaped_attention(
             shaped = _shape(probs, alpha, beta, gamma, causal=causal, key_padding_mask=key_padding_mask, inplace=not autograd)
             return apply_attention(shaped, v)
 
-        return in_cached_chunks(explicit, q, k, v, key_padding_mask, split=not autograd and q.device.type == "cpu")
+        return in_cached_chunks(explicit, q, k, v, key_padding_mask, autograd=autograd)
     softmax_backend = "sdpa" if backend == "triton" else backend
     attn_mask, is_causal = sdpa_mask(key_padding_mask, causal, tokens)
     if attn_mask is not None and softmax_backend == "sdpa" and attn_mask.device != q.device:
