@@ -32,9 +32,9 @@ from siclip.data import EmbeddedConfig
 from siclip.data.tokenizer import tokenizer_for
 from siclip.eval import evaluate_embedded
 from siclip.train import DataConfig, TrainConfig, train
+from siclip.train.malloc import keep_freed_memory
 from siclip.train.presets import WORLD_DATA, WORLD_IMAGE_LR_SCALE, WORLD_MODEL, WORLD_TEXT_FROZEN_FRACTION
 from siclip.train.snapshots import student_from_checkpoint
-from siclip.train.malloc import keep_freed_memory
 
 TEACHER_WORLD, STUDENT_WORLD = 0, 1
 

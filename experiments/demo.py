@@ -22,8 +22,8 @@ import torch
 from siclip.analysis.benchmark import device_name, encoder_throughput, to_markdown
 from siclip.models import load_checkpoint, reparameterize_model
 from siclip.train import train
-from siclip.train.presets import PRESETS
 from siclip.train.malloc import keep_freed_memory
+from siclip.train.presets import PRESETS
 
 
 def inference_rates(models: dict, *, batch: int = 64, rounds: int = 5) -> dict[str, dict[str, float]]:

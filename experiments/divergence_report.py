@@ -30,9 +30,9 @@ from siclip.data import EmbeddedConfig, EmbeddedSource, create_tokenizer
 from siclip.models import create_model, get_model_config, load_checkpoint
 from siclip.train.inputs import prepare_run
 from siclip.train.loop import build_data
+from siclip.train.malloc import keep_freed_memory
 from siclip.train.presets import PRESETS
 from siclip.train.snapshots import train_with_snapshots
-from siclip.train.malloc import keep_freed_memory
 
 
 def trajectory(preset: str, snapshots: int, captions: int, images: int, out: Path, run_dir: Path) -> int:

@@ -29,9 +29,9 @@ import sys
 from siclip.data import AugmentConfig, TooManySkipped
 from siclip.distill import ObjectiveConfig
 from siclip.train import CheckpointError, NonFiniteLoss, RunDirectoryBusy, TrainConfig, TrainingInterrupted, train
+from siclip.train.malloc import keep_freed_memory
 from siclip.train.presets import PRESETS
 from siclip.train.step import check_tower_names
-from siclip.train.malloc import keep_freed_memory
 
 
 def tower_values(kind):
