@@ -1,0 +1,16 @@
+"""Hugging Face transformers in siclip: block converters, attention readers, the CLIP adapter and its preprocessing.
+
+Imported by siclip's registries the first time they meet a transformers object (never by siclip otherwise).
+"""
+
+from __future__ import annotations
+
+import transformers  # noqa: F401  (this module exists for this library; siclip.blocks.registry imports it lazily)
+
+# ── block converters (SAS-P) ─────────────────────────────────────────────────────────────────────────────────────
+
+
+# ── attention readers (divergence) ───────────────────────────────────────────────────────────────────────────────
+
+
+# ── CLIP adapter: teachers and evaluation, preprocessing ─────────────────────────────────────────────────────────
