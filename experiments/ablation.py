@@ -25,59 +25,10 @@ import time
 from pathlib import Path
 
 from siclip.analysis.ablation import (
-    CAPTIONS, CLIP_ONLY, PRESETS, ROWS, SHARING, AblationPreset, Row, load_outcomes, markdown_tables, plot_curves, plot_rows,
-    save_outcomes, summarize, write_tables,
+    PRESETS, ROWS, load_outcomes, markdown_tables, plot_curves, plot_rows, run_and_evaluate, student_config, summarize,
+    teacher_config, write_tables,
 )  # fmt: skip
-from siclip.data import EmbeddedConfig
-from siclip.data.tokenizer import tokenizer_for
-from siclip.eval import evaluate_embedded
-from siclip.train import DataConfig, TrainConfig, train
 from siclip.train.malloc import keep_freed_memory
-from siclip.train.presets import WORLD_DATA, WORLD_IMAGE_LR_SCALE, WORLD_MODEL, WORLD_TEXT_FROZEN_FRACTION
-from siclip.train.snapshots import student_from_checkpoint
-
-TEACHER_WORLD, STUDENT_WORLD = 0, 1
-
-
-def common(p: AblationPreset) -> dict:
-    return dict(warmup_steps=p.warmup_steps, log_every=5, checkpoint_every=50, evaluate=False)
-
-
-def world_data(p: AblationPreset, **fields) -> DataConfig:
-    """The demo's embedded-world data recipe (shape twins, no crops) at the preset's batch size."""
-    return DataConfig(**{**WORLD_DATA, "batch_size": p.batch, **fields})
-
-
-def world_model(p: AblationPreset) -> dict:
-    return {**WORLD_MODEL, "image": {**WORLD_MODEL["image"], "image_size": p.image_size}}
-
-
-def teacher_config(p: AblationPreset, out: Path, workers: int) -> TrainConfig:
-    """The teacher learns as the demo's does: image tower at a higher lr, text tower still for the first third."""
-    data = world_data(p, num_train=p.teacher_samples, p_synthetic=p.teacher_p_synthetic, workers=workers, seed=TEACHER_WORLD)
-    steps = p.teacher_epochs * (p.teacher_samples // p.batch)
-    return TrainConfig(model="mobileclip_tiny", model_overrides=world_model(p), out_dir=str(out), epochs=p.teacher_epochs, lr=p.teacher_lr,
-                       tower_lr_scale={"image": WORLD_IMAGE_LR_SCALE}, tower_frozen_steps={"text": int(steps * WORLD_TEXT_FROZEN_FRACTION)},
-                       objective=CLIP_ONLY, data=data, **common(p))  # fmt: skip
-
-
-def student_config(p: AblationPreset, row: Row, seed: int, teacher: Path, out: Path, workers: int) -> TrainConfig:
-    overrides = {**world_model(p), "siclip": {**SHARING[row.sharing], "convert": list(row.convert)}}
-    data = world_data(p, num_train=p.student_samples, p_synthetic=CAPTIONS[row.captions], workers=workers, seed=STUDENT_WORLD)
-    return TrainConfig(model="siclip_tiny", model_overrides=overrides, out_dir=str(out), teacher=str(teacher) if row.inherit else None,
-                       epochs=p.student_epochs, lr=p.student_lr, objective=row.objective, data=data, seed=seed, **common(p))  # fmt: skip
-
-
-def run_and_evaluate(config: TrainConfig, p: AblationPreset) -> dict:
-    """Train (resuming), evaluate on the shared items, save ``outcomes.npz``; returns the run summary."""
-    out = Path(config.out_dir)
-    if not (out / "outcomes.npz").exists():
-        train(config, resume=True, progress=False)
-        model = student_from_checkpoint(config).eval()  # model.pt cannot rebuild a plan chosen by divergence
-        tokenizer = tokenizer_for(model.config.text)  # the model's own (the embedded world's words for the tiny models)
-        world = EmbeddedConfig(seed=TEACHER_WORLD, zero_shot_per_class=p.eval_per_class, num_test=p.eval_images)
-        save_outcomes(evaluate_embedded(model, tokenizer, world, retrieval_images=p.eval_images, per_item=True), out / "outcomes.npz")
-    return json.loads((out / "summary.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:

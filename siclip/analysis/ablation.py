@@ -25,7 +25,13 @@ import pandas as pd
 
 from siclip.analysis.figures import pyplot, save_figure
 from siclip.analysis.stats import estimate, paired_difference
+from siclip.data import EmbeddedConfig
+from siclip.data.tokenizer import tokenizer_for
 from siclip.distill import ObjectiveConfig
+from siclip.eval import evaluate_embedded
+from siclip.train import DataConfig, TrainConfig, train
+from siclip.train.presets import WORLD_DATA, WORLD_IMAGE_LR_SCALE, WORLD_MODEL, WORLD_TEXT_FROZEN_FRACTION
+from siclip.train.snapshots import student_from_checkpoint
 
 CLIP_ONLY = ObjectiveConfig(feature=0, relation=0, interactive=0, pair_matching=0)
 METRICS = {"zeroshot_top1": "zero-shot top-1", "zeroshot_top5": "zero-shot top-5",
@@ -68,7 +74,12 @@ PRESETS = {
 
 @dataclass(frozen=True)
 class Row:
-    """One ablation row: the method, the student's captions, its sharing plan and the towers converted."""
+    """One ablation row: the method, the student's captions, its sharing plan and the towers converted.
+
+    The teacher takes part when the row inherits from it (WI) or distils from it (``objective.needs_teacher``):
+    ``inherit=False`` with a distilling objective is KD from scratch. ``freeze="none"`` trains the inherited
+    parts too, at ``inherited_lr_scale`` × the lr.
+    """
 
     name: str
     inherit: bool  # weight inheritance from the teacher (WI)
@@ -76,10 +87,18 @@ class Row:
     captions: str = "synthetic"
     sharing: str = "adjacent"
     convert: tuple[str, ...] = ("text",)
+    image_sharing: str = "adjacent"  # the image tower's attention blocks (when converted): W_Q, W_K shared, or "none"
+    freeze: str = "inherited"
+    inherited_lr_scale: float = 1.0
+    num_synthetic: int = 5  # synthetic captions per training image
 
     @property
     def slug(self) -> str:
-        return self.name.replace("+", "plus_").replace(" ", "_").replace(",", "")
+        return self.name.replace("+", "plus_").replace(" ", "_").replace(",", "").replace("×", "x").replace("(", "").replace(")", "")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.inherit or self.objective.needs_teacher
 
 
 ANCHOR = "+WIKD+PM"
@@ -126,12 +145,13 @@ def load_outcomes(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def summarize(runs: dict[str, list[Path]], parameters: dict[str, dict], *, resamples: int = 2000) -> tuple[pd.DataFrame, pd.DataFrame]:
+def summarize(runs: dict[str, list[Path]], parameters: dict[str, dict], *, resamples: int = 2000,
+              comparisons: list[tuple[str, str, str]] = COMPARISONS) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """``(rows, differences)`` tables from finished runs.
 
     ``runs[row]`` lists the run directories of the row's seeds in seed order (each with ``outcomes.npz``);
-    rows: per metric mean, std, 95 % interval (fractions); differences: each of :data:`COMPARISONS`
-    whose two rows both ran, paired by seed and item.
+    rows: per metric mean, std, 95 % interval (fractions); differences: each of ``comparisons`` (``(a, b,
+    meaning)``: a − b) whose two rows both ran, paired by seed and item.
     """
     outcomes = {row: [load_outcomes(Path(d) / "outcomes.npz") for d in dirs] for row, dirs in runs.items() if dirs}
     stacked = {row: {m: np.stack([o[m] for o in seeds]) for m in METRICS} for row, seeds in outcomes.items()}
@@ -143,7 +163,7 @@ def summarize(runs: dict[str, list[Path]], parameters: dict[str, dict], *, resam
             record |= {f"{metric}": e.mean, f"{metric}_std": e.std, f"{metric}_low": e.low, f"{metric}_high": e.high}
         records.append(record)
     differences = []
-    for a, b, meaning in COMPARISONS:
+    for a, b, meaning in comparisons:
         if a not in stacked or b not in stacked:
             continue
         seeds = min(len(outcomes[a]), len(outcomes[b]))  # paired seed by seed
@@ -221,3 +241,54 @@ def plot_rows(rows: pd.DataFrame, path: Path, metric: str = "zeroshot_top1") -> 
 
 def preset_record(preset: AblationPreset) -> str:
     return json.dumps(dataclasses.asdict(preset))
+
+
+# ── running a study: the teacher, the students, their evaluation on shared items ─────────────────────────────────
+
+TEACHER_WORLD, STUDENT_WORLD = 0, 1
+
+
+def _common(p: AblationPreset) -> dict:
+    return dict(warmup_steps=p.warmup_steps, log_every=5, checkpoint_every=50, evaluate=False)
+
+
+def world_data(p: AblationPreset, **fields) -> DataConfig:
+    """The demo's embedded-world data recipe (shape twins, no crops) at the preset's batch size."""
+    return DataConfig(**{**WORLD_DATA, "batch_size": p.batch, **fields})
+
+
+def world_model(p: AblationPreset) -> dict:
+    return {**WORLD_MODEL, "image": {**WORLD_MODEL["image"], "image_size": p.image_size}}
+
+
+def teacher_config(p: AblationPreset, out: Path, workers: int) -> TrainConfig:
+    """The teacher learns as the demo's does: image tower at a higher lr, text tower still for the first third."""
+    data = world_data(p, num_train=p.teacher_samples, p_synthetic=p.teacher_p_synthetic, workers=workers, seed=TEACHER_WORLD)
+    steps = p.teacher_epochs * (p.teacher_samples // p.batch)
+    return TrainConfig(model="mobileclip_tiny", model_overrides=world_model(p), out_dir=str(out), epochs=p.teacher_epochs, lr=p.teacher_lr,
+                       tower_lr_scale={"image": WORLD_IMAGE_LR_SCALE}, tower_frozen_steps={"text": int(steps * WORLD_TEXT_FROZEN_FRACTION)},
+                       objective=CLIP_ONLY, data=data, **_common(p))  # fmt: skip
+
+
+def student_config(p: AblationPreset, row: Row, seed: int, teacher: Path, out: Path, workers: int, *,
+                   samples: int | None = None, epochs: int | None = None) -> TrainConfig:  # fmt: skip
+    """A SiCLIP-tiny student of ``row`` on the second world (``samples`` pairs, ``epochs``: the preset's by default)."""
+    siclip = {**SHARING[row.sharing], "convert": list(row.convert), "image_sharing": row.image_sharing, "freeze": row.freeze}
+    data = world_data(p, num_train=samples or p.student_samples, p_synthetic=CAPTIONS[row.captions], workers=workers, seed=STUDENT_WORLD,
+                      num_synthetic=row.num_synthetic)  # fmt: skip
+    return TrainConfig(model="siclip_tiny", model_overrides={**world_model(p), "siclip": siclip}, out_dir=str(out),
+                       teacher=str(teacher) if row.uses_teacher else None, inherit=row.inherit, inherited_lr_scale=row.inherited_lr_scale,
+                       epochs=epochs or p.student_epochs, lr=p.student_lr, objective=row.objective, data=data, seed=seed, **_common(p))  # fmt: skip
+
+
+def run_and_evaluate(config: TrainConfig, p: AblationPreset) -> dict:
+    """Train (resuming), evaluate on the shared items (world 0's held-out splits), save ``outcomes.npz``; returns
+    the run summary. A run whose ``outcomes.npz`` exists is finished and only read."""
+    out = Path(config.out_dir)
+    if not (out / "outcomes.npz").exists():
+        train(config, resume=True, progress=False)
+        model = student_from_checkpoint(config).eval()  # model.pt cannot rebuild a plan chosen by divergence
+        tokenizer = tokenizer_for(model.config.text)  # the model's own (the embedded world's words for the tiny models)
+        world = EmbeddedConfig(seed=TEACHER_WORLD, zero_shot_per_class=p.eval_per_class, num_test=p.eval_images)
+        save_outcomes(evaluate_embedded(model, tokenizer, world, retrieval_images=p.eval_images, per_item=True), out / "outcomes.npz")
+    return json.loads((out / "summary.json").read_text())

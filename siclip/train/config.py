@@ -11,6 +11,7 @@ from siclip.distill import ObjectiveConfig
 class DataConfig:
     source: str = "embedded"  # "embedded", a shard directory/pattern, or a .csv/.tsv file (any case)
     num_train: int = 2000  # embedded world only
+    num_synthetic: int = 5  # embedded world only: synthetic captions per image
     seed: int = 0  # embedded world only
     p_synthetic: float = 0.5
     shape_twins: bool = False  # embedded world only: batch every scene with its shape twin (EmbeddedConfig.shape_twins)
@@ -36,6 +37,10 @@ class TrainConfig:
     model: str = "mobileclip_tiny"
     model_overrides: dict = field(default_factory=dict)  # e.g. {"siclip": {"sharing": "optimal", "sharing_max_groups": 2}}
     teacher: str | None = None  # checkpoint: the student inherits from it (SiCLIP) and distils from it
+    inherit: bool = True  # a SiCLIP student inherits the teacher's weights (WI); False: built from scratch, the teacher only distils
+    # Learning-rate factor of the inherited parameters a student trains (SiCLIPConfig.freeze="none"): they start
+    # where the teacher left them, so a lower lr keeps them near it while the new SAS-P blocks learn at full lr.
+    inherited_lr_scale: float = 1.0
     teacher_model: str = "mobileclip_s0"  # the registered config a teacher file in Apple's layout is built as
     out_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)

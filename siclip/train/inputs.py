@@ -42,7 +42,8 @@ def open_training_source(config: TrainConfig, image_size: int):
     csv = {"image_key": data.image_key, "caption_key": data.caption_key, "synthetic_keys": list(data.synthetic_keys)}
     if data.shape_twins and data.source != "embedded":
         raise ValueError(f"shape_twins is a property of the embedded world; the training data is {data.source!r}")
-    embedded = EmbeddedConfig(seed=data.seed, num_train=data.num_train, image_size=image_size, shape_twins=data.shape_twins)
+    embedded = EmbeddedConfig(seed=data.seed, num_train=data.num_train, image_size=image_size, shape_twins=data.shape_twins,
+                              num_synthetic=data.num_synthetic)
     return open_source(data.source, embedded, **csv)
 
 
@@ -133,7 +134,7 @@ def prepare_run(config: TrainConfig, model_config: ModelConfig, *, rank: int = 0
 
     A student that inherits from a teacher takes the teacher's input size unless one was asked for."""
     teacher, teacher_spec = load_model(config.teacher, model=config.teacher_model) if config.teacher else (None, None)
-    inherits = teacher is not None and model_config.siclip is not None
+    inherits = teacher is not None and model_config.siclip is not None and config.inherit
     if inherits:
         asked, size = config.model_overrides.get("image", {}).get("image_size"), teacher.config.image.image_size
         if asked is not None and asked != size:

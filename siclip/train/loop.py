@@ -91,13 +91,16 @@ def build_task(config: TrainConfig, inputs: RunInputs | None = None) -> Training
     inputs = inputs if inputs is not None else prepare_run(config, model_config)
     model_config = settled_model_config(model_config, inputs.tokenizer, inputs.teacher)
     teacher_model = inputs.teacher
-    if teacher_model is not None and model_config.siclip is not None:
+    inherited: frozenset[str] = frozenset()
+    if teacher_model is not None and model_config.siclip is not None and config.inherit:
         measure = {"text": calibration_divergence, "image": calibration_image_divergence}  # on the teacher's blocks
         divergence = {tower: measure[tower](teacher_model, config, inputs) for tower in model_config.siclip.measured_towers()}
-        student, _ = build_siclip(teacher_model, model_config.siclip, divergence=divergence)
+        student, report = build_siclip(teacher_model, model_config.siclip, divergence=divergence)
+        inherited = frozenset(row["parameter"] for row in report.rows if row["status"] == "inherited")
     else:
         if model_config.siclip is not None and model_config.siclip.measured_towers():
-            raise ValueError(f"sharing of {model_config.siclip.measured_towers()} is chosen from a teacher's divergences: give a teacher")
+            raise ValueError(f"sharing of {model_config.siclip.measured_towers()} is chosen from a teacher's divergences, "
+                             "measured on the blocks a student inherits: give a teacher and keep weight inheritance on")  # fmt: skip
         student = create_model(model_config)
     if config.fuse_frozen_towers:
         fuse_frozen_towers(student)
@@ -107,7 +110,7 @@ def build_task(config: TrainConfig, inputs: RunInputs | None = None) -> Training
     teacher = FrozenTeacher(teacher_model, reparameterize=config.fuse_frozen_towers) if needs_teacher else None
     teacher_dim = teacher_model.config.embed_dim if teacher_model is not None else None
     objective = SiCLIPObjective(student.config.embed_dim, teacher_dim, config.objective)
-    return TrainingTask(student, objective, teacher)
+    return TrainingTask(student, objective, teacher, inherited=inherited)
 
 
 def calibration_divergence(model, config: TrainConfig, inputs: RunInputs):
@@ -203,7 +206,8 @@ def _train(config: TrainConfig, *, resume: bool, max_steps: int | None, progress
     student = task.student
     loader, tokenizer = build_data(config, inputs, student.config.image.image_size, rank, world), inputs.tokenizer
     optimizer = create_optimizer(task, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps,
-                                 tower_lr_scale=config.tower_lr_scale)  # fmt: skip
+                                 tower_lr_scale=config.tower_lr_scale, inherited=task.inherited_parameters(),
+                                 inherited_lr_scale=config.inherited_lr_scale)  # fmt: skip
     total_steps = config.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tower_schedules(optimizer, config.warmup_steps, total_steps, config.tower_frozen_steps))
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")

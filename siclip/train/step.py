@@ -44,25 +44,31 @@ def tower_of(name: str) -> str | None:
 
 def create_optimizer(
     module: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
-    tower_lr_scale: dict | None = None,
+    tower_lr_scale: dict | None = None, inherited: set[str] = frozenset(), inherited_lr_scale: float = 1.0,
 ) -> torch.optim.AdamW:
     """AdamW over ``module``'s trainable parameters, no decay on gains, norms and biases; fused on CUDA.
 
     Each group holds one tower's parameters (``group["tower"]``: "image", "text" or None), at
-    ``lr × tower_lr_scale[tower]`` (1 when not given).
+    ``lr × tower_lr_scale[tower]`` (1 when not given); the parameters named in ``inherited`` (weights a student
+    inherited and trains) form groups of their own (``group["inherited"]``) at that lr × ``inherited_lr_scale``.
 
     After every step the optimiser clamps each trainable ``logit_scale`` in place to [0, ln 100]
     (:func:`clamp_logit_scales_`), so the bound never sits inside a forward pass.
     """
     scales = dict(tower_lr_scale or {})
     check_tower_names(scales, "tower_lr_scale")
+    if inherited_lr_scale < 0:
+        raise ValueError(f"inherited_lr_scale must not be negative, got {inherited_lr_scale}")
     tower = {id(p): tower_of(name) for name, p in module.named_parameters()}
+    is_inherited = {id(p): name in inherited for name, p in module.named_parameters()}
     groups = []
     for group in param_groups_weight_decay(module, weight_decay):
         for name in (*TOWERS, None):
-            params = [p for p in group["params"] if tower[id(p)] == name]
-            if params:
-                groups.append({**group, "params": params, "tower": name, "lr": lr * scales.get(name, 1.0)})
+            for kept in (False, True):
+                params = [p for p in group["params"] if tower[id(p)] == name and is_inherited[id(p)] == kept]
+                if params:
+                    scale = scales.get(name, 1.0) * (inherited_lr_scale if kept else 1.0)
+                    groups.append({**group, "params": params, "tower": name, "inherited": kept, "lr": lr * scale})
     on_cuda = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None)
     temperatures = logit_scale_parameters(module)

@@ -9,9 +9,11 @@ from siclip.distill import SiCLIPObjective
 
 
 class TrainingTask(nn.Module):
-    def __init__(self, student: nn.Module, objective: SiCLIPObjective, teacher: nn.Module | None = None) -> None:
+    def __init__(self, student: nn.Module, objective: SiCLIPObjective, teacher: nn.Module | None = None, *,
+                 inherited: frozenset[str] = frozenset()) -> None:  # fmt: skip
         super().__init__()
         self.student, self.objective, self.teacher = student, objective, teacher
+        self.inherited = inherited  # the student's parameter names that carry the teacher's weights (WI)
         if objective.config.needs_teacher and teacher is None:
             raise ValueError("the objective distils from a teacher (feature/relation/interactive > 0) but none was given")
 
@@ -21,6 +23,10 @@ class TrainingTask(nn.Module):
         teacher = self.teacher(batch) if self.teacher is not None else None
         student = self.student(batch["image"], batch["text"])
         return self.objective(student, teacher)
+
+    def inherited_parameters(self) -> set[str]:
+        """Names (in this task, ``student.…``) of the student's parameters inherited from the teacher."""
+        return {f"student.{name}" for name in self.inherited}
 
     def trainable_state(self) -> dict:
         """What a checkpoint keeps: the student and the objective's own parameters, not the frozen teacher."""
