@@ -44,7 +44,7 @@ def trajectory(preset: str, snapshots: int, captions: int, images: int, out: Pat
     paths = train_with_snapshots(config, steps, progress=True)
     val = EmbeddedSource(EmbeddedConfig(seed=config.data.seed, num_val=captions, image_size=model_config.image.image_size), "val")
     ids = inputs.tokenizer([val.load(i).synthetic[0] for i in range(captions)])
-    batch = calibration_images(val, images, model_config.image.image_size)
+    batch = calibration_images(val, images, model_config.preprocess.at(model_config.image.image_size))
     rows = adjacent_trajectory({step: load_checkpoint(path) for step, path in paths.items()}, ids, batch)
     pd.DataFrame(rows).to_csv(out / "trajectory.csv", index=False)
     plot = plot_trajectory(rows, out / "trajectory.png", f"{config.model} ({preset}): JS divergence between adjacent blocks while training")
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     size = model.config.image.image_size
     val = EmbeddedSource(EmbeddedConfig(num_val=max(args.captions, args.images), image_size=size), "val")
     ids = tokenizer([val.load(i).synthetic[0] for i in range(args.captions)])
-    towers = {"text": text_divergences(model, ids), "image": image_divergences(model, calibration_images(val, args.images, size))}
+    towers = {"text": text_divergences(model, ids), "image": image_divergences(model, calibration_images(val, args.images, model.preprocess))}
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"model": name, "captions": args.captions, "images": args.images}
     for tower, divergences in towers.items():

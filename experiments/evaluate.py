@@ -3,7 +3,10 @@
     python experiments/evaluate.py --model runs/mine/model.pt --zeroshot data/test --classnames classes.txt --out runs/mine/eval
     python experiments/evaluate.py --model mobileclip_s0.pt --zeroshot test.csv --templates prompts.txt --retrieval val.csv
 
---model: a siclip checkpoint (its tokenizer is saved in it) or Apple's mobileclip_s0.pt (CLIP BPE).
+--model: a model spec: a siclip checkpoint (its tokenizer is saved in it), Apple's mobileclip_s0.pt (CLIP BPE),
+         hf:DIR (a transformers CLIPModel or SiglipModel saved with its tokenizer and preprocessor_config.json), or
+         open_clip:ARCH:FILE (an open_clip architecture or model-config JSON, and a weights file). Every image goes
+         through the model's own preprocessing (resize, crop, mean and std), every prompt through its tokenizer.
 --zeroshot: a folder with one subfolder per class, or a CSV/TSV with filepath,label columns.
 --classnames: one name per line or a JSON list, in class order; class folders named after their
               classes match by name, other folders follow sorted folder order.
@@ -21,15 +24,14 @@ import sys
 import torch
 
 from siclip.data import SampleError
-from siclip.data.tokenizer import tokenizer_for
 from siclip.eval import run_benchmarks
-from siclip.models import load_model
+from siclip.interop import load_clip
 from siclip.train.malloc import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="siclip checkpoint or Apple-layout mobileclip_s0.pt")
+    parser.add_argument("--model", required=True, help="siclip checkpoint, Apple-layout mobileclip_s0.pt, hf:DIR or open_clip:ARCH:FILE")
     parser.add_argument("--zeroshot", help="class-per-subfolder directory or filepath,label CSV/TSV")
     parser.add_argument("--classnames", help="class names file (one per line or JSON list)")
     parser.add_argument("--templates", help="prompt templates file, one per line with {}")
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="directory for the JSON results")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda:1', …")
+    parser.add_argument("--max-unknown-rate", type=float, default=0.05,
+                        help="refuse prompts or captions whose tokens are more than this fraction <unk> (0.05)")
     args = parser.parse_args(argv)
     keep_freed_memory()
     if args.zeroshot is None and args.retrieval is None:
@@ -45,11 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--classnames needs --zeroshot")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
     try:  # a missing file or a malformed benchmark is the user's to fix: say what and where, without a traceback
-        model, spec = load_model(args.model)
-        tokenizer = tokenizer_for(model.config.text, spec, args.model)
-        model = model.to(device).eval()
-        records = run_benchmarks(model, tokenizer, model_name=model.config.name, zeroshot=args.zeroshot, classnames=args.classnames,
-                                 templates=args.templates, retrieval_data=args.retrieval, out_dir=args.out, batch_size=args.batch_size)  # fmt: skip
+        loaded = load_clip(args.model)
+        model = loaded.model.to(device).eval()
+        records = run_benchmarks(model, loaded.tokenizer, model_name=model.name, zeroshot=args.zeroshot, classnames=args.classnames,
+                                 templates=args.templates, retrieval_data=args.retrieval, out_dir=args.out, batch_size=args.batch_size,
+                                 max_unknown_rate=args.max_unknown_rate)  # fmt: skip
     except (OSError, ValueError, SampleError) as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,10 @@
 Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the next step boundary and exits with status 130 / 143;
 ``--resume`` continues from it. A NaN or Inf loss, gradient or weight stops the run naming it (status 1).
 
---teacher: a siclip checkpoint or Apple's mobileclip_s0.pt (the format is detected).
+--teacher: a model spec: a siclip checkpoint or Apple's mobileclip_s0.pt (the format is detected), which a SiCLIP
+student inherits from (WI) and distils from (--wikd); or hf:DIR / open_clip:ARCH:FILE, a transformers or open_clip
+CLIP to distil from (with --no-inherit: the student trains from scratch; the teacher reads its own tokenizer's ids and
+its own pixels of the same crops).
 --tokenizer: the model's own by default (the teacher's when there is one); "words" builds a vocabulary
 from your training captions; models built from scratch take the tokenizer's vocabulary size.
 With --data other than the embedded world, only the benchmarks you name are evaluated.
@@ -61,7 +64,10 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS))
     parser.add_argument("--model")
-    parser.add_argument("--teacher", help="checkpoint to inherit from (SiCLIP models) and distil from (--wikd)")
+    parser.add_argument("--teacher", help="model spec to inherit from (SiCLIP models) and distil from (--wikd): a checkpoint, "
+                        "Apple's mobileclip_s0.pt, hf:DIR or open_clip:ARCH:FILE")
+    parser.add_argument("--no-inherit", dest="inherit", action="store_false", default=None,
+                        help="a SiCLIP student starts from scratch; the teacher only distils (KD)")
     parser.add_argument("--image-size", type=int, help="input resolution of a model built from scratch (e.g. 32 for small scans)")
     parser.add_argument("--teacher-model", help="config an Apple-layout teacher file is built as (mobileclip_s0)")
     parser.add_argument("--wikd", action="store_true", help="feature, relation and interactive distillation + PM")
@@ -103,7 +109,7 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     args = parser.parse_args(argv)
     config = PRESETS[args.preset] if args.preset else TrainConfig()
-    top = {k: getattr(args, k) for k in ("model", "teacher", "teacher_model", "out_dir", "epochs", "lr", "evaluate", "eval_zeroshot", "eval_classnames",
+    top = {k: getattr(args, k) for k in ("model", "teacher", "inherit", "teacher_model", "out_dir", "epochs", "lr", "evaluate", "eval_zeroshot", "eval_classnames",
            "eval_templates", "eval_retrieval", "eval_embedded", "calibration_captions_file", "checkpoint_every", "log_every", "dist_timeout",
            "tower_lr_scale", "tower_frozen_steps")
            if getattr(args, k) is not None}  # fmt: skip

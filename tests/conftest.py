@@ -7,21 +7,20 @@ import pytest
 import torch
 
 
-def _torchvision_or_standin() -> None:
-    """timm and open_clip import torchvision; where its import fails (here a CUDA wheel beside a CPU torch, or no
-    wheel at all), ``tests/standins/torchvision`` stands in for its import-time names only, in this process and in
-    the scripts the tests start (PYTHONPATH). The model classes under test stay the libraries' own."""
-    try:
-        import torchvision  # noqa: F401
-    except (ImportError, RuntimeError, OSError):
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        standins = str(Path(__file__).parent / "standins")
-        sys.path.insert(0, standins)
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (standins, os.environ.get("PYTHONPATH")) if p)
+def _torchvision_standin() -> None:
+    """timm and open_clip import torchvision; where its import fails (here a CUDA wheel beside a CPU torch, or no wheel
+    at all) they get a stand-in for its import-time names, seen by their import alone (transformers would take any
+    torchvision it can find for a whole one), in this process and in the scripts the tests start (PYTHONPATH runs
+    ``tests/standins/startup/sitecustomize.py``). The model classes under test stay the libraries' own."""
+    startup = str(Path(__file__).parent / "standins" / "startup")
+    sys.path.insert(0, startup)
+    import torchvision_standin
+
+    torchvision_standin.install()
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (startup, os.environ.get("PYTHONPATH")) if p)
 
 
-_torchvision_or_standin()
+_torchvision_standin()
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # Without CUDA the Triton kernels run under Triton's interpreter, which must be on before they are decorated

@@ -17,6 +17,7 @@ from siclip.data import (
     EmbeddedSource,
     ImageTextDataset,
     ImageTextLoader,
+    Preprocess,
     RawSample,
     ShardSource,
     TeacherCache,
@@ -239,7 +240,7 @@ def test_teacher_cache_round_trip_and_dataset_hook(tmp_path, seed):
     encode_texts = lambda ids: table[ids].sum(1)  # noqa: E731
     tokenizer = create_tokenizer()
     path = build_teacher_cache(source, encode_images, encode_texts, tokenizer, tmp_path / "cache",
-                               augment_config=AugmentConfig(16), batch_size=7, progress=False)  # fmt: skip
+                               preprocess=Preprocess(size=16), batch_size=7, progress=False)  # fmt: skip
     cache = TeacherCache(path)
     assert len(cache) == len(source) and cache.dim == 8 and cache.meta["num_captions"] == 1 + CFG.num_synthetic
     sample = source.load(5)

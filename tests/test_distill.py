@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from siclip.data import AugmentConfig, EmbeddedConfig, EmbeddedSource, ImageTextDataset, ImageTextLoader, TeacherCache
-from siclip.data import build_teacher_cache, create_tokenizer
+from siclip.data import build_teacher_cache, create_tokenizer, model_pixels
 from siclip.distill import CachedTeacher, FrozenTeacher, ObjectiveConfig, SiCLIPObjective
 from siclip.models import build_siclip, create_model, save_checkpoint
 
@@ -23,7 +23,7 @@ def test_frozen_teacher_stays_frozen_and_in_eval(teacher_model):
     teacher = FrozenTeacher(teacher_model)
     teacher.train()
     assert not teacher.model.training and not any(p.requires_grad for p in teacher.parameters())
-    batch = {"image": torch.rand(2, 3, 64, 64), "text": torch.randint(1, 100, (2, 32))}
+    batch = {"image": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), "text": torch.randint(1, 100, (2, 32))}
     image, text, scale = teacher(batch)
     assert not image.requires_grad and image.shape == (2, 128) and scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
 
@@ -32,16 +32,16 @@ def test_teacher_cache_gives_the_identical_loss(tmp_path, teacher_model):
     """The objective computed from cached teacher features equals the one from the teacher's forward pass."""
     source = EmbeddedSource(EmbeddedConfig(num_val=24), "val")
     tokenizer = create_tokenizer()
-    view = AugmentConfig(64, train=False)  # the cache stores the evaluation view; train on it for the identity
+    view = AugmentConfig(64, train=False, normalize=False)  # the cache stores the evaluation view; train on it for the identity
     path = build_teacher_cache(source, teacher_model.encode_image, teacher_model.encode_text, tokenizer, tmp_path / "cache",
-                               augment_config=view, batch_size=10, dtype="float32",
+                               preprocess=teacher_model.preprocess, batch_size=10, dtype="float32",
                                logit_scale=teacher_model.scale().item(), progress=False)  # fmt: skip
-    cache = TeacherCache(path)
+    cache = TeacherCache(path, preprocess=teacher_model.preprocess)
     dataset = ImageTextDataset(source, tokenizer, augment_config=view, teacher_cache=cache, seed=1)
     batch = next(iter(ImageTextLoader(dataset, batch_size=12, seed=2)))
     student, _ = build_siclip(teacher_model)
     objective = SiCLIPObjective(128)
-    out = student(batch["image"], batch["text"])
+    out = student(model_pixels(batch["image"], student.preprocess), batch["text"])
     live = objective(out, FrozenTeacher(teacher_model)(batch))
     cached = objective(out, CachedTeacher.from_cache(cache)(batch))
     for name in live:
@@ -63,9 +63,9 @@ def test_one_training_step_reaches_every_trainable_parameter(teacher_model):
     student, _ = build_siclip(teacher_model)
     objective = SiCLIPObjective(128, config=ObjectiveConfig())
     params = [p for p in student.parameters() if p.requires_grad] + list(objective.parameters())
-    batch = {"image": torch.rand(6, 3, 64, 64), "text": torch.randint(1, 100, (6, 32))}
+    batch = {"image": torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8), "text": torch.randint(1, 100, (6, 32))}
     batch["text"][:, 10] = 107
-    terms = objective(student(batch["image"], batch["text"]), FrozenTeacher(teacher_model)(batch))
+    terms = objective(student(model_pixels(batch["image"], student.preprocess), batch["text"]), FrozenTeacher(teacher_model)(batch))
     terms["total"].backward()
     missing = [p.shape for p in params if p.grad is None]
     assert not missing, missing

@@ -6,6 +6,7 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from torch import nn
 
+from siclip.data import Preprocess
 from siclip.analysis.divergence import (
     attention_probabilities,
     block_divergences,
@@ -94,7 +95,7 @@ def test_image_attention_divergences(seed):
     probs = attention_probabilities(new.eval(), x)
     assert probs.shape == (2, 4, 12, 12)
     torch.testing.assert_close(probs, attention_probabilities(old, x))
-    images = calibration_images(EmbeddedSource(EmbeddedConfig(num_val=4, image_size=64), "val"), 4, 64)
+    images = calibration_images(EmbeddedSource(EmbeddedConfig(num_val=4, image_size=64), "val"), 4, Preprocess(size=64))
     assert images.shape == (4, 3, 64, 64)
     student = create_model("siclip_tiny").eval()
     with torch.no_grad():  # a fresh SAS-P block has W_Q = 0 (uniform attention, zero divergence): give it queries

@@ -85,6 +85,6 @@ def test_schedule_and_refusals(tmp_path):
 
 
 def test_training_with_uint8_batches_normalised_on_the_device(tmp_path):
-    config = _config(tmp_path, "uint8", epochs=1, data=DataConfig(num_train=32, batch_size=16, normalize_on_device=True))
+    config = _config(tmp_path, "uint8", epochs=1, data=DataConfig(num_train=32, batch_size=16))
     summary = train(config, progress=False)
     assert summary["steps"] == 2 and all(v == v for v in summary["final_loss"].values())

@@ -60,9 +60,28 @@ def test_teacher_tokenizer_is_used_and_a_different_one_refused(tmp_path, digits_
     config.teacher = str(path)
     with pytest.raises(ValueError, match="does not fit model 'mobileclip_tiny'.*the teacher's vocabulary of 256"):
         prepare_run(config, get_model_config("mobileclip_tiny"))  # CLIP ids in a 256-word teacher: one message
-    config.data.tokenizer = "words"
-    with pytest.raises(ValueError, match="the teacher reads the same ids but was trained with the 'clip' tokenizer"):
+    config.data.tokenizer = "words"  # the teacher still reads its own (broken) tokenizer's ids
+    with pytest.raises(ValueError, match="the teacher's tokenizer 'clip' has 49408 ids"):
         prepare_run(config, get_model_config("mobileclip_tiny"))
+
+
+def test_a_student_with_its_own_tokenizer_distils_from_a_teacher_reading_its_own_ids(tmp_path, digits_csv):
+    """Without weight inheritance the student may tokenize its own way; the batch then carries the teacher's ids."""
+    teacher = create_model("mobileclip_tiny", text={"vocab_size": 49408, "tokenizer": "clip"})
+    path = save_checkpoint(teacher, tmp_path / "teacher.pt", tokenizer={"name": "clip", "context_length": 32})
+    config = _config(tmp_path, digits_csv, synthetic_keys=("syn0",), tokenizer="words")
+    config.teacher = str(path)
+    inputs = prepare_run(config, get_model_config("mobileclip_tiny"))
+    assert inputs.tokenizer.name == "words" and inputs.teacher_tokenizer.name == "clip"
+    from siclip.train.loop import build_data
+
+    batch = next(iter(build_data(config, inputs, 64, 0, 1)))
+    captions = batch["caption"]
+    assert torch.equal(batch["teacher_ids"], inputs.teacher_tokenizer(captions)) and torch.equal(batch["text"], inputs.tokenizer(captions))
+    assert batch["image"].dtype == torch.uint8  # each model normalises the crops itself
+    config.model, config.model_overrides = "siclip_tiny", {"siclip": {"convert": ["text"]}}
+    with pytest.raises(ValueError, match="inherits the teacher's token embeddings, which were trained with the 'clip' tokenizer"):
+        prepare_run(config, get_model_config("siclip_tiny", siclip={"convert": ["text"]}))
 
 
 @pytest.mark.slow

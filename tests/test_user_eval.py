@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from siclip.data import AugmentConfig, CsvSource, augment, create_tokenizer, decode_image, write_shards
+from siclip.data import CsvSource, Preprocess, create_tokenizer, decode_image, preprocess_image, write_shards
 from siclip.data.transforms import CLIP_MEAN, CLIP_STD
 from siclip.eval import (
     CLIP_TEMPLATES, embed_source, per_class_accuracy, read_classnames, read_templates, retrieval, retrieval_dataset, run_benchmarks,
@@ -44,6 +44,7 @@ class OracleCLIP(nn.Module):
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(1))
         self.config = SimpleNamespace(name="oracle", image=SimpleNamespace(image_size=8))
+        self.preprocess = Preprocess(size=8)
         self.levels = torch.tensor([(LEVELS[n] / 255 - CLIP_MEAN[0]) / CLIP_STD[0] for n in names])
         self.word_vectors = {tokenizer.ids[n]: F.one_hot(torch.tensor(c), len(names)).float() for c, n in enumerate(names)}
 
@@ -158,6 +159,7 @@ class MetaSpy(nn.Module):
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(1, device="meta"))
         self.config = SimpleNamespace(name="spy", image=SimpleNamespace(image_size=8))
+        self.preprocess = Preprocess(size=8)
         self.seen = []
 
     def encode_image(self, images):
@@ -174,7 +176,7 @@ def test_every_evaluation_input_goes_to_the_model_device(folder, tmp_path):
     rows = ["filepath,title", "test/apple/0.PNG,a dark square", "test/cherry/0.PNG,a light square"]
     (tmp_path / "ret.csv").write_text("\n".join(rows) + "\n")
     run_benchmarks(spy, create_tokenizer("clip"), model_name="spy", zeroshot=folder, retrieval_data=tmp_path / "ret.csv")
-    embed_source(spy, zero_shot_dataset(folder)[0], image_size=8, batch_size=4)
+    embed_source(spy, zero_shot_dataset(folder)[0], batch_size=4)
     assert {kind for kind, _ in spy.seen} == {"image", "text"}
     assert all(device == "meta" for _, device in spy.seen), spy.seen
 
@@ -189,14 +191,13 @@ def test_cpu_evaluation_encodes_in_cache_sized_chunks_with_the_same_result(folde
     model.encode_image = lambda x: calls.append(("image", len(x))) or encode_image(x)
     model.encode_text = lambda x: calls.append(("text", len(x))) or encode_text(x)
     source = zero_shot_dataset(folder)[0]  # 10 images, one batch of 256
-    embedded = embed_source(model, source, image_size=model.config.image.image_size)
+    embedded = embed_source(model, source)
     assert [n for kind, n in calls if kind == "image"] == [4, 4, 2]
-    view = AugmentConfig(model.config.image.image_size, train=False)
-    whole = torch.stack([augment(decode_image(s.image, s.key), None, view) for s in map(source.load, range(len(source)))])
+    whole = torch.stack([preprocess_image(decode_image(s.image, s.key), model.preprocess) for s in map(source.load, range(len(source)))])
     torch.testing.assert_close(embedded, encode_image(whole.double()), rtol=1e-12, atol=1e-12)
     tokenizer = create_tokenizer("embedded")
     calls.clear()
-    zero_shot_logits(model, tokenizer, source, ["a"], ["a photo of {}"] * (CPU_CHUNK["text"] + 1), image_size=model.config.image.image_size)
+    zero_shot_logits(model, tokenizer, source, ["a"], ["a photo of {}"] * (CPU_CHUNK["text"] + 1))
     assert [n for kind, n in calls if kind == "text"] == [CPU_CHUNK["text"], 1]
 
 

@@ -116,13 +116,13 @@ def text_divergences(model, ids: Tensor) -> dict[str, Tensor]:
     return block_divergences(model.text.transformer, lambda: model.text(ids))
 
 
-def calibration_images(source, count: int, image_size: int) -> Tensor:
-    """The first ``count`` images of a data source in the evaluation view (resize, centre crop): ``(count, 3, S, S)``."""
-    from siclip.data import AugmentConfig, augment, decode_image
+def calibration_images(source, count: int, preprocess) -> Tensor:
+    """The first ``count`` images of a data source in a model's evaluation view (``preprocess``, the model's own:
+    resize, centre crop, its mean and std): ``(count, 3, S, S)``."""
+    from siclip.data import decode_image, preprocess_image
 
-    view = AugmentConfig(image_size, train=False)
     samples = (source.load(i) for i in range(min(count, len(source))))
-    return torch.stack([augment(decode_image(s.image, s.key), None, view) for s in samples])
+    return torch.stack([preprocess_image(decode_image(s.image, s.key), preprocess) for s in samples])
 
 
 def image_divergences(model, images: Tensor) -> dict[str, Tensor]:

@@ -44,9 +44,10 @@ def choose_caption(sample: RawSample, rng: np.random.Generator, p_synthetic: flo
 class ImageTextDataset(Dataset):
     """``dataset[(epoch, index)]`` (or ``dataset[index]`` for epoch 0) → a sample dict or :class:`Skipped`.
 
-    A sample holds ``image`` (3, S, S) float, ``text`` (context,) long token ids, ``caption``,
-    ``caption_index`` (0 raw, 1..K synthetic), ``key`` and ``index``; with a teacher cache also
-    ``teacher_image`` and ``teacher_text`` embeddings.
+    A sample holds ``image`` (3, S, S) (uint8 crops when ``augment_config.normalize`` is False: each model then
+    normalises them itself), ``text`` (context,) long token ids, ``caption``, ``caption_index`` (0 raw, 1..K
+    synthetic), ``key`` and ``index``; with a teacher cache also ``teacher_image`` and ``teacher_text``
+    embeddings; with a ``teacher_tokenizer`` (a teacher that reads other ids than the student) ``teacher_ids``.
     """
 
     def __init__(
@@ -58,12 +59,13 @@ class ImageTextDataset(Dataset):
         p_synthetic: float = 0.5,
         seed: int = 0,
         teacher_cache=None,
+        teacher_tokenizer=None,
     ) -> None:
         if not 0.0 <= p_synthetic <= 1.0:
             raise ValueError(f"p_synthetic must be in [0, 1], got {p_synthetic}")
         self.source, self.tokenizer = source, tokenizer
         self.augment_config, self.p_synthetic, self.seed = augment_config, p_synthetic, seed
-        self.teacher_cache = teacher_cache
+        self.teacher_cache, self.teacher_tokenizer = teacher_cache, teacher_tokenizer
 
     def __len__(self) -> int:
         return len(self.source)
@@ -90,6 +92,8 @@ class ImageTextDataset(Dataset):
         }
         if self.teacher_cache is not None:
             sample["teacher_image"], sample["teacher_text"] = self.teacher_cache.lookup(key, slot)
+        if self.teacher_tokenizer is not None:
+            sample["teacher_ids"] = self.teacher_tokenizer(caption)[0]
         return sample
 
 

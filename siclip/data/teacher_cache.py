@@ -5,13 +5,15 @@ skips the teacher's forward pass. Layout of a cache directory (by default ``teac
 the shards)::
 
     meta.json    {"format": 1, "teacher": str, "dim": D, "num_captions": 1 + K, "count": N, "dtype": "float16",
-                  "logit_scale": exp(s) of the teacher, or null}
+                  "logit_scale": exp(s) of the teacher, or null, "preprocess": the teacher's view (siclip.data.Preprocess)}
     keys.json    [key_0, …, key_{N-1}]
     image.npy    (N, D)        teacher image embedding of each sample (evaluation view)
     text.npy     (N, 1 + K, D) caption slot 0 = raw caption, 1..K = synthetic; NaN where a slot is empty
 
 Rows are L2-normalised in float32 before storage. The directory is written under a temporary name
-and renamed when complete, so a reader never sees half a cache.
+and renamed when complete, so a reader never sees half a cache. A reader that names the preprocessing it expects
+(``TeacherCache(path, preprocess=teacher.preprocess)``) is refused a cache made under another one, or under none
+recorded (caches written before it was recorded normalised every teacher with CLIP's mean and std).
 """
 
 from __future__ import annotations
@@ -25,16 +27,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .transforms import Preprocess, preprocess_image
+
 FORMAT = 1
 
 
 class TeacherCacheWriter:
     def __init__(
         self, path: str | Path, *, dim: int, num_captions: int, teacher: str = "", dtype: str = "float16",
-        logit_scale: float | None = None,
+        logit_scale: float | None = None, preprocess: Preprocess | None = None,
     ) -> None:  # fmt: skip
         self.path, self.dim, self.num_captions, self.teacher, self.dtype = Path(path), dim, num_captions, teacher, dtype
-        self.logit_scale = logit_scale
+        self.logit_scale, self.preprocess = logit_scale, preprocess
         self.keys: list[str] = []
         self.images: list[np.ndarray] = []
         self.texts: list[np.ndarray] = []
@@ -62,7 +66,8 @@ class TeacherCacheWriter:
         np.save(tmp / "text.npy", np.stack(self.texts).astype(self.dtype) if self.keys else np.zeros((0, self.num_captions, self.dim), self.dtype))
         (tmp / "keys.json").write_text(json.dumps(self.keys))
         meta = {"format": FORMAT, "teacher": self.teacher, "dim": self.dim, "num_captions": self.num_captions,
-                "count": len(self.keys), "dtype": self.dtype, "logit_scale": self.logit_scale}  # fmt: skip
+                "count": len(self.keys), "dtype": self.dtype, "logit_scale": self.logit_scale,
+                "preprocess": self.preprocess.to_dict() if self.preprocess is not None else None}  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if self.path.exists():
             shutil.rmtree(self.path)
@@ -80,7 +85,7 @@ class TeacherCacheWriter:
 class TeacherCache:
     """Read side; arrays are memory-mapped, so workers share the pages."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, preprocess: Preprocess | None = None) -> None:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
@@ -88,10 +93,22 @@ class TeacherCache:
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{self.path}: unsupported teacher cache format {self.meta.get('format')}")
+        if preprocess is not None:
+            self.check_preprocess(preprocess)
         self.keys = json.loads((self.path / "keys.json").read_text())
         self.row = {k: i for i, k in enumerate(self.keys)}
         self.image = np.load(self.path / "image.npy", mmap_mode="r")
         self.text = np.load(self.path / "text.npy", mmap_mode="r")
+
+    def check_preprocess(self, expected: Preprocess) -> None:
+        """Refuse a cache whose embeddings were computed on other pixels than ``expected`` (the teacher's own)."""
+        recorded = self.meta.get("preprocess")
+        if recorded is None:
+            raise ValueError(f"{self.path}: this teacher cache records no preprocessing (it predates it; such caches fed every "
+                             f"teacher CLIP-normalised pixels), but the teacher expects {expected}: rebuild it with cache_teacher.py")  # fmt: skip
+        if Preprocess.from_dict(recorded) != expected:
+            raise ValueError(f"{self.path}: the teacher cache was computed with {Preprocess.from_dict(recorded)}, but the teacher "
+                             f"expects {expected}: rebuild it with cache_teacher.py")  # fmt: skip
 
     @property
     def dim(self) -> int:
@@ -121,7 +138,7 @@ def build_teacher_cache(
     tokenizer,
     path: str | Path,
     *,
-    augment_config=None,
+    preprocess: Preprocess,
     batch_size: int = 256,
     teacher: str = "",
     dtype: str = "float16",
@@ -132,23 +149,19 @@ def build_teacher_cache(
 
     ``encode_images(images (B, 3, S, S)) -> (B, D)`` and ``encode_texts(tokens (B, L)) -> (B, D)`` are
     the teacher's encoders (e.g. ``model.encode_image``); outputs are L2-normalised here. Images go
-    through ``augment_config`` with ``train=False`` (the evaluation view). Samples the source cannot
+    through ``preprocess``, the teacher's own evaluation view (recorded in the cache). Samples the source cannot
     load are left out of the cache. ``dtype="float32"`` stores exact embeddings (twice the disk).
     """
-    from dataclasses import replace
-
     from tqdm.auto import tqdm
 
     from .sources import SampleError, decode_image
-    from .transforms import AugmentConfig, augment
 
-    view = replace(augment_config or AugmentConfig(), train=False)
     writer: TeacherCacheWriter | None = None
     pending: list = []
 
     def flush() -> None:
         nonlocal writer
-        images = torch.stack([augment(decode_image(s.image, s.key), None, view) for s in pending])
+        images = torch.stack([preprocess_image(decode_image(s.image, s.key), preprocess) for s in pending])
         image_emb = torch.nn.functional.normalize(encode_images(images).float(), dim=-1)
         slots = [s.captions() for s in pending]
         width = max(len(c) for c in slots)
@@ -156,7 +169,7 @@ def build_teacher_cache(
         text_emb = torch.nn.functional.normalize(encode_texts(tokenizer(texts)).float(), dim=-1) if texts else None
         if writer is None:
             writer = TeacherCacheWriter(path, dim=image_emb.shape[1], num_captions=width, teacher=teacher, dtype=dtype,
-                                        logit_scale=logit_scale)
+                                        logit_scale=logit_scale, preprocess=preprocess)
         row = 0
         for s, caps, img in zip(pending, slots, image_emb):
             table = np.full((writer.num_captions, writer.dim), np.nan, dtype=np.float32)

@@ -269,14 +269,17 @@ def unknown_token_rate(tokenizer, texts: Iterable[str]) -> tuple[float, list[str
     return (unknown / total if total else 0.0), [w for w, _ in words.most_common(8)]
 
 
-def check_unknown_rate(tokenizer, texts: Sequence[str], threshold: float, where: str) -> float:
+CAPTION_HINT = "Use --tokenizer words (a vocabulary from your captions) or --tokenizer clip"
+
+
+def check_unknown_rate(tokenizer, texts: Sequence[str], threshold: float, where: str, *, what: str = "caption",
+                       hint: str = CAPTION_HINT) -> float:  # fmt: skip
     """Refuse (``ValueError``) when more than ``threshold`` of the content tokens of ``texts`` are ``<unk>``."""
     rate, examples = unknown_token_rate(tokenizer, texts)
     if rate > threshold:
         raise ValueError(
-            f"{where}: the {tokenizer.name!r} tokenizer maps {100 * rate:.1f} % of the caption tokens to <unk> "
-            f"(threshold {100 * threshold:.0f} %), e.g. {examples}; the model would not see these words. "
-            "Use --tokenizer words (a vocabulary from your captions) or --tokenizer clip"
+            f"{where}: the {tokenizer.name!r} tokenizer maps {100 * rate:.1f} % of the {what} tokens to <unk> "
+            f"(threshold {100 * threshold:.0f} %), e.g. {examples}; the model would not see these words. {hint}"
         )
     return rate
 

@@ -1,23 +1,111 @@
-"""Image augmentation in torch, seeded per sample: random resized crop, flip, normalise.
+"""A model's own preprocessing, and image augmentation in torch, seeded per sample.
 
-Parameters are drawn from a ``numpy.random.Generator`` the dataset derives from (seed, epoch, index),
-so a sample's view is the same whichever worker loads it and after a resume. The crop follows
-torchvision's ``RandomResizedCrop`` sampling (area fraction and log-uniform aspect ratio, ten tries,
-then a central fallback).
+:class:`Preprocess` is what a model expects of its pixels (open_clip's ``preprocess_cfg``, timm's
+``pretrained_cfg``): the evaluation view resizes (PIL, the model's interpolation) and centre-crops, then
+``x ↦ (x/255 − mean)/std``. It travels with the model (``ModelConfig.preprocess``) and its checkpoints.
+
+Training views: random resized crop and flip, with parameters drawn from a ``numpy.random.Generator`` the dataset
+derives from (seed, epoch, index), so a sample's view is the same whichever worker loads it and after a resume. The
+crop follows torchvision's ``RandomResizedCrop`` sampling (area fraction and log-uniform aspect ratio, ten tries,
+then a central fallback). The loader hands over uint8 crops; each model normalises them with its own mean and std
+(:func:`normalize_images`), so a teacher and a student that differ there see the same crop.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESIZE_MODES = ("shortest", "squash")
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """A model's pixels: resize, centre crop to ``size``, then ``(x/255 − mean)/std`` per channel.
+
+    ``resize_mode="shortest"`` scales the short side to ``resize`` (CLIP's and Apple's MobileCLIP pipelines:
+    torchvision ``Resize(resize)`` on a PIL image, then ``CenterCrop(size)``); ``"squash"`` scales both sides to
+    ``resize`` (SigLIP's processor). ``resize`` None means ``size``. ``size`` None is a model configuration's
+    form: the model's input size fills it in (:meth:`at`). MobileCLIP's pixels are in [0, 1]: mean 0, std 1.
+    """
+
+    size: int | None = None
+    resize: int | None = None
+    resize_mode: str = "shortest"
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ValueError(f"mean and std need three channels and std > 0, got mean {self.mean}, std {self.std}")
+        for name in ("size", "resize"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.size is None and self.resize is not None:
+            raise ValueError("a Preprocess without a size (a model configuration's) resizes to the model's size: leave resize None")
+
+    def at(self, size: int) -> Preprocess:
+        """This preprocessing for a model whose input is ``size`` pixels square (``resize`` scales along)."""
+        if self.size == size:
+            return self
+        resize = None if self.resize is None else round(self.resize * size / self.size)
+        return replace(self, size=size, resize=resize)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocess:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocess field(s) {unknown}; fields: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def preprocess_image(image: np.ndarray, preprocess: Preprocess, *, normalize: bool = True) -> Tensor:
+    """The evaluation view ``(3, size, size)`` of an ``(H, W, 3)`` uint8 image: float32 normalised, or uint8.
+
+    Resizing runs in PIL, as torchvision does for PIL images (the pipelines models are released with), with
+    torchvision's sizes: the short side becomes ``resize`` and the long one ``int(resize · long / short)``; the
+    crop starts at ``round((H − size) / 2)``.
+    """
+    if preprocess.size is None:
+        raise ValueError("this Preprocess has no size: take the model's, preprocess.at(image_size)")
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got shape {image.shape} and dtype {image.dtype}")
+    height, width = image.shape[:2]
+    size, resize = preprocess.size, preprocess.resize or preprocess.size
+    if preprocess.resize_mode == "squash":
+        target = (resize, resize)
+    elif height <= width:
+        target = (resize, int(resize * width / height))
+    else:
+        target = (int(resize * height / width), resize)
+    pil = Image.fromarray(image)
+    if target != (height, width):
+        pil = pil.resize((target[1], target[0]), INTERPOLATIONS[preprocess.interpolation])
+    pixels = np.asarray(pil)
+    if size > min(target):  # torchvision pads a crop larger than the image; a model's view never needs it
+        raise ValueError(f"crop {size} is larger than the resized image {target}: set resize ≥ size")
+    top, left = int(round((target[0] - size) / 2.0)), int(round((target[1] - size) / 2.0))
+    crop = torch.from_numpy(pixels[top : top + size, left : left + size].copy()).permute(2, 0, 1).contiguous()  # PIL's array is read-only
+    return normalize_images(crop, preprocess.mean, preprocess.std) if normalize else crop
 
 
 @dataclass(frozen=True)
@@ -46,9 +134,24 @@ def normalize_images(images: Tensor, mean: tuple[float, ...] = CLIP_MEAN, std: t
     """``(x/255 − mean)/std`` in float32 for uint8 images ``(…, 3, H, W)``, on their device, memory format kept."""
     if images.dtype != torch.uint8:
         raise ValueError(f"normalize_images expects uint8 images, got {images.dtype}")
-    scale = torch.tensor([1 / (255 * s) for s in std], device=images.device).view(3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device).view(3, 1, 1)
-    return images.float().mul_(scale).add_(shift)
+    return _scale_shift_(images.float(), mean, std)
+
+
+def _scale_shift_(pixels: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """``x·(1/(255·std)) + (−mean/std)`` in place on float pixel values in [0, 255]."""
+    scale = torch.tensor([1 / (255 * s) for s in std], device=pixels.device).view(3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=pixels.device).view(3, 1, 1)
+    return pixels.mul_(scale).add_(shift)
+
+
+def model_pixels(images: Tensor, preprocess: Preprocess) -> Tensor:
+    """What a model takes from a batch of uint8 crops ``(B, 3, H, W)``: resized to its input size when that differs
+    (bilinear, antialiased: a teacher whose size is not the student's sees the same crop), then normalised with its
+    own mean and std (:func:`normalize_images`, the operations the loader workers used to run)."""
+    if preprocess.size is not None and tuple(images.shape[-2:]) != (preprocess.size, preprocess.size):
+        resized = F.interpolate(images.float(), size=(preprocess.size,) * 2, mode="bilinear", antialias=True, align_corners=False)
+        return _scale_shift_(resized, preprocess.mean, preprocess.std)
+    return normalize_images(images, preprocess.mean, preprocess.std)
 
 
 def random_resized_crop_box(
@@ -91,7 +194,7 @@ def augment(image: np.ndarray, rng: np.random.Generator | None, config: AugmentC
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got shape {image.shape} and dtype {image.dtype}")
-    pixels = torch.from_numpy(image)  # (H, W, 3): crops below are views
+    pixels = torch.from_numpy(image if image.flags.writeable else image.copy())  # (H, W, 3): crops below are views
     height, width = image.shape[:2]
     size = config.image_size
     flip = False

@@ -2,10 +2,10 @@
 SiCLIP objective, and the teachers (a frozen model, a cache, or open_clip)."""
 
 from .objective import ObjectiveConfig, SiCLIPObjective
-from .teacher import CachedTeacher, FrozenTeacher, OpenClipTeacher
+from .teacher import CachedTeacher, FrozenTeacher
 from .terms import ContrastiveRelationDistillation, FeatureDistillation, InteractiveContrastiveLoss
 
 __all__ = [
     "CachedTeacher", "ContrastiveRelationDistillation", "FeatureDistillation", "FrozenTeacher",
-    "InteractiveContrastiveLoss", "ObjectiveConfig", "OpenClipTeacher", "SiCLIPObjective",
+    "InteractiveContrastiveLoss", "ObjectiveConfig", "SiCLIPObjective",
 ]  # fmt: skip

@@ -1,11 +1,12 @@
 """Teachers: anything that gives unit-norm image and text features and a logit scale.
 
-- :class:`FrozenTeacher` wraps a model of this package (MobileCLIP-S0 from Apple's weights, or any saved
-  checkpoint): eval mode, no gradients, no stored activations.
+- :class:`FrozenTeacher` wraps any CLIP with siclip's interface (:mod:`siclip.interop`: a model of this package,
+  MobileCLIP-S0 from Apple's weights, a transformers or open_clip CLIP through its adapter): eval mode, no
+  gradients, no stored activations, and its own pixels: the batch's uint8 crops resized to its input size and
+  normalised with its mean and std, and its own token ids (``batch["teacher_ids"]``) when its tokenizer is not the
+  student's.
 - :class:`CachedTeacher` reads the embeddings a batch carries from a teacher cache
   (:mod:`siclip.data.teacher_cache`), so training skips the teacher's forward pass.
-- :class:`OpenClipTeacher` wraps an ``open_clip`` model when that package is installed (weights from a
-  local file only; nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
+
+from siclip.data import model_pixels
 
 TeacherOutput = tuple[Tensor, Tensor, Tensor]
 
@@ -40,16 +42,17 @@ class FrozenTeacher(nn.Module):
         return super().train(False)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> FrozenTeacher:
-        """A checkpoint of this package, or Apple's ``mobileclip_s0.pt`` (recognised by its keys)."""
-        from siclip.models import load_model
+    def from_checkpoint(cls, spec: str | Path) -> FrozenTeacher:
+        """The CLIP a model spec names (:func:`siclip.interop.load_clip`): a checkpoint of this package, Apple's
+        ``mobileclip_s0.pt`` (recognised by its keys), ``hf:DIR`` or ``open_clip:ARCH:FILE``."""
+        from siclip.interop import load_clip
 
-        return cls(load_model(path)[0])
+        return cls(load_clip(spec).model)
 
     @torch.no_grad()
     def forward(self, batch: dict) -> TeacherOutput:
-        image = self.model.encode_image(batch["image"])
-        text = self.model.encode_text(batch["text"])
+        image = self.model.encode_image(model_pixels(batch["image"], self.model.preprocess))
+        text = self.model.encode_text(batch.get("teacher_ids", batch["text"]))
         return image, text, self.model.scale()
 
 
@@ -72,24 +75,3 @@ class CachedTeacher(nn.Module):
         if "teacher_image" not in batch:
             raise KeyError("the batch carries no teacher embeddings: build the dataset with teacher_cache=TeacherCache(path)")
         return batch["teacher_image"], batch["teacher_text"], self.logit_scale
-
-
-class OpenClipTeacher(nn.Module):
-    """An ``open_clip`` model as teacher; ``pretrained`` must be a local weights file."""
-
-    def __init__(self, model_name: str, pretrained: str | Path, tokenizer=None) -> None:
-        super().__init__()
-        try:
-            import open_clip
-        except ImportError as err:
-            raise ImportError("OpenClipTeacher needs the optional open_clip_torch package") from err
-        if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"open_clip weights must be a local file (nothing is downloaded): {pretrained}")
-        self.model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(pretrained))
-        self.model.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def forward(self, batch: dict) -> TeacherOutput:
-        image = F.normalize(self.model.encode_image(batch["image"]), dim=-1)
-        text = F.normalize(self.model.encode_text(batch["text"]), dim=-1)
-        return image, text, self.model.logit_scale.exp()

@@ -19,6 +19,7 @@ CLIP_benchmark writes it; :func:`write_record` saves one as ``{dataset}_{task}.j
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +27,7 @@ import torch
 
 from siclip.data import RawSample, SampleError
 from siclip.data.tabular import is_table, read_table
-from siclip.data.tokenizer import read_string_list
+from siclip.data.tokenizer import check_unknown_rate, read_string_list
 
 from .metrics import per_class_accuracy, topk_accuracy
 from .run import retrieval_eval, zero_shot_logits
@@ -106,6 +107,21 @@ def folder_labels(root: Path, folders: Sequence[Path], names: Sequence[str]) -> 
     return list(range(len(folders)))
 
 
+def class_folders(root: Path) -> list[Path]:
+    """The class subfolders of ``root`` in class order: sorted by name, or by number when every name is an integer
+    (``2`` before ``10``, which a string sort would swap), said once when the two orders differ."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise ValueError(f"{root}: expected one subfolder of images per class, found none")
+    if all(f.name.isdigit() for f in folders):
+        numeric = sorted(folders, key=lambda f: (int(f.name), f.name))
+        if numeric != folders:
+            warnings.warn(f"{root}: class folders are all numbers, so they take class names in numeric order "
+                          f"({', '.join(f.name for f in numeric[:4])}, …), not as text sorts them", stacklevel=3)  # fmt: skip
+        folders = numeric
+    return folders
+
+
 def zero_shot_dataset(path: str | Path, classnames: Sequence[str] | None = None, *, image_key: str = "filepath",
                       label_key: str = "label") -> tuple[ImageFileSource, torch.Tensor, list[str]]:  # fmt: skip
     """``(source, labels, class names)`` from a class-per-subfolder directory or a ``filepath,label`` table.
@@ -116,9 +132,7 @@ def zero_shot_dataset(path: str | Path, classnames: Sequence[str] | None = None,
     """
     path = Path(path)
     if path.is_dir():
-        folders = sorted(p for p in path.iterdir() if p.is_dir())
-        if not folders:
-            raise ValueError(f"{path}: expected one subfolder of images per class, found none")
+        folders = class_folders(path)
         names = list(classnames) if classnames is not None else [f.name.replace("_", " ") for f in folders]
         if len(names) != len(folders):
             raise ValueError(f"{path}: {len(folders)} class folders but {len(names)} class names (names follow the sorted folder order)")
@@ -202,15 +216,29 @@ def dataset_name(path: str | Path) -> str:
     return path.name if path.is_dir() else path.stem
 
 
+PROMPT_HINT = ("Give --templates whose words the tokenizer knows (one prompt per line with {}), or a tokenizer that knows "
+               "CLIP's 80 default prompts (--tokenizer clip)")  # fmt: skip
+
+
+def check_prompts(tokenizer, classnames: Sequence[str], templates: Sequence[str], max_unknown_rate: float | None, where: str) -> None:
+    """Refuse prompts (each template with each class name) whose tokens the tokenizer maps to ``<unk>`` above
+    ``max_unknown_rate``: an unknown word silently drops out of every class embedding (None: no check)."""
+    if max_unknown_rate is not None:
+        prompts = [t.format(name) for name in classnames for t in templates]
+        check_unknown_rate(tokenizer, prompts, max_unknown_rate, where, what="prompt", hint=PROMPT_HINT)
+
+
 def zero_shot_classification(model, tokenizer, path: str | Path, *, classnames: Sequence[str] | None = None,
-                             templates: Sequence[str] | None = None, batch_size: int = 256) -> dict:  # fmt: skip
+                             templates: Sequence[str] | None = None, batch_size: int = 256,
+                             max_unknown_rate: float | None = 0.05) -> dict:  # fmt: skip
     """CLIP_benchmark's zero-shot metrics on the user's set: ``acc1``, ``acc5``, ``mean_per_class_recall``
-    and ``per_class_accuracy`` (class name → accuracy)."""
+    and ``per_class_accuracy`` (class name → accuracy). Prompts are checked first (:func:`check_prompts`)."""
     source, labels, names = zero_shot_dataset(path, classnames)
     templates = list(templates) if templates is not None else list(CLIP_TEMPLATES)
+    check_prompts(tokenizer, names, templates, max_unknown_rate, f"{path} (zero-shot prompts)")
     was_training = model.training
     model.eval()
-    logits = zero_shot_logits(model, tokenizer, source, names, templates, image_size=model.config.image.image_size, batch_size=batch_size)
+    logits = zero_shot_logits(model, tokenizer, source, names, templates, batch_size=batch_size)
     model.train(was_training)
     labels = labels.to(logits.device)
     top = topk_accuracy(logits, labels, ks=(1, 5))
@@ -226,18 +254,25 @@ def zero_shot_classification(model, tokenizer, path: str | Path, *, classnames: 
     }
 
 
-def retrieval(model, tokenizer, path: str | Path, *, caption_columns: Sequence[str] = (), batch_size: int = 256) -> dict:
-    """CLIP_benchmark's retrieval metrics: ``image_retrieval_recall@k`` and ``text_retrieval_recall@k``, k = 1, 5, 10."""
+def retrieval(model, tokenizer, path: str | Path, *, caption_columns: Sequence[str] = (), batch_size: int = 256,
+              max_unknown_rate: float | None = 0.05) -> dict:  # fmt: skip
+    """CLIP_benchmark's retrieval metrics: ``image_retrieval_recall@k`` and ``text_retrieval_recall@k``, k = 1, 5, 10,
+    and the queries whose result hangs on tied scores (``*_ties@k``). Captions are checked for unknown tokens first."""
     source, captions = retrieval_dataset(path, caption_columns=caption_columns)
+    if max_unknown_rate is not None:
+        check_unknown_rate(tokenizer, [c for caps in captions for c in caps], max_unknown_rate, f"{path} (retrieval captions)")
     was_training = model.training
     model.eval()
-    recall = retrieval_eval(model, tokenizer, source, captions, image_size=model.config.image.image_size, batch_size=batch_size)
+    recall = retrieval_eval(model, tokenizer, source, captions, batch_size=batch_size, ties=True)
     model.train(was_training)
-    metrics = {}
+    metrics, ties = {}, {}
     for k in (1, 5, 10):
         metrics[f"image_retrieval_recall@{k}"] = recall[f"text_to_image_R@{k}"]
         metrics[f"text_retrieval_recall@{k}"] = recall[f"image_to_text_R@{k}"]
-    return {**metrics, "images": len(captions), "captions": sum(len(c) for c in captions)}
+        # Queries whose recall@k hangs on the order of exactly tied scores (e.g. images sharing one caption).
+        ties[f"image_retrieval_ties@{k}"] = recall[f"text_to_image_ties@{k}"]
+        ties[f"text_retrieval_ties@{k}"] = recall[f"image_to_text_ties@{k}"]
+    return {**metrics, **ties, "images": len(captions), "captions": sum(len(c) for c in captions)}
 
 
 def write_record(record: dict, out_dir: str | Path) -> Path:
@@ -253,7 +288,7 @@ def write_record(record: dict, out_dir: str | Path) -> Path:
 
 def run_benchmarks(model, tokenizer, *, model_name: str, zeroshot: str | Path | None = None, classnames: str | Path | None = None,
                    templates: str | Path | None = None, retrieval_data: str | Path | None = None, out_dir: str | Path | None = None,
-                   batch_size: int = 256) -> list[dict]:  # fmt: skip
+                   batch_size: int = 256, max_unknown_rate: float | None = 0.05) -> list[dict]:  # fmt: skip
     """The evaluations asked for, as CLIP_benchmark records (also written to ``out_dir`` when given).
 
     The files are read before any image is embedded, so a wrong class names or templates file fails at once.
@@ -262,10 +297,11 @@ def run_benchmarks(model, tokenizer, *, model_name: str, zeroshot: str | Path | 
     prompts = read_templates(templates)
     records = []
     if zeroshot is not None:
-        metrics = zero_shot_classification(model, tokenizer, zeroshot, classnames=names, templates=prompts, batch_size=batch_size)
+        metrics = zero_shot_classification(model, tokenizer, zeroshot, classnames=names, templates=prompts, batch_size=batch_size,
+                                           max_unknown_rate=max_unknown_rate)  # fmt: skip
         records.append(benchmark_record(dataset_name(zeroshot), model_name, "zeroshot_classification", metrics))
     if retrieval_data is not None:
-        metrics = retrieval(model, tokenizer, retrieval_data, batch_size=batch_size)
+        metrics = retrieval(model, tokenizer, retrieval_data, batch_size=batch_size, max_unknown_rate=max_unknown_rate)
         records.append(benchmark_record(dataset_name(retrieval_data), model_name, "zeroshot_retrieval", metrics))
     if out_dir is not None:
         for record in records:

@@ -49,11 +49,22 @@ def _reduce(hits: Tensor, per_item: bool):
     return hits.cpu() if per_item else hits.float().mean().item()
 
 
+def tied_at_cut(similarity: Tensor, k: int) -> int:
+    """Rows whose k-th and (k+1)-th largest scores are equal: their recall@k depends on the order of tied scores
+    (many images sharing one caption give exactly equal caption embeddings)."""
+    if similarity.shape[1] <= k:
+        return 0
+    top = similarity.topk(k + 1, dim=1).values
+    return int((top[:, k - 1] == top[:, k]).sum())
+
+
 def recall_at_k(
-    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10), *, per_item: bool = False
-) -> dict:
+    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10), *, per_item: bool = False,
+    ties: bool = False,
+) -> dict:  # fmt: skip
     """Retrieval recall@k both ways; ``text_to_image[j]`` is the image that caption ``j`` describes.
-    ``per_item``: the boolean hit of each image (image→text) and each caption (text→image) instead of the means."""
+    ``per_item``: the boolean hit of each image (image→text) and each caption (text→image) instead of the means.
+    ``ties``: also ``{image_to_text,text_to_image}_ties@k``, the queries :func:`tied_at_cut` finds."""
     similarity = image_features.float() @ text_features.float().T  # (images, texts)
     n_images = image_features.shape[0]
     owner = text_to_image[None, :] == torch.arange(n_images, device=text_to_image.device)[:, None]  # (images, texts): caption j belongs to image i
@@ -63,4 +74,7 @@ def recall_at_k(
         out[f"image_to_text_R@{k}"] = _reduce(owner.gather(1, top_texts).any(1), per_item)
         top_images = similarity.T.topk(min(k, n_images), dim=1).indices
         out[f"text_to_image_R@{k}"] = _reduce((top_images == text_to_image[:, None]).any(1), per_item)
+        if ties:
+            out[f"image_to_text_ties@{k}"] = tied_at_cut(similarity, k)
+            out[f"text_to_image_ties@{k}"] = tied_at_cut(similarity.T, k)
     return out

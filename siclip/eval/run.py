@@ -1,4 +1,8 @@
-"""Run the evaluations on a model: on the embedded sets, or on any source through the readers."""
+"""Run the evaluations on a model: on the embedded sets, or on any source through the readers.
+
+``model`` is any CLIP with siclip's interface (:mod:`siclip.interop`): ``encode_image``, ``encode_text`` and
+``preprocess``, its own view of an image (resize, centre crop, mean and std), which every image goes through here.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,18 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from siclip.data import AugmentConfig, EmbeddedConfig, EmbeddedSource, augment, decode_image, retrieval_set, zero_shot_prompts
+from siclip.data import EmbeddedConfig, EmbeddedSource, decode_image, retrieval_set, zero_shot_prompts
+from siclip.data.transforms import preprocess_image
 
 from .metrics import recall_at_k, topk_accuracy, zero_shot_weights
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def _dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype  # a half or double model gets images it can take
 
 
 # Per item, CPU inference is fastest at a few images (or some 64 texts) per call. Mostly because glibc's malloc
@@ -36,16 +45,15 @@ def encode_on(device: torch.device, encode, inputs: Tensor, kind: str, dtype: to
 
 
 @torch.no_grad()
-def embed_source(model, source, indices=None, *, image_size: int, batch_size: int = 256) -> Tensor:
-    """Unit-norm image embeddings of ``source`` (evaluation view: resize, centre crop), computed on the model's device."""
-    device = _device(model)
-    dtype = next(model.parameters()).dtype  # a half or double model gets images it can take
-    view = AugmentConfig(image_size, train=False)
+def embed_source(model, source, indices=None, *, batch_size: int = 256) -> Tensor:
+    """Unit-norm image embeddings of ``source`` in the model's own evaluation view (``model.preprocess``),
+    computed on the model's device."""
+    device, dtype, view = _device(model), _dtype(model), model.preprocess
     indices = range(len(source)) if indices is None else indices
     out, batch = [], []
     for i in indices:
         sample = source.load(i)
-        batch.append(augment(decode_image(sample.image, sample.key), None, view))
+        batch.append(preprocess_image(decode_image(sample.image, sample.key), view))
         if len(batch) == batch_size:
             out.append(encode_on(device, model.encode_image, torch.stack(batch), "image", dtype))
             batch = []
@@ -55,29 +63,29 @@ def embed_source(model, source, indices=None, *, image_size: int, batch_size: in
 
 
 @torch.no_grad()
-def zero_shot_logits(model, tokenizer, source, classnames, templates, *, image_size: int, batch_size: int = 256) -> Tensor:
+def zero_shot_logits(model, tokenizer, source, classnames, templates, *, batch_size: int = 256) -> Tensor:
     """``(images, classes)`` cosine similarities between the images and the template-ensemble classifier."""
     device = _device(model)
     weights = zero_shot_weights(lambda texts: encode_on(device, model.encode_text, tokenizer(texts), "text"), classnames, templates)
-    images = embed_source(model, source, image_size=image_size, batch_size=batch_size)
+    images = embed_source(model, source, batch_size=batch_size)
     return images.float() @ weights.T
 
 
 @torch.no_grad()
-def zero_shot_eval(model, tokenizer, source, labels: Tensor, classnames, templates, *, image_size: int, per_item: bool = False) -> dict:
-    logits = zero_shot_logits(model, tokenizer, source, classnames, templates, image_size=image_size)
+def zero_shot_eval(model, tokenizer, source, labels: Tensor, classnames, templates, *, per_item: bool = False) -> dict:
+    logits = zero_shot_logits(model, tokenizer, source, classnames, templates)
     return topk_accuracy(logits, labels.to(logits.device), per_item=per_item)
 
 
 @torch.no_grad()
-def retrieval_eval(model, tokenizer, source, captions: list[list[str]], *, image_size: int, batch_size: int = 256,
-                   per_item: bool = False) -> dict:  # fmt: skip
+def retrieval_eval(model, tokenizer, source, captions: list[list[str]], *, batch_size: int = 256, per_item: bool = False,
+                   ties: bool = False) -> dict:  # fmt: skip
     device = _device(model)
-    images = embed_source(model, source, image_size=image_size, batch_size=batch_size)
+    images = embed_source(model, source, batch_size=batch_size)
     flat = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
     texts = torch.cat([encode_on(device, model.encode_text, tokenizer(flat[i : i + 512]), "text") for i in range(0, len(flat), 512)])
-    return recall_at_k(images, texts, owner.to(images.device), per_item=per_item)
+    return recall_at_k(images, texts, owner.to(images.device), per_item=per_item, ties=ties)
 
 
 def evaluate_embedded(
@@ -89,12 +97,11 @@ def evaluate_embedded(
     caption), whose mean is the metric: what seed-and-item bootstrap intervals resample."""
     was_training = model.training
     model.eval()
-    image_size = model.config.image.image_size
     zs = EmbeddedSource(config, "zeroshot")
     classnames, templates = zero_shot_prompts()
     labels = torch.tensor([zs.label(i) for i in range(len(zs))])
-    metrics = {f"zeroshot_{k}": v for k, v in zero_shot_eval(model, tokenizer, zs, labels, classnames, templates, image_size=image_size, per_item=per_item).items()}
+    metrics = {f"zeroshot_{k}": v for k, v in zero_shot_eval(model, tokenizer, zs, labels, classnames, templates, per_item=per_item).items()}
     source, captions = retrieval_set(replace(config, num_test=min(retrieval_images, config.num_test)), "test")
-    metrics |= retrieval_eval(model, tokenizer, source, captions, image_size=image_size, per_item=per_item)
+    metrics |= retrieval_eval(model, tokenizer, source, captions, per_item=per_item)
     model.train(was_training)
     return metrics

@@ -9,4 +9,104 @@ Each module imports its library at the top and registers what siclip knows about
 preprocessing. A registry imports the module the first time it meets an object of that library
 (:func:`siclip.blocks.registry.import_interop_for`), so siclip never requires, and never itself imports, a foreign
 library. This file stays free of foreign imports.
+
+**Any CLIP, one interface** (what a teacher, the evaluation and the teacher cache use)::
+
+    model.encode_image(pixels)   # (B, 3, S, S) in the model's own view (model.preprocess) → (B, D), unit norm
+    model.encode_text(ids)       # (B, L) ids of its tokenizer → (B, D), unit norm
+    model.scale()                # exp(logit scale)
+    model.preprocess             # siclip.data.Preprocess, with its size
+    model.embed_dim, model.name
+
+siclip's own ``CLIP`` has it; :func:`as_clip` wraps a foreign model object in an adapter that has it, and
+:func:`load_clip` builds one with its tokenizer from a *model spec*:
+
+| spec | model |
+|---|---|
+| ``PATH`` (a file) | a siclip checkpoint, or a state dict in Apple's ``mobileclip_s0.pt`` layout |
+| ``hf:DIR`` | a transformers ``CLIPModel`` / ``SiglipModel`` saved in ``DIR`` (``from_pretrained``, local only) |
+| ``open_clip:ARCH:FILE`` | open_clip architecture ``ARCH`` (a registered name, or a model-config JSON path) with the weights in ``FILE`` |
 """
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from siclip.blocks.registry import TypeRegistry
+
+# ``adapter(model, tokenizer=None) -> LoadedClip`` per model type (filled by the interop modules).
+ADAPTERS: TypeRegistry[Callable[..., "LoadedClip"]] = TypeRegistry("CLIP adapter")
+
+# Spec scheme → (the library's import name, its pip package); ``siclip.interop.<library>.load_spec`` loads it.
+SCHEMES = {"hf": ("transformers", "transformers"), "open_clip": ("open_clip", "open_clip_torch")}
+SPEC_HELP = ("a siclip checkpoint or Apple's mobileclip_s0.pt (a file path), hf:DIR (a transformers CLIPModel or SiglipModel "
+             "directory), or open_clip:ARCH:FILE (an open_clip architecture or model-config JSON, and a weights file)")  # fmt: skip
+
+
+@dataclass
+class LoadedClip:
+    """A CLIP with the interface above, its tokenizer, and where it came from (``spec``)."""
+
+    model: Any
+    tokenizer: Any
+    spec: str
+    tokenizer_spec: dict | None = None  # siclip tokenizers: what rebuilds it (saved with a student that uses it)
+
+    @property
+    def is_siclip(self) -> bool:
+        """A model of this package (which a SiCLIP student can inherit weights from)."""
+        from siclip.models import CLIP
+
+        return isinstance(self.model, CLIP)
+
+
+def require(module: str, package: str, what: str):
+    """Import a foreign library for ``what``, or raise an ImportError naming the pip package to install."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{what} needs the {package!r} package, which is not installed: pip install {package}")
+    return importlib.import_module(module)
+
+
+def _scheme(spec: str) -> tuple[str, str] | None:
+    head, sep, rest = spec.partition(":")
+    return (head, rest) if sep and head in SCHEMES else None
+
+
+def load_clip(spec: str | Path, *, apple_model: str = "mobileclip_s0") -> LoadedClip:
+    """The CLIP a model spec names, with its tokenizer (see the module docstring); nothing is downloaded.
+
+    ``apple_model``: the registered configuration a file in Apple's layout is built as."""
+    spec = str(spec)
+    scheme = _scheme(spec)
+    if scheme is not None:
+        library, package = SCHEMES[scheme[0]]
+        require(library, package, f"model spec {spec!r}")
+        return importlib.import_module(f"siclip.interop.{library}").load_spec(scheme[1], spec)
+    from siclip.data.tokenizer import tokenizer_for, tokenizer_spec
+    from siclip.models import load_model
+
+    model, saved = load_model(spec, model=apple_model)
+    tokenizer = tokenizer_for(model.config.text, saved, spec)
+    return LoadedClip(model.eval(), tokenizer, spec, tokenizer_spec(tokenizer))
+
+
+def as_clip(model, tokenizer=None) -> LoadedClip:
+    """Any built CLIP object (a siclip ``CLIP``, a transformers ``CLIPModel``/``SiglipModel``, an open_clip
+    ``CLIP``…) with the interface above; ``tokenizer`` overrides the one the adapter would choose."""
+    from siclip.models import CLIP
+
+    if isinstance(model, CLIP):
+        if tokenizer is None:
+            from siclip.data.tokenizer import tokenizer_for
+
+            tokenizer = tokenizer_for(model.config.text)
+        return LoadedClip(model, tokenizer, f"<{type(model).__name__} object>")
+    adapter = ADAPTERS.find(model)
+    if adapter is None:
+        raise TypeError(f"no CLIP adapter for {type(model).__qualname__}; known: {', '.join(ADAPTERS.known()) or 'none'} "
+                        "(and siclip's own CLIP)")  # fmt: skip
+    return adapter(model, tokenizer)

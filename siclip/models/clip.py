@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from siclip.data.transforms import Preprocess
+
 from .fastvit import MCi, ImageConfig
 from .stages import freeze_batchnorm_statistics
 from .text import MCt, TextConfig
@@ -64,16 +66,19 @@ class ModelConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     text: TextConfig = field(default_factory=TextConfig)
     siclip: SiCLIPConfig | None = None
+    # The model's pixels (size-free: the image tower's input size fills it in). Configurations written before
+    # models carried it (no "preprocess" key) were all trained and evaluated with CLIP's mean and std.
+    preprocess: Preprocess = field(default_factory=Preprocess)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "preprocess": self.preprocess.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         def tuples(d: dict) -> dict:
             return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
-        known = {"name", "embed_dim", "image", "text", "siclip"}
+        known = {"name", "embed_dim", "image", "text", "siclip", "preprocess"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown model config field(s) {unknown}; expected {sorted(known)}")
@@ -84,6 +89,7 @@ class ModelConfig:
             image=ImageConfig(**tuples(data.get("image", {}))),
             text=TextConfig(**tuples(data.get("text", {}))),
             siclip=SiCLIPConfig(**tuples(siclip)) if siclip is not None else None,
+            preprocess=Preprocess.from_dict(data.get("preprocess", {})),
         )
 
 
@@ -130,6 +136,19 @@ class CLIP(nn.Module):
     def scale(self) -> Tensor:
         """exp(logit_scale); the parameter itself is kept in [0, ln 100] by the training step."""
         return self.logit_scale.exp()
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """The model's own pixels at its input size (``config.preprocess`` at ``config.image.image_size``)."""
+        return self.config.preprocess.at(self.config.image.image_size)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def name(self) -> str:
+        return self.config.name
 
     def forward(self, images: Tensor, ids: Tensor) -> CLIPOutput:
         return CLIPOutput(self.encode_image(images), self.encode_text(ids), self.scale())

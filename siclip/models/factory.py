@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -91,6 +92,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> CLIP:
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != "siclip-model-1":
         raise ValueError(f"{path} is not a siclip model checkpoint (load_model reads Apple's MobileCLIP-S0 layout too)")
+    if "preprocess" not in payload["config"]:
+        warnings.warn(f"{path} was saved before models carried their preprocessing: it loads with CLIP's mean and std "
+                      "(the normalisation every siclip model was trained and evaluated with until then)", stacklevel=2)  # fmt: skip
     model = create_model(ModelConfig.from_dict(payload["config"]))
     fuse_towers(model, payload.get("fused_towers", []))  # rebuild the fused layout, then load its weights
     model.load_state_dict(payload["state_dict"])

@@ -19,7 +19,6 @@ class DataConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # ratio (1, 1) turns cropping off (square images)
     batch_size: int = 64
     workers: int = 0
-    normalize_on_device: bool = False  # loader workers hand over uint8 crops; (x/255 − mean)/std runs on the device
     tokenizer: str | None = None  # None: the teacher's, else the model's; "clip", "embedded", "words" (built from the captions)
     vocab_path: str | None = None  # a CLIP merges file, or a word list (JSON list / one per line) for "words"
     vocab_samples: int | None = None  # "words": samples whose captions make the vocabulary (None: all)

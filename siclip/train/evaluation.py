@@ -25,7 +25,8 @@ def evaluate_run(student, tokenizer, config: TrainConfig) -> dict[str, float]:
 
     out = Path(config.out_dir) / "eval"
     records = run_benchmarks(student, tokenizer, model_name=config.model, zeroshot=config.eval_zeroshot, classnames=config.eval_classnames,
-                             templates=config.eval_templates, retrieval_data=config.eval_retrieval, out_dir=out)  # fmt: skip
+                             templates=config.eval_templates, retrieval_data=config.eval_retrieval, out_dir=out,
+                             max_unknown_rate=config.data.max_unknown_rate)  # fmt: skip
     metrics = headline(records)
     if wants_embedded_eval(config):
         world = EmbeddedConfig(seed=config.data.seed, zero_shot_per_class=config.eval_zero_shot_per_class)
@@ -33,6 +34,25 @@ def evaluate_run(student, tokenizer, config: TrainConfig) -> dict[str, float]:
         write_record(benchmark_record("embedded", config.model, "embedded_world", embedded), out)
         metrics |= embedded
     return metrics
+
+
+def check_evaluation_inputs(config: TrainConfig, tokenizer) -> None:
+    """Read the user's benchmarks before the first step, so a missing file, a malformed set or prompts the tokenizer
+    cannot represent (``config.data.max_unknown_rate``) stop the run at once, not after training."""
+    if not config.evaluate:
+        return
+    from siclip.data.tokenizer import check_unknown_rate
+    from siclip.eval import check_prompts, read_classnames, read_templates, retrieval_dataset, zero_shot_dataset
+
+    if config.eval_zeroshot is not None:
+        names = read_classnames(config.eval_classnames) if config.eval_classnames is not None else None
+        templates = read_templates(config.eval_templates)
+        _, _, names = zero_shot_dataset(config.eval_zeroshot, names)
+        check_prompts(tokenizer, names, templates, config.data.max_unknown_rate, f"{config.eval_zeroshot} (zero-shot prompts)")
+    if config.eval_retrieval is not None:
+        _, captions = retrieval_dataset(config.eval_retrieval)
+        check_unknown_rate(tokenizer, [c for caps in captions for c in caps], config.data.max_unknown_rate,
+                           f"{config.eval_retrieval} (retrieval captions)")  # fmt: skip
 
 
 def read_caption_file(path: str | Path) -> list[str]:

@@ -24,17 +24,20 @@ from pathlib import Path
 
 from siclip.data import EmbeddedConfig, EpochSampler, SampleError, open_source
 from siclip.data.tokenizer import build_word_vocabulary, check_unknown_rate, create_tokenizer, tokenizer_for, tokenizer_from_spec, tokenizer_spec
-from siclip.models import ModelConfig, load_model
+from siclip.interop import load_clip
+from siclip.models import ModelConfig
 
 from .config import TrainConfig
+from .evaluation import check_evaluation_inputs
 
 
 @dataclass
 class RunInputs:
     source: object
     tokenizer: object
-    teacher: object | None  # a CLIP, or None
+    teacher: object | None  # a CLIP with siclip's interface (siclip.interop), or None
     unknown_rate: float
+    teacher_tokenizer: object | None = None  # the teacher's own, when it does not read the student's ids
 
 
 def open_training_source(config: TrainConfig, image_size: int):
@@ -113,27 +116,46 @@ def settled_model_config(model_config: ModelConfig, tokenizer, teacher) -> Model
     return vocabulary_follows(model_config, tokenizer)
 
 
-def check_tokenizer(tokenizer, student_config: ModelConfig, teacher, teacher_spec: dict | None, where: str) -> None:
-    """One error, before the first step, when the tokenizer's ids cannot mean what the models expect."""
+def check_tokenizer(tokenizer, student_config: ModelConfig, teacher, teacher_spec: dict | None, where: str, *, inherits: bool) -> None:
+    """One error, before the first step, when token ids cannot mean what the models expect: the student's ids beyond
+    its vocabulary; a student inheriting a teacher's token embeddings (``inherits``) with another tokenizer than the
+    teacher's; a siclip ``teacher`` whose own tokenizer's ids exceed its vocabulary. (A teacher reads its own
+    tokenizer's ids: the student's when they are the same tokenizer, else ``RunInputs.teacher_tokenizer``'s.)"""
     problems = []
     if tokenizer.vocab_size > student_config.text.vocab_size:
         problems.append(f"its {tokenizer.vocab_size} ids do not fit the student's vocabulary of {student_config.text.vocab_size}")
-    if teacher is not None and tokenizer.vocab_size > teacher.config.text.vocab_size:
-        problems.append(f"its {tokenizer.vocab_size} ids do not fit the teacher's vocabulary of {teacher.config.text.vocab_size}")
     if teacher is not None:
-        expected = tokenizer_for(teacher.config.text, teacher_spec, where)
-        if tokenizer_spec(expected) != tokenizer_spec(tokenizer):
-            problems.append(f"the teacher reads the same ids but was trained with the {expected.name!r} tokenizer "
-                            f"({expected.vocab_size} ids); leave --tokenizer out to use it")  # fmt: skip
+        own = tokenizer_for(teacher.config.text, teacher_spec, where)
+        if own.vocab_size > teacher.config.text.vocab_size:
+            problems.append(f"the teacher's tokenizer {own.name!r} has {own.vocab_size} ids, which do not fit the teacher's vocabulary "
+                            f"of {teacher.config.text.vocab_size} ({where} was saved with another tokenizer than it was trained with)")  # fmt: skip
+        if inherits and tokenizer_spec(own) != tokenizer_spec(tokenizer):
+            problems.append(f"the student inherits the teacher's token embeddings, which were trained with the {own.name!r} "
+                            f"tokenizer ({own.vocab_size} ids); leave --tokenizer out to use it")  # fmt: skip
     if problems:
         raise ValueError(f"tokenizer {tokenizer.name!r} ({tokenizer.vocab_size} ids) does not fit model {student_config.name!r}: " + "; ".join(problems))
+
+
+def load_teacher(config: TrainConfig, model_config: ModelConfig):
+    """The teacher a run names (any model spec, :func:`siclip.interop.load_clip`), or None; a SiCLIP student asked to
+    inherit weights from a teacher that is not a siclip MobileCLIP is refused (there are no weights to map)."""
+    if config.teacher is None:
+        return None
+    loaded = load_clip(config.teacher, apple_model=config.teacher_model)
+    if not loaded.is_siclip and model_config.siclip is not None and config.inherit:
+        raise ValueError(f"--teacher {config.teacher}: a SiCLIP student inherits weights (WI) only from a siclip MobileCLIP teacher "
+                         f"(a siclip checkpoint or Apple's mobileclip_s0.pt), not from a {type(loaded.model).__name__}; pass "
+                         "--no-inherit to train the student from scratch and distil from this teacher (--wikd)")  # fmt: skip
+    return loaded
 
 
 def prepare_run(config: TrainConfig, model_config: ModelConfig, *, rank: int = 0, resume: bool = False) -> RunInputs:
     """Source, teacher and a tokenizer checked against the models and the first batches' captions.
 
     A student that inherits from a teacher takes the teacher's input size unless one was asked for."""
-    teacher, teacher_spec = load_model(config.teacher, model=config.teacher_model) if config.teacher else (None, None)
+    loaded = load_teacher(config, model_config)
+    teacher = loaded.model if loaded is not None and loaded.is_siclip else None  # one whose config a student can follow
+    teacher_spec = loaded.tokenizer_spec if loaded is not None else None
     inherits = teacher is not None and model_config.siclip is not None and config.inherit
     if inherits:
         asked, size = config.model_overrides.get("image", {}).get("image_size"), teacher.config.image.image_size
@@ -144,9 +166,18 @@ def prepare_run(config: TrainConfig, model_config: ModelConfig, *, rank: int = 0
     source = open_training_source(config, model_config.image.image_size)
     tokenizer = resolve_tokenizer(config, model_config, source, teacher, teacher_spec, resume=resume)
     student_config = teacher.config if inherits else settled_model_config(model_config, tokenizer, teacher)
-    check_tokenizer(tokenizer, student_config, teacher, teacher_spec, str(config.teacher))
+    check_tokenizer(tokenizer, student_config, teacher, teacher_spec, str(config.teacher), inherits=inherits)
     rate = check_unknown_rate(tokenizer, training_captions(source, first_batches(config, len(source)), config.data.p_synthetic),
                               config.data.max_unknown_rate, config.data.source)  # fmt: skip
+    check_evaluation_inputs(config, tokenizer)
+    teacher_tokenizer = None
+    if loaded is not None and tokenizer_spec_or_none(loaded.tokenizer) != tokenizer_spec_or_none(tokenizer):
+        teacher_tokenizer = loaded.tokenizer  # the teacher reads its own ids of the same captions
     if rank == 0:
         _save_json_atomic(tokenizer_spec(tokenizer), Path(config.out_dir) / "tokenizer.json")
-    return RunInputs(source, tokenizer, teacher, rate)
+    return RunInputs(source, tokenizer, loaded.model if loaded is not None else None, rate, teacher_tokenizer)
+
+
+def tokenizer_spec_or_none(tokenizer) -> dict | None:
+    """siclip's spec of a tokenizer, or None for a foreign one (which never equals a siclip tokenizer)."""
+    return tokenizer_spec(tokenizer) if tokenizer.name in ("embedded", "clip", "words") else None

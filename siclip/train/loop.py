@@ -28,7 +28,7 @@ from siclip.data.tokenizer import tokenizer_spec
 from siclip.distill import FrozenTeacher, SiCLIPObjective
 from siclip.losses import NonFiniteInput, PairMatchingLoss
 from siclip.models import (
-    build_siclip, count_parameters_by_group, create_model, fuse_frozen_towers, get_model_config, save_checkpoint,
+    CLIP, build_siclip, count_parameters_by_group, create_model, fuse_frozen_towers, get_model_config, save_checkpoint,
 )  # fmt: skip
 
 from .config import TrainConfig
@@ -76,8 +76,10 @@ def tower_schedules(optimizer, warmup: int, total: int, frozen_steps: dict) -> l
 
 def build_data(config: TrainConfig, inputs: RunInputs, image_size: int, rank: int, world: int) -> ImageTextLoader:
     data = config.data
-    augment_config = AugmentConfig(image_size, scale=tuple(data.crop_scale), ratio=tuple(data.crop_ratio), normalize=not data.normalize_on_device)
-    dataset = ImageTextDataset(inputs.source, inputs.tokenizer, augment_config=augment_config, p_synthetic=data.p_synthetic, seed=config.seed)
+    # uint8 crops: a quarter of the bytes between workers and to the device, and each model normalises them its own way
+    augment_config = AugmentConfig(image_size, scale=tuple(data.crop_scale), ratio=tuple(data.crop_ratio), normalize=False)
+    dataset = ImageTextDataset(inputs.source, inputs.tokenizer, augment_config=augment_config, p_synthetic=data.p_synthetic, seed=config.seed,
+                               teacher_tokenizer=inputs.teacher_tokenizer)  # fmt: skip
     return ImageTextLoader(dataset, data.batch_size, num_workers=data.workers, seed=config.seed, rank=rank, world_size=world,
                            max_skip_fraction=data.max_skip_fraction, group_size=2 if data.shape_twins else 1)  # fmt: skip
 
@@ -89,10 +91,11 @@ def build_task(config: TrainConfig, inputs: RunInputs | None = None) -> Training
     """
     model_config = get_model_config(config.model, **config.model_overrides)
     inputs = inputs if inputs is not None else prepare_run(config, model_config)
-    model_config = settled_model_config(model_config, inputs.tokenizer, inputs.teacher)
     teacher_model = inputs.teacher
+    siclip_teacher = teacher_model if isinstance(teacher_model, CLIP) else None  # one a student can inherit from
+    model_config = settled_model_config(model_config, inputs.tokenizer, siclip_teacher)
     inherited: frozenset[str] = frozenset()
-    if teacher_model is not None and model_config.siclip is not None and config.inherit:
+    if siclip_teacher is not None and model_config.siclip is not None and config.inherit:
         measure = {"text": calibration_divergence, "image": calibration_image_divergence}  # on the teacher's blocks
         divergence = {tower: measure[tower](teacher_model, config, inputs) for tower in model_config.siclip.measured_towers()}
         student, report = build_siclip(teacher_model, model_config.siclip, divergence=divergence)
@@ -108,7 +111,7 @@ def build_task(config: TrainConfig, inputs: RunInputs | None = None) -> Training
         student.set_grad_checkpointing(True)
     needs_teacher = teacher_model is not None and config.objective.needs_teacher
     teacher = FrozenTeacher(teacher_model, reparameterize=config.fuse_frozen_towers) if needs_teacher else None
-    teacher_dim = teacher_model.config.embed_dim if teacher_model is not None else None
+    teacher_dim = teacher_model.embed_dim if teacher_model is not None else None
     objective = SiCLIPObjective(student.config.embed_dim, teacher_dim, config.objective)
     return TrainingTask(student, objective, teacher, inherited=inherited)
 
@@ -134,7 +137,7 @@ def calibration_image_divergence(model, config: TrainConfig, inputs: RunInputs):
     ``config.calibration_captions`` images of the training data (evaluation view)."""
     from siclip.analysis.divergence import calibration_images, image_divergences
 
-    images = calibration_images(inputs.source, config.calibration_captions, model.config.image.image_size)
+    images = calibration_images(inputs.source, config.calibration_captions, model.preprocess)
     return image_divergences(model.eval(), images.to(next(model.parameters()).device))["attention"].cpu().numpy()
 
 

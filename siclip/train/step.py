@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from siclip.blocks import param_groups_weight_decay
-from siclip.data import normalize_images
 from siclip.models.clip import MAX_LOGIT_SCALE
 
 
@@ -99,14 +98,11 @@ def channels_last_on(device: torch.device, requested: bool = True) -> bool:
 
 
 def to_device(batch: dict, device: torch.device, *, channels_last: bool = False) -> dict:
-    """The batch's tensors on ``device``; uint8 images (``AugmentConfig(normalize=False)``) are normalised there,
-    and laid out channels-last when asked (the layout cuDNN convolutions prefer)."""
+    """The batch's tensors on ``device``, images laid out channels-last when asked (the layout cuDNN convolutions
+    prefer). Images stay uint8 crops: each model normalises them its own way (``TrainingTask``)."""
     out = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    if "image" in out:
-        if out["image"].dtype == torch.uint8:
-            out["image"] = normalize_images(out["image"])
-        if channels_last:
-            out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    if "image" in out and channels_last:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
     return out
 
 

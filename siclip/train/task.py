@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from siclip.data import model_pixels
 from siclip.distill import SiCLIPObjective
 
 
@@ -21,7 +22,8 @@ class TrainingTask(nn.Module):
         # The teacher first: its forward's transient activations then never coexist with the student's
         # stored ones (at batch 1536 this is 2 GiB of peak memory).
         teacher = self.teacher(batch) if self.teacher is not None else None
-        student = self.student(batch["image"], batch["text"])
+        # batch["image"] holds uint8 crops: the student normalises them its own way, as the teacher does (FrozenTeacher)
+        student = self.student(model_pixels(batch["image"], self.student.preprocess), batch["text"])
         return self.objective(student, teacher)
 
     def inherited_parameters(self) -> set[str]:

@@ -3,7 +3,7 @@
 timm and open_clip import torchvision for data transforms and for ``FrozenBatchNorm2d``; their model classes
 (what siclip's interoperability tests exercise) do not use it. The torchvision wheel on the test machine is a
 CUDA build whose import fails beside a CPU torch (``operator torchvision::nms does not exist``), so
-``tests/conftest.py`` puts this directory on the path when, and only when, ``import torchvision`` fails.
+``tests/standins/startup/torchvision_standin.py`` lends it to their import alone, when ``import torchvision`` fails.
 Anything a model would really need raises, naming this file: a test can never pass through a fake transform.
 """
 
