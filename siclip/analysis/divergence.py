@@ -9,21 +9,26 @@ Two readings (``paper_math.md`` §6 #2), both computed:
 - **features**: JS between the blocks' outputs read as distributions over channels (softmax over the
   width of each token), averaged over tokens.
 
-Blocks are recorded *per call* through forward pre-hooks, so a stack whose blocks share weights (the
-same module at several positions) is measured position by position. Text blocks attend over token
-positions, the image encoder's attention blocks over the h·w positions of their feature map (8×8 in MCi0
-at 256 px).
+Blocks are recorded *per call* through forward hooks that keep the call's arguments, so a stack whose blocks share
+weights (the same module at several positions) is measured position by position, and each block's attention is read
+by its type's reader (:func:`siclip.blocks.read_attention`) under the masks it was called with: siclip's blocks,
+and the original blocks of transformers, timm and open_clip models (:func:`divergence_report` takes any model). Text
+blocks attend over token positions, the image encoder's attention blocks over the h·w positions of their feature
+map (8×8 in MCi0 at 256 px).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from siclip.blocks import PreLNBlock, SASBlock, SASPBlock, SASPBlock2d, SharingPlan, plan_sharing
+from siclip.blocks import SharingPlan, plan_sharing, read_attention
+from siclip.blocks.readers import ATTENTION_READERS, has_attention_reader
 from siclip.blocks.sharing import adjacent_divergences
 
 from .figures import pyplot, save_figure
@@ -37,49 +42,26 @@ def js_divergence(p: Tensor, q: Tensor, dim: int = -1) -> Tensor:
     return (kl_pm + kl_qm) / 2
 
 
-def _split(x: Tensor, heads: int) -> Tensor:
-    return rearrange(x, "b t (h d) -> b h t d", h=heads)
+@torch.no_grad()
+def attention_probabilities(block: nn.Module, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool | None = None) -> Tensor:
+    """``(batch, heads, tokens, tokens)`` softmax attention a siclip block computes on its input ``x``, called with
+    ``key_padding_mask`` (True = hidden) and ``causal`` (None: the block's default): hidden keys get probability 0.
+    Any other block: :func:`siclip.blocks.read_attention` with the call's own arguments."""
+    kwargs = {k: v for k, v in (("key_padding_mask", key_padding_mask), ("causal", causal)) if v is not None}
+    return read_attention(block, (x,), kwargs)
+
+
+Call = tuple[nn.Module, tuple, dict, object]
 
 
 @torch.no_grad()
-def attention_probabilities(block: nn.Module, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-    """``(batch, heads, tokens, tokens)`` softmax attention a block computes on its input ``x``.
-
-    ``key_padding_mask`` (True = hidden, as the block was called with it) gives hidden keys probability 0."""
-    from siclip.models.fastvit import AttentionBlock
-
-    if isinstance(block, SASPBlock):
-        h = block.norm(x)
-        q, k, attn = block.attn.q(h), block.attn.k(h), block.attn
-    elif isinstance(block, SASBlock):
-        h = block.norm1(x)
-        q, k, attn = block.attn.q(h), block.attn.k(h), block.attn
-    elif isinstance(block, PreLNBlock):
-        q, k, _ = block.attn.qkv(block.norm1(x)).chunk(3, dim=-1)
-        attn = block.attn
-    elif isinstance(block, SASPBlock2d):
-        h = block.normed_tokens(x)
-        q, k, attn = block.attn.q(h), block.attn.k(h), block.attn
-    elif isinstance(block, AttentionBlock):
-        tokens = rearrange(block.norm(x), "b c h w -> b (h w) c")
-        q, k, _ = block.token_mixer.qkv(tokens).chunk(3, dim=-1)
-        attn = block.token_mixer
-    else:
-        raise TypeError(f"cannot read attention from a {type(block).__name__}")
-    q, k = _split(q, attn.num_heads), _split(k, attn.num_heads)
-    logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
-    if key_padding_mask is not None:
-        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    return torch.softmax(logits, dim=-1)
-
-
-@torch.no_grad()
-def record_blocks(blocks: nn.ModuleList | nn.Sequential, run) -> list[tuple[nn.Module, Tensor, Tensor, Tensor | None]]:
-    """``(block, input, output, key_padding_mask)`` for every call of a block of ``blocks`` while ``run()`` executes, in order."""
-    calls: list[tuple[nn.Module, Tensor, Tensor, Tensor | None]] = []
+def record_blocks(blocks, run) -> list[Call]:
+    """``(block, args, kwargs, output)`` for every call of a block of ``blocks`` while ``run()`` executes, in order:
+    the call as the host model made it, masks included, so a reader can interpret it as the block did."""
+    calls: list[Call] = []
 
     def record(module, args, kwargs, out):
-        calls.append((module, args[0], out, kwargs.get("key_padding_mask")))
+        calls.append((module, args, dict(kwargs), out))
 
     handles = [m.register_forward_hook(record, with_kwargs=True) for m in {id(b): b for b in blocks}.values()]
     try:
@@ -90,8 +72,14 @@ def record_blocks(blocks: nn.ModuleList | nn.Sequential, run) -> list[tuple[nn.M
     return calls
 
 
+def _token_features(output) -> Tensor:
+    """A block's output as ``(batch, tokens, channels)`` (a map's positions as tokens; a tuple's first element)."""
+    y = output[0] if isinstance(output, (tuple, list)) else output
+    return y if y.dim() == 3 else rearrange(y, "b c h w -> b (h w) c")
+
+
 @torch.no_grad()
-def block_divergences(blocks: nn.ModuleList | nn.Sequential, run) -> dict[str, Tensor]:
+def block_divergences(blocks, run) -> dict[str, Tensor]:
     """Pairwise JS matrices over the block calls made by ``run()``.
 
     Returns ``attention`` (n, n), ``attention_per_head`` (n, n, heads) and ``features`` (n, n).
@@ -99,8 +87,8 @@ def block_divergences(blocks: nn.ModuleList | nn.Sequential, run) -> dict[str, T
     calls = record_blocks(blocks, run)
     if len(calls) < 2:
         raise ValueError("need at least two block calls to compare")
-    probs = [attention_probabilities(block, x, mask).double() for block, x, _, mask in calls]
-    feats = [torch.softmax((y if y.dim() == 3 else rearrange(y, "b c h w -> b (h w) c")).double(), dim=-1) for _, _, y, _ in calls]
+    probs = [read_attention(block, args, kwargs).double() for block, args, kwargs, _ in calls]
+    feats = [torch.softmax(_token_features(y).double(), dim=-1) for _, _, _, y in calls]
     n, heads = len(calls), probs[0].shape[1]
     per_head = torch.zeros(n, n, heads, dtype=torch.float64)
     features = torch.zeros(n, n, dtype=torch.float64)
@@ -109,6 +97,114 @@ def block_divergences(blocks: nn.ModuleList | nn.Sequential, run) -> dict[str, T
             per_head[i, j] = per_head[j, i] = js_divergence(probs[i], probs[j]).mean(dim=(0, 2))
             features[i, j] = features[j, i] = js_divergence(feats[i], feats[j]).mean()
     return {"attention": per_head.mean(-1), "attention_per_head": per_head, "features": features}
+
+
+def attention_block_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
+    """The blocks of ``model`` whose attention can be read (:func:`siclip.blocks.read_attention`), outermost only,
+    grouped by the container holding them (``text_model.encoder.layers``, ``visual.transformer.resblocks``…): one
+    group per tower or stack, blocks in order."""
+    groups: dict[str, list[tuple[str, nn.Module]]] = {}
+    taken: list[str] = []
+    for name, module in model.named_modules(remove_duplicate=False):  # a block shared by two positions is at both
+        if not name or any(name.startswith(t + ".") for t in taken) or not has_attention_reader(module):
+            continue
+        taken.append(name)
+        parent = name.rpartition(".")[0]
+        groups.setdefault(parent, []).append((name, module))
+    return groups
+
+
+@dataclass
+class DivergenceReport:
+    """Divergences between the adjacent and all blocks of each stack of a model, and the sharing plans they give.
+
+    ``groups[stack]`` holds ``blocks`` (names), ``attention`` and ``features`` (n × n JS matrices, nats),
+    ``plans`` (strategy → :class:`~siclip.blocks.SharingPlan`) and ``plan`` (the optimal partition into
+    ``max_groups`` runs of adjacent blocks, by attention JS)."""
+
+    model: str
+    groups: dict[str, dict] = field(default_factory=dict)
+
+    def table(self):
+        """One row per adjacent pair: ``stack, pair, blocks, attention, features`` (a pandas table, nats)."""
+        import pandas as pd
+
+        rows = []
+        for stack, g in self.groups.items():
+            for i in range(len(g["blocks"]) - 1):
+                rows.append({"stack": stack, "pair": f"{i}-{i + 1}", "blocks": f"{g['blocks'][i]} / {g['blocks'][i + 1]}",
+                             "attention": float(g["attention"][i, i + 1]), "features": float(g["features"][i, i + 1])})  # fmt: skip
+        return pd.DataFrame(rows, columns=["stack", "pair", "blocks", "attention", "features"])
+
+    def __str__(self) -> str:
+        lines = [f"{self.model}: Jensen–Shannon divergence between adjacent blocks (nats; 0 = identical, ln 2 = disjoint)", "",
+                 "| stack | pair | attention | features |", "|---|---|---:|---:|"]  # fmt: skip
+        for _, r in self.table().iterrows():
+            lines.append(f"| {r['stack']} | {r['pair']} | {r['attention']:.4f} | {r['features']:.4f} |")
+        lines += ["", "| stack | optimal plan |", "|---|---|"] + [f"| {s} | {g['plan']} |" for s, g in self.groups.items()]
+        return "\n".join(lines)
+
+    def save(self, out_dir: str | Path) -> list[Path]:
+        """Heatmaps (``divergence_<stack>_<reading>.png``) and ``divergence.json`` (matrices, plans) in ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths, record = [], {"model": self.model, "stacks": {}}
+        for stack, g in self.groups.items():
+            slug = stack.replace(".", "_") or "model"
+            labels = [name.rsplit(".", 1)[-1] if name.rsplit(".", 1)[-1].isdigit() else name for name in g["blocks"]]
+            labels = [f"block {label}" if label.isdigit() else label for label in labels]
+            for reading in ("attention", "features"):
+                title = f"{self.model}: {stack} ({reading})"
+                paths.append(plot_heatmap(g[reading], out / f"divergence_{slug}_{reading}.png", title, labels))
+            record["stacks"][stack] = {"blocks": g["blocks"], "attention": g["attention"].tolist(), "features": g["features"].tolist(),
+                                       "plans": {k: str(v) for k, v in g["plans"].items()}, "optimal": str(g["plan"])}  # fmt: skip
+        path = out / "divergence.json"
+        path.write_text(json.dumps(record, indent=1))
+        return [*paths, path]
+
+
+def _runner(model: nn.Module, inputs):
+    if callable(inputs) and not isinstance(inputs, (Tensor, nn.Module)):
+        return inputs
+    if isinstance(inputs, dict):
+        return lambda: model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return lambda: model(*inputs)
+    return lambda: model(inputs)
+
+
+@torch.no_grad()
+def divergence_report(model: nn.Module, inputs, *, max_groups: int | dict | None = None, name: str | None = None) -> DivergenceReport:
+    """JS divergences between the blocks of every stack of ``model`` on ``inputs`` (what ``model`` is called with: a
+    dict of keyword arguments, a tuple of positional ones, one tensor, or a function that runs it), each stack's
+    adjacent-pair table, its heatmaps (:meth:`DivergenceReport.save`) and its sharing plans: the optimal partition into
+    ``max_groups`` runs (default half the blocks; a dict gives it per stack). Works on any model whose blocks have an
+    attention reader: siclip's, and the original blocks of transformers, timm and open_clip models, read under the
+    causal and padding masks the model itself applies."""
+    groups = attention_block_groups(model)
+    if not groups:
+        raise ValueError(f"no block of {type(model).__name__} has an attention reader; readers exist for {', '.join(ATTENTION_READERS.known())}")
+    was_training = model.training
+    model.eval()
+    run = _runner(model, inputs)
+    report = DivergenceReport(name or type(model).__name__)
+    try:
+        for stack, blocks in groups.items():
+            if len(blocks) < 2:
+                continue
+            d = block_divergences([b for _, b in blocks], run)
+            n = d["attention"].shape[0]
+            if n != len(blocks):
+                raise ValueError(f"{stack}: {len(blocks)} blocks made {n} calls on these inputs; a block called twice cannot be placed")
+            wanted = max_groups.get(stack) if isinstance(max_groups, dict) else max_groups
+            plans = sharing_plans(d["attention"], max_groups=wanted)
+            optimal = next(plan for key, plan in plans.items() if key.startswith("optimal"))
+            report.groups[stack] = {"blocks": [n for n, _ in blocks], **d, "plans": plans, "plan": optimal}
+    finally:
+        model.train(was_training)
+    if not report.groups:
+        raise ValueError(f"every stack of {type(model).__name__} has a single block: there is nothing to compare")
+    return report
 
 
 def text_divergences(model, ids: Tensor) -> dict[str, Tensor]:

@@ -85,8 +85,78 @@ def clip_inputs(model, batch: int = 1) -> tuple[Tensor, Tensor]:
     return torch.rand(batch, 3, size, size), ids
 
 
+def _call(model: nn.Module, inputs):
+    if callable(inputs) and not isinstance(inputs, (Tensor, nn.Module)):
+        return inputs()
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def pick_output(output, pick=None) -> Tensor:
+    """The tensor of a model's output to differentiate: ``pick(output)`` when callable, the field or key ``pick``
+    names (``"pooler_output"``), else the output itself, a tensor's first element of a tuple, or a model output's
+    first tensor field (transformers' ``last_hidden_state``)."""
+    if callable(pick):
+        return pick(output)
+    if pick is not None:
+        return output[pick] if isinstance(output, dict) or (isinstance(pick, int) and isinstance(output, (tuple, list))) else getattr(output, pick)
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    values = output.values() if isinstance(output, dict) else vars(output).values()
+    return next(v for v in values if isinstance(v, Tensor))
+
+
+def module_flops(model: nn.Module, inputs, *, output=None, backward: bool = False) -> tuple[int, dict[str, int]]:
+    """``(total FLOPs, FLOPs per top-level child)`` of ``model`` called on ``inputs`` (a tensor, a tuple of positional
+    arguments, a dict of keyword arguments, or a function that runs it), counted by PyTorch's ``FlopCounterMode`` at
+    the dispatcher (every matrix product, convolution and fused attention, FLOPs = 2 × multiply-adds). ``backward``:
+    forward and backward of the output ``output`` picks (:func:`pick_output`), as a training step runs them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        if backward:
+            y = pick_output(_call(model, inputs), output)
+            y.backward(torch.ones_like(y))
+        else:
+            with torch.no_grad():
+                _call(model, inputs)
+    prefix = type(model).__name__ + "."
+    by_child = {name.removeprefix(prefix): int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()
+                if name.startswith(prefix) and "." not in name.removeprefix(prefix)}  # a module's count includes its children's
+    return int(counter.get_total_flops()), by_child
+
+
+def model_report(model, inputs=None, *, output=None, backward: bool = False) -> dict:
+    """FLOPs and parameters.
+
+    - ``model_report(clip)``: a siclip CLIP's per-image and per-caption GFLOPs and parameters (inference, batch 1).
+    - ``model_report(any_module, inputs, output=..., backward=...)``: any module (a transformers, timm or open_clip
+      model, converted or not) on the inputs it is called with (:func:`module_flops`): ``params`` (shared
+      parameters once), ``trainable``, ``gflops`` (forward, or forward + backward of the picked output) and
+      ``gflops_by_module`` (per top-level child).
+    """
+    if inputs is None:
+        return _clip_report(model)
+    from siclip.blocks import count_parameters
+
+    was_training = model.training
+    model.train(backward)
+    try:
+        total, by_child = module_flops(model, inputs, output=output, backward=backward)
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return {"model": type(model).__name__, "params": count_parameters(model), "trainable": count_parameters(model, trainable_only=True),
+            "gflops": total / 1e9, "gflops_by_module": {k: v / 1e9 for k, v in by_child.items()}}  # fmt: skip
+
+
 @torch.no_grad()
-def model_report(model) -> dict:
+def _clip_report(model) -> dict:
     """Per-image and per-caption GFLOPs and parameters of a CLIP model (inference, batch 1)."""
     images, ids = clip_inputs(model)
     wrapped = _EncodeBoth(model.eval())

@@ -4,16 +4,20 @@
 - :class:`PreLNBlock`, :class:`SASBlock`, :class:`SASPBlock` on ``(batch, tokens, dim)``; :class:`Block2d`
   runs any of them on ``(batch, channels, height, width)`` maps.
 - :mod:`~siclip.blocks.sharing`: weight-sharing plans between adjacent blocks.
-- :mod:`~siclip.blocks.convert`: Pre-LN → SAS-P conversion with weight inheritance.
+- :mod:`~siclip.blocks.convert`: Pre-LN → SAS-P conversion with weight inheritance; :func:`sasp_from_parts` for any
+  Pre-LN block; converters and :mod:`~siclip.blocks.readers` (attention readers) are looked up by block type.
 """
 
 from .attention import Attention
 from .backends import xformers_status
-from .convert import BlockStack, ConversionReport, SASPConversion, convert_block, convert_to_sasp, register_converter
+from .convert import (
+    BlockStack, ConversionReport, SASPConversion, convert_block, convert_to_sasp, register_converter, register_host_fixup, sasp_from_parts,
+)  # fmt: skip
 from .mlp import Mlp, create_act
 from .norms import TokenBatchNorm, create_norm
 from .param_groups import no_weight_decay_names, param_groups_weight_decay
 from .pre_ln import LayerScale, PreLNBlock
+from .readers import read_attention, register_attention_reader, softmax_attention
 from .sas import SASBlock, SASPBlock, ShapedSelfAttention, ValueSkipInit
 from .shaped_attention import (
     ShapedAttention,
@@ -42,6 +46,6 @@ __all__ = [
     "TokenBatchNorm", "ValueSkipInit", "apply_sharing", "centred_values", "convert_block", "convert_to_sasp",
     "count_parameters", "create_act", "create_norm", "no_weight_decay_names", "param_groups_weight_decay",
     "plan_adjacent_pairs", "plan_all", "plan_none", "plan_optimal", "plan_sharing", "plan_threshold",
-    "register_converter", "shaped_attention", "shaped_attention_matrix", "shaped_attention_reference",
-    "xformers_status",
+    "read_attention", "register_attention_reader", "register_converter", "register_host_fixup", "sasp_from_parts", "shaped_attention",
+    "shaped_attention_matrix", "shaped_attention_reference", "softmax_attention", "xformers_status",
 ]  # fmt: skip

@@ -10,8 +10,13 @@ converted attention starts at I + softmax(QKᵀ/√d) − C rather than I; ``zer
 the exact identity start of He & Hofmann. A layer scale on the MLP branch is folded into ``fc2``
 (``fold_layer_scale``), which keeps that branch's output unchanged.
 
-Converters are looked up by block type in a registry, so model code can register its own
-(``@register_converter(MyBlock)``); unknown types raise a :class:`TypeError` naming the type.
+Converters are looked up by block type in a registry (:class:`~siclip.blocks.registry.TypeRegistry`), so model code
+can register its own (``@register_converter(MyBlock)``), and the interoperability modules register those of
+transformers, timm and open_clip blocks (:mod:`siclip.interop`) the first time such a block is met; unknown types
+raise a :class:`TypeError` naming the type. A block type nobody registered converts with :func:`sasp_from_parts`.
+A converter of a block living inside a foreign model returns a module that keeps the host's call signature (see
+:mod:`siclip.blocks.host`); host models that need a fix-up after their blocks changed (transformers' output
+recording hooks) register one with :func:`register_host_fixup`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import Tensor, nn
 
 from .masking import resolve_block_masks
 from .pre_ln import LayerScale, PreLNBlock
+from .registry import TypeRegistry
 from .sas import SASPBlock
 
 ACTIONS = ("inherited", "dropped", "new")
@@ -87,42 +93,57 @@ class ConversionReport:
 
 
 Converter = Callable[[nn.Module, SASPConversion], tuple[nn.Module, ConversionReport]]
-CONVERTERS: dict[type, Converter] = {}
+CONVERTERS: TypeRegistry[Converter] = TypeRegistry("SAS-P converter")
+HOST_FIXUPS: TypeRegistry[Callable[[nn.Module], None]] = TypeRegistry("host fix-up after conversion")
 
 
 def register_converter(block_type: type) -> Callable[[Converter], Converter]:
     """Register ``fn(block, options) -> (new_module, report)`` for ``block_type`` (and its subclasses)."""
+    return CONVERTERS.register(block_type)
 
-    def wrap(fn: Converter) -> Converter:
-        CONVERTERS[block_type] = fn
-        return fn
 
-    return wrap
+def register_host_fixup(model_type: type) -> Callable:
+    """Register ``fn(model)``, run on every module of type ``model_type`` inside a model after
+    :func:`convert_to_sasp` replaced blocks in it (e.g. hooks that must be installed again)."""
+    return HOST_FIXUPS.register(model_type)
 
 
 def find_converter(module: nn.Module) -> Converter | None:
-    for cls in type(module).__mro__:
-        if cls in CONVERTERS:
-            return CONVERTERS[cls]
-    return None
+    return CONVERTERS.find(module)
 
 
 @torch.no_grad()
-def _sasp_from_parts(
+def sasp_from_parts(
     *,
     norm: nn.Module,
-    q: tuple[Tensor, Tensor | None],
-    k: tuple[Tensor, Tensor | None],
+    q: nn.Linear | tuple[Tensor, Tensor | None],
+    k: nn.Linear | tuple[Tensor, Tensor | None],
     fc1: nn.Linear,
     act: nn.Module,
     fc2: nn.Linear,
     num_heads: int,
-    causal: bool,
-    options: SASPConversion,
+    causal: bool = False,
+    options: SASPConversion | None = None,
     mlp_scale: Tensor | None = None,
 ) -> tuple[SASPBlock, ConversionReport]:
-    """A SAS-P block carrying the given pretrained parts, and the report of what it inherited and added."""
+    """A SAS-P block carrying the given pretrained parts of a Pre-LN block, and the report of what it inherited
+    and added: the first ``norm`` (now the one norm of both branches), the query and key projections (``nn.Linear``
+    or ``(weight, bias)`` with weight ``(dim, dim)``), the MLP ``fc2(act(fc1(·)))`` and, if the block has one, the
+    MLP branch's layer scale ``mlp_scale`` (folded into ``fc2``). For a block type no converter knows::
+
+        block, report = sasp_from_parts(norm=b.ln1, q=b.attn.q, k=b.attn.k, fc1=b.ff[0], act=b.ff[1], fc2=b.ff[2],
+                                        num_heads=b.attn.heads, causal=False)
+
+    The caller reports what its block dropped (W_V, W_P, the second norm: ``report.add(..., "dropped")``).
+    """
+    options = options or SASPConversion()
+    q = (q.weight, q.bias) if isinstance(q, nn.Linear) else q
+    k = (k.weight, k.bias) if isinstance(k, nn.Linear) else k
     dim = q[0].shape[1]
+    if q[0].shape != (dim, dim) or k[0].shape != (dim, dim):
+        raise ValueError(f"SAS-P keeps the width: W_Q and W_K must be (dim, dim), got {tuple(q[0].shape)} and {tuple(k[0].shape)}")
+    if dim % num_heads:
+        raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
     block = SASPBlock(
         dim,
         num_heads,
@@ -180,7 +201,7 @@ def _convert_pre_ln(block: PreLNBlock, options: SASPConversion) -> tuple[SASPBlo
     scale = block.ls2.gamma if isinstance(block.ls2, LayerScale) and options.fold_layer_scale else None
     if isinstance(block.ls2, LayerScale) and not options.fold_layer_scale:
         raise ValueError("this block has a layer scale on its MLP branch; convert with fold_layer_scale=True")
-    new, report = _sasp_from_parts(
+    new, report = sasp_from_parts(
         norm=block.norm1, q=(w[0], b[0]), k=(w[1], b[1]), fc1=block.mlp.fc1, act=block.mlp.act, fc2=block.mlp.fc2,
         num_heads=block.num_heads, causal=block.causal, options=options, mlp_scale=scale,
     )  # fmt: skip
@@ -216,7 +237,7 @@ def _convert_torch_layer(
         if act not in _ACTIVATION_FUNCTIONS:
             raise TypeError(f"cannot convert activation function {act!r}; pass an nn.Module activation")
         act = _ACTIVATION_FUNCTIONS[act]()
-    new, report = _sasp_from_parts(
+    new, report = sasp_from_parts(
         norm=layer.norm1, q=(wq, bq), k=(wk, bk), fc1=layer.linear1, act=act, fc2=layer.linear2,
         num_heads=mha.num_heads, causal=False, options=options,
     )  # fmt: skip
@@ -268,8 +289,8 @@ def convert_block(block: nn.Module, options: SASPConversion | None = None) -> tu
     """Convert one block; raises :class:`TypeError` naming the type when no converter knows it."""
     converter = find_converter(block)
     if converter is None:
-        known = ", ".join(sorted(t.__name__ for t in CONVERTERS))
-        raise TypeError(f"no SAS-P converter for block type {type(block).__qualname__}; known types: {known}")
+        raise TypeError(f"no SAS-P converter for block type {type(block).__qualname__}; known types: {', '.join(CONVERTERS.known())} "
+                        "(convert any Pre-LN block with siclip.blocks.sasp_from_parts)")  # fmt: skip
     return converter(block, options or SASPConversion())
 
 
@@ -302,8 +323,7 @@ def convert_to_sasp(
                 targets.append(name)
                 seen.add(name)
         if not targets:
-            known = ", ".join(sorted(t.__name__ for t in CONVERTERS))
-            raise ValueError(f"no convertible blocks in {type(model).__name__}; looked for {known}")
+            raise ValueError(f"no convertible blocks in {type(model).__name__}; looked for {', '.join(CONVERTERS.known())}")
     else:
         targets = list(names)
     report = ConversionReport()
@@ -313,4 +333,8 @@ def convert_to_sasp(
         block, sub = convert_block(model.get_submodule(name), options)
         setattr(parent, attr, block) if not attr.isdigit() else parent.__setitem__(int(attr), block)
         report.extend(sub, name)
+    for module in model.modules():
+        fixup = HOST_FIXUPS.find(module)
+        if fixup is not None:
+            fixup(module)
     return model, report

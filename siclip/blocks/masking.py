@@ -8,6 +8,8 @@ term, which is only cheap (no T×T matrix) for causal and key-padding masks.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -105,3 +107,71 @@ def resolve_block_masks(
     mask = key_padding_mask if key_padding_mask is not None else src_key_padding_mask
     flags = [f for f in (causal, is_causal) if f is not None]
     return (bool(flags[0]) if flags else default_causal), mask
+
+
+# The largest value an additive mask may use for "hidden": libraries write −inf or the dtype's most negative number.
+_HIDDEN_BELOW = -1e4
+_last_decoded: list = [None, None, None]  # [weak reference to the mask, (version, causal, batch, tokens), result]
+
+
+def decode_attention_mask(mask: Tensor | None, batch: int, tokens: int, causal: bool | None = None) -> tuple[bool, Tensor | None]:
+    """``(causal, key_padding_mask)`` equivalent to a library's attention mask (key padding True = ignore, or None).
+
+    Accepted: boolean (True = attend) or additive (0 visible, ≤ −10⁴ or −inf hidden) masks of shape ``(T, T)``,
+    ``(B, T, T)``, ``(B·H, T, T)`` (heads repeated, as open_clip builds them) or ``(B, 1, T, T)`` (transformers'),
+    and ``(B, T)`` key masks (1/True = keep, as tokenizers return them). ``causal`` None: read from the mask (every
+    later key hidden). Shaped attention needs ``C = softmax(M)``, which is cheap only for causal and key-padding
+    masks, so any other mask is refused with a :class:`NotImplementedError`. The pattern is read off the last query
+    row (causal) or the first (not) and checked on every query that is not itself padding (a padded query's row is
+    free: libraries unmask it to avoid empty softmax rows). One library mask serves every block of a forward pass,
+    so the last decoding is kept (the same tensor, unchanged, gives the same answer).
+    """
+    if mask is None:
+        return bool(causal), None
+    key = (mask._version, causal, batch, tokens)
+    ref, seen, result = _last_decoded
+    if ref is not None and ref() is mask and seen == key:  # a weak reference: a freed mask's id may be reused
+        return result
+    if mask.dim() == 2 and tuple(mask.shape) == (batch, tokens) and batch != tokens:
+        keep = mask if mask.dtype == torch.bool else mask > 0.5
+        result = (bool(causal), None if bool(keep.all()) else ~keep)
+    else:
+        result = _decode_square(mask, batch, tokens, causal)
+    _last_decoded[:] = [weakref.ref(mask), key, result]
+    return result
+
+
+def _decode_square(mask: Tensor, batch: int, tokens: int, causal: bool | None) -> tuple[bool, Tensor | None]:
+    visible = mask if mask.dtype == torch.bool else mask > _HIDDEN_BELOW
+    if visible.dim() == 4:
+        if visible.shape[1] != 1:
+            raise NotImplementedError(f"a per-head attention mask {tuple(mask.shape)}: shaped attention takes one mask for all heads")
+        visible = visible[:, 0]
+    if visible.dim() == 2:
+        visible = visible[None]
+    if tuple(visible.shape[-2:]) != (tokens, tokens):
+        raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not fit {batch} sequences of {tokens} tokens")
+    if visible.shape[0] not in (1, batch):
+        if visible.shape[0] % batch:
+            raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not fit {batch} sequences of {tokens} tokens")
+        per_head = visible.view(batch, visible.shape[0] // batch, tokens, tokens)  # (B·H, T, T), heads repeated per sequence
+        if not bool((per_head == per_head[:, :1]).all()):
+            raise NotImplementedError(f"a per-head attention mask {tuple(mask.shape)}: shaped attention takes one mask for all heads")
+        visible = per_head[:, 0]
+    visible = visible.expand(batch, tokens, tokens)
+    later = torch.ones(tokens, tokens, dtype=torch.bool, device=mask.device).triu(1)
+    if causal is None:
+        causal = tokens > 1 and not bool((visible & later).any())
+    padding = ~visible[:, -1 if causal else 0, :]
+    expected = ~padding[:, None, :]
+    if causal:
+        expected = expected & ~later
+    rows = ~padding  # queries that are tokens; padded queries' rows are free
+    if bool(((visible != expected) & rows[:, :, None]).any()):
+        kind = "causal and key-padding" if causal else "key-padding"
+        raise NotImplementedError(
+            f"this attention mask is not a {kind} mask: shaped attention (αI + β·softmax(QKᵀ + M) − γ·C) needs "
+            "C = softmax(M), which it builds for causal and key-padding masks only (left padding of causal text "
+            "is not supported either: a query before every token would see no key)"
+        )
+    return causal, (padding if bool(padding.any()) else None)

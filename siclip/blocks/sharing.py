@@ -265,12 +265,17 @@ def apply_sharing(
     if plan.num_blocks != len(blocks):
         raise ValueError(f"the plan covers {plan.num_blocks} blocks but the stack has {len(blocks)}")
 
+    def attention_path(block: nn.Module) -> str:
+        # A block converted inside a foreign model keeps its SAS-P block under ``sasp`` (siclip.interop).
+        return f"sasp.{attention_attr}" if not hasattr(block, attention_attr) and hasattr(block, "sasp") else attention_attr
+
     def part(i: int) -> nn.Module:
         if scope == "block":
             return blocks[i]
-        if not hasattr(blocks[i], attention_attr):
-            raise AttributeError(f"block {i} ({type(blocks[i]).__name__}) has no attention submodule {attention_attr!r}")
-        return getattr(blocks[i], attention_attr)
+        try:
+            return blocks[i].get_submodule(attention_path(blocks[i]))
+        except AttributeError:
+            raise AttributeError(f"block {i} ({type(blocks[i]).__name__}) has no attention submodule {attention_attr!r}") from None
 
     before = count_parameters(blocks)
     for group in plan.groups:
@@ -287,5 +292,6 @@ def apply_sharing(
             if scope == "block":
                 blocks[i] = owner
             else:
-                setattr(blocks[i], attention_attr, owner)
+                parent, _, name = attention_path(blocks[i]).rpartition(".")
+                setattr(blocks[i].get_submodule(parent) if parent else blocks[i], name, owner)
     return SharingReport(plan, scope, before, count_parameters(blocks))

@@ -26,6 +26,7 @@ siclip's own ``CLIP`` has it; :func:`as_clip` wraps a foreign model object in an
 | ``PATH`` (a file) | a siclip checkpoint, or a state dict in Apple's ``mobileclip_s0.pt`` layout |
 | ``hf:DIR`` | a transformers ``CLIPModel`` / ``SiglipModel`` saved in ``DIR`` (``from_pretrained``, local only) |
 | ``open_clip:ARCH:FILE`` | open_clip architecture ``ARCH`` (a registered name, or a model-config JSON path) with the weights in ``FILE`` |
+| ``PATH`` (a converted file) | a transformers or open_clip CLIP converted to SAS-P (``experiments/convert_model.py``) |
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def load_clip(spec: str | Path, *, apple_model: str = "mobileclip_s0") -> Loaded
     from siclip.data.tokenizer import tokenizer_for, tokenizer_spec
     from siclip.models import load_model
 
+    from .converted import is_converted_file, load_converted_clip
+
+    if is_converted_file(spec):
+        return load_converted_clip(spec)
     model, saved = load_model(spec, model=apple_model)
     tokenizer = tokenizer_for(model.config.text, saved, spec)
     return LoadedClip(model.eval(), tokenizer, spec, tokenizer_spec(tokenizer))

@@ -1,6 +1,12 @@
 """open_clip in siclip: block converters, attention readers, the CLIP adapter and its preprocessing.
 
 Imported by siclip's registries the first time they meet an open_clip object (never by siclip otherwise).
+
+``ResidualAttentionBlock`` (text and visual towers): ``X + ls₁·MHA(ln_1 X)``, ``+ ls₂·MLP(ln_2 ·)``. Inherited: ln_1,
+W_Q, W_K (the ``in_proj`` rows) and their biases, the MLP (c_fc, activation, c_proj), ls₂ folded into c_proj. Dropped:
+W_V, W_P (``attn.out_proj``), ln_2, ls₁. The converted block keeps open_clip's call, ``block(q_x, k_x=None,
+v_x=None, attn_mask=None)`` (the text tower's additive causal mask, and its padding masks, decoded), its layout
+(``batch_first``) and ``get_weight_dtype``, which the host's forward asks for.
 """
 
 from __future__ import annotations
@@ -16,13 +22,85 @@ from open_clip.transform import PreprocessCfg
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from open_clip.transformer import ResidualAttentionBlock
+
+from siclip.blocks import (
+    ConversionReport, SASPBlock, SASPConversion, register_attention_reader, register_converter, sasp_from_parts, softmax_attention,
+)  # fmt: skip
+from siclip.blocks.masking import decode_attention_mask
 from siclip.data.transforms import INTERPOLATIONS, RESIZE_MODES, Preprocess
 from siclip.interop import ADAPTERS, LoadedClip
 
 # ── block converters (SAS-P) ─────────────────────────────────────────────────────────────────────────────────────
 
 
+class SASPOpenClipBlock(nn.Module):
+    """A SAS-P block with open_clip's residual-block call and layout."""
+
+    def __init__(self, block: SASPBlock, batch_first: bool = True) -> None:
+        super().__init__()
+        self.sasp, self.batch_first = block, batch_first
+
+    def get_weight_dtype(self) -> torch.dtype:
+        return self.sasp.mlp.fc1.weight.dtype
+
+    def forward(self, q_x: Tensor, k_x: Tensor | None = None, v_x: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+        if k_x is not None or v_x is not None:
+            raise NotImplementedError("a SAS-P block attends to its own input: cross-attention (k_x, v_x) was not converted")
+        x = q_x if self.batch_first else q_x.transpose(0, 1)
+        causal, padding = decode_attention_mask(attn_mask, x.shape[0], x.shape[1])
+        out = self.sasp(x, padding, causal)
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+@register_converter(ResidualAttentionBlock)
+def _convert_residual_block(block: nn.Module, options: SASPConversion) -> tuple[nn.Module, ConversionReport]:
+    if hasattr(block, "ln_1_kv"):
+        raise NotImplementedError("an open_clip cross-attention block: SAS-P replaces self-attention only")
+    attn, mlp = block.attn, block.mlp
+    if not attn._qkv_same_embed_dim:
+        raise NotImplementedError("an nn.MultiheadAttention with separate key/value widths: SAS-P keeps the width")
+    dim = attn.embed_dim
+    w = attn.in_proj_weight.split(dim)
+    b = attn.in_proj_bias.split(dim) if attn.in_proj_bias is not None else (None, None, None)
+    ls1, ls2 = (getattr(block, name).gamma if hasattr(getattr(block, name), "gamma") else None for name in ("ls_1", "ls_2"))
+    new, report = sasp_from_parts(norm=block.ln_1, q=(w[0], b[0]), k=(w[1], b[1]), fc1=mlp.c_fc, act=mlp.gelu, fc2=mlp.c_proj,
+                                  num_heads=attn.num_heads, options=options, mlp_scale=ls2 if options.fold_layer_scale else None)  # fmt: skip
+    out = ConversionReport()
+    out.rows = [{**row, "parameter": f"sasp.{row['parameter']}"} for row in report.rows]
+    out.add("", {"attn.in_proj_weight[v]": w[2], "attn.in_proj_bias[v]": b[2]}, "dropped", "W_V = I")
+    out.add("", dict(attn.out_proj.named_parameters(prefix="attn.out_proj")), "dropped", "W_P = I")
+    out.add("", dict(block.ln_2.state_dict(prefix="ln_2.")), "dropped", "one shared pre-norm")
+    out.add("", {"ls_1.gamma": ls1}, "dropped", "α, β, γ carry the attention scale")
+    out.add("", {"ls_2.gamma": ls2}, "dropped", "folded into mlp.fc2")
+    return SASPOpenClipBlock(new, attn.batch_first), out
+
+
 # ── attention readers (divergence) ───────────────────────────────────────────────────────────────────────────────
+
+
+def _tokens_and_mask(args: tuple, kwargs: dict, batch_first: bool) -> tuple[Tensor, Tensor | None]:
+    x = args[0] if batch_first else args[0].transpose(0, 1)
+    return x, (args[3] if len(args) > 3 else kwargs.get("attn_mask"))
+
+
+@register_attention_reader(ResidualAttentionBlock)
+def _read_residual_block(block: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    attn = block.attn
+    x, mask = _tokens_and_mask(args, kwargs, attn.batch_first)
+    q, k, _ = nn.functional.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    if mask is not None and mask.dim() == 3:  # (batch·heads, T, T) as open_clip builds padding masks
+        mask = mask.view(x.shape[0], -1, *mask.shape[-2:])
+    return softmax_attention(q, k, attn.num_heads, attn_mask=mask)
+
+
+@register_attention_reader(SASPOpenClipBlock)
+def _read_converted(block: SASPOpenClipBlock, args: tuple, kwargs: dict) -> Tensor:
+    x, mask = _tokens_and_mask(args, kwargs, block.batch_first)
+    causal, padding = decode_attention_mask(mask, x.shape[0], x.shape[1])
+    sasp = block.sasp
+    h = sasp.norm(x)
+    return softmax_attention(sasp.attn.q(h), sasp.attn.k(h), sasp.num_heads, causal=causal, key_padding_mask=padding)
 
 
 # ── CLIP adapter: teachers and evaluation, preprocessing ─────────────────────────────────────────────────────────
@@ -113,6 +191,31 @@ def _architecture(arch: str, spec: str) -> tuple[str, dict]:
 
 def load_spec(rest: str, spec: str) -> LoadedClip:
     """``open_clip:ARCH:FILE``: architecture ``ARCH`` built with the weights in ``FILE`` (loaded as data, strictly)."""
+    model, arch = _load(rest, spec)
+    return adapt(model, OpenClipTokenizer(open_clip.get_tokenizer(arch), arch), spec=spec)
+
+
+def load_original(rest: str, spec: str) -> nn.Module:
+    return _load(rest, spec)[0]
+
+
+def architecture_of(model: nn.Module) -> dict:
+    """What rebuilds the model: the name and model config it was created from (recorded by :func:`_load`)."""
+    record = getattr(model, "_siclip_architecture", None)
+    if record is None:
+        raise ValueError("this open_clip model was not loaded from a spec (open_clip:ARCH:FILE), so its config is unknown")
+    return record
+
+
+def build_architecture(record: dict) -> nn.Module:
+    config = dict(record["config"])
+    custom = config.pop("custom_text", False) or "hf_model_name" in config.get("text_cfg", {})
+    model = (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**config)
+    model._siclip_architecture = record
+    return model.eval()
+
+
+def _load(rest: str, spec: str) -> tuple[nn.Module, str]:
     arch, sep, weights = rest.rpartition(":")
     if not sep or not arch:
         raise ValueError(f"{spec}: expected open_clip:ARCH:FILE (an architecture or model-config JSON, and a weights file)")
@@ -139,4 +242,28 @@ def load_spec(rest: str, spec: str) -> LoadedClip:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{spec}: {weights} does not fit {arch}: missing {list(missing)[:8]}, unexpected {list(unexpected)[:8]}")
-    return adapt(model, OpenClipTokenizer(open_clip.get_tokenizer(arch), arch), spec=spec)
+    model._siclip_architecture = {"name": arch, "config": config}
+    return model.eval(), arch
+
+
+def calibration_run(model: nn.Module, rest: str, captions: list[str] | None, images: list | None):
+    """``run(m)``: both towers of an open_clip CLIP of ``model``'s architecture on ``captions`` and ``images``."""
+    from siclip.data.transforms import preprocess_image
+
+    if not captions or not images:
+        raise ValueError("a CLIP's divergences need both --captions and --images")
+    arch = architecture_of(model)["name"]
+    tokenizer = OpenClipTokenizer(open_clip.get_tokenizer(arch), arch)
+    ids, pixels = tokenizer(captions), torch.stack([preprocess_image(im, preprocess_of(model)) for im in images])
+    return lambda m: (nn.functional.normalize(m.encode_text(ids), dim=-1), nn.functional.normalize(m.encode_image(pixels), dim=-1))
+
+
+def original_preprocess(model: nn.Module, rest: str) -> Preprocess:
+    return preprocess_of(model)
+
+
+def adapt_converted(model: nn.Module, rest: str, spec: str, preprocess: Preprocess | None) -> LoadedClip:
+    """A converted open_clip CLIP with its architecture's tokenizer."""
+    arch, _, _ = rest.rpartition(":")
+    arch, _ = _architecture(arch, spec)
+    return adapt(model, OpenClipTokenizer(open_clip.get_tokenizer(arch), arch), preprocess, spec)

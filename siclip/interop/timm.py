@@ -1,14 +1,211 @@
 """timm in siclip: block converters and attention readers for its Vision Transformer blocks.
 
 Imported by siclip's registries the first time they meet a timm object (never by siclip otherwise).
+
+- ``Block`` (pre-norm, sequential): ``X + ls₁·Attn(norm1 X)``, ``+ ls₂·Mlp(norm2 ·)``. Inherited: norm1, W_Q, W_K (the
+  ``qkv`` rows) and their biases, the Mlp, ls₂ folded into fc2. Dropped: W_V, W_P (``attn.proj``), norm2, ls₁.
+- ``ParallelScalingBlock`` (already parallel, one norm, ViT-22B): ``X + ls·(W_P·Attn(in_norm X) + W₂·act(W₁ in_norm X))``.
+  Inherited: in_norm, the query, key and MLP rows of ``in_proj`` (and ``mlp_bias``), the MLP's output projection,
+  ls folded into it. Dropped: the value rows, the attention's output projection, ls on the attention branch.
+
+Both convert to a module keeping timm's call, ``block(x, attn_mask=None, is_causal=False)`` (``attn_mask`` boolean,
+True = attend, or additive), so ``VisionTransformer.forward`` runs unchanged. Blocks with query/key norms, scale
+norms, gated or grouped attention are refused: SAS-P has no place for them.
 """
 
 from __future__ import annotations
 
-import timm  # noqa: F401  (this module exists for this library; siclip.blocks.registry imports it lazily)
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+from timm.layers import LayerScale
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block, ParallelScalingBlock
+
+from siclip.blocks import ConversionReport, SASPBlock, SASPConversion, register_attention_reader, register_converter, sasp_from_parts
+from siclip.blocks import softmax_attention
+from siclip.blocks.masking import decode_attention_mask
+from siclip.data.transforms import Preprocess
 
 # ── block converters (SAS-P) ─────────────────────────────────────────────────────────────────────────────────────
 
 
+class SASPTimmBlock(nn.Module):
+    """A SAS-P block with timm's block signature: ``block(x, attn_mask=None, is_causal=False)``."""
+
+    def __init__(self, block: SASPBlock) -> None:
+        super().__init__()
+        self.sasp = block
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        causal, padding = decode_attention_mask(attn_mask, x.shape[0], x.shape[1], True if is_causal else None)
+        return self.sasp(x, padding, causal)
+
+
+def _refuse_extras(block: nn.Module, attn: nn.Module) -> None:
+    extras = [name for name in ("q_norm", "k_norm", "norm") if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity)]
+    extras += ["gate"] if getattr(attn, "gate", None) is not None else []
+    extras += ["mlp.norm"] if not isinstance(getattr(getattr(block, "mlp", None), "norm", nn.Identity()), nn.Identity) else []
+    if extras:
+        raise NotImplementedError(f"a timm {type(block).__name__} with {extras}: SAS-P has no place for query/key or scale norms or gates")
+
+
+def _scale(module: nn.Module) -> Tensor | None:
+    return module.gamma if isinstance(module, LayerScale) else None
+
+
+def _finish(new: SASPBlock, report: ConversionReport, dropped: dict) -> tuple[nn.Module, ConversionReport]:
+    out = ConversionReport()
+    out.rows = [{**row, "parameter": f"sasp.{row['parameter']}"} for row in report.rows]
+    for (name, note), tensor in dropped.items():
+        out.add("", {name: tensor}, "dropped", note)
+    return SASPTimmBlock(new), out
+
+
+@register_converter(Block)
+def _convert_block(block: Block, options: SASPConversion) -> tuple[nn.Module, ConversionReport]:
+    attn, mlp = block.attn, block.mlp
+    if type(attn) is not Attention:
+        raise NotImplementedError(f"a timm Block with a {type(attn).__name__}: the converter takes timm's standard Attention")
+    _refuse_extras(block, attn)
+    dim = block.norm1.weight.shape[0]
+    if attn.attn_dim != dim:
+        raise NotImplementedError(f"a timm Block whose attention width {attn.attn_dim} is not its width {dim}: SAS-P keeps the width")
+    w = attn.qkv.weight.split(dim)
+    b = attn.qkv.bias.split(dim) if attn.qkv.bias is not None else (None, None, None)
+    scale = _scale(block.ls2) if options.fold_layer_scale else None
+    if _scale(block.ls2) is not None and not options.fold_layer_scale:
+        raise ValueError("this block has a layer scale on its MLP branch; convert with fold_layer_scale=True")
+    new, report = sasp_from_parts(norm=block.norm1, q=(w[0], b[0]), k=(w[1], b[1]), fc1=mlp.fc1, act=mlp.act, fc2=mlp.fc2,
+                                  num_heads=attn.num_heads, options=options, mlp_scale=scale)  # fmt: skip
+    dropped = {("attn.qkv.weight[v]", "W_V = I"): w[2], ("attn.qkv.bias[v]", "W_V = I"): b[2],
+               ("attn.proj.weight", "W_P = I"): attn.proj.weight, ("attn.proj.bias", "W_P = I"): attn.proj.bias,
+               ("norm2.weight", "one shared pre-norm"): block.norm2.weight, ("norm2.bias", "one shared pre-norm"): block.norm2.bias,
+               ("ls1.gamma", "α, β, γ carry the attention scale"): _scale(block.ls1),
+               ("ls2.gamma", "folded into mlp.fc2"): scale}  # fmt: skip
+    return _finish(new, report, dropped)
+
+
+@register_converter(ParallelScalingBlock)
+@torch.no_grad()
+def _convert_parallel(block: ParallelScalingBlock, options: SASPConversion) -> tuple[nn.Module, ConversionReport]:
+    _refuse_extras(block, block)
+    if block.out_proj is not None:
+        raise NotImplementedError("a ParallelScalingBlock with a fused output projection: build it with fuse_out_proj=False")
+    hidden, dim = block.in_split[0], block.in_split[1]
+    w = block.in_proj.weight.split(block.in_split)
+    b = block.in_proj.bias.split(block.in_split) if block.in_proj.bias is not None else (block.mlp_bias, None, None, None)
+    fc1 = nn.Linear(dim, hidden, bias=b[0] is not None).to(w[0].device, w[0].dtype)
+    fc1.weight.copy_(w[0])
+    if b[0] is not None:
+        fc1.bias.copy_(b[0])
+    scale = _scale(block.ls)
+    new, report = sasp_from_parts(norm=block.in_norm, q=(w[1], b[1]), k=(w[2], b[2]), fc1=fc1, act=block.mlp_act, fc2=block.mlp_out_proj,
+                                  num_heads=block.num_heads, options=options, mlp_scale=scale if options.fold_layer_scale else None)  # fmt: skip
+    dropped = {("in_proj.weight[v]", "W_V = I"): w[3], ("in_proj.bias[v]", "W_V = I"): b[3],
+               ("attn_out_proj.weight", "W_P = I"): block.attn_out_proj.weight, ("attn_out_proj.bias", "W_P = I"): block.attn_out_proj.bias,
+               ("ls.gamma", "folded into mlp.fc2; α, β, γ carry the attention scale"): scale}  # fmt: skip
+    return _finish(new, report, dropped)
+
+
 # ── attention readers (divergence) ───────────────────────────────────────────────────────────────────────────────
 
+
+def _call(args: tuple, kwargs: dict) -> tuple[Tensor | None, bool]:
+    mask = args[1] if len(args) > 1 else kwargs.get("attn_mask")
+    return mask, bool(args[2] if len(args) > 2 else kwargs.get("is_causal", False))
+
+
+def _heads(q: Tensor, k: Tensor, q_norm: nn.Module, k_norm: nn.Module, heads: int) -> tuple[Tensor, Tensor]:
+    """The queries and keys after the block's per-head norms (identities unless qk_norm), back in (b, t, h·d)."""
+    b, t, _ = q.shape
+    q = q_norm(q.view(b, t, heads, -1)).reshape(b, t, -1)
+    k = k_norm(k.view(b, t, heads, -1)).reshape(b, t, -1)
+    return q, k
+
+
+@register_attention_reader(Block)
+def _read_block(block: Block, args: tuple, kwargs: dict) -> Tensor:
+    attn, (mask, causal) = block.attn, _call(args, kwargs)
+    q, k, _ = attn.qkv(block.norm1(args[0])).chunk(3, dim=-1)
+    q, k = _heads(q, k, attn.q_norm, attn.k_norm, attn.num_heads)
+    return softmax_attention(q, k, attn.num_heads, scale=attn.scale, causal=causal, attn_mask=None if causal else mask)
+
+
+@register_attention_reader(ParallelScalingBlock)
+def _read_parallel(block: ParallelScalingBlock, args: tuple, kwargs: dict) -> Tensor:
+    mask, causal = _call(args, kwargs)
+    _, q, k, _ = block.in_proj(block.in_norm(args[0])).split(block.in_split, dim=-1)
+    q, k = _heads(q, k, block.q_norm, block.k_norm, block.num_heads)
+    return softmax_attention(q, k, block.num_heads, scale=block.scale, causal=causal, attn_mask=None if causal else mask)
+
+
+@register_attention_reader(SASPTimmBlock)
+def _read_converted(block: SASPTimmBlock, args: tuple, kwargs: dict) -> Tensor:
+    x, (mask, is_causal) = args[0], _call(args, kwargs)
+    causal, padding = decode_attention_mask(mask, x.shape[0], x.shape[1], True if is_causal else None)
+    sasp = block.sasp
+    h = sasp.norm(x)
+    return softmax_attention(sasp.attn.q(h), sasp.attn.k(h), sasp.num_heads, causal=causal, key_padding_mask=padding)
+
+
+# ── original models and their architecture (siclip.interop.converted) ────────────────────────────────────────────
+
+
+def load_original(rest: str, spec: str) -> nn.Module:
+    """``timm:NAME:FILE``: timm's architecture ``NAME`` (built without downloading) with the weights in ``FILE``."""
+    name, sep, weights = rest.rpartition(":")
+    if not sep or not name:
+        raise ValueError(f"{spec}: expected timm:NAME:FILE (a timm model name and a weights file)")
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"{spec}: weights file {weights} not found")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ValueError(f"{spec}: {weights} holds a {type(state).__name__}, not a state dict")
+    try:
+        model = timm.create_model(name, pretrained=False, **architecture_kwargs(state))
+    except RuntimeError as err:
+        raise ValueError(f"{spec}: {err}") from None
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def architecture_kwargs(state: dict) -> dict:
+    """timm arguments a ViT state dict implies beyond its name: the number of classes of its head (0: none)."""
+    head = state.get("head.weight")
+    return {"num_classes": 0 if head is None else int(head.shape[0])}
+
+
+def architecture_of(model: nn.Module) -> dict:
+    return {"name": model.default_cfg.get("architecture") or type(model).__name__, "kwargs": {"num_classes": model.num_classes}}
+
+
+def build_architecture(record: dict) -> nn.Module:
+    return timm.create_model(record["name"], pretrained=False, **record["kwargs"]).eval()
+
+
+def preprocess_of(model: nn.Module) -> Preprocess:
+    """The model's ``pretrained_cfg`` (input size, crop fraction, interpolation, mean, std) as siclip's Preprocess."""
+    cfg = model.pretrained_cfg
+    size = cfg.get("input_size", (3, 224, 224))[-1]
+    crop = cfg.get("crop_pct", 1.0) or 1.0
+    interpolation = cfg.get("interpolation", "bicubic")
+    return Preprocess(size=size, resize=int(size / crop), interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bicubic",
+                      mean=tuple(cfg.get("mean", (0.5,) * 3)), std=tuple(cfg.get("std", (0.5,) * 3)))  # fmt: skip
+
+
+def calibration_run(model: nn.Module, rest: str, captions: list[str] | None, images: list | None):
+    """``run(m)``: a timm image model of ``model``'s architecture on ``images`` in its own view (:func:`preprocess_of`)."""
+    from siclip.data.transforms import preprocess_image
+
+    if not images:
+        raise ValueError("a timm image model reads images: give --images")
+    pixels = torch.stack([preprocess_image(im, preprocess_of(model)) for im in images])
+    return lambda m: m(pixels)
+
+
+def original_preprocess(model: nn.Module, rest: str) -> Preprocess:
+    return preprocess_of(model)

@@ -8,17 +8,279 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import transformers
+from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
+from transformers.models.vit.modeling_vit import ViTLayer
+from transformers.utils import output_capturing
 
+from siclip.blocks import (
+    ConversionReport, SASPBlock, SASPConversion, register_attention_reader, register_converter, register_host_fixup, sasp_from_parts,
+    softmax_attention,
+)  # fmt: skip
+from siclip.blocks.masking import decode_attention_mask
+from siclip.blocks.shaped_attention import shaped_attention_matrix
 from siclip.data.transforms import CLIP_MEAN, CLIP_STD, Preprocess
 from siclip.interop import ADAPTERS, LoadedClip
 
+# Post-LN layers (BERT and its kin): refused with the reason (see _refuse_post_ln).
+POST_LN_LAYERS = tuple(
+    getattr(getattr(transformers.models, family), f"modeling_{family}").__dict__[name]
+    for family, name in (("bert", "BertLayer"), ("roberta", "RobertaLayer"), ("electra", "ElectraLayer"), ("distilbert", "TransformerBlock"))
+    if hasattr(transformers.models, family)
+)
+
 # ── block converters (SAS-P) ─────────────────────────────────────────────────────────────────────────────────────
+#
+# A converted layer is an instance of a subclass of the layer it replaces, so the host model's own forward, its
+# gradient checkpointing and its output recording (``output_hidden_states``) treat it as that layer; it runs a
+# SAS-P block inside (``.sasp``) with the host's call signature. ``output_attentions`` records, through a probe that
+# is an instance of the host's attention class, the matrix that multiplies the values in shaped attention,
+# A = α·I + β·softmax(QKᵀ/√d + M) − γ·C per head: what "attentions" means for a block without W_V and W_P.
+
+_HOST_CLASSES: dict[type, type] = {}
+
+
+def _torch_activation(act: nn.Module) -> nn.Module:
+    """transformers' activations as the torch modules they equal (exact GELU, tanh GELU), which siclip's fused
+    parallel-block path recognises; any other (QuickGELU, NewGELU's written-out formula) is kept as it is."""
+    name = type(act).__name__
+    if name == "GELUActivation" and getattr(act, "act", None) is nn.functional.gelu:
+        return nn.GELU()
+    if name in ("PytorchGELUTanh", "GELUTanh"):
+        return nn.GELU(approximate="tanh")
+    return act
+
+
+def _attention_probe(attention_class: type) -> nn.Module:
+    """An instance of the host's attention class that only hands transformers' recording hook a matrix."""
+    probe_class = _HOST_CLASSES.get(attention_class)
+    if probe_class is None:
+        def init(self) -> None:
+            nn.Module.__init__(self)
+
+        def forward(self, matrix: Tensor) -> tuple[None, Tensor]:
+            return None, matrix
+
+        probe_class = type(f"Shaped{attention_class.__name__}Record", (attention_class,), {"__init__": init, "forward": forward,
+                           "__doc__": "Records shaped attention for output_attentions; it has no weights and computes nothing."})  # fmt: skip
+        _HOST_CLASSES[attention_class] = probe_class
+    return probe_class()
+
+
+def _attentions_requested() -> bool:
+    collector = output_capturing._active_collector.get()
+    return collector is not None and "attentions" in collector
+
+
+class _SASPLayer:
+    """The behaviour every converted transformers layer shares (mixed into a subclass of the host's layer class)."""
+
+    def _setup(self, block: SASPBlock, probe_name: str, probe: nn.Module, causal: bool) -> None:
+        nn.Module.__init__(self)
+        self.sasp, self.default_causal, self.probe_name = block, causal, probe_name
+        setattr(self, probe_name, probe)
+
+    def _run(self, hidden_states: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
+        _, padding = decode_attention_mask(attention_mask, hidden_states.shape[0], hidden_states.shape[1], causal)
+        out = self.sasp(hidden_states, padding, causal)
+        if _attentions_requested():
+            getattr(self, self.probe_name)(self._shaped_matrix(hidden_states, padding, causal))
+        return out
+
+    @torch.no_grad()
+    def _shaped_matrix(self, hidden_states: Tensor, padding: Tensor | None, causal: bool) -> Tensor:
+        block = self.sasp
+        h = block.norm(hidden_states)
+        q, k = (rearrange(t, "b t (h d) -> b h t d", h=block.num_heads) for t in (block.attn.q(h), block.attn.k(h)))
+        gains = block.attn.shaped
+        matrix = shaped_attention_matrix(q, k, gains.alpha, gains.beta, gains.gamma, causal=causal, key_padding_mask=padding)
+        return matrix * block.gain_attn
+
+
+def _host_class(layer_class: type, forward) -> type:
+    """The converted-layer class for ``layer_class``: a subclass of it whose ``forward`` is ``forward``."""
+    cls = _HOST_CLASSES.get(layer_class)
+    if cls is None:
+        def init(self, block: SASPBlock, probe_name: str, probe: nn.Module, causal: bool = False) -> None:
+            self._setup(block, probe_name, probe, causal)
+
+        cls = type(f"SASP{layer_class.__name__}", (_SASPLayer, layer_class), {"__init__": init, "forward": forward, "__doc__":
+                   f"A {layer_class.__name__} converted to SAS-P (siclip): the host's signature around ``self.sasp``."})  # fmt: skip
+        _HOST_CLASSES[layer_class] = cls
+    return cls
+
+
+def _encoder_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+    """CLIP, SigLIP and ViT layers: ``(hidden_states, attention_mask, **kwargs)``; CLIP's text model says
+    ``is_causal=True`` in the keywords and passes a 4-D causal (and padding) mask or none."""
+    causal = bool(kwargs.get("is_causal", self.default_causal))
+    return self._run(hidden_states, attention_mask, causal)
+
+
+def _gpt2_forward(self, hidden_states: Tensor, cache=None, attention_mask: Tensor | None = None, encoder_hidden_states=None,
+                  encoder_attention_mask=None, use_cache: bool | None = False, **kwargs) -> Tensor:  # fmt: skip
+    if encoder_hidden_states is not None:
+        raise NotImplementedError("a GPT-2 block converted to SAS-P has no cross-attention: it was converted from its self-attention only")
+    if use_cache and cache is not None:
+        raise NotImplementedError("SAS-P blocks keep no key/value cache (they have no W_V): call the model with use_cache=False")
+    return self._run(hidden_states, attention_mask, True)
+
+
+def _linear_from_conv1d(conv: nn.Module) -> nn.Linear:
+    """GPT-2's ``Conv1D`` (y = x·W + b, W stored (in, out)) as the ``nn.Linear`` it equals."""
+    weight = conv.weight
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=conv.bias is not None).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.t())
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    return linear
+
+
+def _wrap(layer: nn.Module, block: SASPBlock, report: ConversionReport, forward, probe_name: str, attention_class: type,
+          dropped: dict, causal: bool = False) -> tuple[nn.Module, ConversionReport]:  # fmt: skip
+    """The converted layer and its report (rows of the SAS-P block under ``sasp.``, the dropped tensors by their
+    original names)."""
+    converted = _host_class(type(layer), forward)(block, probe_name, _attention_probe(attention_class), causal)
+    converted.train(layer.training)
+    out = ConversionReport()
+    out.rows = [{**row, "parameter": f"sasp.{row['parameter']}"} for row in report.rows]
+    for (names, note), tensors in dropped.items():
+        out.add("", dict(zip(names, tensors)), "dropped", note)
+    return converted, out
+
+
+def _qk(attention: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    return attention.q_proj, attention.k_proj
+
+
+@register_converter(CLIPEncoderLayer)
+@register_converter(SiglipEncoderLayer)
+def _convert_clip_layer(layer: nn.Module, options: SASPConversion) -> tuple[nn.Module, ConversionReport]:
+    """CLIP (text and vision) and SigLIP layers: ``X + Attn(LN₁X)``, then ``+ MLP(LN₂·)``."""
+    attn, mlp = layer.self_attn, layer.mlp
+    q, k = _qk(attn)
+    block, report = sasp_from_parts(norm=layer.layer_norm1, q=q, k=k, fc1=mlp.fc1, act=_torch_activation(mlp.activation_fn), fc2=mlp.fc2,
+                                    num_heads=attn.num_heads, options=options)  # fmt: skip
+    dropped = {(("self_attn.v_proj.weight", "self_attn.v_proj.bias"), "W_V = I"): (attn.v_proj.weight, attn.v_proj.bias),
+               (("self_attn.out_proj.weight", "self_attn.out_proj.bias"), "W_P = I"): (attn.out_proj.weight, attn.out_proj.bias),
+               (("layer_norm2.weight", "layer_norm2.bias"), "one shared pre-norm"): (layer.layer_norm2.weight, layer.layer_norm2.bias)}  # fmt: skip
+    return _wrap(layer, block, report, _encoder_forward, "self_attn", type(attn), dropped)
+
+
+@register_converter(ViTLayer)
+def _convert_vit_layer(layer: nn.Module, options: SASPConversion) -> tuple[nn.Module, ConversionReport]:
+    """ViT layers: ``X + Attn(LN_before X)``, then ``+ MLP(LN_after ·)`` (dropout dropped with the skips)."""
+    attn, mlp = layer.attention, layer.mlp
+    q, k = _qk(attn)
+    block, report = sasp_from_parts(norm=layer.layernorm_before, q=q, k=k, fc1=mlp.fc1, act=_torch_activation(mlp.activation_fn),
+                                    fc2=mlp.fc2, num_heads=attn.num_attention_heads, options=options)  # fmt: skip
+    dropped = {(("attention.v_proj.weight", "attention.v_proj.bias"), "W_V = I"): (attn.v_proj.weight, attn.v_proj.bias),
+               (("attention.o_proj.weight", "attention.o_proj.bias"), "W_P = I"): (attn.o_proj.weight, attn.o_proj.bias),
+               (("layernorm_after.weight", "layernorm_after.bias"), "one shared pre-norm"): (layer.layernorm_after.weight,
+                                                                                              layer.layernorm_after.bias)}  # fmt: skip
+    return _wrap(layer, block, report, _encoder_forward, "attention", type(attn), dropped)
+
+
+@register_converter(GPT2Block)
+def _convert_gpt2_block(block: nn.Module, options: SASPConversion) -> tuple[nn.Module, ConversionReport]:
+    """GPT-2 blocks (causal): ``X + Attn(ln_1 X)``, ``+ MLP(ln_2 ·)``; Conv1D weights transposed into Linears, and the
+    attention's own scale (1/√d, or 1 without ``scale_attn_weights``, ÷ (layer + 1) with
+    ``scale_attn_by_inverse_layer_idx``) folded into W_Q, so the logits are inherited exactly."""
+    attn, mlp = block.attn, block.mlp
+    if getattr(attn, "is_cross_attention", False) or hasattr(block, "crossattention"):
+        raise NotImplementedError("GPT-2 blocks with cross-attention are not converted: SAS-P replaces self-attention only")
+    dim = attn.embed_dim
+    qkv = _linear_from_conv1d(attn.c_attn)
+    w, b = qkv.weight.split(dim), qkv.bias.split(dim)
+    fold = attn.scaling * attn.head_dim**0.5  # the block's scale over SAS-P's 1/√d
+    converted, report = sasp_from_parts(norm=block.ln_1, q=(w[0] * fold, b[0] * fold), k=(w[1], b[1]), fc1=_linear_from_conv1d(mlp.c_fc),
+                                        act=_torch_activation(mlp.act), fc2=_linear_from_conv1d(mlp.c_proj), num_heads=attn.num_heads,
+                                        causal=True, options=options)  # fmt: skip
+    if fold != 1.0:
+        for row in report.rows:
+            if row["parameter"].startswith("attn.q."):
+                row["note"] = (row["note"] + "; " if row["note"] else "") + f"attention scale folded in (×{fold:.4g})"
+    dropped = {(("attn.c_attn.weight[v]", "attn.c_attn.bias[v]"), "W_V = I"): (w[2], b[2]),
+               (("attn.c_proj.weight", "attn.c_proj.bias"), "W_P = I"): (attn.c_proj.weight, attn.c_proj.bias),
+               (("ln_2.weight", "ln_2.bias"), "one shared pre-norm"): (block.ln_2.weight, block.ln_2.bias)}  # fmt: skip
+    return _wrap(block, converted, report, _gpt2_forward, "attn", type(attn), dropped, causal=True)
+
+
+def _refuse_post_ln(layer: nn.Module, options: SASPConversion):
+    raise TypeError(
+        f"{type(layer).__name__} is a Post-LN block (Norm(X + Attn(X)), then Norm(· + MLP(·))): its norms sit after the skips, so "
+        "it has no pre-norm for both branches to share, and without the skips every later layer would read another input. "
+        "SAS-P conversion keeps Pre-LN blocks (X + Attn(Norm X)): CLIP, SigLIP, ViT, GPT-2, timm and open_clip transformers"
+    )
+
+
+for _post_ln in POST_LN_LAYERS:
+    register_converter(_post_ln)(_refuse_post_ln)
+
+
+@register_host_fixup(transformers.PreTrainedModel)
+def _after_conversion(model: nn.Module) -> None:
+    """transformers installs its output-recording hooks once per model, on the layer classes it knows: after blocks
+    were replaced, drop them everywhere and let the next forward install them on the converted layers; a converted
+    GPT-2 keeps no cache, so it stops asking for one."""
+    for module in model.modules():
+        recording = [k for k, h in module._forward_hooks.items() if getattr(h, "__name__", "") == "output_capturing_hook"]
+        for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
+            for key in recording:
+                hooks.pop(key, None)
+        if isinstance(module, transformers.PreTrainedModel):
+            module._output_capturing_hooks_installed = False
+    if any(isinstance(m, _HOST_CLASSES.get(GPT2Block, ())) for m in model.modules()) and getattr(model.config, "use_cache", False):
+        model.config.use_cache = False
 
 
 # ── attention readers (divergence) ───────────────────────────────────────────────────────────────────────────────
+# Each reads softmax(QKᵀ·scale + M) from the call the host made: the 4-D mask it passed (causal and padding; bool or
+# additive), or, with none, the causality the call or the block implies (CLIP's text model says is_causal=True).
+
+
+def _call_mask(args: tuple, kwargs: dict, position: int) -> Tensor | None:
+    return args[position] if len(args) > position else kwargs.get("attention_mask")
+
+
+@register_attention_reader(CLIPEncoderLayer)
+@register_attention_reader(SiglipEncoderLayer)
+def _read_clip_layer(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    attn, h = layer.self_attn, layer.layer_norm1(args[0])
+    return softmax_attention(attn.q_proj(h), attn.k_proj(h), attn.num_heads, scale=attn.scale, attn_mask=_call_mask(args, kwargs, 1),
+                             causal=bool(kwargs.get("is_causal", False)))  # fmt: skip
+
+
+@register_attention_reader(ViTLayer)
+def _read_vit_layer(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    attn, h = layer.attention, layer.layernorm_before(args[0])
+    return softmax_attention(attn.q_proj(h), attn.k_proj(h), attn.num_attention_heads, scale=attn.scaling,
+                             attn_mask=_call_mask(args, kwargs, 1))  # fmt: skip
+
+
+@register_attention_reader(GPT2Block)
+def _read_gpt2_block(block: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    attn = block.attn
+    q, k, _ = attn.c_attn(block.ln_1(args[0])).split(attn.split_size, dim=-1)
+    return softmax_attention(q, k, attn.num_heads, scale=attn.scaling, attn_mask=_call_mask(args, kwargs, 2), causal=True)
+
+
+@register_attention_reader(_SASPLayer)
+def _read_converted(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    """A converted layer: the softmax term of its shaped attention, under the masks it decoded from the call."""
+    x, block, gpt2 = args[0], layer.sasp, isinstance(layer, GPT2Block)  # GPT-2's call: (hidden_states, cache, attention_mask, …)
+    causal = True if gpt2 else bool(kwargs.get("is_causal", layer.default_causal))
+    mask = _call_mask(args, kwargs, 2 if gpt2 else 1)
+    _, padding = decode_attention_mask(mask, x.shape[0], x.shape[1], causal)
+    h = block.norm(x)
+    return softmax_attention(block.attn.q(h), block.attn.k(h), block.num_heads, causal=causal, key_padding_mask=padding)
 
 
 # ── CLIP adapter: teachers and evaluation, preprocessing ─────────────────────────────────────────────────────────
@@ -91,8 +353,8 @@ class HFClip(nn.Module):
 def default_preprocess(model: nn.Module) -> Preprocess:
     """The image processor's defaults for ``model`` when no ``preprocessor_config.json`` says otherwise: CLIP's
     (bicubic short side, centre crop, OpenAI's mean and std), SigLIP's (bicubic squash to the input size, mean = std = ½)."""
-    size = model.config.vision_config.image_size
-    if model.config.model_type == "siglip":
+    size = getattr(model.config, "vision_config", model.config).image_size
+    if model.config.model_type.startswith("siglip"):
         return Preprocess(size=size, resize_mode="squash", interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
     return Preprocess(size=size, interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD)
 
@@ -165,3 +427,90 @@ def load_spec(directory: str, spec: str) -> LoadedClip:
         raise FileNotFoundError(f"{spec}: no preprocessor_config.json in {path}: siclip reads the model's preprocessing from it "
                                 "(save the image processor beside the model: processor.save_pretrained(DIR))")  # fmt: skip
     return adapt(model, tokenizer, preprocess_from_file(processor), spec)
+
+
+# ── original models and their architecture (siclip.interop.converted) ────────────────────────────────────────────
+
+
+def load_pretrained(path: Path, spec: str) -> nn.Module:
+    """A transformers model saved in ``path`` (``from_pretrained``, local files only): the CLIP/SigLIP class for those,
+    else ``AutoModel``'s."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{spec}: {path} is not a transformers model directory (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    model_class = CLIP_MODELS.get(config.model_type, transformers.AutoModel)
+    return model_class.from_pretrained(path, local_files_only=True).eval()
+
+
+def load_original(rest: str, spec: str) -> nn.Module:
+    return load_pretrained(Path(rest), spec)
+
+
+def architecture_of(model: nn.Module) -> dict:
+    return {"class": type(model).__name__, "config": model.config.to_dict(), "attn_implementation": model.config._attn_implementation}
+
+
+def build_architecture(record: dict) -> nn.Module:
+    model_class = getattr(transformers, record["class"])
+    config = model_class.config_class.from_dict(record["config"])
+    config._attn_implementation = record.get("attn_implementation") or "sdpa"
+    return model_class(config).eval()
+
+
+def _directory_preprocess(path: Path, model: nn.Module) -> Preprocess:
+    processor = path / "preprocessor_config.json"
+    return preprocess_from_file(processor) if processor.is_file() else default_preprocess(model)
+
+
+def calibration_run(model: nn.Module, rest: str, captions: list[str] | None, images: list | None):
+    """``run(m)``: a model of ``model``'s architecture on the calibration inputs, for divergences and FLOPs: a CLIP on
+    both (its tokenizer and preprocessing from its directory), a vision model on ``images``, a text model on
+    ``captions`` (its tokenizer from its directory)."""
+    from siclip.data.transforms import preprocess_image
+
+    path = Path(rest)
+    vision_config = getattr(model.config, "vision_config", model.config)
+    if isinstance(model, tuple(CLIP_MODELS.values())):
+        if not captions or not images:
+            raise ValueError("a CLIP's divergences need both --captions and --images")
+        tokenizer, pre = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True), _directory_preprocess(path, model)
+        clip = adapt(model, tokenizer, pre).model
+        ids, pixels = clip.tokenizer(captions), torch.stack([preprocess_image(im, pre) for im in images])
+
+        def run_clip(m: nn.Module):
+            clip = adapt(m, tokenizer, pre).model
+            return clip.encode_text(ids), clip.encode_image(pixels)
+
+        return run_clip
+    if getattr(vision_config, "image_size", None) is not None:
+        if not images:
+            raise ValueError(f"a {type(model).__name__} reads images: give --images")
+        pixels = torch.stack([preprocess_image(im, _directory_preprocess(path, model)) for im in images])
+        return lambda m: m(pixel_values=pixels)
+    if not captions:
+        raise ValueError(f"a {type(model).__name__} reads text: give --captions")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:  # GPT-2's tokenizer has none: pad with end-of-text, masked out
+        tokenizer.pad_token = tokenizer.eos_token
+    inputs = dict(tokenizer(captions, padding=True, truncation=True, return_tensors="pt"))
+    if hasattr(model.config, "use_cache"):
+        inputs["use_cache"] = False  # a converted GPT-2 keeps no cache
+    return lambda m: m(**inputs)
+
+
+def original_preprocess(model: nn.Module, rest: str) -> Preprocess | None:
+    vision_config = getattr(model.config, "vision_config", model.config)
+    return _directory_preprocess(Path(rest), model) if getattr(vision_config, "image_size", None) is not None else None
+
+
+def adapt_converted(model: nn.Module, rest: str, spec: str, preprocess: Preprocess | None) -> LoadedClip:
+    """A converted CLIP/SigLIP with the tokenizer of its original's directory."""
+    if not isinstance(model, tuple(CLIP_MODELS.values())):
+        raise ValueError(f"{spec}: a converted {type(model).__name__} is not a CLIP (CLIPModel or SiglipModel)")
+    path = Path(rest)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"the converted model reads the tokenizer of its original, {spec}, which cannot be loaded "
+                                f"({str(err).splitlines()[0]})") from None  # fmt: skip
+    return adapt(model, tokenizer, preprocess or _directory_preprocess(path, model), spec)

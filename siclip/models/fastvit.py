@@ -17,7 +17,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from siclip.blocks import Attention, ConversionReport, SASPBlock2d, SASPConversion, register_converter
+from siclip.blocks import Attention, ConversionReport, SASPBlock2d, SASPConversion, register_attention_reader, register_converter
+from siclip.blocks.readers import softmax_attention
 
 from .mobileone import MobileOneBlock, ReparamLargeKernelConv, conv_bn
 from .reparam import depthwise_conv_args, identity_kernel, make_conv
@@ -117,6 +118,13 @@ class AttentionBlock(nn.Module):
         tokens = self.token_mixer(rearrange(self.norm(x), "b c h w -> b (h w) c"))
         x = x + self.layer_scale_1 * rearrange(tokens, "b (h w) c -> b c h w", h=height)
         return x + self.layer_scale_2 * self.convffn(x)
+
+
+@register_attention_reader(AttentionBlock)
+def read_attention_block(block: AttentionBlock, args: tuple, kwargs: dict) -> Tensor:
+    """softmax(QKᵀ/√d) over the map's positions, the MHSA of ``block(x)`` (no mask)."""
+    q, k, _ = block.token_mixer.qkv(rearrange(block.norm(args[0]), "b c h w -> b (h w) c")).chunk(3, dim=-1)
+    return softmax_attention(q, k, block.token_mixer.num_heads)
 
 
 @register_converter(AttentionBlock)

@@ -200,7 +200,10 @@ def frozen_modules(model: nn.Module) -> list[str]:
 
 
 def count_parameters_by_group(model: nn.Module) -> dict[str, int]:
-    """Total, image, text and trainable parameter counts (shared parameters once)."""
+    """Total, image, text and trainable parameter counts (shared parameters once); total and trainable for a model
+    without siclip's ``visual`` and ``text`` towers."""
+    if not (hasattr(model, "visual") and hasattr(model, "text")):
+        return {"total": count_parameters(model), "trainable": count_parameters(model, trainable_only=True)}
     return {
         "total": count_parameters(model),
         "image": count_parameters(model.visual),

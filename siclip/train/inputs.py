@@ -38,6 +38,7 @@ class RunInputs:
     teacher: object | None  # a CLIP with siclip's interface (siclip.interop), or None
     unknown_rate: float
     teacher_tokenizer: object | None = None  # the teacher's own, when it does not read the student's ids
+    student: object | None = None  # a student that exists before the run (a converted CLIP file), else built by build_task
 
 
 def open_training_source(config: TrainConfig, image_size: int):
@@ -136,23 +137,26 @@ def check_tokenizer(tokenizer, student_config: ModelConfig, teacher, teacher_spe
         raise ValueError(f"tokenizer {tokenizer.name!r} ({tokenizer.vocab_size} ids) does not fit model {student_config.name!r}: " + "; ".join(problems))
 
 
-def load_teacher(config: TrainConfig, model_config: ModelConfig):
+def load_teacher(config: TrainConfig, model_config: ModelConfig | None):
     """The teacher a run names (any model spec, :func:`siclip.interop.load_clip`), or None; a SiCLIP student asked to
     inherit weights from a teacher that is not a siclip MobileCLIP is refused (there are no weights to map)."""
     if config.teacher is None:
         return None
     loaded = load_clip(config.teacher, apple_model=config.teacher_model)
-    if not loaded.is_siclip and model_config.siclip is not None and config.inherit:
+    if not loaded.is_siclip and model_config is not None and model_config.siclip is not None and config.inherit:
         raise ValueError(f"--teacher {config.teacher}: a SiCLIP student inherits weights (WI) only from a siclip MobileCLIP teacher "
                          f"(a siclip checkpoint or Apple's mobileclip_s0.pt), not from a {type(loaded.model).__name__}; pass "
                          "--no-inherit to train the student from scratch and distil from this teacher (--wikd)")  # fmt: skip
     return loaded
 
 
-def prepare_run(config: TrainConfig, model_config: ModelConfig, *, rank: int = 0, resume: bool = False) -> RunInputs:
+def prepare_run(config: TrainConfig, model_config: ModelConfig | None, *, rank: int = 0, resume: bool = False) -> RunInputs:
     """Source, teacher and a tokenizer checked against the models and the first batches' captions.
 
-    A student that inherits from a teacher takes the teacher's input size unless one was asked for."""
+    A student that inherits from a teacher takes the teacher's input size unless one was asked for. ``model_config``
+    None: the student is a converted CLIP file (``config.model``, :func:`prepare_converted_run`)."""
+    if model_config is None:
+        return prepare_converted_run(config, rank=rank)
     loaded = load_teacher(config, model_config)
     teacher = loaded.model if loaded is not None and loaded.is_siclip else None  # one whose config a student can follow
     teacher_spec = loaded.tokenizer_spec if loaded is not None else None
@@ -181,3 +185,23 @@ def prepare_run(config: TrainConfig, model_config: ModelConfig, *, rank: int = 0
 def tokenizer_spec_or_none(tokenizer) -> dict | None:
     """siclip's spec of a tokenizer, or None for a foreign one (which never equals a siclip tokenizer)."""
     return tokenizer_spec(tokenizer) if tokenizer.name in ("embedded", "clip", "words") else None
+
+
+def prepare_converted_run(config: TrainConfig, *, rank: int = 0) -> RunInputs:
+    """A transformers or open_clip CLIP converted to SAS-P (``experiments/convert_model.py``) as the student: it reads
+    its original's tokenizer and preprocessing, and a teacher (typically that original) distils into it."""
+    from siclip.interop.converted import load_converted_clip
+
+    student = load_converted_clip(config.model)
+    if config.data.tokenizer is not None:
+        raise ValueError(f"--tokenizer: {config.model} reads its original's tokenizer ({student.tokenizer.name}); leave --tokenizer out")
+    if config.model_overrides.get("image", {}).get("image_size") not in (None, student.model.preprocess.size):
+        raise ValueError(f"{config.model} takes {student.model.preprocess.size} px images: leave --image-size out")
+    loaded = load_teacher(config, None)
+    source = open_training_source(config, student.model.preprocess.size)
+    rate = check_unknown_rate(student.tokenizer, training_captions(source, first_batches(config, len(source)), config.data.p_synthetic),
+                              config.data.max_unknown_rate, config.data.source)  # fmt: skip
+    check_evaluation_inputs(config, student.tokenizer)
+    # The teacher reads the student's ids when it is the original the student was converted from (the same tokenizer).
+    teacher_tokenizer = loaded.tokenizer if loaded is not None and loaded.spec != student.model.recipe.origin else None
+    return RunInputs(source, student.tokenizer, loaded.model if loaded is not None else None, rate, teacher_tokenizer, student.model)

@@ -41,15 +41,17 @@ from .step import backward_and_step, check_tower_names, channels_last_on, create
 from .task import TrainingTask
 
 
-def _sharing_groups(model) -> list[list[int]]:
-    """Which text block positions use one module (the plan the student ended up with)."""
+def _sharing_groups(model):
+    """Which text block positions use one module (the plan the student ended up with); a converted CLIP's plans."""
+    if hasattr(model, "recipe"):
+        return {stack: plan["groups"] for stack, plan in model.recipe.sharing.items()}
     blocks, groups = list(model.text.transformer), []
     for i, block in enumerate(blocks):
         if i and block is blocks[i - 1]:
             groups[-1].append(i)
         else:
             groups.append([i])
-    return groups
+    return [list(g) for g in groups]
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -89,9 +91,16 @@ def build_task(config: TrainConfig, inputs: RunInputs | None = None) -> Training
 
     ``inputs`` (source, teacher, tokenizer) come from :func:`~siclip.train.inputs.prepare_run`, which runs here when not given.
     """
-    model_config = get_model_config(config.model, **config.model_overrides)
+    model_config = student_model_config(config)
     inputs = inputs if inputs is not None else prepare_run(config, model_config)
     teacher_model = inputs.teacher
+    if inputs.student is not None:  # a converted CLIP file: it inherited its original's weights when it was converted
+        student = inputs.student
+        if config.model_overrides.get("siclip", {}).get("freeze", "inherited") == "inherited":
+            student.train_only_converted()
+        teacher = FrozenTeacher(teacher_model) if teacher_model is not None and config.objective.needs_teacher else None
+        objective = SiCLIPObjective(student.embed_dim, teacher_model.embed_dim if teacher_model is not None else None, config.objective)
+        return TrainingTask(student, objective, teacher)
     siclip_teacher = teacher_model if isinstance(teacher_model, CLIP) else None  # one a student can inherit from
     model_config = settled_model_config(model_config, inputs.tokenizer, siclip_teacher)
     inherited: frozenset[str] = frozenset()
@@ -114,6 +123,16 @@ def build_task(config: TrainConfig, inputs: RunInputs | None = None) -> Training
     teacher_dim = teacher_model.embed_dim if teacher_model is not None else None
     objective = SiCLIPObjective(student.config.embed_dim, teacher_dim, config.objective)
     return TrainingTask(student, objective, teacher, inherited=inherited)
+
+
+def student_model_config(config: TrainConfig):
+    """The student's registered configuration with the run's overrides, or None when ``config.model`` is a converted
+    CLIP file (a transformers or open_clip model converted by ``experiments/convert_model.py``)."""
+    from siclip.interop.converted import is_converted_file
+
+    if is_converted_file(config.model):
+        return None
+    return get_model_config(config.model, **config.model_overrides)
 
 
 def calibration_divergence(model, config: TrainConfig, inputs: RunInputs):
@@ -201,13 +220,13 @@ def _train(config: TrainConfig, *, resume: bool, max_steps: int | None, progress
     checkpoint_path = out_dir / "checkpoint.pt"
     torch.manual_seed(config.seed)
 
-    inputs = prepare_run(config, get_model_config(config.model, **config.model_overrides), rank=rank, resume=resume)
+    inputs = prepare_run(config, student_model_config(config), rank=rank, resume=resume)
     task = build_task(config, inputs).to(device)
     channels_last = channels_last_on(device, config.channels_last)
     if channels_last:
         task.to(memory_format=torch.channels_last)
     student = task.student
-    loader, tokenizer = build_data(config, inputs, student.config.image.image_size, rank, world), inputs.tokenizer
+    loader, tokenizer = build_data(config, inputs, student.preprocess.size, rank, world), inputs.tokenizer
     optimizer = create_optimizer(task, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps,
                                  tower_lr_scale=config.tower_lr_scale, inherited=task.inherited_parameters(),
                                  inherited_lr_scale=config.inherited_lr_scale)  # fmt: skip
@@ -304,7 +323,10 @@ def _train(config: TrainConfig, *, resume: bool, max_steps: int | None, progress
                       "left after skipped samples", stacklevel=2)  # fmt: skip
     summary = _summary(config, student, step, total_steps, started, last, pm_skipped)
     if step >= total_steps and rank == 0:
-        save_checkpoint(student, out_dir / "model.pt", tokenizer=tokenizer_spec(tokenizer))
+        if hasattr(student, "recipe"):  # a converted CLIP keeps its format (its tokenizer is its original's)
+            student.save(out_dir / "model.pt")
+        else:
+            save_checkpoint(student, out_dir / "model.pt", tokenizer=tokenizer_spec(tokenizer))
         if config.evaluate:
             summary["eval"] = evaluate_run(student, tokenizer, config)
     logger.summary(summary)
@@ -314,7 +336,7 @@ def _train(config: TrainConfig, *, resume: bool, max_steps: int | None, progress
 def _summary(config: TrainConfig, student, step: int, total_steps: int, started: float, last: dict, pm_skipped: int) -> dict:
     return {"model": config.model, "steps": step, "total_steps": total_steps, "seconds": time.perf_counter() - started,
             "final_loss": last, "pm_skipped_steps": pm_skipped, "parameters": count_parameters_by_group(student),
-            "sharing": [list(g) for g in _sharing_groups(student)], "config": dataclasses.asdict(config)}  # fmt: skip
+            "sharing": _sharing_groups(student), "config": dataclasses.asdict(config)}  # fmt: skip
 
 
 def _listed(names: list[str], limit: int = 5) -> str:

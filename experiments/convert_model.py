@@ -1,0 +1,150 @@
+"""Your model, simplified: convert a transformers, open_clip or timm model's blocks to SAS-P, measure the divergence
+between its blocks on your inputs, share weights by a plan, and save a checkpoint that reloads to the same model.
+
+    python experiments/convert_model.py hf:models/clip-vit-b32 --captions captions.txt --images photos/ --out converted.pt
+    python experiments/convert_model.py open_clip:ViT-B-32:weights.pt --captions captions.txt --images photos/ \
+        --sharing optimal --max-groups 6 --out converted.pt
+    python experiments/convert_model.py timm:vit_small_patch16_224:vit_s16.pt --images photos/ --sharing adjacent --out vit.pt
+
+SPEC: hf:DIR (a transformers model saved with save_pretrained: CLIP, SigLIP, ViT, GPT-2…), open_clip:ARCH:FILE (an
+architecture or model-config JSON and a weights file), timm:NAME:FILE (a timm model name and a weights file).
+Nothing is downloaded.
+
+1. Reads the model and, for each stack of blocks (a tower: text, vision…), the Jensen–Shannon divergence between its
+   blocks' attention on your captions and images (each through the model's own tokenizer and preprocessing).
+2. Converts the blocks of the chosen stacks (--stacks, default all) to SAS-P and shares them by the plan --sharing
+   picks: none, adjacent pairs, optimal (the partition into --max-groups runs with the least divergence inside),
+   threshold (adjacent pairs below --threshold nats); --scope block shares whole blocks, attention W_Q, W_K and gains.
+3. Prints what was inherited, dropped and added, and parameters and FLOPs before and after (on your inputs).
+4. Saves the converted model (siclip-converted-1: data, no code) and checks that it reloads to the same outputs.
+   Heatmaps and divergence.json go to --report (default: next to --out).
+
+A converted CLIP trains as a SiCLIP student against its original (train.py --model converted.pt --teacher SPEC
+--wikd) and is evaluated by evaluate.py --model converted.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from siclip.analysis.divergence import divergence_report
+from siclip.analysis.flops import model_report
+from siclip.blocks import SASPConversion, plan_sharing
+from siclip.data import decode_image
+from siclip.interop.converted import (
+    ConvertedRecipe, architecture_of, calibration_run, convert, load_converted, load_original, original_preprocess, save_converted,
+)  # fmt: skip
+from siclip.train.evaluation import read_caption_file
+from siclip.train.malloc import keep_freed_memory
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def read_images(folder: Path, count: int) -> list:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[:count]
+    if not files:
+        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return [decode_image(p.read_bytes(), str(p)) for p in files]
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("spec", help="hf:DIR, open_clip:ARCH:FILE or timm:NAME:FILE")
+    parser.add_argument("--out", type=Path, required=True, help="the converted checkpoint to write")
+    parser.add_argument("--captions", type=Path, help="calibration captions, one per line")
+    parser.add_argument("--images", type=Path, help="a folder of calibration images")
+    parser.add_argument("--count", type=int, default=64, help="calibration captions and images to use (64)")
+    parser.add_argument("--stacks", nargs="+", help="the stacks to convert, by name (as the divergence table prints them); default all")
+    parser.add_argument("--sharing", choices=["none", "adjacent", "optimal", "threshold"], default="none")
+    parser.add_argument("--max-groups", type=int, help="optimal sharing: runs per stack (default half its blocks)")
+    parser.add_argument("--threshold", type=float, help="threshold sharing: largest adjacent divergence shared (nats)")
+    parser.add_argument("--scope", choices=["block", "attention"], default="block", help="share whole blocks or W_Q, W_K and gains")
+    parser.add_argument("--beta-ff", type=float, default=SASPConversion.beta_ff, help="initial MLP branch gain β_FF (0.1)")
+    parser.add_argument("--zero-query", action="store_true", help="W_Q = 0: each attention starts as the identity")
+    parser.add_argument("--report", type=Path, help="folder for heatmaps and divergence.json (default: <out>_report)")
+    args = parser.parse_args(argv)
+    if args.count < 2:
+        parser.error("--count must be at least 2")
+    if args.sharing == "threshold" and args.threshold is None:
+        parser.error("--sharing threshold needs --threshold")
+    if args.max_groups is not None and args.max_groups < 1:
+        parser.error("--max-groups must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    keep_freed_memory()
+    try:
+        model = load_original(args.spec)
+        captions = read_caption_file(args.captions)[: args.count] if args.captions else None
+        images = read_images(args.images, args.count) if args.images else None
+        run = calibration_run(args.spec, model, captions, images)
+        divergence = divergence_report(model, lambda: run(model), max_groups=args.max_groups, name=args.spec)
+    except (OSError, ValueError, NotImplementedError) as err:
+        print(f"convert_model.py: error: {err}", file=sys.stderr)
+        return 2
+    print(divergence)
+    report_dir = args.report or args.out.with_name(args.out.stem + "_report")
+    divergence.save(report_dir)
+    stacks = args.stacks or list(divergence.groups)
+    unknown = sorted(set(stacks) - set(divergence.groups))
+    if unknown:
+        print(f"convert_model.py: error: --stacks {unknown} are not stacks of this model; its stacks: {list(divergence.groups)}", file=sys.stderr)
+        return 2
+    before = model_report(model, lambda: run(model))
+    sharing = {}
+    for stack in stacks:
+        g = divergence.groups[stack]
+        n = len(g["blocks"])
+        matrix = g["attention"].numpy()
+        plan = plan_sharing(args.sharing, n, matrix, threshold=args.threshold, max_groups=args.max_groups or max(1, n // 2))
+        sharing[stack] = {"groups": [list(group) for group in plan.groups], "scope": args.scope}
+    recipe = ConvertedRecipe(
+        origin=args.spec, architecture=architecture_of(args.spec, model), blocks=[b for s in stacks for b in divergence.groups[s]["blocks"]],
+        options=dataclasses.asdict(SASPConversion(beta_ff=args.beta_ff, zero_query=args.zero_query)), sharing=sharing,
+        preprocess=(lambda p: p.to_dict() if p is not None else None)(original_preprocess(args.spec, model)),
+    )  # fmt: skip
+    try:
+        conversion = convert(model, recipe)
+    except (NotImplementedError, TypeError, ValueError) as err:
+        print(f"convert_model.py: error: {err}", file=sys.stderr)
+        return 2
+    after = model_report(model, lambda: run(model))
+    print(f"\n{conversion}\n")
+    print(conversion.summary().to_string())
+    print("\n| | parameters | GFLOPs on your inputs |\n|---|---:|---:|")
+    print(f"| original | {before['params']:,} | {before['gflops']:.3f} |")
+    print(f"| converted | {after['params']:,} ({after['params'] / before['params']:.3f}×) | {after['gflops']:.3f} "
+          f"({after['gflops'] / before['gflops']:.3f}×) |")  # fmt: skip
+    print("\nsharing: " + "; ".join(f"{s}: {p['groups']} ({p['scope']})" for s, p in sharing.items()))
+    save_converted(model, recipe, args.out)
+    reloaded, _ = load_converted(args.out)
+    difference = _max_difference(run, model.eval(), reloaded)
+    print(f"\nsaved {args.out}; it reloads to the same model (max |Δ| of the outputs on your inputs: {difference:.1e})")
+    print(f"divergence heatmaps and divergence.json in {report_dir}")
+    return 0
+
+
+@torch.no_grad()
+def _max_difference(run, model, reloaded) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(_flatten(run(model)), _flatten(run(reloaded))))
+
+
+def _flatten(output) -> list:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for o in output for t in _flatten(o)]
+    return [v for v in vars(output).values() if isinstance(v, torch.Tensor)] if hasattr(output, "__dict__") else []
+
+
+if __name__ == "__main__":
+    sys.exit(main())

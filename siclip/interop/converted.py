@@ -1,0 +1,206 @@
+"""A model someone else wrote, converted to SAS-P and shared, saved as data and rebuilt from it.
+
+The checkpoint (``format: siclip-converted-1``) holds no code: the spec the original came from, what rebuilds its
+architecture without its weights (a transformers class and config, an open_clip model config, a timm name and
+arguments), the names of the converted blocks, the conversion options, each stack's sharing plan and scope, the
+model's preprocessing, and the state dict. :func:`load_converted` builds the architecture, converts and shares the same
+blocks, and loads the weights strictly, so it reloads the same model (tested to 0 difference).
+
+Origins (the spec's scheme): ``hf:DIR``, ``open_clip:ARCH:FILE``, ``timm:NAME:FILE``. Each library's module in
+:mod:`siclip.interop` provides ``load_original(rest, spec)``, ``architecture_of(model)`` and
+``build_architecture(record)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from siclip.blocks import SASPConversion, SharingPlan, apply_sharing, convert_to_sasp
+from siclip.data.transforms import Preprocess
+
+from . import require
+
+FORMAT = "siclip-converted-1"
+ORIGINS = {"hf": ("transformers", "transformers"), "open_clip": ("open_clip", "open_clip_torch"), "timm": ("timm", "timm")}
+
+
+def _library(spec: str) -> tuple[str, str]:
+    """``(interop module name, rest of the spec)`` for an origin spec, the library imported (or a clear error)."""
+    scheme, sep, rest = spec.partition(":")
+    if not sep or scheme not in ORIGINS:
+        raise ValueError(f"{spec!r} names no model origin: use hf:DIR, open_clip:ARCH:FILE or timm:NAME:FILE")
+    library, package = ORIGINS[scheme]
+    require(library, package, f"model spec {spec!r}")
+    return f"siclip.interop.{library}", rest
+
+
+def load_original(spec: str) -> nn.Module:
+    """The model an origin spec names, with its weights (nothing downloaded)."""
+    module, rest = _library(spec)
+    return importlib.import_module(module).load_original(rest, spec)
+
+
+@dataclass
+class ConvertedRecipe:
+    origin: str  # hf:DIR, open_clip:ARCH:FILE or timm:NAME:FILE
+    architecture: dict  # the library's record of the original architecture (no weights)
+    blocks: list[str]  # qualified names of the converted blocks
+    options: dict = field(default_factory=lambda: dataclasses.asdict(SASPConversion()))
+    sharing: dict = field(default_factory=dict)  # stack name -> {"groups": [[i, …], …], "scope": "block" | "attention"}
+    preprocess: dict | None = None
+
+    def conversion(self) -> SASPConversion:
+        return SASPConversion(**self.options)
+
+
+def convert(model: nn.Module, recipe: ConvertedRecipe):
+    """Convert ``recipe.blocks`` of ``model`` and apply its sharing plans, in place; returns the conversion report."""
+    model, report = convert_to_sasp(model, names=recipe.blocks, options=recipe.conversion())
+    for stack, plan in recipe.sharing.items():
+        blocks = model.get_submodule(stack)
+        apply_sharing(blocks, SharingPlan(tuple(tuple(g) for g in plan["groups"])), scope=plan["scope"])
+    return report
+
+
+def rebuild(recipe: ConvertedRecipe) -> nn.Module:
+    """The converted model's architecture with fresh weights."""
+    module, _ = _library(recipe.origin)
+    model = importlib.import_module(module).build_architecture(recipe.architecture)
+    convert(model, recipe)
+    return model
+
+
+def save_converted(model: nn.Module, recipe: ConvertedRecipe, path: str | Path) -> Path:
+    """``model`` and its recipe, as data, written to a temporary file beside ``path`` and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, **dataclasses.asdict(recipe), "state_dict": model.state_dict()}
+    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def is_converted(payload) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def load_converted(path: str | Path, payload: dict | None = None) -> tuple[nn.Module, ConvertedRecipe]:
+    """``(model, recipe)`` from :func:`save_converted`'s file (``weights_only`` loading, strict state dict)."""
+    path = Path(path)
+    if payload is None:
+        if not path.is_file():
+            raise FileNotFoundError(f"converted model not found: {path}")
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not is_converted(payload):
+        raise ValueError(f"{path} is not a converted model (format {FORMAT!r})")
+    fields = {f.name for f in dataclasses.fields(ConvertedRecipe)}
+    recipe = ConvertedRecipe(**{k: v for k, v in payload.items() if k in fields})
+    model = rebuild(recipe)
+    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: the saved weights do not fit the rebuilt model: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    return model.eval(), recipe
+
+
+def preprocess_of(recipe: ConvertedRecipe) -> Preprocess | None:
+    return Preprocess.from_dict(recipe.preprocess) if recipe.preprocess is not None else None
+
+
+def calibration_run(spec: str, model: nn.Module, captions: list[str] | None, images: list | None):
+    """``run(m)``, which runs a model of ``model``'s architecture (loaded from ``spec``; converted or not) on calibration
+    captions and/or images (uint8 arrays), each through the original's tokenizer and preprocessing: what divergences
+    and FLOPs are measured on, and what checks that a saved model reloads the same."""
+    module, rest = _library(spec)
+    return importlib.import_module(module).calibration_run(model, rest, captions, images)
+
+
+def architecture_of(spec: str, model: nn.Module) -> dict:
+    """What rebuilds ``model``'s architecture (loaded from ``spec``) without its weights."""
+    module, _ = _library(spec)
+    return importlib.import_module(module).architecture_of(model)
+
+
+def original_preprocess(spec: str, model: nn.Module) -> Preprocess | None:
+    """The preprocessing of the model ``spec`` names, when it reads images (None for a text model)."""
+    module, rest = _library(spec)
+    return importlib.import_module(module).original_preprocess(model, rest)
+
+
+class ConvertedClip(nn.Module):
+    """A converted CLIP (transformers or open_clip) as a siclip student: ``forward(pixels, ids) -> (image features,
+    text features, exp(logit scale))`` like siclip's CLIP, the CLIP interface of :mod:`siclip.interop`, and the
+    recipe it was converted with, so training saves it in the same format (:meth:`save`)."""
+
+    def __init__(self, clip: nn.Module, recipe: ConvertedRecipe) -> None:
+        super().__init__()
+        self.clip, self.recipe = clip, recipe
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.clip.preprocess
+
+    @property
+    def embed_dim(self) -> int:
+        return self.clip.embed_dim
+
+    @property
+    def name(self) -> str:
+        return f"SAS-P {self.clip.name}"
+
+    def encode_image(self, pixels):
+        return self.clip.encode_image(pixels)
+
+    def encode_text(self, ids):
+        return self.clip.encode_text(ids)
+
+    def scale(self):
+        return self.clip.scale()
+
+    def forward(self, pixels, ids):
+        return self.encode_image(pixels), self.encode_text(ids), self.scale()
+
+    def train_only_converted(self) -> None:
+        """Weight inheritance as the paper trains it: every inherited module frozen, the SAS-P blocks trained."""
+        prefixes = tuple(f"clip.model.{name}." for name in self.recipe.blocks)
+        for name, parameter in self.named_parameters(remove_duplicate=False):
+            parameter.requires_grad_(name.startswith(prefixes))
+
+    def save(self, path: str | Path) -> Path:
+        return save_converted(self.clip.model, self.recipe, path)
+
+
+def is_converted_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file :func:`save_converted` wrote (the header alone is read)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip checkpoint, not loadable as data: not ours either way (the caller reports it)
+        return False
+    return is_converted(payload)
+
+
+def load_converted_clip(path: str | Path):
+    """A converted CLIP file as :class:`~siclip.interop.LoadedClip` (a :class:`ConvertedClip` and the original's
+    tokenizer, which its origin provides: the transformers directory, the open_clip architecture)."""
+    from . import LoadedClip
+
+    model, recipe = load_converted(path)
+    module, rest = _library(recipe.origin)
+    loaded = importlib.import_module(module).adapt_converted(model, rest, recipe.origin, preprocess_of(recipe))
+    return LoadedClip(ConvertedClip(loaded.model, recipe), loaded.tokenizer, str(path))
