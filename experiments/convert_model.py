@@ -35,24 +35,12 @@ import torch
 from siclip.analysis.divergence import divergence_report
 from siclip.analysis.flops import model_report
 from siclip.blocks import SASPConversion, plan_sharing
-from siclip.data import decode_image
+from siclip.data.sources import read_image_folder
 from siclip.interop.converted import (
     ConvertedRecipe, architecture_of, calibration_run, convert, load_converted, load_original, original_preprocess, save_converted,
 )  # fmt: skip
 from siclip.train.evaluation import read_caption_file
 from siclip.train.malloc import keep_freed_memory
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-
-
-def read_images(folder: Path, count: int) -> list:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[:count]
-    if not files:
-        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return [decode_image(p.read_bytes(), str(p)) for p in files]
-
 
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_original(args.spec)
         captions = read_caption_file(args.captions)[: args.count] if args.captions else None
-        images = read_images(args.images, args.count) if args.images else None
+        images = read_image_folder(args.images, args.count) if args.images else None
         run = calibration_run(args.spec, model, captions, images)
         divergence = divergence_report(model, lambda: run(model), max_groups=args.max_groups, name=args.spec)
     except (OSError, ValueError, NotImplementedError) as err:

@@ -4,6 +4,12 @@ plans picked; or, with ``--preset``, the divergence between adjacent blocks of b
     python experiments/divergence_report.py --checkpoint runs/demo/model.pt [--captions 256] [--images 128] [--out runs/reports]
     python experiments/divergence_report.py --model mobileclip_tiny        # an untrained model, for a look
     python experiments/divergence_report.py --preset demo --snapshots 8 --out runs/divergence --run-dir runs/demo
+    python experiments/divergence_report.py --spec hf:models/clip --caption-file captions.txt --image-folder photos/ --out runs/reports
+
+``--spec`` reads a model someone else wrote (``hf:DIR``, ``open_clip:ARCH:FILE``, ``timm:NAME:FILE``): the divergence
+between the blocks of each of its stacks on your captions and images (through its own tokenizer and preprocessing,
+under its own causal and padding masks), before any conversion: the table, heatmaps, ``divergence.json`` and the
+optimal plan (``--max-groups`` runs per stack).
 
 The calibration batches are ``--captions`` synthetic captions (text blocks) and ``--images`` images (the image
 encoder's attention blocks, over the positions of their feature map) of the embedded world's validation split.
@@ -53,12 +59,37 @@ def trajectory(preset: str, snapshots: int, captions: int, images: int, out: Pat
     return 0
 
 
+def foreign_report(args) -> int:
+    from siclip.analysis.divergence import divergence_report
+    from siclip.data.sources import read_image_folder
+    from siclip.interop.converted import calibration_run, load_original
+    from siclip.train.evaluation import read_caption_file
+
+    try:
+        model = load_original(args.spec)
+        captions = read_caption_file(args.caption_file)[: args.captions] if args.caption_file else None
+        images = read_image_folder(args.image_folder, args.images) if args.image_folder else None
+        run = calibration_run(args.spec, model, captions, images)
+        report = divergence_report(model, lambda: run(model), max_groups=args.max_groups, name=args.spec)
+    except (OSError, ValueError, NotImplementedError) as err:
+        print(f"divergence_report.py: error: {err}", file=sys.stderr)
+        return 2
+    print(report)
+    paths = report.save(args.out)
+    print(f"\nheatmaps and {paths[-1].name} written to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path)
     source.add_argument("--model")
     source.add_argument("--preset", choices=sorted(PRESETS), help="divergences through a training run of this preset")
+    source.add_argument("--spec", help="a transformers, open_clip or timm model: hf:DIR, open_clip:ARCH:FILE or timm:NAME:FILE")
+    parser.add_argument("--caption-file", type=Path, help="with --spec: calibration captions, one per line")
+    parser.add_argument("--image-folder", type=Path, help="with --spec: a folder of calibration images")
+    parser.add_argument("--max-groups", type=int, help="with --spec: runs of the optimal plan per stack (default half the blocks)")
     parser.add_argument("--snapshots", type=int, default=8, help="with --preset: snapshots, evenly spaced, step 0 included")
     parser.add_argument("--run-dir", type=Path, help="with --preset: the run's directory (default <out>/run); runs/demo makes it the demo's teacher")
     parser.add_argument("--captions", type=int, default=256)
@@ -66,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/reports"))
     args = parser.parse_args(argv)
     keep_freed_memory()
+    if args.spec:
+        return foreign_report(args)
     if args.preset:
         if args.snapshots < 2:
             parser.error("--snapshots must be at least 2 (the start and the end of the run)")

@@ -111,6 +111,25 @@ def pick_output(output, pick=None) -> Tensor:
     return next(v for v in values if isinstance(v, Tensor))
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# PyTorch's counter knows the CUDA attention kernels but not the CPU flash kernel SDPA takes here: counted the same way.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
 def module_flops(model: nn.Module, inputs, *, output=None, backward: bool = False) -> tuple[int, dict[str, int]]:
     """``(total FLOPs, FLOPs per top-level child)`` of ``model`` called on ``inputs`` (a tensor, a tuple of positional
     arguments, a dict of keyword arguments, or a function that runs it), counted by PyTorch's ``FlopCounterMode`` at
@@ -118,17 +137,22 @@ def module_flops(model: nn.Module, inputs, *, output=None, backward: bool = Fals
     forward and backward of the output ``output`` picks (:func:`pick_output`), as a training step runs them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         if backward:
             y = pick_output(_call(model, inputs), output)
             y.backward(torch.ones_like(y))
         else:
             with torch.no_grad():
                 _call(model, inputs)
-    prefix = type(model).__name__ + "."
-    by_child = {name.removeprefix(prefix): int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()
-                if name.startswith(prefix) and "." not in name.removeprefix(prefix)}  # a module's count includes its children's
-    return int(counter.get_total_flops()), by_child
+    counts = {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
+
+    def flops_of(path: str, module: nn.Module) -> int:
+        # A called module's count includes its children's; a container that is never called (a ModuleList) sums them.
+        key = f"{type(model).__name__}.{path}"
+        return counts[key] if key in counts else sum(flops_of(f"{path}.{n}", m) for n, m in module.named_children())
+
+    by_child = {name: flops_of(name, child) for name, child in model.named_children()}
+    return int(counter.get_total_flops()), {name: f for name, f in by_child.items() if f}
 
 
 def model_report(model, inputs=None, *, output=None, backward: bool = False) -> dict:

@@ -160,6 +160,8 @@ def sasp_from_parts(
         fused_proj=options.fused_proj,
         backend=options.backend,
     ).to(device=q[0].device, dtype=q[0].dtype)
+    block.gain_attn.fill_(options.beta_sa)  # exactly, in the inherited dtype (a float32 0.1 made float64 is 0.100000001)
+    block.gain_mlp.fill_(options.beta_ff)
     attn, mlp = block.attn, block.mlp
     attn.q.weight.copy_(q[0])
     attn.k.weight.copy_(k[0])

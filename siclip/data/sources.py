@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -98,3 +99,28 @@ def clean_captions(raw: str | None, synthetic: list | None) -> tuple[str | None,
     raw = raw.strip() if isinstance(raw, str) and raw.strip() else None
     synthetic = [s.strip() for s in (synthetic or []) if isinstance(s, str) and s.strip()]
     return raw, synthetic
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files under ``folder`` (any depth, suffix in :data:`IMAGE_SUFFIXES`, any case), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_image_folder(folder: str | Path, count: int | None = None) -> list[np.ndarray]:
+    """The first ``count`` images of a folder (:func:`image_files` order) as ``(H, W, 3)`` uint8 arrays."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = image_files(folder)[:count]
+    if not files:
+        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    images = []
+    for path in files:
+        try:
+            images.append(decode_image(path.read_bytes(), str(path)))
+        except SampleError as err:
+            raise ValueError(f"{path}: {err.reason}") from None
+    return images

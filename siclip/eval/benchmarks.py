@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from siclip.data import RawSample, SampleError
+from siclip.data.sources import image_files
 from siclip.data.tabular import is_table, read_table
 from siclip.data.tokenizer import check_unknown_rate, read_string_list
 
@@ -33,7 +34,6 @@ from .metrics import per_class_accuracy, topk_accuracy
 from .run import retrieval_eval, zero_shot_logits
 from .templates import CLIP_TEMPLATES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 class ImageFileSource:
@@ -73,10 +73,6 @@ def read_templates(path: str | Path | None) -> list[str]:
     if not templates or bad:
         raise ValueError(f"{path}: every template needs exactly one {{}} placeholder for the class name; wrong: {bad[:3]}")
     return templates
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _comparable(name: str) -> str:
@@ -138,7 +134,7 @@ def zero_shot_dataset(path: str | Path, classnames: Sequence[str] | None = None,
             raise ValueError(f"{path}: {len(folders)} class folders but {len(names)} class names (names follow the sorted folder order)")
         files, labels = [], []
         for folder, label in zip(folders, folder_labels(path, folders, names)):
-            found = _image_files(folder)
+            found = image_files(folder)
             if not found:
                 raise ValueError(f"{folder}: a class folder without images")
             files += found

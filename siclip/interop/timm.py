@@ -15,6 +15,7 @@ norms, gated or grouped attention are refused: SAS-P has no place for them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import timm
@@ -155,42 +156,57 @@ def _read_converted(block: SASPTimmBlock, args: tuple, kwargs: dict) -> Tensor:
 
 
 def load_original(rest: str, spec: str) -> nn.Module:
-    """``timm:NAME:FILE``: timm's architecture ``NAME`` (built without downloading) with the weights in ``FILE``."""
+    """``timm:NAME:FILE``: timm's architecture ``NAME`` (built without downloading) with the weights in ``FILE``; ``NAME``
+    may be a JSON file ``{"name": …, "kwargs": {…}}`` for an architecture built with arguments (sizes, heads)."""
     name, sep, weights = rest.rpartition(":")
     if not sep or not name:
-        raise ValueError(f"{spec}: expected timm:NAME:FILE (a timm model name and a weights file)")
+        raise ValueError(f"{spec}: expected timm:NAME:FILE (a timm model name or a JSON of name and kwargs, and a weights file)")
+    kwargs = {}
+    if name.endswith(".json"):
+        try:
+            record = json.loads(Path(name).read_text())
+            name, kwargs = record["name"], dict(record.get("kwargs", {}))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{spec}: {name} must be a JSON object with a name and kwargs ({type(err).__name__}: {err})") from None
     if not Path(weights).is_file():
         raise FileNotFoundError(f"{spec}: weights file {weights} not found")
     state = torch.load(weights, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise ValueError(f"{spec}: {weights} holds a {type(state).__name__}, not a state dict")
+    kwargs.setdefault("num_classes", 0 if "head.weight" not in state else int(state["head.weight"].shape[0]))
     try:
-        model = timm.create_model(name, pretrained=False, **architecture_kwargs(state))
+        model = timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as err:
         raise ValueError(f"{spec}: {err}") from None
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{spec}: {weights} does not fit {name} {kwargs} ({str(err).splitlines()[1].strip()[:300]}); give the "
+                         "arguments it was built with: timm:CONFIG.json:FILE with {\"name\": …, \"kwargs\": {…}}") from None  # fmt: skip
+    model._siclip_architecture = {"name": name, "kwargs": kwargs}
     return model.eval()
 
 
-def architecture_kwargs(state: dict) -> dict:
-    """timm arguments a ViT state dict implies beyond its name: the number of classes of its head (0: none)."""
-    head = state.get("head.weight")
-    return {"num_classes": 0 if head is None else int(head.shape[0])}
-
-
 def architecture_of(model: nn.Module) -> dict:
-    return {"name": model.default_cfg.get("architecture") or type(model).__name__, "kwargs": {"num_classes": model.num_classes}}
+    """The name and arguments the model was built with (recorded by :func:`load_original`)."""
+    record = getattr(model, "_siclip_architecture", None)
+    if record is None:
+        raise ValueError("this timm model was not loaded from a spec (timm:NAME:FILE), so its arguments are unknown")
+    return record
 
 
 def build_architecture(record: dict) -> nn.Module:
-    return timm.create_model(record["name"], pretrained=False, **record["kwargs"]).eval()
+    model = timm.create_model(record["name"], pretrained=False, **record["kwargs"])
+    model._siclip_architecture = record
+    return model.eval()
 
 
 def preprocess_of(model: nn.Module) -> Preprocess:
     """The model's ``pretrained_cfg`` (input size, crop fraction, interpolation, mean, std) as siclip's Preprocess."""
     cfg = model.pretrained_cfg
-    size = cfg.get("input_size", (3, 224, 224))[-1]
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)  # the size the model was built for (img_size=…)
+    size = built[-1] if built else cfg.get("input_size", (3, 224, 224))[-1]
     crop = cfg.get("crop_pct", 1.0) or 1.0
     interpolation = cfg.get("interpolation", "bicubic")
     return Preprocess(size=size, resize=int(size / crop), interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bicubic",
