@@ -249,6 +249,14 @@ def test_host_model_runs_its_own_forward_converted(family, seed, tmp_path):
             moved = _run(model, later).last_hidden_state
             torch.testing.assert_close(moved[0, : T - 2], out[0, : T - 2], rtol=0, atol=1e-12)  # earlier tokens never see it
             assert not torch.allclose(moved[0, T - 2], out[0, T - 2])
+    if family in ("clip_text", "clip_vision", "siglip_text", "vit", "gpt2"):  # saved as data, rebuilt, the same outputs
+        from siclip.interop.converted import ConvertedRecipe, load_converted, save_converted
+        from siclip.interop.transformers import architecture_of
+
+        recipe = ConvertedRecipe(origin="hf:unused", architecture=architecture_of(model), blocks=list(report.modules))
+        reloaded, _ = load_converted(save_converted(model, recipe, tmp_path / "converted.pt"))
+        with torch.no_grad():
+            torch.testing.assert_close(_first_tensor(_run(reloaded, inputs)), out, rtol=0, atol=1e-12)  # out ran with autograd (fused projections)
     model.train()
     loss = _first_tensor(_run(model, inputs)).square().mean()
     loss.backward()

@@ -110,6 +110,9 @@ def load_converted(path: str | Path, payload: dict | None = None) -> tuple[nn.Mo
     fields = {f.name for f in dataclasses.fields(ConvertedRecipe)}
     recipe = ConvertedRecipe(**{k: v for k, v in payload.items() if k in fields})
     model = rebuild(recipe)
+    dtypes = {t.dtype for t in payload["state_dict"].values() if t.is_floating_point()}
+    if len(dtypes) == 1:  # built in float32; weights saved in another precision keep it
+        model.to(dtypes.pop())
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: the saved weights do not fit the rebuilt model: missing {missing[:6]}, unexpected {unexpected[:6]}")

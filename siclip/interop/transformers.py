@@ -447,14 +447,17 @@ def load_original(rest: str, spec: str) -> nn.Module:
 
 
 def architecture_of(model: nn.Module) -> dict:
-    return {"class": type(model).__name__, "config": model.config.to_dict(), "attn_implementation": model.config._attn_implementation}
+    """The class, config and constructor flags that rebuild ``model`` (ViT's and BERT-like models' optional pooler)."""
+    init = {"add_pooling_layer": model.pooler is not None} if hasattr(model, "pooler") else {}
+    return {"class": type(model).__name__, "config": model.config.to_dict(), "attn_implementation": model.config._attn_implementation,
+            "init": init}  # fmt: skip
 
 
 def build_architecture(record: dict) -> nn.Module:
     model_class = getattr(transformers, record["class"])
     config = model_class.config_class.from_dict(record["config"])
     config._attn_implementation = record.get("attn_implementation") or "sdpa"
-    return model_class(config).eval()
+    return model_class(config, **record.get("init", {})).eval()
 
 
 def _directory_preprocess(path: Path, model: nn.Module) -> Preprocess:
