@@ -32,13 +32,11 @@ from pathlib import Path
 
 import torch
 
-from siclip.analysis.divergence import divergence_report
+from siclip.analysis.divergence import spec_divergences
 from siclip.analysis.flops import model_report
 from siclip.blocks import SASPConversion, plan_sharing
 from siclip.data.sources import read_image_folder
-from siclip.interop.converted import (
-    ConvertedRecipe, architecture_of, calibration_run, convert, load_converted, load_original, original_preprocess, save_converted,
-)  # fmt: skip
+from siclip.interop.converted import ConvertedRecipe, architecture_of, convert, load_converted, original_preprocess, save_converted
 from siclip.train.evaluation import read_caption_file
 from siclip.train.malloc import keep_freed_memory
 
@@ -71,11 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     keep_freed_memory()
     try:
-        model = load_original(args.spec)
         captions = read_caption_file(args.captions)[: args.count] if args.captions else None
         images = read_image_folder(args.images, args.count) if args.images else None
-        run = calibration_run(args.spec, model, captions, images)
-        divergence = divergence_report(model, lambda: run(model), max_groups=args.max_groups, name=args.spec)
+        model, run, divergence = spec_divergences(args.spec, captions=captions, images=images, max_groups=args.max_groups)
     except (OSError, ValueError, NotImplementedError) as err:
         print(f"convert_model.py: error: {err}", file=sys.stderr)
         return 2

@@ -60,17 +60,14 @@ def trajectory(preset: str, snapshots: int, captions: int, images: int, out: Pat
 
 
 def foreign_report(args) -> int:
-    from siclip.analysis.divergence import divergence_report
+    from siclip.analysis.divergence import spec_divergences
     from siclip.data.sources import read_image_folder
-    from siclip.interop.converted import calibration_run, load_original
     from siclip.train.evaluation import read_caption_file
 
     try:
-        model = load_original(args.spec)
         captions = read_caption_file(args.caption_file)[: args.captions] if args.caption_file else None
         images = read_image_folder(args.image_folder, args.images) if args.image_folder else None
-        run = calibration_run(args.spec, model, captions, images)
-        report = divergence_report(model, lambda: run(model), max_groups=args.max_groups, name=args.spec)
+        _, _, report = spec_divergences(args.spec, captions=captions, images=images, max_groups=args.max_groups)
     except (OSError, ValueError, NotImplementedError) as err:
         print(f"divergence_report.py: error: {err}", file=sys.stderr)
         return 2

@@ -207,6 +207,17 @@ def divergence_report(model: nn.Module, inputs, *, max_groups: int | dict | None
     return report
 
 
+def spec_divergences(spec: str, *, captions: list[str] | None = None, images: list | None = None, max_groups: int | None = None):
+    """``(model, run, report)`` for a model someone else wrote (``hf:DIR``, ``open_clip:ARCH:FILE``, ``timm:NAME:FILE``):
+    the model with its weights, ``run(m)`` calling a model of its architecture on the calibration ``captions`` and
+    ``images`` (through its own tokenizer and preprocessing), and :func:`divergence_report` on them."""
+    from siclip.interop.converted import calibration_run, load_original
+
+    model = load_original(spec)
+    run = calibration_run(spec, model, captions, images)
+    return model, run, divergence_report(model, lambda: run(model), max_groups=max_groups, name=spec)
+
+
 def text_divergences(model, ids: Tensor) -> dict[str, Tensor]:
     """Divergences between the text transformer blocks of a CLIP model on a batch of token ids."""
     return block_divergences(model.text.transformer, lambda: model.text(ids))
