@@ -74,6 +74,13 @@ def data_spec(text: str) -> str:
     return cli.existing_file(text) if is_table(text) else text
 
 
+def model_name(text: str) -> str:
+    """A registered model, or a file (a CLIP converted by experiments/convert_model.py, which training reads)."""
+    if text in list_models() or Path(text).is_file():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a registered model ({', '.join(list_models())}) nor a converted model file")
+
+
 def out_dir(text: str) -> str:
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
@@ -83,7 +90,7 @@ def out_dir(text: str) -> str:
 def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS))
-    parser.add_argument("--model", choices=list_models(), metavar="MODEL", help=f"one of {', '.join(list_models())}")
+    parser.add_argument("--model", type=model_name, help=f"one of {', '.join(list_models())}, or a converted CLIP file (convert_model.py)")
     parser.add_argument("--teacher", type=cli.checked(check_model_spec),
                         help="model spec to inherit from (SiCLIP models) and distil from (--wikd): a checkpoint, "
                         "Apple's mobileclip_s0.pt, hf:DIR or open_clip:ARCH:FILE")

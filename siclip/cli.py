@@ -220,6 +220,9 @@ def _one_line_interrupt(kind, value, tb) -> None:
     """sys.excepthook: a KeyboardInterrupt before :func:`run` took over is one line; the rest as Python prints them."""
     if issubclass(kind, KeyboardInterrupt):
         print(f"{script_name()}: interrupted by SIGINT while starting: {NOTHING_SAVED}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # end by SIGINT, as Python itself ends on an uncaught Ctrl-C
+        os.kill(os.getpid(), signal.SIGINT)
         return
     sys.__excepthook__(kind, value, tb)
 

@@ -537,8 +537,9 @@ def test_a_signal_saves_at_the_next_step_and_resume_ends_equal(tmp_path, uninter
 
 @pytest.mark.slow
 def test_fault_injection_smoke(tmp_path):
-    """The fault-injection script's cheapest round (the reference run and one NaN run) prints its table."""
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fault_injection.py"), "--rounds", "1", "--faults", "nan",
+    """The fault-injection script's cheapest category (the reference run; an overflowing lr from the start and in a later
+    step, whose resume ends on the reference weights; a NaN teacher) prints its table."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fault_injection.py"), "--rounds", "1", "--categories", "nan",
                              "--work", str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "| nan | 1 | 1 | 0 | 0 |" in result.stdout and "| total | 1 | 1 | 0 | 0 |" in result.stdout
+    assert "| nan | 4 | 4 | 0 | 0 | 0 |" in result.stdout and "| **total** | **4** | **4** | **0** | **0** | **0** |" in result.stdout

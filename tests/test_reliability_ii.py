@@ -93,6 +93,24 @@ def test_the_issue_command_ends_in_one_line_with_status_1(tmp_path, monkeypatch,
     assert status == 1 and "48 of the 64 samples read in the epoch were skipped" in _one_error_line(err, "train")
 
 
+def test_a_batch_left_with_one_sample_at_32_px_is_not_trained_on(tmp_path):
+    """Found by the fault injection: at 32 px MCi's last stages are 1×1 maps, and a batch that skips left with one
+    sample ended the run in BatchNorm's "Expected more than 1 value per channel when training" traceback."""
+    order = EpochSampler(16, seed=0).order(0)
+    kept = {int(order[0]), *map(int, order[8:])}  # the first batch of epoch 0 keeps one sample, the second all eight
+    (tmp_path / "images").mkdir()
+    rows = ["filepath,title"]
+    for i in range(16):
+        if i in kept:
+            (tmp_path / "images" / f"{i}.png").write_bytes(encode_image(np.full((16, 16, 3), 10 * i, np.uint8)))
+        rows.append(f"images/{i}.png,a picture number {i % 4}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    data = DataConfig(source=str(tmp_path / "data.csv"), tokenizer="words", batch_size=8, max_skip_fraction=None)
+    with pytest.warns(UserWarning, match=r"batch\(es\) left with one sample .* were not trained on"):
+        summary = train(_config(tmp_path, "run", data=data, model_overrides={"image": {"image_size": 32}}), progress=False)
+    assert summary["steps"] == 2 and summary["single_sample_batches"] >= 1
+
+
 # 2. Decompression bombs.
 
 
@@ -248,7 +266,7 @@ def test_inputs_that_make_no_step_or_a_bad_benchmark_stop_before_training(tmp_pa
     (tmp_path / "empty.txt").write_text("\n")
     out = tmp_path / "run"
     status, err = _run(monkeypatch, capsys, "train", ["--num-train", "8", "--batch-size", "16", "--out", str(out)])
-    assert status == 2 and "make no training step" in _one_error_line(err, "train") and not (out / "checkpoint.pt").exists()
+    assert status == 2 and "make no training step" in _one_error_line(err, "train") and not out.exists()  # no empty directory left
     status, err = _run(monkeypatch, capsys, "train", ["--num-train", "32", "--batch-size", "16", "--out", str(out), "--eval-zeroshot", str(test),
                                                       "--classnames", str(tmp_path / "empty.txt")])  # fmt: skip
     line = _one_error_line(err, "train")

@@ -68,8 +68,8 @@ class StopSignals:
 
     The first signal restores the previous handlers: a second Ctrl-C interrupts at once. Outside the
     main thread (where Python cannot install handlers) nothing is installed and ``received`` stays None.
-    Once there is nothing left to save (the final evaluation), :meth:`stop_at_once` makes a signal raise
-    :class:`TrainingInterrupted` with the caller's message where it lands.
+    Once there is nothing left to save (after the last step: writing the model, the final evaluation),
+    :meth:`stop_at_once` makes a signal raise :class:`TrainingInterrupted` with the caller's message where it lands.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)

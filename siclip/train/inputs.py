@@ -140,7 +140,10 @@ def load_teacher(config: TrainConfig, model_config: ModelConfig | None):
         return None
     loaded = load_clip(config.teacher, apple_model=config.teacher_model)
     model = loaded.model  # siclip's CLIP or an adapter module holding the foreign model
-    bad = nonfinite_names([*model.named_parameters(), *model.named_buffers()]) if isinstance(model, torch.nn.Module) else []
+    bad = []
+    if isinstance(model, torch.nn.Module):  # buffers may hold -inf by design (attention masks), never NaN
+        bad = nonfinite_names(model.named_parameters())
+        bad += [name for name, b in model.named_buffers() if b.is_floating_point() and bool(torch.isnan(b).any())]
     if bad:  # else the first step reports the student's copies of them, and the file is never named
         raise ValueError(f"--teacher {config.teacher} holds NaN or Inf in {', '.join(bad[:5])}"
                          f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}: a student cannot inherit from it or "

@@ -39,7 +39,9 @@ from .guard import NonFiniteLoss, PeerLost, StopSignals, TrainingInterrupted, fl
 from .inputs import RunInputs, prepare_run, save_tokenizer, settled_model_config, training_captions
 from .resume import check_run_directory, clear_run_directory, reconcile_resumed_config
 from .state import CheckpointError, MetricsLogger, RunLock, load_training_checkpoint, rng_state, save_atomic, set_rng_state
-from .step import backward_and_step, check_tower_names, channels_last_on, create_optimizer, forward_terms, to_device
+from .step import (
+    backward_and_step, check_tower_names, channels_last_on, create_optimizer, forward_terms, to_device, trains_on_one_sample,
+)  # fmt: skip
 from .task import TrainingTask
 
 
@@ -198,7 +200,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.dist_timeout))
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     out_dir = Path(config.out_dir)
-    lock = None
+    lock, created = None, rank == 0 and not out_dir.exists()
     try:
         if rank == 0:
             lock = RunLock(out_dir)
@@ -217,7 +219,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         raise
     finally:
         if lock is not None:
-            lock.release()
+            lock.release(remove_empty=created)
     if owns_group:  # every rank reaches this point before the group (and its connections) goes
         dist.barrier()
         dist.destroy_process_group()
@@ -251,13 +253,14 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tower_schedules(optimizer, config.warmup_steps, total_steps, config.tower_frozen_steps))
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
 
-    step, saved_step, pm_skipped = 0, None, 0
+    step, saved_step, pm_skipped, single_skipped = 0, None, 0, 0
     last: dict[str, float] = {}
     if state is not None:
         with user_input():
             _restore(state, checkpoint_path, task, optimizer, scheduler, loader)
         step = saved_step = state["step"]
         last, pm_skipped = state.get("last_terms", {}), state.get("pm_skipped_steps", 0)
+        single_skipped = state.get("single_sample_batches", 0)
         config = reconcile_resumed_config(config, state.get("config", {}), checkpoint_path)
     elif resume:
         warnings.warn(f"--resume: no checkpoint at {checkpoint_path}; starting from step 0", stacklevel=2)
@@ -277,7 +280,8 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
             loader_state, rng = boundary.restore() if from_boundary else (loader.state_dict(), rng_state())
             payload = {"task": task.trainable_state(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "loader": loader_state, "rng": rng, "step": step, "last_terms": last,
-                       "pm_skipped_steps": pm_skipped, "config": dataclasses.asdict(config)}  # fmt: skip
+                       "pm_skipped_steps": pm_skipped, "single_sample_batches": single_skipped,
+                       "config": dataclasses.asdict(config)}  # fmt: skip
             bad = nonfinite_names(flatten_tensors({"task": payload["task"], "optimizer": payload["optimizer"]["state"]}))
             if bad:  # a checkpoint is only ever a state worth resuming from
                 raise NonFiniteLoss(f"{_listed(bad)} non-finite after step {step}; not saved. {_last_good(saved_step, checkpoint_path)}")
@@ -305,9 +309,13 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
     pm_on = getattr(task.objective, "pair_matching", None) is not None
     started = time.perf_counter()
     task.train()
+    one_sample_trains = trains_on_one_sample(student, student.preprocess.size, device)
     try:  # the bar ends its line whatever stops the loop, so a message after it starts on a line of its own
         while step < stop:
             for batch in loader:
+                if _any_rank(batch["size"] < 2 and not one_sample_trains, device):  # every rank skips it together
+                    single_skipped += 1
+                    continue
                 t0 = time.perf_counter()
                 batch = to_device(batch, device, channels_last=channels_last)
                 try:
@@ -342,7 +350,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
                     save_state()
                 if interrupted:
                     name = signal.Signals(signals.received or signal.SIGTERM).name
-                    logger.summary(_summary(config, student, step, total_steps, started, last, pm_skipped, loader) | {"interrupted": name})
+                    logger.summary(_summary(config, student, step, total_steps, started, last, pm_skipped, single_skipped, loader) | {"interrupted": name})
                     raise TrainingInterrupted(signals.received or signal.SIGTERM,
                                               f"{name} at step {step}: state saved to {checkpoint_path}; continue with --resume")  # fmt: skip
                 if boundary is not None:
@@ -351,12 +359,17 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
                     break
     finally:
         bar.close()
+    # Nothing is left to save: a signal from here on stops the run where it lands (none is ever swallowed).
+    signals.stop_at_once(f"after step {step}, the last: {checkpoint_path} holds the run; continue with --resume to finish it")
     if step >= total_steps:  # the run ends inside its last epoch (the loop broke out of it): its skip report and limit
         loader.end_epoch()
     if pm_skipped:
         warnings.warn(f"pair matching skipped on {pm_skipped} step(s) whose batch had fewer than {PairMatchingLoss.MIN_PAIRS} pairs "
                       "left after skipped samples", stacklevel=2)  # fmt: skip
-    summary = _summary(config, student, step, total_steps, started, last, pm_skipped, loader)
+    if single_skipped:
+        warnings.warn(f"{single_skipped} batch(es) left with one sample after skipped samples were not trained on: the student's "
+                      "BatchNorm cannot normalise a single value per channel at this image size", stacklevel=2)  # fmt: skip
+    summary = _summary(config, student, step, total_steps, started, last, pm_skipped, single_skipped, loader)
     if step >= total_steps and rank == 0:
         if hasattr(student, "recipe"):  # a converted CLIP keeps its format (its tokenizer is its original's)
             student.save(out_dir / "model.pt")
@@ -414,9 +427,9 @@ class StepBoundary:
 
 
 def _summary(config: TrainConfig, student, step: int, total_steps: int, started: float, last: dict, pm_skipped: int,
-             loader: ImageTextLoader) -> dict:  # fmt: skip
+             single_skipped: int, loader: ImageTextLoader) -> dict:  # fmt: skip
     return {"model": config.model, "steps": step, "total_steps": total_steps, "seconds": time.perf_counter() - started,
-            "final_loss": last, "pm_skipped_steps": pm_skipped, "skipped_samples": loader.skipped_total,
+            "final_loss": last, "pm_skipped_steps": pm_skipped, "single_sample_batches": single_skipped, "skipped_samples": loader.skipped_total,
             "parameters": count_parameters_by_group(student), "sharing": _sharing_groups(student),
             "config": dataclasses.asdict(config)}  # fmt: skip
 

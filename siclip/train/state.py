@@ -7,6 +7,7 @@ Checkpoints hold only tensors and plain Python values (RNG states included), so 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import json
@@ -92,8 +93,14 @@ class RunLock:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
-    def release(self) -> None:
+    def release(self, *, remove_empty: bool = False) -> None:
+        """Unlock; ``remove_empty``: also delete the lock file and the directory when nothing else is in it (a run
+        refused before it wrote anything leaves no trace)."""
         if self._fd is not None:
+            if remove_empty and [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+                self.path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # someone put a file there meanwhile: keep the directory
+                    self.path.parent.rmdir()
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
