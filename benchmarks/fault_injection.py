@@ -490,28 +490,32 @@ def _files(work: Path) -> dict[str, Path]:
     return files
 
 
+# (argv, what the one-line error must name) for train.py; {missing}, {test} (a zero-shot folder), {names} (its class names).
+TRAIN_BAD_ARGUMENTS = [
+    (["--epochs", "0"], "--epochs"), (["--epochs", "-1"], "--epochs"), (["--epochs", "two"], "--epochs"), (["--batch-size", "1"], "--batch-size"),
+    (["--batch-size", "0"], "--batch-size"), (["--checkpoint-every", "0"], "--checkpoint-every"), (["--log-every", "0"], "--log-every"),
+    (["--image-size", "0"], "--image-size"), (["--image-size", "-32"], "--image-size"), (["--lr", "0"], "--lr"), (["--lr", "-1e-3"], "--lr"),
+    (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--num-train", "0"], "--num-train"), (["--workers", "-1"], "--workers"),
+    (["--p-synthetic", "1.5"], "--p-synthetic"), (["--max-unknown-rate", "-0.1"], "--max-unknown-rate"),
+    (["--max-skip-fraction", "2"], "--max-skip-fraction"), (["--dist-timeout", "0"], "--dist-timeout"), (["--crop-scale", "0", "1"], "--crop-scale"),
+    (["--crop-ratio", "2", "1"], "--crop-ratio"), (["--tower-lr-scale", "image=-1"], "--tower-lr-scale"), (["--tower-lr-scale", "eyes=2"], "--tower-lr-scale"),
+    (["--tower-frozen-steps", "text=x"], "--tower-frozen-steps"), (["--eval-zeroshot", "{missing}"], "--eval-zeroshot"),
+    (["--eval-zeroshot", "{test}", "--classnames", "{missing}"], "--classnames"), (["--eval-zeroshot", "{test}", "--templates", "{missing}"], "--templates"),
+    (["--classnames", "{names}"], "--classnames needs --eval-zeroshot"), (["--teacher", "{missing}"], "--teacher"),
+    (["--teacher", "hf:/no/such/dir"], "--teacher"), (["--vocab-path", "{missing}"], "--vocab-path"),
+    (["--calibration-captions", "{missing}"], "--calibration-captions"), (["--data", "{missing}.csv"], "--data"),
+    (["--shape-twins", "--data", "{names}.csv"], "--data"), (["--model", "no_such_model"], "--model"), (["--resume", "--overwrite"], "choose one"),
+    (["--synthetic-keys", ","], "--synthetic-keys"), (["--out", "{names}"], "--out"), (["--num-train", "8", "--batch-size", "16"], "make no training step"),
+]  # fmt: skip
+
+
 def bad_arguments(work: Path) -> list[Refusal]:
     f = _files(work / "inputs")
     out = work / "out"
-    train = [
-        (["--epochs", "0"], "--epochs"), (["--epochs", "-1"], "--epochs"), (["--batch-size", "1"], "--batch-size"),
-        (["--batch-size", "0"], "--batch-size"), (["--checkpoint-every", "0"], "--checkpoint-every"), (["--log-every", "0"], "--log-every"),
-        (["--image-size", "0"], "--image-size"), (["--image-size", "-32"], "--image-size"), (["--lr", "0"], "--lr"), (["--lr", "-1e-3"], "--lr"),
-        (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--num-train", "0"], "--num-train"), (["--workers", "-1"], "--workers"),
-        (["--p-synthetic", "1.5"], "--p-synthetic"), (["--max-unknown-rate", "-0.1"], "--max-unknown-rate"),
-        (["--max-skip-fraction", "2"], "--max-skip-fraction"), (["--dist-timeout", "0"], "--dist-timeout"),
-        (["--crop-scale", "0", "1"], "--crop-scale"), (["--crop-ratio", "2", "1"], "--crop-ratio"), (["--tower-lr-scale", "image=-1"], "--tower-lr-scale"),
-        (["--tower-lr-scale", "eyes=2"], "--tower-lr-scale"), (["--tower-frozen-steps", "text=x"], "--tower-frozen-steps"),
-        (["--eval-zeroshot", str(f["missing"])], "--eval-zeroshot"), (["--eval-zeroshot", str(f["test"]), "--classnames", str(f["missing"])], "--classnames"),
-        (["--eval-zeroshot", str(f["test"]), "--templates", str(f["missing"])], "--templates"), (["--classnames", str(f["names"])], "--classnames"),
-        (["--teacher", str(f["missing"])], "--teacher"), (["--teacher", "hf:/no/such/dir"], "--teacher"), (["--vocab-path", str(f["missing"])], "--vocab-path"),
-        (["--calibration-captions", str(f["missing"])], "--calibration-captions"), (["--data", f"{f['missing']}.csv"], "--data"),
-        (["--model", "no_such_model"], "--model"), (["--resume", "--overwrite"], "choose one"), (["--synthetic-keys", ","], "--synthetic-keys"),
-        (["--shape-twins", "--data", str(f["names"]) + ".csv"], "--data"), (["--epochs", "two"], "--epochs"),
-        (["--num-train", "8", "--batch-size", "16"], "make no training step"),
-    ]  # fmt: skip
-    cases = [Refusal("train", [*argv, "--out", str(work / f"train{i}")], (named,), out=work / f"train{i}") for i, (argv, named) in enumerate(train)]
-    cases.append(Refusal("train", ["--out", str(f["names"])], ("--out",)))
+    cases = []
+    for i, (argv, named) in enumerate(TRAIN_BAD_ARGUMENTS):
+        out_flag = [] if "--out" in argv else ["--out", str(work / f"train{i}")]
+        cases.append(Refusal("train", [*(a.format(**f) for a in argv), *out_flag], (named,), out=work / f"train{i}"))
     others = [
         ("evaluate", ["--model", str(f["model"]), "--zeroshot", str(f["test"]), "--batch-size", "0"], "--batch-size"),
         ("evaluate", ["--model", str(f["model"]), "--zeroshot", str(f["test"]), "--max-unknown-rate", "2"], "--max-unknown-rate"),

@@ -34,14 +34,10 @@ from siclip import cli  # first: a Ctrl-C while the rest imports ends in one lin
 
 import torch
 
-from siclip.analysis.divergence import divergence_report
+from siclip.analysis.divergence import calibrated_divergence
 from siclip.analysis.flops import model_report
 from siclip.blocks import SASPConversion, plan_sharing
-from siclip.data.sources import read_image_folder
-from siclip.interop.converted import (
-    ConvertedRecipe, architecture_of, calibration_run, convert, load_converted, load_original, original_preprocess, save_converted,
-)  # fmt: skip
-from siclip.train.evaluation import read_caption_file
+from siclip.interop.converted import ConvertedRecipe, architecture_of, convert, load_converted, original_preprocess, save_converted
 from siclip.train.malloc import keep_freed_memory
 
 
@@ -74,15 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     keep_freed_memory()
     cli.on_interrupt(f"{args.out} is written whole or not at all: {cli.NOTHING_SAVED}")
-    with cli.user_input():
-        try:
-            model = load_original(args.spec)
-            captions = read_caption_file(args.captions)[: args.count] if args.captions else None
-            images = read_image_folder(args.images, args.count) if args.images else None
-            run = calibration_run(args.spec, model, captions, images)
-            divergence = divergence_report(model, lambda: run(model), max_groups=args.max_groups, name=args.spec)
-        except NotImplementedError as err:  # a block siclip does not convert (e.g. Post-LN): the user's model, not a bug
-            raise cli.UserError(str(err)) from None
+    with cli.user_input(NotImplementedError):  # a block siclip does not convert (e.g. Post-LN): the user's model, not a bug
+        model, run, divergence = calibrated_divergence(args.spec, args.captions, args.images, args.count, args.count, args.max_groups)
     print(divergence)
     report_dir = args.report or args.out.with_name(args.out.stem + "_report")
     divergence.save(report_dir)

@@ -62,20 +62,10 @@ def trajectory(preset: str, snapshots: int, captions: int, images: int, out: Pat
 
 
 def foreign_report(args) -> int:
-    from siclip.analysis.divergence import divergence_report
-    from siclip.data.sources import read_image_folder
-    from siclip.interop.converted import calibration_run, load_original
-    from siclip.train.evaluation import read_caption_file
+    from siclip.analysis.divergence import calibrated_divergence
 
-    with cli.user_input():
-        try:
-            model = load_original(args.spec)
-            captions = read_caption_file(args.caption_file)[: args.captions] if args.caption_file else None
-            images = read_image_folder(args.image_folder, args.images) if args.image_folder else None
-            run = calibration_run(args.spec, model, captions, images)
-            report = divergence_report(model, lambda: run(model), max_groups=args.max_groups, name=args.spec)
-        except NotImplementedError as err:  # a block siclip does not read (e.g. Post-LN): the user's model, not a bug
-            raise cli.UserError(str(err)) from None
+    with cli.user_input(NotImplementedError):  # a block siclip does not read (e.g. Post-LN): the user's model, not a bug
+        _, _, report = calibrated_divergence(args.spec, args.caption_file, args.image_folder, args.captions, args.images, args.max_groups)
     print(report)
     paths = report.save(args.out)
     print(f"\nheatmaps and {paths[-1].name} written to {args.out}")

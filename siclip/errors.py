@@ -49,14 +49,15 @@ INPUT_ERRORS = (ValueError, LookupError, OSError)
 
 
 @contextlib.contextmanager
-def user_input() -> Iterator[None]:
-    """Mark ``ValueError``, ``LookupError`` and ``OSError`` escaping the block as the user's input errors (exit status 2).
+def user_input(*more: type[BaseException]) -> Iterator[None]:
+    """Mark ``ValueError``, ``LookupError`` and ``OSError`` (and the types in ``more``) escaping the block as the user's
+    input errors (exit status 2).
 
     The exception keeps its type (library callers catch what they always caught); only ``exit_status = 2`` is set on
     it, unless it already has a status of its own (a :class:`RunFailed` stays 1)."""
     try:
         yield
-    except INPUT_ERRORS as err:
+    except (*INPUT_ERRORS, *more) as err:
         if exit_status(err) is None:
             err.exit_status = 2
         raise

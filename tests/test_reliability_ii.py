@@ -25,6 +25,8 @@ from siclip.train.state import load_training_checkpoint
 from test_reliability import _RunsCode, _script  # a pickle that creates a file when unpickled; a script's module
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from fault_injection import TRAIN_BAD_ARGUMENTS  # noqa: E402 - the fault injection's list, one source for both
 
 
 def _config(tmp_path, name, **kw):
@@ -231,31 +233,16 @@ def _eval_files(tmp_path):
     return classes
 
 
-BAD_TRAIN_ARGUMENTS = [
-    (["--epochs", "0"], "--epochs"), (["--epochs", "-1"], "--epochs"), (["--batch-size", "1"], "--batch-size"),
-    (["--batch-size", "0"], "--batch-size"), (["--checkpoint-every", "0"], "--checkpoint-every"), (["--log-every", "0"], "--log-every"),
-    (["--image-size", "0"], "--image-size"), (["--image-size", "-32"], "--image-size"), (["--lr", "0"], "--lr"), (["--lr", "-1e-3"], "--lr"),
-    (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--num-train", "0"], "--num-train"), (["--workers", "-1"], "--workers"),
-    (["--p-synthetic", "1.5"], "--p-synthetic"), (["--max-unknown-rate", "-0.1"], "--max-unknown-rate"),
-    (["--max-skip-fraction", "2"], "--max-skip-fraction"), (["--dist-timeout", "0"], "--dist-timeout"), (["--crop-scale", "0", "1"], "--crop-scale"),
-    (["--crop-ratio", "2", "1"], "--crop-ratio"), (["--tower-lr-scale", "image=-1"], "--tower-lr-scale"),
-    (["--tower-frozen-steps", "text=x"], "--tower-frozen-steps"), (["--eval-zeroshot", "{missing}"], "--eval-zeroshot"),
-    (["--eval-zeroshot", "{test}", "--classnames", "{missing}"], "--classnames"), (["--eval-zeroshot", "{test}", "--templates", "{missing}"], "--templates"),
-    (["--classnames", "{names}"], "--classnames needs --eval-zeroshot"), (["--teacher", "{missing}"], "--teacher"),
-    (["--vocab-path", "{missing}"], "--vocab-path"), (["--calibration-captions", "{missing}"], "--calibration-captions"),
-    (["--data", "{missing}.csv"], "--data"), (["--model", "no_such_model"], "--model"), (["--resume", "--overwrite"], "choose one"),
-    (["--synthetic-keys", ","], "--synthetic-keys"), (["--out", "{names}"], "--out"),
-]  # fmt: skip
 
 
-@pytest.mark.parametrize("argv, named", BAD_TRAIN_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_TRAIN_ARGUMENTS])
+@pytest.mark.parametrize("argv, named", TRAIN_BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in TRAIN_BAD_ARGUMENTS])
 def test_a_bad_train_argument_is_a_usage_error_before_anything_runs(tmp_path, monkeypatch, capsys, argv, named):
     """Of 26 bad values none exited with a usage error: 17 tracebacks (ZeroDivisionError for --checkpoint-every 0,
     --log-every 0, --image-size 0), 5 accepted (--batch-size 1 trained at loss 0, --epochs 0 wrote an untrained model)."""
     files = {"missing": tmp_path / "missing", "test": _eval_files(tmp_path), "names": tmp_path / "names.txt"}
     argv = [a.format(**files) for a in argv]
     out = tmp_path / "run"
-    status, err = _run(monkeypatch, capsys, "train", [*argv, *(["--out", str(out)] if "--out" not in argv else []), "--num-train", "32"])
+    status, err = _run(monkeypatch, capsys, "train", ["--num-train", "32", *argv, *(["--out", str(out)] if "--out" not in argv else [])])
     assert status == 2 and named in _one_error_line(err, "train") and not out.exists()
 
 

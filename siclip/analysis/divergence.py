@@ -306,3 +306,19 @@ def plot_heatmap(matrix: Tensor, path: str | Path, title: str, labels: list[str]
     ax.set_title(title)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def calibrated_divergence(spec: str, caption_file: str | None, image_folder: str | None, captions: int, images: int,
+                          max_groups: int | None):  # fmt: skip
+    """``(model, run, report)``: the original ``spec`` names, its :func:`~siclip.interop.converted.calibration_run` on the first
+    ``captions`` lines of ``caption_file`` and ``images`` images of ``image_folder``, and the divergence between the blocks
+    of each of its stacks."""
+    from siclip.data.sources import read_image_folder
+    from siclip.interop.converted import calibration_run, load_original
+    from siclip.train.evaluation import read_caption_file
+
+    model = load_original(spec)
+    texts = read_caption_file(caption_file)[:captions] if caption_file else None
+    pictures = read_image_folder(image_folder, images) if image_folder else None
+    run = calibration_run(spec, model, texts, pictures)
+    return model, run, divergence_report(model, lambda: run(model), max_groups=max_groups, name=spec)
