@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
+
 from siclip.analysis.ablation import (
     PRESETS, ROWS, load_outcomes, markdown_tables, plot_curves, plot_rows, run_and_evaluate, student_config, summarize,
     teacher_config, write_tables,
@@ -35,14 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     parser.add_argument("--out", type=Path, default=None, help="default runs/ablation_<preset>")
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--seeds", type=int, help="override the preset's number of seeds")
+    parser.add_argument("--workers", type=cli.non_negative_int, default=0)
+    parser.add_argument("--seeds", type=cli.positive_int, help="override the preset's number of seeds")
     args = parser.parse_args(argv)
     keep_freed_memory()
     p = PRESETS[args.preset]
     if args.seeds:
         p = dataclasses.replace(p, seeds=args.seeds)
     out = args.out or Path(f"runs/ablation_{args.preset}")
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out: {out} exists and is not a directory")
+    cli.on_interrupt(f"finished runs in {out} are kept and the interrupted one keeps its checkpoint: run the same command again to continue")
     out.mkdir(parents=True, exist_ok=True)
     (out / "preset.json").write_text(json.dumps({"preset": args.preset, **dataclasses.asdict(p)}, indent=1))
     started = time.perf_counter()
@@ -78,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

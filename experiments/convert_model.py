@@ -30,6 +30,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
+
 import torch
 
 from siclip.analysis.divergence import spec_divergences
@@ -40,49 +42,47 @@ from siclip.interop.converted import ConvertedRecipe, architecture_of, convert, 
 from siclip.train.evaluation import read_caption_file
 from siclip.train.malloc import keep_freed_memory
 
+
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", help="hf:DIR, open_clip:ARCH:FILE or timm:NAME:FILE")
     parser.add_argument("--out", type=Path, required=True, help="the converted checkpoint to write")
-    parser.add_argument("--captions", type=Path, help="calibration captions, one per line")
-    parser.add_argument("--images", type=Path, help="a folder of calibration images")
-    parser.add_argument("--count", type=int, default=64, help="calibration captions and images to use (64)")
+    parser.add_argument("--captions", type=cli.existing_file, help="calibration captions, one per line")
+    parser.add_argument("--images", type=cli.existing_dir, help="a folder of calibration images")
+    parser.add_argument("--count", type=cli.int_at_least(2), default=64, help="calibration captions and images to use (64)")
     parser.add_argument("--stacks", nargs="+", help="the stacks to convert, by name (as the divergence table prints them); default all")
     parser.add_argument("--sharing", choices=["none", "adjacent", "optimal", "threshold"], default="none")
-    parser.add_argument("--max-groups", type=int, help="optimal sharing: runs per stack (default half its blocks)")
-    parser.add_argument("--threshold", type=float, help="threshold sharing: largest adjacent divergence shared (nats)")
+    parser.add_argument("--max-groups", type=cli.positive_int, help="optimal sharing: runs per stack (default half its blocks)")
+    parser.add_argument("--threshold", type=cli.positive_float, help="threshold sharing: largest adjacent divergence shared (nats)")
     parser.add_argument("--scope", choices=["block", "attention"], default="block", help="share whole blocks or W_Q, W_K and gains")
-    parser.add_argument("--beta-ff", type=float, default=SASPConversion.beta_ff, help="initial MLP branch gain β_FF (0.1)")
+    parser.add_argument("--beta-ff", type=cli.positive_float, default=SASPConversion.beta_ff, help="initial MLP branch gain β_FF (0.1)")
     parser.add_argument("--zero-query", action="store_true", help="W_Q = 0: each attention starts as the identity")
     parser.add_argument("--report", type=Path, help="folder for heatmaps and divergence.json (default: <out>_report)")
     args = parser.parse_args(argv)
-    if args.count < 2:
-        parser.error("--count must be at least 2")
     if args.sharing == "threshold" and args.threshold is None:
         parser.error("--sharing threshold needs --threshold")
-    if args.max_groups is not None and args.max_groups < 1:
-        parser.error("--max-groups must be at least 1")
+    if args.out.is_dir():
+        parser.error(f"--out: {args.out} is a directory; name the checkpoint file to write")
+    if args.report is not None and args.report.exists() and not args.report.is_dir():
+        parser.error(f"--report: {args.report} exists and is not a directory")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     keep_freed_memory()
-    try:
+    cli.on_interrupt(f"{args.out} is written whole or not at all: {cli.NOTHING_SAVED}")
+    with cli.user_input(NotImplementedError):  # a block siclip does not convert (e.g. Post-LN): the user's model, not a bug
         captions = read_caption_file(args.captions)[: args.count] if args.captions else None
         images = read_image_folder(args.images, args.count) if args.images else None
         model, run, divergence = spec_divergences(args.spec, captions=captions, images=images, max_groups=args.max_groups)
-    except (OSError, ValueError, NotImplementedError) as err:
-        print(f"convert_model.py: error: {err}", file=sys.stderr)
-        return 2
     print(divergence)
     report_dir = args.report or args.out.with_name(args.out.stem + "_report")
     divergence.save(report_dir)
     stacks = args.stacks or list(divergence.groups)
     unknown = sorted(set(stacks) - set(divergence.groups))
     if unknown:
-        print(f"convert_model.py: error: --stacks {unknown} are not stacks of this model; its stacks: {list(divergence.groups)}", file=sys.stderr)
-        return 2
+        raise cli.UserError(f"--stacks {unknown} are not stacks of this model; its stacks: {list(divergence.groups)}")
     before = model_report(model, lambda: run(model))
     sharing = {}
     for stack in stacks:
@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     try:
         conversion = convert(model, recipe)
-    except (NotImplementedError, TypeError, ValueError) as err:
-        print(f"convert_model.py: error: {err}", file=sys.stderr)
-        return 2
+    except (NotImplementedError, TypeError, ValueError) as err:  # the model's blocks do not take this plan
+        raise cli.UserError(str(err)) from None
     after = model_report(model, lambda: run(model))
     print(f"\n{conversion}\n")
     print(conversion.summary().to_string())
@@ -131,4 +130,4 @@ def _flatten(output) -> list:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
+
 from siclip.analysis.ablation import load_outcomes, run_and_evaluate, student_config, summarize, teacher_config
 from siclip.analysis.data_scale import (
     GRID_COMPARISONS, OPEN_COMPARISONS, PRESETS, cells, markdown_by_size, plot_scale, preset_record, run_name, tables_by_size,
@@ -37,17 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     parser.add_argument("--out", type=Path, default=None, help="default runs/data_scale_<preset>")
-    parser.add_argument("--workers", type=int, default=0, help="loader worker processes")
-    parser.add_argument("--seeds", type=int, help="override the preset's number of seeds")
+    parser.add_argument("--workers", type=cli.non_negative_int, default=0, help="loader worker processes")
+    parser.add_argument("--seeds", type=cli.positive_int, help="override the preset's number of seeds")
     args = parser.parse_args(argv)
-    if args.workers < 0 or (args.seeds is not None and args.seeds < 1):
-        parser.error("--workers must be ≥ 0 and --seeds ≥ 1")
     keep_freed_memory()
     preset = PRESETS[args.preset]
     if args.seeds:
         preset = dataclasses.replace(preset, base=dataclasses.replace(preset.base, seeds=args.seeds))
     p = preset.base
     out = args.out or Path(f"runs/data_scale_{args.preset}")
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out: {out} exists and is not a directory")
+    cli.on_interrupt(f"finished runs in {out} are kept and the interrupted one keeps its checkpoint: run the same command again to continue")
     out.mkdir(parents=True, exist_ok=True)
     (out / "preset.json").write_text(json.dumps(preset_record(args.preset, preset), indent=1))
     started = time.perf_counter()
@@ -82,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

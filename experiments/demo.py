@@ -5,7 +5,8 @@
 
 Both models are evaluated on the same items of the embedded world (zero-shot over its 100 classes,
 retrieval on held-out images); inference throughput is timed interleaved, both models reparameterised,
-so the speed ratio holds on a busy machine too.
+so the speed ratio holds on a busy machine too. Ctrl-C (or SIGTERM) stops at the next step with one line saying
+which run holds the state; running the demo again continues there.
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
+
+from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
 
 import torch
 
 from siclip.analysis.benchmark import device_name, encoder_throughput, to_markdown
 from siclip.models import load_checkpoint, reparameterize_model
-from siclip.train import train
+from siclip.train import TrainingInterrupted, train
 from siclip.train.malloc import keep_freed_memory
 from siclip.train.presets import PRESETS
 
@@ -40,10 +45,14 @@ def inference_rates(models: dict, *, batch: int = 64, rounds: int = 5) -> dict[s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs"), help="parent of the teacher's and the student's run directories")
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--timing-rounds", type=int, default=5, help="interleaved rounds of the inference timing (median)")
+    parser.add_argument("--workers", type=cli.non_negative_int, default=0)
+    parser.add_argument("--timing-rounds", type=cli.positive_int, default=5, help="interleaved rounds of the inference timing (median)")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out: {args.out} exists and is not a directory")
     keep_freed_memory()
+    again = f"run the demo again (make demo, or python experiments/demo.py --out {shlex.quote(str(args.out))}) to continue where it stopped"
+    cli.on_interrupt(f"the runs in {args.out} keep their checkpoints: {again}")
     started = time.perf_counter()
     teacher_config, student_config = PRESETS["demo"], PRESETS["demo-student"]
     teacher_dir, student_dir = args.out / "demo", args.out / "demo_student"
@@ -55,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(config.out_dir) / "summary.json"
         done = path.exists() and "eval" in json.loads(path.read_text())
         started_before = Path(config.out_dir).exists()  # a fresh run starts quietly; an interrupted one resumes
-        summaries[name] = json.loads(path.read_text()) if done else train(config, resume=started_before)
+        try:
+            summaries[name] = json.loads(path.read_text()) if done else train(config, resume=started_before)
+        except TrainingInterrupted as stopped:  # its own hint (--resume) is train.py's; the demo resumes by itself
+            name_of = signal.Signals(stopped.signum).name
+            raise cli.Interrupted(stopped.signum, f"{name_of} in the {name}'s run, whose state is kept in {config.out_dir}: {again}") from None
     models = {"teacher": load_checkpoint(teacher_dir / "model.pt"), "student": load_checkpoint(student_dir / "model.pt")}
     rates = inference_rates(models, rounds=args.timing_rounds)
     rows = []
@@ -75,4 +88,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

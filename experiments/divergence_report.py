@@ -27,13 +27,15 @@ import json
 import sys
 from pathlib import Path
 
+from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
+
 import pandas as pd
 
 from siclip.analysis.divergence import (
     adjacent_trajectory, calibration_images, image_divergences, plot_heatmap, plot_trajectory, sharing_plans, text_divergences,
 )  # fmt: skip
 from siclip.data import EmbeddedConfig, EmbeddedSource, create_tokenizer
-from siclip.models import create_model, get_model_config, load_checkpoint
+from siclip.models import create_model, get_model_config, list_models, load_checkpoint
 from siclip.train.inputs import prepare_run
 from siclip.train.loop import build_data
 from siclip.train.malloc import keep_freed_memory
@@ -64,13 +66,10 @@ def foreign_report(args) -> int:
     from siclip.data.sources import read_image_folder
     from siclip.train.evaluation import read_caption_file
 
-    try:
+    with cli.user_input(NotImplementedError):  # a block siclip does not read (e.g. Post-LN): the user's model, not a bug
         captions = read_caption_file(args.caption_file)[: args.captions] if args.caption_file else None
         images = read_image_folder(args.image_folder, args.images) if args.image_folder else None
         _, _, report = spec_divergences(args.spec, captions=captions, images=images, max_groups=args.max_groups)
-    except (OSError, ValueError, NotImplementedError) as err:
-        print(f"divergence_report.py: error: {err}", file=sys.stderr)
-        return 2
     print(report)
     paths = report.save(args.out)
     print(f"\nheatmaps and {paths[-1].name} written to {args.out}")
@@ -80,28 +79,31 @@ def foreign_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path)
-    source.add_argument("--model")
+    source.add_argument("--checkpoint", type=cli.existing_file, help="a siclip model checkpoint (model.pt)")
+    source.add_argument("--model", choices=list_models(), metavar="MODEL", help=f"an untrained model: {', '.join(list_models())}")
     source.add_argument("--preset", choices=sorted(PRESETS), help="divergences through a training run of this preset")
     source.add_argument("--spec", help="a transformers, open_clip or timm model: hf:DIR, open_clip:ARCH:FILE or timm:NAME:FILE")
-    parser.add_argument("--caption-file", type=Path, help="with --spec: calibration captions, one per line")
-    parser.add_argument("--image-folder", type=Path, help="with --spec: a folder of calibration images")
-    parser.add_argument("--max-groups", type=int, help="with --spec: runs of the optimal plan per stack (default half the blocks)")
-    parser.add_argument("--snapshots", type=int, default=8, help="with --preset: snapshots, evenly spaced, step 0 included")
+    parser.add_argument("--caption-file", type=cli.existing_file, help="with --spec: calibration captions, one per line")
+    parser.add_argument("--image-folder", type=cli.existing_dir, help="with --spec: a folder of calibration images")
+    parser.add_argument("--max-groups", type=cli.positive_int, help="with --spec: runs of the optimal plan per stack (default half the blocks)")
+    parser.add_argument("--snapshots", type=cli.int_at_least(2), default=8, help="with --preset: snapshots, evenly spaced, step 0 included (≥ 2)")
     parser.add_argument("--run-dir", type=Path, help="with --preset: the run's directory (default <out>/run); runs/demo makes it the demo's teacher")
-    parser.add_argument("--captions", type=int, default=256)
-    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--captions", type=cli.int_at_least(2), default=256)
+    parser.add_argument("--images", type=cli.int_at_least(2), default=128)
     parser.add_argument("--out", type=Path, default=Path("runs/reports"))
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out: {args.out} exists and is not a directory")
     keep_freed_memory()
     if args.spec:
         return foreign_report(args)
     if args.preset:
-        if args.snapshots < 2:
-            parser.error("--snapshots must be at least 2 (the start and the end of the run)")
+        run_dir = args.run_dir or args.out / "run"
+        cli.on_interrupt(f"the run in {run_dir} and its snapshots are kept: run the same command again to continue")
         args.out.mkdir(parents=True, exist_ok=True)
-        return trajectory(args.preset, args.snapshots, args.captions, min(args.images, 64), args.out, args.run_dir or args.out / "run")
-    model = (load_checkpoint(args.checkpoint) if args.checkpoint else create_model(args.model)).eval()
+        return trajectory(args.preset, args.snapshots, args.captions, min(args.images, 64), args.out, run_dir)
+    with cli.user_input():
+        model = (load_checkpoint(args.checkpoint) if args.checkpoint else create_model(args.model)).eval()
     name = model.config.name
     tokenizer = create_tokenizer("embedded", context_length=model.config.text.context_length)
     size = model.config.image.image_size
@@ -126,4 +128,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
+
 from siclip.analysis.benchmark import to_markdown
 from siclip.analysis.flops import model_report
 from siclip.models import create_model, list_models, reparameterize_model
@@ -18,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/reports"))
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out: {args.out} exists and is not a directory")
     rows = [model_report(reparameterize_model(create_model(name).eval())) for name in list_models()]
     table = to_markdown(rows)
     print(table)
@@ -31,4 +35,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

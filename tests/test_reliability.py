@@ -43,17 +43,27 @@ def _all_finite(state: dict) -> bool:
 # 1. The non-finite guard: loss, gradient and parameters at every step boundary; never a non-finite checkpoint.
 
 
-def test_issue_reproduction_lr_30_stops_naming_the_gradient_and_keeps_finite_checkpoints(tmp_path):
-    """lr=30: the gradient norm went NaN with a finite loss and the step-2 checkpoint held NaN weights."""
-    config = _config(tmp_path, "lr30", lr=30.0, warmup_steps=1, checkpoint_every=2, data=DataConfig(num_train=256, batch_size=16))
-    with pytest.raises(NonFiniteLoss, match="became non-finite at step") as caught:
+# A learning rate whose AdamW update leaves float32's range (3.4e38) is non-finite by construction, whatever the data
+# and the trajectory: the optimiser cannot write the step (lr = 30 diverged on some machines and not on others).
+OVERFLOWING_LR = 1e300
+
+
+def test_issue_reproduction_lr_30_stops_naming_the_gradient_and_keeps_finite_checkpoints(tmp_path, monkeypatch):
+    """lr=30: the gradient norm went NaN with a finite loss and the step-2 checkpoint held NaN weights. (The schedule
+    now jumps to an overflowing lr at step 3, after the checkpoint of step 2.)"""
+    from siclip.train import loop
+
+    schedule = loop.warmup_cosine
+    monkeypatch.setattr(loop, "warmup_cosine", lambda step, *args: OVERFLOWING_LR if step == 2 else schedule(step, *args))
+    config = _config(tmp_path, "lr30", checkpoint_every=2, data=DataConfig(num_train=256, batch_size=16))
+    with pytest.raises(NonFiniteLoss, match="became non-finite in step 3") as caught:
         train(config, progress=False)
     message = str(caught.value)
-    assert any(what in message for what in ("gradient", "parameter", "loss term", "forward pass")), message
+    assert any(what in message for what in ("gradient", "parameter", "loss term", "forward pass", "optimiser step")), message
     path = tmp_path / "lr30" / "checkpoint.pt"
     assert str(path) in message
     state = load_training_checkpoint(path)  # loads (the resume did not): finite, and a step the message names
-    assert _all_finite(state) and f"(step {state['step']})" in message
+    assert _all_finite(state) and state["step"] == 2 and f"(after step {state['step']})" in message
 
 
 def test_nan_gradient_with_finite_loss_is_caught_before_the_step(tmp_path, monkeypatch):
@@ -71,10 +81,10 @@ def test_nan_gradient_with_finite_loss_is_caught_before_the_step(tmp_path, monke
         return image, text, scale
 
     monkeypatch.setattr(CLIP, "forward", poisoned_backward)
-    with pytest.raises(NonFiniteLoss, match=r"gradient norm nan \(gradients of .*\) became non-finite at step 2") as caught:
+    with pytest.raises(NonFiniteLoss, match=r"gradient norm nan \(gradients of .*\) became non-finite in step 3") as caught:
         train(_config(tmp_path, "nangrad", checkpoint_every=1), progress=False)
     state = load_training_checkpoint(tmp_path / "nangrad" / "checkpoint.pt")
-    assert state["step"] == 2 and _all_finite(state) and "(step 2)" in str(caught.value)
+    assert state["step"] == 2 and _all_finite(state) and "(after step 2)" in str(caught.value)
 
 
 class _NaNGrad(torch.autograd.Function):
@@ -105,8 +115,8 @@ def test_inf_gradient_never_saves_a_nan_logit_scale_and_the_run_resumes(tmp_path
         return original(self, *args, **kw)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", inf_grad_at_step_4)
-    with pytest.raises(NonFiniteLoss, match=r"parameter\(s\) .*logit_scale.* after the optimiser step became non-finite at step 3; "
-                                            r"the last good state \(step 2\)"):  # fmt: skip
+    with pytest.raises(NonFiniteLoss, match=r"parameter\(s\) .*logit_scale.* after the optimiser step became non-finite in step 4 .*; "
+                                            r"the last good state \(after step 2\)"):  # fmt: skip
         train(config, progress=False)
     state = load_training_checkpoint(tmp_path / "infgrad" / "checkpoint.pt")
     assert state["step"] == 2 and _all_finite(state)
@@ -127,25 +137,32 @@ def test_non_finite_features_are_reported_as_the_forward_pass(tmp_path, monkeypa
         return (image * float("nan") if calls["n"] == 2 else image), text, scale
 
     monkeypatch.setattr(CLIP, "forward", nan_features)
-    with pytest.raises(NonFiniteLoss, match=r"the forward pass \(image_features contains NaN or Inf\) became non-finite at step 1"):
+    with pytest.raises(NonFiniteLoss, match=r"the forward pass \(image_features contains NaN or Inf\) became non-finite in step 2"):
         train(_config(tmp_path, "nanfeat"), progress=False)
     assert load_training_checkpoint(tmp_path / "nanfeat" / "checkpoint.pt")["step"] == 1
 
 
-def test_cli_huge_lr_stops_with_a_message_and_status_1(tmp_path, capsys):
-    """From the CLI, --lr 1e3 failed inside the loss's check with no checkpoint at all."""
+def _script(name: str):
+    """An ``experiments/`` script as a module (its ``main``)."""
     sys.path.insert(0, str(ROOT / "experiments"))
     try:
-        import train as cli
+        return __import__(name)
     finally:
         sys.path.pop(0)
+
+
+def test_cli_huge_lr_stops_with_a_message_and_status_1(tmp_path, capsys):
+    """From the CLI, --lr 1e3 failed inside the loss's check with no checkpoint at all. (An overflowing lr now: the
+    first step writes ±inf into the weights by construction, see OVERFLOWING_LR.)"""
+    from siclip import cli
+
     out = tmp_path / "cli"
-    status = cli.main(["--lr", "1e3", "--num-train", "128", "--batch-size", "16", "--out", str(out), "--no-eval",
-                       "--checkpoint-every", "1"])  # fmt: skip
+    status = cli.run(_script("train").main, ["--lr", str(OVERFLOWING_LR), "--num-train", "128", "--batch-size", "16", "--out", str(out),
+                                             "--no-eval", "--checkpoint-every", "1"])  # fmt: skip
     err = capsys.readouterr().err
-    assert status == 1 and "NonFiniteLoss" in err and "became non-finite" in err
-    if (out / "checkpoint.pt").exists():
-        assert _all_finite(load_training_checkpoint(out / "checkpoint.pt"))
+    assert status == 1 and "the optimiser step's update (it overflows float32) became non-finite in step 1" in err, err
+    assert "Traceback" not in err and [line for line in err.splitlines() if "error:" in line] == [err.strip().splitlines()[-1]]
+    assert not (out / "checkpoint.pt").exists() and "no checkpoint was written in this run" in err
 
 
 # 3. Bad data stops the run instead of spinning through empty epochs.
@@ -378,9 +395,8 @@ def test_damaged_checkpoint_files_name_the_file_and_the_problem(tmp_path):
                        tmp_path / "good.pt")  # fmt: skip
     assert load_training_checkpoint(good)["step"] == 3
     data = good.read_bytes()
-    cases = {"empty.pt": (b"", "is empty"), "random.pt": (np.random.default_rng(0).bytes(5000), "not a torch checkpoint"),
-             "half.pt": (data[: len(data) // 2], "not a torch checkpoint|damaged"),
-             "tail_cut.pt": (data[:-10], "not a torch checkpoint|damaged")}  # fmt: skip
+    cases = {"empty.pt": (b"", "is empty"), "random.pt": (np.random.default_rng(0).bytes(5000), "not a PyTorch weights file"),
+             "half.pt": (data[: len(data) // 2], "is damaged"), "tail_cut.pt": (data[:-10], "is damaged")}  # fmt: skip
     for name, (content, problem) in cases.items():
         path = tmp_path / name
         path.write_bytes(content)
@@ -446,12 +462,7 @@ def test_resume_warns_about_a_changed_lr_and_a_missing_checkpoint(tmp_path):
 
 
 def test_cli_knobs_reach_the_config(monkeypatch):
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        import train as cli
-    finally:
-        sys.path.pop(0)
-    config, args = cli.parse(["--checkpoint-every", "7", "--dist-timeout", "60", "--overwrite", "--max-skip-fraction", "0.2", "--no-eval"])
+    config, args = _script("train").parse(["--checkpoint-every", "7", "--dist-timeout", "60", "--overwrite", "--max-skip-fraction", "0.2", "--no-eval"])
     assert (config.checkpoint_every, config.dist_timeout, config.data.max_skip_fraction, config.evaluate) == (7, 60.0, 0.2, False)
     assert args.overwrite and not args.resume
     seen = {}
@@ -526,8 +537,9 @@ def test_a_signal_saves_at_the_next_step_and_resume_ends_equal(tmp_path, uninter
 
 @pytest.mark.slow
 def test_fault_injection_smoke(tmp_path):
-    """The fault-injection script's cheapest round (the reference run and one NaN run) prints its table."""
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fault_injection.py"), "--rounds", "1", "--faults", "nan",
+    """The fault-injection script's cheapest category (the reference run; an overflowing lr from the start and in a later
+    step, whose resume ends on the reference weights; a NaN teacher) prints its table."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fault_injection.py"), "--rounds", "1", "--categories", "nan",
                              "--work", str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "| nan | 1 | 1 | 0 | 0 |" in result.stdout and "| total | 1 | 1 | 0 | 0 |" in result.stdout
+    assert "| nan | 4 | 4 | 0 | 0 | 0 |" in result.stdout and "| **total** | **4** | **4** | **0** | **0** | **0** |" in result.stdout

@@ -51,7 +51,7 @@ def test_load_model_detects_both_formats(apple_file, tmp_path, seed):
     with pytest.raises(ValueError, match=r"other\.pt: neither a siclip checkpoint nor .*Apple.*\['weights'\]"):
         load_model(tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match=r"junk\.pt: not a loadable weights file"):
+    with pytest.raises(ValueError, match=r"junk\.pt \(4 bytes\) is not a PyTorch weights file: it holds text; pass Apple's"):
         load_model(tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError, match="nope.pt") as missing:
         load_model(tmp_path / "nope.pt")

@@ -29,6 +29,7 @@ from siclip.data import EmbeddedConfig
 from siclip.data.tokenizer import tokenizer_for
 from siclip.distill import ObjectiveConfig
 from siclip.eval import evaluate_embedded
+from siclip.storage import atomic_write
 from siclip.train import DataConfig, TrainConfig, train
 from siclip.train.presets import WORLD_DATA, WORLD_IMAGE_LR_SCALE, WORLD_MODEL, WORLD_TEXT_FROZEN_FRACTION
 from siclip.train.snapshots import student_from_checkpoint
@@ -129,12 +130,8 @@ SHARING = {"none": {"sharing": "none"}, "adjacent": {"sharing": "adjacent"},
 
 def save_outcomes(outcomes: dict, path: Path) -> Path:
     """Per-item boolean outcomes (``evaluate_embedded(..., per_item=True)``) to ``.npz``, written atomically."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **{k: np.asarray(v, dtype=bool) for k, v in outcomes.items()})
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        np.savez_compressed(f, **{k: np.asarray(v, dtype=bool) for k, v in outcomes.items()})
     return path
 
 

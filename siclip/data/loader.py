@@ -19,6 +19,8 @@ import numpy as np
 from torch.utils.data import Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from siclip.errors import RunFailed
+
 from .dataset import ImageTextDataset, Skipped, collate_samples
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,7 @@ class SkipReport:
         return "\n".join(lines)
 
 
-class TooManySkipped(ValueError):
+class TooManySkipped(RunFailed, ValueError):
     """An epoch yielded no sample, or skipped more than the allowed fraction; the message is the skip report."""
 
 
@@ -113,7 +115,9 @@ class ImageTextLoader:
 
     An epoch that yields no sample at all, or skips more than ``max_skip_fraction`` of the samples it
     reads (None: no limit), raises :class:`TooManySkipped` with the epoch's skip report when it ends, so
-    bad data stops a run instead of spinning through empty epochs.
+    bad data stops a run instead of spinning through empty epochs. A caller that stops inside an epoch for
+    good (a run's last step) calls :meth:`end_epoch`, so its report and limits still apply to what was read;
+    ``skipped_total`` counts the samples skipped in every epoch so far (resumed runs included).
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class ImageTextLoader:
         self.epoch = 0
         self._batches = 0  # batches of the current epoch handed out (or skipped whole)
         self._skipped: list[Skipped] = []
+        self._skipped_before = 0  # in the epochs before the current one
         self.reports: list[SkipReport] = []
 
     def __len__(self) -> int:
@@ -164,20 +169,33 @@ class ImageTextLoader:
             self._skipped.extend(batch.pop("skipped"))
             if batch["size"]:
                 yield batch
+        self.end_epoch()
+
+    @property
+    def skipped_total(self) -> int:
+        """Samples skipped in all epochs so far, the current one included."""
+        return self._skipped_before + len(self._skipped)
+
+    def end_epoch(self) -> SkipReport:
+        """Close the current epoch where it stands: log its skip report, move to the next epoch, then raise
+        :class:`TooManySkipped` if the samples read in it (``batches × batch_size``, at most the epoch) were all
+        skipped or more than ``max_skip_fraction`` of them were. Iteration calls it when an epoch runs out."""
         problems = list(getattr(self.dataset.source, "problems", []))
         report = SkipReport(self.epoch, self._skipped, problems)
-        read = self._batches * self.batch_size if self.loader.drop_last else len(self.sampler.order(self.epoch))
+        read = min(self._batches * self.batch_size, len(self.sampler.order(self.epoch)))
         self.reports.append(report)
         if report.skipped or problems:
             log.warning("%s", report)
         self.epoch += 1
         self._batches = 0
+        self._skipped_before += len(self._skipped)
         self._skipped = []
         if read and report.count >= read:
             raise TooManySkipped(f"every one of the {read} samples read in the epoch was skipped; nothing to train on.\n{report}")
         if read and self.max_skip_fraction is not None and report.count > self.max_skip_fraction * read:
             raise TooManySkipped(f"{report.count} of the {read} samples read in the epoch were skipped, more than the allowed "
                                  f"fraction {self.max_skip_fraction} (DataConfig.max_skip_fraction, --max-skip-fraction).\n{report}")  # fmt: skip
+        return report
 
     @property
     def last_report(self) -> SkipReport | None:
@@ -189,6 +207,7 @@ class ImageTextLoader:
             "batches": self._batches,
             "batch_size": self.batch_size,
             "skipped": [(s.index, s.key, s.reason) for s in self._skipped],
+            "skipped_before": self._skipped_before,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -196,3 +215,4 @@ class ImageTextLoader:
             raise ValueError(f"the saved loader state is for batch size {state['batch_size']}, not {self.batch_size}")
         self.epoch, self._batches = int(state["epoch"]), int(state["batches"])
         self._skipped = [Skipped(*s) for s in state["skipped"]]
+        self._skipped_before = int(state.get("skipped_before", 0))  # absent from checkpoints written before it was counted

@@ -10,6 +10,7 @@ construction, naming the file.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -17,9 +18,11 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from siclip.errors import UserError
 
-class SampleError(Exception):
-    """A sample that must be skipped; carries its key and the reason."""
+
+class SampleError(UserError):
+    """A sample that must be skipped; carries its key and the reason (a command that cannot skip it reports it: status 2)."""
 
     def __init__(self, key: str, reason: str) -> None:
         super().__init__(f"{key}: {reason}")
@@ -66,14 +69,35 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"))
 
 
-def decode_image(data: np.ndarray | bytes, key: str) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB (see :func:`to_rgb`); a corrupt or truncated encoding raises :class:`SampleError`."""
+# Decoded images larger than this are skipped (a JPEG is first reduced while decoding, see decode_image): 50 M pixels
+# is 150 MB as RGB, already far beyond any training crop; a 12000² PNG of 140 KB would otherwise take 2.5 GB.
+MAX_DECODED_PIXELS = 50_000_000
+
+
+def decode_image(data: np.ndarray | bytes, key: str, *, max_pixels: int = MAX_DECODED_PIXELS) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB (see :func:`to_rgb`); a corrupt or truncated encoding raises :class:`SampleError`.
+
+    Decompression bombs are refused before decoding: an image of more than ``max_pixels`` pixels (its header says
+    W × H) raises :class:`SampleError` naming its size, except a JPEG, which decodes at the largest DCT scale
+    (1/2, 1/4 or 1/8, PIL's draft mode) that brings it under the limit, as its pixels are only resized down later.
+    """
     if isinstance(data, np.ndarray):
         return data
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # forces the full decode: a truncated file fails here, not later
-            return to_rgb(img)
+        with warnings.catch_warnings():  # PIL's DecompressionBombWarning: the size check below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if img.format == "JPEG" and width * height > max_pixels:
+                    scale = next((s for s in (2, 4, 8) if (width // s) * (height // s) <= max_pixels), 8)
+                    img.draft("RGB", (width // scale, height // scale))
+                if img.size[0] * img.size[1] > max_pixels:
+                    raise SampleError(key, f"image of {width}×{height} pixels is larger than the decoding limit of {max_pixels:,} "
+                                           "pixels (a decompression bomb, or a scan to downsize first)")  # fmt: skip
+                img.load()  # forces the full decode: a truncated file fails here, not later
+                return to_rgb(img)
+    except Image.DecompressionBombError as err:  # PIL's own limit, checked as it opens the header
+        raise SampleError(key, f"image larger than PIL's decoding limit ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise SampleError(key, f"corrupt image ({type(err).__name__}: {err})") from None
 
@@ -83,7 +107,7 @@ def sniff_image_format(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
     return {"JPEG": "jpg"}.get(fmt, fmt.lower()) if fmt else None
 

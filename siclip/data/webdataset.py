@@ -26,6 +26,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from siclip.storage import atomic_write
+
 from .sources import RawSample, SampleError, Source, clean_captions, decode_image, encode_image, sniff_image_format
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -182,11 +184,9 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _write_atomic_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             _add_member(tar, name, data)
-    os.replace(tmp, path)
 
 
 def shard_key(key: str) -> str:

@@ -29,6 +29,7 @@ from siclip.data import RawSample, SampleError
 from siclip.data.sources import image_files
 from siclip.data.tabular import is_table, read_table
 from siclip.data.tokenizer import check_unknown_rate, read_string_list
+from siclip.storage import write_text_atomic
 
 from .metrics import per_class_accuracy, topk_accuracy
 from .run import retrieval_eval, zero_shot_logits
@@ -273,13 +274,7 @@ def retrieval(model, tokenizer, path: str | Path, *, caption_columns: Sequence[s
 
 def write_record(record: dict, out_dir: str | Path) -> Path:
     """``out_dir/{dataset}_{task}.json``, written whole (temporary file, then rename)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{record['dataset']}_{record['task']}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(json.dumps(record, indent=2) + "\n", Path(out_dir) / f"{record['dataset']}_{record['task']}.json")
 
 
 def run_benchmarks(model, tokenizer, *, model_name: str, zeroshot: str | Path | None = None, classnames: str | Path | None = None,

@@ -77,6 +77,27 @@ def _scheme(spec: str) -> tuple[str, str] | None:
     return (head, rest) if sep and head in SCHEMES else None
 
 
+def check_model_spec(spec: str | Path) -> str:
+    """``spec`` when what it names is there (checked before anything loads): a file for a path, a directory for
+    ``hf:DIR``, an architecture and a weights file for ``open_clip:ARCH:FILE``; else ``FileNotFoundError`` or
+    ``ValueError`` naming it."""
+    spec = str(spec)
+    scheme = _scheme(spec)
+    if scheme is None:
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"model file not found: {spec} (expected {SPEC_HELP})")
+    elif scheme[0] == "hf":
+        if not Path(scheme[1]).is_dir():
+            raise FileNotFoundError(f"{spec}: directory {scheme[1]} not found (hf:DIR names a saved transformers model's directory)")
+    else:
+        arch, sep, weights = scheme[1].rpartition(":")
+        if not sep or not arch:
+            raise ValueError(f"{spec}: expected open_clip:ARCH:FILE (an architecture or model-config JSON, and a weights file)")
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"{spec}: weights file {weights} not found")
+    return spec
+
+
 def load_clip(spec: str | Path, *, apple_model: str = "mobileclip_s0") -> LoadedClip:
     """The CLIP a model spec names, with its tokenizer (see the module docstring); nothing is downloaded.
 

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from siclip.blocks import SASPConversion, SharingPlan, apply_sharing, convert_to_sasp
 from siclip.data.transforms import Preprocess
+from siclip.storage import CheckpointError, load_weights, save_atomic
 
 from . import require
 
@@ -79,19 +77,11 @@ def rebuild(recipe: ConvertedRecipe) -> nn.Module:
 
 
 def save_converted(model: nn.Module, recipe: ConvertedRecipe, path: str | Path) -> Path:
-    """``model`` and its recipe, as data, written to a temporary file beside ``path`` and renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, **dataclasses.asdict(recipe), "state_dict": model.state_dict()}
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``model`` and its recipe, as data, written atomically (:func:`siclip.storage.save_atomic`)."""
+    return save_atomic({"format": FORMAT, **dataclasses.asdict(recipe), "state_dict": model.state_dict()}, path)
+
+
+CONVERTED_HINT = "pass a file written by experiments/convert_model.py"
 
 
 def is_converted(payload) -> bool:
@@ -102,11 +92,9 @@ def load_converted(path: str | Path, payload: dict | None = None) -> tuple[nn.Mo
     """``(model, recipe)`` from :func:`save_converted`'s file (``weights_only`` loading, strict state dict)."""
     path = Path(path)
     if payload is None:
-        if not path.is_file():
-            raise FileNotFoundError(f"converted model not found: {path}")
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_weights(path, what="converted model", hint=CONVERTED_HINT)
     if not is_converted(payload):
-        raise ValueError(f"{path} is not a converted model (format {FORMAT!r})")
+        raise CheckpointError(f"{path} is not a converted model (format {FORMAT!r}); {CONVERTED_HINT}")
     fields = {f.name for f in dataclasses.fields(ConvertedRecipe)}
     recipe = ConvertedRecipe(**{k: v for k, v in payload.items() if k in fields})
     model = rebuild(recipe)
@@ -192,8 +180,8 @@ def is_converted_file(path: str | Path) -> bool:
     if not path.is_file():
         return False
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a zip checkpoint, not loadable as data: not ours either way (the caller reports it)
+        payload = load_weights(path, mmap=True)
+    except CheckpointError:  # not loadable as data: not ours either way (the caller reports it)
         return False
     return is_converted(payload)
 

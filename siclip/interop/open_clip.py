@@ -30,6 +30,7 @@ from siclip.blocks import (
 from siclip.blocks.masking import decode_attention_mask
 from siclip.data.transforms import INTERPOLATIONS, RESIZE_MODES, Preprocess
 from siclip.interop import ADAPTERS, LoadedClip
+from siclip.storage import load_weights
 
 # ── block converters (SAS-P) ─────────────────────────────────────────────────────────────────────────────────────
 
@@ -231,10 +232,7 @@ def _load(rest: str, spec: str) -> tuple[nn.Module, str]:
         model = open_clip.create_model(arch, pretrained=None, pretrained_text=False, load_weights=False)
     finally:
         logging.disable(logging.NOTSET)
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:  # a pickle with code in it, a truncated or foreign file
-        raise ValueError(f"{spec}: {weights} is not a loadable weights file ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    state = load_weights(weights, what=f"{spec}: weights file", hint=f"pass the weights of open_clip's {arch} (a state dict)")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise ValueError(f"{spec}: {weights} holds a {type(state).__name__}, not a state dict")

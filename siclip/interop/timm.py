@@ -29,6 +29,7 @@ from siclip.blocks import ConversionReport, SASPBlock, SASPConversion, register_
 from siclip.blocks import softmax_attention
 from siclip.blocks.masking import decode_attention_mask
 from siclip.data.transforms import Preprocess
+from siclip.storage import load_weights
 
 # ── block converters (SAS-P) ─────────────────────────────────────────────────────────────────────────────────────
 
@@ -170,7 +171,7 @@ def load_original(rest: str, spec: str) -> nn.Module:
             raise ValueError(f"{spec}: {name} must be a JSON object with a name and kwargs ({type(err).__name__}: {err})") from None
     if not Path(weights).is_file():
         raise FileNotFoundError(f"{spec}: weights file {weights} not found")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = load_weights(weights, what=f"{spec}: weights file", hint=f"pass the weights of timm's {name} (a state dict)")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise ValueError(f"{spec}: {weights} holds a {type(state).__name__}, not a state dict")

@@ -30,6 +30,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from siclip.errors import UserError
+from siclip.storage import load_weights
+
 from .clip import CLIP
 from .factory import create_model
 from .reparam import reparameterize_model
@@ -129,8 +132,19 @@ def convert_apple_state_dict(state_dict: dict[str, Tensor], text_layers: int = 4
     return mapped, unmapped
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """A checkpoint that does not fit the model: carries every problem at once."""
+
+
+APPLE_FILE_HINT = "pass Apple's released mobileclip_s0.pt, or a siclip checkpoint"
+
+
+def _holds(payload) -> str:
+    """What a loaded file holds, in a few words (its first keys, or its type)."""
+    if isinstance(payload, dict):
+        keys = [str(k) for k in list(payload)[:5]]
+        return f"keys {keys}" + (f" and {len(payload) - 5} more" if len(payload) > 5 else "")
+    return f"a {type(payload).__name__}"
 
 
 def check_state_dict(
@@ -169,15 +183,15 @@ def load_mobileclip_s0(path_or_state_dict: str | Path | dict, *, model: str = "m
     Returns the model in eval mode, in the form of the checkpoint (train-time or reparameterised).
     """
     if isinstance(path_or_state_dict, (str, Path)):
-        path = Path(path_or_state_dict)
-        if not path.is_file():
-            raise FileNotFoundError(f"MobileCLIP checkpoint not found: {path}")
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        what = str(path)
+        state_dict = load_weights(path_or_state_dict, what="MobileCLIP checkpoint", hint=APPLE_FILE_HINT)
+        what = str(path_or_state_dict)
     else:
         state_dict = path_or_state_dict
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
+    if not is_apple_layout(state_dict):
+        raise CheckpointMismatch(f"{what} is not in the layout of Apple's mobileclip_s0.pt (no image_encoder.* / text_encoder.* "
+                                 f"keys; it holds {_holds(state_dict)}); {APPLE_FILE_HINT}")  # fmt: skip
     net = create_model(model).eval()
     if any(".reparam_conv." in k or ".lkb_reparam." in k for k in state_dict):
         reparameterize_model(net, inplace=True)
@@ -198,7 +212,7 @@ def is_apple_layout(payload) -> bool:
 def load_model(path: str | Path, *, model: str = "mobileclip_s0") -> tuple[CLIP, dict | None]:
     """``(model, tokenizer spec saved with it or None)`` from a siclip checkpoint or a file in Apple's
     ``mobileclip_s0.pt`` layout (built as the registered config ``model``); the format is detected."""
-    from .factory import list_models, load_checkpoint
+    from .factory import checkpoint_model, list_models
 
     path = Path(path)
     if not path.is_file():
@@ -207,13 +221,10 @@ def load_model(path: str | Path, *, model: str = "mobileclip_s0") -> tuple[CLIP,
             hint = (f" ({path} names a registered architecture, whose fresh weights have nothing to evaluate: pass a "
                     "trained checkpoint, e.g. runs/<run>/model.pt, or Apple's mobileclip_s0.pt)")  # fmt: skip
         raise FileNotFoundError(f"model file not found: {path}{hint}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # a pickle with code in it, a truncated or foreign file
-        raise ValueError(f"{path}: not a loadable weights file ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    payload = load_weights(path, what="model file", hint=APPLE_FILE_HINT)
     if isinstance(payload, dict) and payload.get("format") == "siclip-model-1":
-        return load_checkpoint(path), payload.get("tokenizer")
+        return checkpoint_model(payload, path), payload.get("tokenizer")
     if is_apple_layout(payload):
         return load_mobileclip_s0(payload, model=model, what=str(path)), None
-    keys = list(payload)[:5] if isinstance(payload, dict) else type(payload).__name__
-    raise ValueError(f"{path}: neither a siclip checkpoint nor a state dict in Apple's MobileCLIP layout (it holds {keys})")
+    raise CheckpointMismatch(f"{path}: neither a siclip checkpoint nor a state dict in Apple's MobileCLIP layout (it holds "
+                             f"{_holds(payload)}); {APPLE_FILE_HINT}")  # fmt: skip

@@ -7,11 +7,10 @@ the package's own checkpoints.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
-import torch
+from siclip.storage import CheckpointError, load_weights, save_atomic
 
 from .clip import CLIP, ModelConfig
 from .siclip import fuse_towers, to_siclip
@@ -73,29 +72,39 @@ def create_model(name: str | ModelConfig, **overrides) -> CLIP:
 
 
 def save_checkpoint(model: CLIP, path: str | Path, **extra) -> Path:
-    """Config + weights (+ ``extra``), written to a temporary file and renamed: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Config + weights (+ ``extra``), written atomically (:func:`siclip.storage.save_atomic`): never half a file."""
     payload = {"format": "siclip-model-1", "config": model.config.to_dict(), "state_dict": model.state_dict(),
                "fused_towers": list(getattr(model, "fused_towers", [])), **extra}  # fmt: skip
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_atomic(payload, path)
+
+
+MODEL_FILE_HINT = "pass a model.pt written by siclip (train.py, import_mobileclip.py)"
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> CLIP:
-    """A model saved by :func:`save_checkpoint`, rebuilt from its config (``weights_only`` loading)."""
+    """A model saved by :func:`save_checkpoint`, rebuilt from its config (weights-only loading,
+    :func:`siclip.storage.load_weights`; a file it cannot use raises ``CheckpointError`` naming it)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    model = checkpoint_model(load_weights(path, what="model checkpoint", hint=MODEL_FILE_HINT), path)
+    return model.to(map_location) if map_location != "cpu" else model
+
+
+def checkpoint_model(payload, path: str | Path) -> CLIP:
+    """The model a loaded :func:`save_checkpoint` payload holds (``path`` names it in errors and warnings)."""
     if not isinstance(payload, dict) or payload.get("format") != "siclip-model-1":
-        raise ValueError(f"{path} is not a siclip model checkpoint (load_model reads Apple's MobileCLIP-S0 layout too)")
+        raise CheckpointError(f"{path} is not a siclip model checkpoint (load_model reads Apple's MobileCLIP-S0 layout too); "
+                              f"{MODEL_FILE_HINT}")  # fmt: skip
+    if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is a damaged siclip model checkpoint: it lacks its config or state_dict; {MODEL_FILE_HINT}")
     if "preprocess" not in payload["config"]:
         warnings.warn(f"{path} was saved before models carried their preprocessing: it loads with CLIP's mean and std "
-                      "(the normalisation every siclip model was trained and evaluated with until then)", stacklevel=2)  # fmt: skip
-    model = create_model(ModelConfig.from_dict(payload["config"]))
-    fuse_towers(model, payload.get("fused_towers", []))  # rebuild the fused layout, then load its weights
-    model.load_state_dict(payload["state_dict"])
+                      "(the normalisation every siclip model was trained and evaluated with until then)", stacklevel=3)  # fmt: skip
+    try:
+        model = create_model(ModelConfig.from_dict(payload["config"]))
+        fuse_towers(model, payload.get("fused_towers", []))  # rebuild the fused layout, then load its weights
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a config or weights this code cannot build
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise CheckpointError(f"{path}: its config or weights do not build a model ({type(err).__name__}: {first}); "
+                              f"{MODEL_FILE_HINT}") from None  # fmt: skip
     return model

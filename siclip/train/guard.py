@@ -8,23 +8,32 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import Tensor
 
+from siclip.errors import Interrupted, RunFailed
 
-class NonFiniteLoss(FloatingPointError):
+
+class NonFiniteLoss(RunFailed, FloatingPointError):
     """A loss term, a gradient or a parameter became NaN or Inf; the message names it and the last good checkpoint."""
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(Interrupted):
     """SIGINT or SIGTERM stopped the run at a step boundary, after saving; ``exit_status`` is 128 + the signal."""
 
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum = signum
-        self.exit_status = 128 + signum
+
+class PeerLost(RunFailed, RuntimeError):
+    """A rank lost contact with the others (one stopped, or the connection broke); the message says where the state is."""
+
+    def __init__(self, rank: int, err: BaseException, checkpoint: Path) -> None:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        kept = (f"the last checkpoint is {checkpoint}: continue with --resume" if checkpoint.exists()
+                else "no checkpoint was written")  # fmt: skip
+        super().__init__(f"rank {rank} lost contact with the other ranks ({first}): one of them stopped (its own output says "
+                         f"why) or the connection failed; {kept}")  # fmt: skip
 
 
 def nonfinite_names(named: Iterable[tuple[str, Tensor | None]]) -> list[str]:
@@ -59,6 +68,8 @@ class StopSignals:
 
     The first signal restores the previous handlers: a second Ctrl-C interrupts at once. Outside the
     main thread (where Python cannot install handlers) nothing is installed and ``received`` stays None.
+    Once there is nothing left to save (after the last step: writing the model, the final evaluation),
+    :meth:`stop_at_once` makes a signal raise :class:`TrainingInterrupted` with the caller's message where it lands.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -66,14 +77,27 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
+        self._at_once: str | None = None
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
+    def stop_at_once(self, message: str) -> None:
+        """From now on a signal raises ``TrainingInterrupted("SIGNAME " + message)`` at once; one already received does so now."""
+        self._at_once = message
+        if self.received is not None:
+            self._raise(self.received)
+
+    def _raise(self, signum: int) -> None:
+        self._restore()
+        raise TrainingInterrupted(signum, f"{signal.Signals(signum).name} {self._at_once}")
+
     def _handle(self, signum: int, frame) -> None:
         self.received = signum
+        if self._at_once is not None:
+            self._raise(signum)
         self._restore()
 
     def _restore(self) -> None:

@@ -18,17 +18,20 @@ from __future__ import annotations
 import dataclasses
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from siclip.data import EmbeddedConfig, EpochSampler, SampleError, open_source
 from siclip.data.tokenizer import build_word_vocabulary, check_unknown_rate, create_tokenizer, tokenizer_for, tokenizer_from_spec, tokenizer_spec
 from siclip.interop import load_clip
 from siclip.models import ModelConfig
+from siclip.storage import write_text_atomic
 
 from .config import TrainConfig
 from .evaluation import check_evaluation_inputs
+from .guard import nonfinite_names
 
 
 @dataclass
@@ -71,13 +74,6 @@ def first_batches(config: TrainConfig, size: int) -> list[int]:
     """The sample indices of the first batches of epoch 0 (the loader's own order on rank 0)."""
     order = EpochSampler(size, seed=config.seed).order(0)
     return order[: config.data.tokenizer_check_samples].tolist()
-
-
-def _save_json_atomic(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
 
 
 def resolve_tokenizer(config: TrainConfig, model_config: ModelConfig, source, teacher, teacher_spec: dict | None, *, resume: bool = False):
@@ -143,6 +139,15 @@ def load_teacher(config: TrainConfig, model_config: ModelConfig | None):
     if config.teacher is None:
         return None
     loaded = load_clip(config.teacher, apple_model=config.teacher_model)
+    model = loaded.model  # siclip's CLIP or an adapter module holding the foreign model
+    bad = []
+    if isinstance(model, torch.nn.Module):  # buffers may hold -inf by design (attention masks), never NaN
+        bad = nonfinite_names(model.named_parameters())
+        bad += [name for name, b in model.named_buffers() if b.is_floating_point() and bool(torch.isnan(b).any())]
+    if bad:  # else the first step reports the student's copies of them, and the file is never named
+        raise ValueError(f"--teacher {config.teacher} holds NaN or Inf in {', '.join(bad[:5])}"
+                         f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}: a student cannot inherit from it or "
+                         "distil from it; pass an intact teacher file")  # fmt: skip
     if not loaded.is_siclip and model_config is not None and model_config.siclip is not None and config.inherit:
         raise ValueError(f"--teacher {config.teacher}: a SiCLIP student inherits weights (WI) only from a siclip MobileCLIP teacher "
                          f"(a siclip checkpoint or Apple's mobileclip_s0.pt), not from a {type(loaded.model).__name__}; pass "
@@ -150,13 +155,14 @@ def load_teacher(config: TrainConfig, model_config: ModelConfig | None):
     return loaded
 
 
-def prepare_run(config: TrainConfig, model_config: ModelConfig | None, *, rank: int = 0, resume: bool = False) -> RunInputs:
-    """Source, teacher and a tokenizer checked against the models and the first batches' captions.
+def prepare_run(config: TrainConfig, model_config: ModelConfig | None, *, resume: bool = False) -> RunInputs:
+    """Source, teacher and a tokenizer checked against the models and the first batches' captions, and the
+    evaluation inputs; nothing is written (:func:`save_tokenizer` keeps the tokenizer once the run starts).
 
     A student that inherits from a teacher takes the teacher's input size unless one was asked for. ``model_config``
     None: the student is a converted CLIP file (``config.model``, :func:`prepare_converted_run`)."""
     if model_config is None:
-        return prepare_converted_run(config, rank=rank)
+        return prepare_converted_run(config)
     loaded = load_teacher(config, model_config)
     teacher = loaded.model if loaded is not None and loaded.is_siclip else None  # one whose config a student can follow
     teacher_spec = loaded.tokenizer_spec if loaded is not None else None
@@ -177,9 +183,12 @@ def prepare_run(config: TrainConfig, model_config: ModelConfig | None, *, rank: 
     teacher_tokenizer = None
     if loaded is not None and tokenizer_spec_or_none(loaded.tokenizer) != tokenizer_spec_or_none(tokenizer):
         teacher_tokenizer = loaded.tokenizer  # the teacher reads its own ids of the same captions
-    if rank == 0:
-        _save_json_atomic(tokenizer_spec(tokenizer), Path(config.out_dir) / "tokenizer.json")
     return RunInputs(source, tokenizer, loaded.model if loaded is not None else None, rate, teacher_tokenizer)
+
+
+def save_tokenizer(config: TrainConfig, tokenizer) -> Path:
+    """``out_dir/tokenizer.json``: what a resumed run and the evaluation rebuild the run's tokenizer from."""
+    return write_text_atomic(json.dumps(tokenizer_spec(tokenizer)), Path(config.out_dir) / "tokenizer.json")
 
 
 def tokenizer_spec_or_none(tokenizer) -> dict | None:
@@ -187,7 +196,7 @@ def tokenizer_spec_or_none(tokenizer) -> dict | None:
     return tokenizer_spec(tokenizer) if tokenizer.name in ("embedded", "clip", "words") else None
 
 
-def prepare_converted_run(config: TrainConfig, *, rank: int = 0) -> RunInputs:
+def prepare_converted_run(config: TrainConfig) -> RunInputs:
     """A transformers or open_clip CLIP converted to SAS-P (``experiments/convert_model.py``) as the student: it reads
     its original's tokenizer and preprocessing, and a teacher (typically that original) distils into it."""
     from siclip.interop.converted import load_converted_clip

@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import math
 import os
+import re
 import signal
 import time
 import warnings
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from siclip.data import AugmentConfig, EpochSampler, ImageTextDataset, ImageTextLoader
 from siclip.data.tokenizer import tokenizer_spec
 from siclip.distill import FrozenTeacher, SiCLIPObjective
+from siclip.errors import user_input
 from siclip.losses import NonFiniteInput, PairMatchingLoss
 from siclip.models import (
     CLIP, build_siclip, count_parameters_by_group, create_model, fuse_frozen_towers, get_model_config, save_checkpoint,
@@ -33,11 +35,13 @@ from siclip.models import (
 
 from .config import TrainConfig
 from .evaluation import evaluate_run, read_caption_file
-from .guard import NonFiniteLoss, StopSignals, TrainingInterrupted, flatten_tensors, nonfinite_names
-from .inputs import RunInputs, prepare_run, settled_model_config, training_captions
-from .resume import prepare_run_directory, reconcile_resumed_config
-from .state import MetricsLogger, RunLock, load_training_checkpoint, rng_state, save_atomic, set_rng_state
-from .step import backward_and_step, check_tower_names, channels_last_on, create_optimizer, forward_terms, to_device
+from .guard import NonFiniteLoss, PeerLost, StopSignals, TrainingInterrupted, flatten_tensors, nonfinite_names
+from .inputs import RunInputs, prepare_run, save_tokenizer, settled_model_config, training_captions
+from .resume import check_run_directory, clear_run_directory, reconcile_resumed_config
+from .state import CheckpointError, MetricsLogger, RunLock, load_training_checkpoint, rng_state, save_atomic, set_rng_state
+from .step import (
+    backward_and_step, check_tower_names, channels_last_on, create_optimizer, forward_terms, to_device, trains_on_one_sample,
+)  # fmt: skip
 from .task import TrainingTask
 
 
@@ -172,17 +176,23 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     ``max_steps`` stops early after that many optimiser steps in total (a deliberate interruption).
     An output directory that already holds a run is refused unless ``resume`` (continue it) or
-    ``overwrite`` (start over); one in use by another run is refused, naming its PID. SIGINT/SIGTERM
-    save at the next step boundary and raise :class:`TrainingInterrupted`; a NaN or Inf loss term,
-    gradient or parameter raises :class:`NonFiniteLoss` naming it and the last good checkpoint.
+    ``overwrite`` (start over); one in use by another run is refused, naming its PID. Everything the run
+    reads (teacher, data, tokenizer, evaluation sets, the checkpoint to resume) is checked before the first
+    step and before ``overwrite`` deletes anything; a ``ValueError`` or ``OSError`` there is the user's input
+    (:func:`siclip.errors.user_input`). SIGINT/SIGTERM save at the next step boundary and raise
+    :class:`TrainingInterrupted` (during the final evaluation, with nothing left to save, at once); a NaN or
+    Inf loss term, gradient or parameter raises :class:`NonFiniteLoss` naming it and the last good checkpoint,
+    which holds the state after the last step that completed; a rank that loses contact with the others
+    raises :class:`PeerLost`.
     """
-    if config.accumulation != 1:
-        raise ValueError(
-            "gradient accumulation would split each batch's contrastive negatives across micro-batches and change "
-            "the loss; use a smaller batch, or several GPUs (features are gathered across ranks)"
-        )
-    if resume and overwrite:
-        raise ValueError("resume continues the run in out_dir and overwrite starts it over: choose one")
+    with user_input():
+        if config.accumulation != 1:
+            raise ValueError(
+                "gradient accumulation would split each batch's contrastive negatives across micro-batches and change "
+                "the loss; use a smaller batch, or several GPUs (features are gathered across ranks)"
+            )
+        if resume and overwrite:
+            raise ValueError("resume continues the run in out_dir and overwrite starts it over: choose one")
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     owns_group = distributed and not dist.is_initialized()
     if owns_group:
@@ -190,85 +200,103 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.dist_timeout))
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     out_dir = Path(config.out_dir)
-    lock = None
+    lock, created = None, rank == 0 and not out_dir.exists()
     try:
         if rank == 0:
             lock = RunLock(out_dir)
-            prepare_run_directory(out_dir, resume=resume, overwrite=overwrite)
+            check_run_directory(out_dir, resume=resume, overwrite=overwrite)
         with StopSignals() as signals:
-            summary = _train(config, resume=resume, max_steps=max_steps, progress=progress, distributed=distributed,
-                             rank=rank, world=world, signals=signals)  # fmt: skip
+            summary = _train(config, resume=resume, overwrite=overwrite, max_steps=max_steps, progress=progress,
+                             distributed=distributed, rank=rank, world=world, signals=signals)  # fmt: skip
     except BaseException as err:
+        lost = distributed and _peer_failure(err)
         if owns_group:  # these two stop every rank at the same step; anything else may have stopped this rank alone
-            if isinstance(err, (NonFiniteLoss, TrainingInterrupted)):
+            if isinstance(err, (NonFiniteLoss, TrainingInterrupted)) and not lost:
                 dist.barrier()
             dist.destroy_process_group()
+        if lost:
+            raise PeerLost(rank, err, out_dir / "checkpoint.pt") from err
         raise
     finally:
         if lock is not None:
-            lock.release()
+            lock.release(remove_empty=created)
     if owns_group:  # every rank reaches this point before the group (and its connections) goes
         dist.barrier()
         dist.destroy_process_group()
     return summary
 
 
-def _train(config: TrainConfig, *, resume: bool, max_steps: int | None, progress: bool, distributed: bool, rank: int,
-           world: int, signals: StopSignals) -> dict:  # fmt: skip
+def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int | None, progress: bool, distributed: bool,
+           rank: int, world: int, signals: StopSignals) -> dict:  # fmt: skip
     device = _device(config)
     out_dir = Path(config.out_dir)
     checkpoint_path = out_dir / "checkpoint.pt"
     torch.manual_seed(config.seed)
 
-    inputs = prepare_run(config, student_model_config(config), rank=rank, resume=resume)
-    task = build_task(config, inputs).to(device)
+    with user_input():  # what the run reads, checked before its first step
+        inputs = prepare_run(config, student_model_config(config), resume=resume)
+        task = build_task(config, inputs).to(device)
+        loader = build_data(config, inputs, task.student.preprocess.size, rank, world)
+        total_steps = config.epochs * len(loader)
+        if total_steps == 0:
+            raise ValueError(f"{config.epochs} epoch(s) of {len(inputs.source)} samples in batches of {config.data.batch_size}"
+                             f"{f' over {world} ranks' if world > 1 else ''} make no training step: give more samples, "
+                             "a smaller batch or more epochs")  # fmt: skip
+        state = load_training_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
     channels_last = channels_last_on(device, config.channels_last)
     if channels_last:
         task.to(memory_format=torch.channels_last)
-    student = task.student
-    loader, tokenizer = build_data(config, inputs, student.preprocess.size, rank, world), inputs.tokenizer
+    student, tokenizer = task.student, inputs.tokenizer
     optimizer = create_optimizer(task, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps,
                                  tower_lr_scale=config.tower_lr_scale, inherited=task.inherited_parameters(),
                                  inherited_lr_scale=config.inherited_lr_scale)  # fmt: skip
-    total_steps = config.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tower_schedules(optimizer, config.warmup_steps, total_steps, config.tower_frozen_steps))
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+
+    step, saved_step, pm_skipped, single_skipped = 0, None, 0, 0
+    last: dict[str, float] = {}
+    if state is not None:
+        with user_input():
+            _restore(state, checkpoint_path, task, optimizer, scheduler, loader)
+        step = saved_step = state["step"]
+        last, pm_skipped = state.get("last_terms", {}), state.get("pm_skipped_steps", 0)
+        single_skipped = state.get("single_sample_batches", 0)
+        config = reconcile_resumed_config(config, state.get("config", {}), checkpoint_path)
+    elif resume:
+        warnings.warn(f"--resume: no checkpoint at {checkpoint_path}; starting from step 0", stacklevel=2)
+    if rank == 0:  # the inputs passed: only now may an old run's files go
+        clear_run_directory(out_dir, resume=resume, overwrite=overwrite)
+        if inputs.student is None:  # a converted CLIP reads its original's tokenizer, which its file names
+            save_tokenizer(config, tokenizer)
     model = torch.nn.parallel.DistributedDataParallel(task) if distributed else task
     model = torch.compile(model) if config.compile else model
+    boundary = StepBoundary(task, loader) if rank == 0 else None  # only rank 0 writes checkpoints
 
-    step, saved_step, pm_skipped = 0, None, 0
-    last: dict[str, float] = {}
-    if resume:
-        if checkpoint_path.exists():
-            state = load_training_checkpoint(checkpoint_path)
-            task.load_trainable_state(state["task"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            loader.load_state_dict(state["loader"])
-            set_rng_state(state["rng"])
-            step = saved_step = state["step"]
-            last, pm_skipped = state.get("last_terms", {}), state.get("pm_skipped_steps", 0)
-            config = reconcile_resumed_config(config, state.get("config", {}), checkpoint_path)
-        else:
-            warnings.warn(f"--resume: no checkpoint at {checkpoint_path}; starting from step 0", stacklevel=2)
-
-    def save_state() -> None:
+    def save_state(*, from_boundary: bool = False) -> None:
+        """Write the state after ``step``; ``from_boundary``: a step failed after its forward changed the buffers, the
+        loader's position and the RNGs, so those come from the boundary before it (the weights are untouched)."""
         nonlocal saved_step
-        if rank == 0:
+        if rank == 0 and saved_step != step:  # a checkpoint of this very step is already on disk
+            loader_state, rng = boundary.restore() if from_boundary else (loader.state_dict(), rng_state())
             payload = {"task": task.trainable_state(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "loader": loader.state_dict(), "rng": rng_state(), "step": step, "last_terms": last,
-                       "pm_skipped_steps": pm_skipped, "config": dataclasses.asdict(config)}  # fmt: skip
+                       "loader": loader_state, "rng": rng, "step": step, "last_terms": last,
+                       "pm_skipped_steps": pm_skipped, "single_sample_batches": single_skipped,
+                       "config": dataclasses.asdict(config)}  # fmt: skip
             bad = nonfinite_names(flatten_tensors({"task": payload["task"], "optimizer": payload["optimizer"]["state"]}))
             if bad:  # a checkpoint is only ever a state worth resuming from
-                raise NonFiniteLoss(f"{_listed(bad)} non-finite at step {step}; not saved. {_last_good(saved_step, checkpoint_path)}")
+                raise NonFiniteLoss(f"{_listed(bad)} non-finite after step {step}; not saved. {_last_good(saved_step, checkpoint_path)}")
             save_atomic(payload, checkpoint_path)
         saved_step = step
 
     def stop_non_finite(what: str, *, save: bool) -> None:
-        """Raise naming ``what``; ``save``: the weights have not been touched by this step, so they are the last good state."""
+        """Raise naming ``what``, the failing step and what preceded it; ``save``: the weights have not been touched by
+        this step, so the state after the previous one is saved as the last good state."""
+        lr = scheduler.get_last_lr()[0]
+        before = (f"step {step} ended with loss " + ", ".join(f"{k} {v:.4g}" for k, v in last.items())) if last else "the run's first step"
         if save:
-            save_state()
-        raise NonFiniteLoss(f"{what} became non-finite at step {step}; {_last_good(saved_step, checkpoint_path)}")
+            save_state(from_boundary=True)
+        raise NonFiniteLoss(f"{what} became non-finite in step {step + 1} (at lr {lr:.3g}; {before}); "
+                            f"{_last_good(saved_step, checkpoint_path)}")  # fmt: skip
 
     def check_gradients(norm: Tensor) -> None:
         if not bool(torch.isfinite(norm)):  # the norm of the all-reduced gradients: every rank agrees
@@ -281,62 +309,129 @@ def _train(config: TrainConfig, *, resume: bool, max_steps: int | None, progress
     pm_on = getattr(task.objective, "pair_matching", None) is not None
     started = time.perf_counter()
     task.train()
-    while step < stop:
-        for batch in loader:
-            t0 = time.perf_counter()
-            batch = to_device(batch, device, channels_last=channels_last)
-            try:
-                terms = forward_terms(model, batch, bf16=use_bf16)
-            except NonFiniteInput as err:  # features went non-finite before any loss could be computed
-                stop_non_finite(f"the forward pass ({err})", save=True)
-            bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
-            if _any_rank(bool(bad), device):
-                stop_non_finite(f"loss term(s) {bad}", save=True)  # nothing has been updated by this batch
-            grad_norm = backward_and_step(terms["total"], optimizer, task.parameters(), grad_clip=config.grad_clip,
-                                          before_step=check_gradients)  # fmt: skip
-            bad = nonfinite_names((name, p) for name, p in task.named_parameters() if p.requires_grad)
-            if bad:  # the in-memory weights are lost; the checkpoint on disk is not touched
-                stop_non_finite(f"parameter(s) {_listed(bad)} after the optimiser step", save=False)
-            scheduler.step()
-            step += 1
-            pm_skipped += pm_on and batch["size"] < PairMatchingLoss.MIN_PAIRS
-            last = {name: value.item() for name, value in terms.items()}
-            rate = batch["size"] * world / (time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix({**{k: f"{v:.3g}" for k, v in last.items()}, "img/s": f"{rate:.0f}"})
-            if step % config.log_every == 0 or step == stop:
-                logger.log(step, {**last, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "samples_per_s": rate})
-            interrupted = _any_rank(signals.received is not None, device)
-            if step % config.checkpoint_every == 0 or step == stop or interrupted:
-                save_state()
-            if interrupted:
-                bar.close()
-                name = signal.Signals(signals.received or signal.SIGTERM).name
-                logger.summary(_summary(config, student, step, total_steps, started, last, pm_skipped) | {"interrupted": name})
-                raise TrainingInterrupted(signals.received or signal.SIGTERM,
-                                          f"{name} at step {step}: state saved to {checkpoint_path}; continue with --resume")  # fmt: skip
-            if step >= stop:
-                break
-    bar.close()
+    one_sample_trains = trains_on_one_sample(student, student.preprocess.size, device)
+    try:  # the bar ends its line whatever stops the loop, so a message after it starts on a line of its own
+        while step < stop:
+            for batch in loader:
+                if _any_rank(batch["size"] < 2 and not one_sample_trains, device):  # every rank skips it together
+                    single_skipped += 1
+                    continue
+                t0 = time.perf_counter()
+                batch = to_device(batch, device, channels_last=channels_last)
+                try:
+                    terms = forward_terms(model, batch, bf16=use_bf16)
+                except NonFiniteInput as err:  # features went non-finite before any loss could be computed
+                    stop_non_finite(f"the forward pass ({err})", save=True)
+                bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
+                if _any_rank(bool(bad), device):
+                    values = ", ".join(f"{name} {float(terms[name].detach()):.4g}" for name in bad)
+                    stop_non_finite(f"loss term(s) {bad} ({values})", save=True)  # nothing has been updated by this batch
+                try:
+                    grad_norm = backward_and_step(terms["total"], optimizer, task.parameters(), grad_clip=config.grad_clip,
+                                                  before_step=check_gradients)  # fmt: skip
+                except RuntimeError as err:  # torch refuses a float32 update scaled beyond its range (lr ≳ 3e38 / 10)
+                    if "without overflow" not in str(err):
+                        raise
+                    stop_non_finite("the optimiser step's update (it overflows float32)", save=False)  # some weights may be updated
+                bad = nonfinite_names((name, p) for name, p in task.named_parameters() if p.requires_grad)
+                if bad:  # the in-memory weights are lost; the checkpoint on disk is not touched
+                    stop_non_finite(f"parameter(s) {_listed(bad)} after the optimiser step", save=False)
+                scheduler.step()
+                step += 1
+                pm_skipped += pm_on and batch["size"] < PairMatchingLoss.MIN_PAIRS
+                last = {name: value.item() for name, value in terms.items()}
+                rate = batch["size"] * world / (time.perf_counter() - t0)
+                bar.update(1)
+                bar.set_postfix({**{k: f"{v:.3g}" for k, v in last.items()}, "img/s": f"{rate:.0f}"})
+                if step % config.log_every == 0 or step == stop:
+                    logger.log(step, {**last, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "samples_per_s": rate})
+                interrupted = _any_rank(signals.received is not None, device)
+                if step % config.checkpoint_every == 0 or step == stop or interrupted:
+                    save_state()
+                if interrupted:
+                    name = signal.Signals(signals.received or signal.SIGTERM).name
+                    logger.summary(_summary(config, student, step, total_steps, started, last, pm_skipped, single_skipped, loader) | {"interrupted": name})
+                    raise TrainingInterrupted(signals.received or signal.SIGTERM,
+                                              f"{name} at step {step}: state saved to {checkpoint_path}; continue with --resume")  # fmt: skip
+                if boundary is not None:
+                    boundary.record()
+                if step >= stop:
+                    break
+    finally:
+        bar.close()
+    # Nothing is left to save: a signal from here on stops the run where it lands (none is ever swallowed).
+    signals.stop_at_once(f"after step {step}, the last: {checkpoint_path} holds the run; continue with --resume to finish it")
+    if step >= total_steps:  # the run ends inside its last epoch (the loop broke out of it): its skip report and limit
+        loader.end_epoch()
     if pm_skipped:
         warnings.warn(f"pair matching skipped on {pm_skipped} step(s) whose batch had fewer than {PairMatchingLoss.MIN_PAIRS} pairs "
                       "left after skipped samples", stacklevel=2)  # fmt: skip
-    summary = _summary(config, student, step, total_steps, started, last, pm_skipped)
+    if single_skipped:
+        warnings.warn(f"{single_skipped} batch(es) left with one sample after skipped samples were not trained on: the student's "
+                      "BatchNorm cannot normalise a single value per channel at this image size", stacklevel=2)  # fmt: skip
+    summary = _summary(config, student, step, total_steps, started, last, pm_skipped, single_skipped, loader)
     if step >= total_steps and rank == 0:
         if hasattr(student, "recipe"):  # a converted CLIP keeps its format (its tokenizer is its original's)
             student.save(out_dir / "model.pt")
         else:
             save_checkpoint(student, out_dir / "model.pt", tokenizer=tokenizer_spec(tokenizer))
         if config.evaluate:
-            summary["eval"] = evaluate_run(student, tokenizer, config)
+            logger.summary(summary)  # training is complete, whatever becomes of its evaluation
+            signals.stop_at_once(f"during the final evaluation: training is complete (model in {out_dir / 'model.pt'}) but "
+                                 "the evaluation did not finish; rerun with --resume to evaluate")  # fmt: skip
+            try:
+                summary["eval"] = evaluate_run(student, tokenizer, config)
+            except TrainingInterrupted as stopped:
+                logger.summary(summary | {"interrupted": signal.Signals(stopped.signum).name, "interrupted_in": "evaluation"})
+                raise
     logger.summary(summary)
     return summary
 
 
-def _summary(config: TrainConfig, student, step: int, total_steps: int, started: float, last: dict, pm_skipped: int) -> dict:
+def _restore(state: dict, path: Path, task: TrainingTask, optimizer, scheduler, loader: ImageTextLoader) -> None:
+    """Load a training checkpoint's state into this run's objects; a checkpoint of another model or batch size is refused."""
+    try:
+        task.load_trainable_state(state["task"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise CheckpointError(f"checkpoint {path} does not fit this run ({first}): --resume continues a run with the model, "
+                              "data and batch size it was started with; start over with --overwrite") from None  # fmt: skip
+
+
+class StepBoundary:
+    """What a checkpoint holds besides weights and optimiser state, as it stood after the last completed step: the
+    loader's position, the RNG states and the module buffers (BatchNorm statistics and counters). A step's forward
+    changes all three before its loss or gradients can be checked; a step that fails there saves these instead."""
+
+    def __init__(self, task: TrainingTask, loader: ImageTextLoader) -> None:
+        self.loader = loader
+        self.buffers = [*task.student.buffers(), *task.objective.buffers()]
+        self.copies = [b.detach().clone() for b in self.buffers]
+        self.loader_state, self.rng = loader.state_dict(), rng_state()
+
+    def record(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.copies, [b.detach() for b in self.buffers])
+        self.loader_state, self.rng = self.loader.state_dict(), rng_state()
+
+    def restore(self) -> tuple[dict, dict]:
+        """Put the buffers back; returns the loader state and RNG states of the boundary."""
+        with torch.no_grad():
+            if self.buffers:
+                torch._foreach_copy_(self.buffers, self.copies)
+        return self.loader_state, self.rng
+
+
+def _summary(config: TrainConfig, student, step: int, total_steps: int, started: float, last: dict, pm_skipped: int,
+             single_skipped: int, loader: ImageTextLoader) -> dict:  # fmt: skip
     return {"model": config.model, "steps": step, "total_steps": total_steps, "seconds": time.perf_counter() - started,
-            "final_loss": last, "pm_skipped_steps": pm_skipped, "parameters": count_parameters_by_group(student),
-            "sharing": _sharing_groups(student), "config": dataclasses.asdict(config)}  # fmt: skip
+            "final_loss": last, "pm_skipped_steps": pm_skipped, "single_sample_batches": single_skipped, "skipped_samples": loader.skipped_total,
+            "parameters": count_parameters_by_group(student), "sharing": _sharing_groups(student),
+            "config": dataclasses.asdict(config)}  # fmt: skip
 
 
 def _listed(names: list[str], limit: int = 5) -> str:
@@ -346,7 +441,17 @@ def _listed(names: list[str], limit: int = 5) -> str:
 def _last_good(saved_step: int | None, checkpoint_path: Path) -> str:
     if saved_step is None:
         return "no checkpoint was written in this run"
-    return f"the last good state (step {saved_step}) is in {checkpoint_path}"
+    return f"the last good state (after step {saved_step}) is in {checkpoint_path}"
+
+
+# How gloo and NCCL report a rank that died or a connection that broke (a RuntimeError unless torch says DistError).
+_PEER_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset) by peer|broken pipe|timed? ?out", re.IGNORECASE)
+
+
+def _peer_failure(err: BaseException) -> bool:
+    dist_error = getattr(dist, "DistError", None)
+    return (dist_error is not None and isinstance(err, dist_error)) or (
+        type(err) is RuntimeError and bool(_PEER_FAILURE.search(str(err))))
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:

@@ -1,6 +1,8 @@
 """What a run finds in its output directory: a fresh start, a run to continue, or one it must not overwrite.
 
-    prepare_run_directory(out_dir, resume=False, overwrite=False)   # refuses a directory holding a run
+    check_run_directory(out_dir, resume=False, overwrite=False)   # refuses a directory holding a run; deletes nothing
+    ...                                                           # the run's inputs are read and checked
+    clear_run_directory(out_dir, resume=False, overwrite=False)   # only then: leftovers and (overwrite) the old run go
     config = reconcile_resumed_config(config, checkpoint["config"], path)
 """
 
@@ -21,20 +23,28 @@ FREE_ON_RESUME = {"out_dir", "log_every", "checkpoint_every", "evaluate", "eval_
                   "device", "dist_timeout", "compile", "data.workers", "data.max_skip_fraction"}  # fmt: skip
 
 
-def prepare_run_directory(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a new run over an existing one unless ``overwrite`` (which deletes its files); drop the
-    temporary files a killed run left (the caller holds the directory's lock, so no writer owns them)."""
+def _run_files(out_dir: Path) -> list[str]:
+    return [name for name in RUN_FILES if (out_dir / name).exists()]
+
+
+def check_run_directory(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run over an existing one unless ``resume`` or ``overwrite``; deletes nothing, so a run
+    refused later for its inputs leaves the old one whole."""
+    found = _run_files(out_dir)
+    if found and not (resume or overwrite):
+        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): pass --resume to continue it "
+                              "or --overwrite to delete it and start over")  # fmt: skip
+
+
+def clear_run_directory(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """After the inputs passed their checks: drop the temporary files a killed run left (the caller holds the
+    directory's lock, so no writer owns them) and, with ``overwrite``, the old run's files."""
+    check_run_directory(out_dir, resume=resume, overwrite=overwrite)
     for tmp in [*out_dir.glob(".*.tmp"), *out_dir.glob("*.pt.tmp")]:
         tmp.unlink(missing_ok=True)
     if resume:
         return
-    found = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if not found:
-        return
-    if not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): pass --resume to continue it "
-                              "or --overwrite to delete it and start over")  # fmt: skip
-    for name in found:
+    for name in _run_files(out_dir):
         (out_dir / name).unlink()
     shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
 

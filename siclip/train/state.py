@@ -7,27 +7,27 @@ Checkpoints hold only tensors and plain Python values (RNG states included), so 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import json
 import os
-import pickle
 import random
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from siclip.errors import UserError
+from siclip.storage import CheckpointError, atomic_write, load_weights, save_atomic, write_text_atomic
+
+__all__ = ["CHECKPOINT_KEYS", "CheckpointError", "MetricsLogger", "RunDirectoryBusy", "RunLock", "load_training_checkpoint", "rng_state",
+           "save_atomic", "set_rng_state"]  # fmt: skip
+
 CHECKPOINT_KEYS = ("task", "optimizer", "scheduler", "loader", "rng", "step")
 
 
-class CheckpointError(ValueError):
-    """A training checkpoint that cannot be used; the message names the file and what is wrong with it."""
-
-
-class RunDirectoryBusy(RuntimeError):
+class RunDirectoryBusy(UserError, RuntimeError):
     """Another process holds the run directory's lock."""
 
 
@@ -59,43 +59,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(payload: dict, path: Path) -> Path:
-    """``torch.save`` to a temporary file of a unique name in the same directory, then rename: never half a
-    checkpoint, and two writers never share a temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+TRAINING_CHECKPOINT_HINT = "restore it from a copy, or start the run over with --overwrite"
 
 
 def load_training_checkpoint(path: Path) -> dict:
-    """The payload :func:`save_atomic` wrote, loaded weights-only; :class:`CheckpointError` naming ``path``
-    when the file is empty, truncated, not a checkpoint, or would run code when unpickled."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): not a checkpoint")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"checkpoint {path} ({size} bytes) is not a torch checkpoint archive: truncated, overwritten or another file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain values and was not loaded "
-                              f"(loading it could run code from the file): {first}") from None  # fmt: skip
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"checkpoint {path} ({size} bytes) cannot be read, it is damaged ({type(err).__name__}: {err})") from None
+    """The payload :func:`~siclip.storage.save_atomic` wrote, loaded weights-only (:func:`~siclip.storage.load_weights`);
+    :class:`CheckpointError` naming ``path`` when the file is empty, damaged, not a checkpoint, or would run code."""
+    state = load_weights(path, what="checkpoint", hint=TRAINING_CHECKPOINT_HINT)
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
-        have = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path} is not a training checkpoint: it needs {list(CHECKPOINT_KEYS)}, has {have}")
+        have = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a training checkpoint: it needs {list(CHECKPOINT_KEYS)}, has {have}; {TRAINING_CHECKPOINT_HINT}")
     return state
 
 
@@ -120,8 +93,14 @@ class RunLock:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
-    def release(self) -> None:
+    def release(self, *, remove_empty: bool = False) -> None:
+        """Unlock; ``remove_empty``: also delete the lock file and the directory when nothing else is in it (a run
+        refused before it wrote anything leaves no trace)."""
         if self._fd is not None:
+            if remove_empty and [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+                self.path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # someone put a file there meanwhile: keep the directory
+                    self.path.parent.rmdir()
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
@@ -159,10 +138,8 @@ class MetricsLogger:
         kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
         if len(kept) == len(rows):
             return
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(self.path, "w") as f:
             csv.writer(f).writerows(kept)
-        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -181,7 +158,5 @@ class MetricsLogger:
     def summary(self, data: dict) -> Path:
         path = self.out_dir / "summary.json"
         if self.enabled:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1, default=str))
-            os.replace(tmp, path)
+            write_text_atomic(json.dumps(data, indent=1, default=str), path)
         return path

@@ -106,6 +106,26 @@ def to_device(batch: dict, device: torch.device, *, channels_last: bool = False)
     return out
 
 
+def trains_on_one_sample(student: nn.Module, image_size: int, device: torch.device) -> bool:
+    """Whether the student, in training mode, takes a batch of one image. BatchNorm normalises each channel over
+    batch × height × width values and refuses a single one: a map reduced to 1×1 (MCi's last stages at 32 px) fails
+    on a batch that skipped samples left with one. Probed once on a blank image; the buffers it touches are put back."""
+    buffers = list(student.buffers())
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        with torch.no_grad():
+            student.encode_image(torch.zeros(1, 3, image_size, image_size, device=device))
+        return True
+    except ValueError as err:
+        if "Expected more than 1 value per channel" not in str(err):
+            raise
+        return False
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+
 def forward_terms(model: nn.Module, batch: dict, *, bf16: bool) -> dict[str, Tensor]:
     """The task's loss terms for ``batch``, under bf16 autocast when ``bf16``."""
     device_type = batch["image"].device.type
