@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 from pathlib import Path
 
 import torch
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"onnx: idle before each timed call, so neither runtime's spinning threads slow the other's ({1e3 * SETTLE_S:g})")
     parser.add_argument("--smoke", action="store_true", help="the tiny models and 3 rounds: checks the script, measures nothing")
     args = parser.parse_args(argv)
+    if args.runtime == "torch" and (args.exported or args.smoke):
+        parser.error("--exported and --smoke time ONNX Runtime: add --runtime onnx")
     keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -181,7 +184,11 @@ def compare_onnx(models: dict, files: dict, batch: int, rounds: int, threads: in
 def exported(args, rounds_for, settle_s: float) -> None:
     """Images/s and texts/s of one exported directory, against eager PyTorch of the model it came from when its
     source file is still there."""
-    manifest = read_manifest(args.exported)
+    try:
+        manifest = read_manifest(args.exported)
+    except (OSError, ValueError) as err:
+        print(f"cpu_inference.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
     reference = None
     if manifest["source"] and Path(manifest["source"]).is_file():
         reference = reparameterize_model(load_model(manifest["source"])[0].eval())

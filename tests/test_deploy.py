@@ -354,9 +354,17 @@ def test_an_export_replaces_an_earlier_export_but_never_other_files(tmp_path):
 
 
 def test_export_script_reports_bad_input_in_one_line(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "experiments/export.py"), "--model", str(tmp_path / "missing.pt"), "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
-    assert done.returncode == 2 and done.stderr.startswith("export.py: error: model file not found") and "Traceback" not in done.stderr
+    from siclip.models import save_checkpoint
+
+    save_checkpoint(create_model("siclip_tiny"), tmp_path / "model.pt")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    for model, out, message in ((tmp_path / "missing.pt", tmp_path / "out", "model file not found"),
+                                (tmp_path / "model.pt", tmp_path / "notes", f"{tmp_path / 'notes'} exists and is not an exported model directory")):  # fmt: skip
+        done = subprocess.run([sys.executable, str(ROOT / "experiments/export.py"), "--model", str(model), "--out", str(out)],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 2 and done.stderr.startswith(f"export.py: error: {message}") and "Traceback" not in done.stderr, done.stderr
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
 
 
 # ── the command line on real scans: export, evaluate the export, int8 ───────────────────────────────────────────

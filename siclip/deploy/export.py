@@ -185,7 +185,8 @@ def _inputs(model: CLIP, tokenizer, images: Sequence[np.ndarray] | None, caption
 
 
 def _check(session, module: nn.Module, inputs: Tensor, encoder: str, file: Path) -> float:
-    """The largest relative error of ``session`` against ``module`` over the batch and each of its first two rows."""
+    """The largest relative error of ``session`` against ``module`` over the batch and each of its first two rows;
+    errors name ``file``, where the encoder would have been written."""
     worst = 0.0
     for rows in (slice(None), slice(0, 1), slice(1, 2)):
         batch = inputs[rows]
@@ -248,11 +249,16 @@ def quantize_int8(source: Path, target: Path) -> None:
             logging.disable(logging.NOTSET)
 
 
+def _check_destination(out: Path) -> None:
+    """An export may go where nothing is, into an empty directory, or over an earlier export; nowhere else."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise FileExistsError(f"{out} exists and is not an exported model directory: choose another output directory")
+
+
 def _replace_directory(built: Path, out: Path) -> None:
     """Put the finished ``built`` directory at ``out``: an absent or empty ``out``, or an earlier export there, is replaced."""
+    _check_destination(out)
     if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
-            raise FileExistsError(f"{out} exists and is not an exported model directory: choose another output directory")
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / out.name)
         os.replace(built, out)
@@ -276,6 +282,7 @@ def export_clip(model: CLIP, tokenizer, out_dir: str | Path, *, attention: str =
     if attention not in ATTENTION_KERNELS:
         raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
     out = Path(out_dir)
+    _check_destination(out)  # before the work, not after it
     fused = reparameterize_model(copy.deepcopy(model).float().eval())  # inference form: BatchNorm and branches folded
     modules = {encoder: Encoder(fused, encoder).eval() for encoder in ENCODERS}
     inputs = _inputs(fused, tokenizer, images, captions)
@@ -288,7 +295,7 @@ def export_clip(model: CLIP, tokenizer, out_dir: str | Path, *, attention: str =
             file = built / FILES[encoder]
             export_encoder(module, inputs[encoder], file, attention=attention, opset=opset,
                            input_name=NAMES[encoder][0], output_name=NAMES[encoder][1])  # fmt: skip
-            errors[encoder] = _check(create_session(file), module, inputs[encoder], encoder, file)
+            errors[encoder] = _check(create_session(file), module, inputs[encoder], encoder, out / FILES[encoder])
             shapes[encoder] = [None, *inputs[encoder].shape[1:]]
         manifest = {
             "format": FORMAT, "name": model.name, "embed_dim": int(model.embed_dim), "logit_scale": model.logit_scale.item(),
