@@ -5,8 +5,9 @@
 
 --model: a model spec: a siclip checkpoint (its tokenizer is saved in it), Apple's mobileclip_s0.pt (CLIP BPE),
          hf:DIR (a transformers CLIPModel or SiglipModel saved with its tokenizer and preprocessor_config.json), or
-         open_clip:ARCH:FILE (an open_clip architecture or model-config JSON, and a weights file). Every image goes
-         through the model's own preprocessing (resize, crop, mean and std), every prompt through its tokenizer.
+         open_clip:ARCH:FILE (an open_clip architecture or model-config JSON, and a weights file), or a directory
+         experiments/export.py wrote (the ONNX encoders under ONNX Runtime). Every image goes through the model's
+         own preprocessing (resize, crop, mean and std), every prompt through its tokenizer.
 --zeroshot: a folder with one subfolder per class, or a CSV/TSV with filepath,label columns.
 --classnames: one name per line or a JSON list, in class order; class folders named after their
               classes match by name, other folders follow sorted folder order.
@@ -47,7 +48,7 @@ def device(text: str) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=cli.checked(check_model_spec),
-                        help="siclip checkpoint, Apple-layout mobileclip_s0.pt, hf:DIR or open_clip:ARCH:FILE")
+                        help="siclip checkpoint, Apple-layout mobileclip_s0.pt, hf:DIR, open_clip:ARCH:FILE or an exported directory")
     parser.add_argument("--zeroshot", type=cli.existing_path, help="class-per-subfolder directory or filepath,label CSV/TSV")
     parser.add_argument("--classnames", type=cli.existing_file, help="class names file (one per line or JSON list)")
     parser.add_argument("--templates", type=cli.existing_file, help="prompt templates file, one per line with {}")

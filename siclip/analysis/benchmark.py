@@ -81,7 +81,7 @@ def _timed(step: Callable[[], object], device: torch.device) -> float:
 
 
 def time_interleaved(
-    steps: dict[str, Callable[[], object]], device: torch.device, *, rounds: int = 20, warmup: int = 5
+    steps: dict[str, Callable[[], object]], device: torch.device, *, rounds: int = 20, warmup: int = 5, settle_s: float = 0.0
 ) -> dict[str, dict]:
     """Median milliseconds (and CUDA peak GiB) of each named step, timed round-robin.
 
@@ -89,7 +89,9 @@ def time_interleaved(
     so the ratio of two medians is trustworthy on a noisy machine too. The order reverses every other
     round (A B, B A, …), so no variant always runs right after another one, warm or cooled by it. The peak memory of each
     variant comes from one extra call after a reset of the allocator's statistics. ``times_ms`` keeps
-    every round's time, for :func:`paired_speedup`.
+    every round's time, for :func:`paired_speedup`. ``settle_s`` idles before each timed call: steps of two CPU
+    runtimes in one process (PyTorch's OpenMP threads, ONNX Runtime's pool) each leave their threads spinning for
+    work after a call, which would take the cores from the next step's threads; after the pause they sleep.
     """
     for step in steps.values():
         for _ in range(warmup):
@@ -98,6 +100,8 @@ def time_interleaved(
     order = list(steps)
     for round_index in range(rounds):
         for name in order if round_index % 2 == 0 else reversed(order):
+            if settle_s:
+                time.sleep(settle_s)
             times[name].append(_timed(steps[name], device))
     results = {}
     for name, step in steps.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 from einops import rearrange
 from torch import Tensor, nn
 
-from .backends import explicit_is_faster, needs_autograd, softmax_attention
+from .backends import explicit_is_faster, needs_autograd, softmax_attention, traced_kernel
 from .masking import check_key_padding_mask, sdpa_mask
 
 
@@ -37,5 +37,6 @@ class Attention(nn.Module):
         attn_mask, is_causal = sdpa_mask(key_padding_mask, causal, tokens)
         autograd = needs_autograd(x, self.qkv.weight)
         fused = self.fused_attn and not explicit_is_faster(x, self.num_heads, tokens, autograd)
-        out = softmax_attention(q, k, v, causal=is_causal, attn_mask=attn_mask, scale=None, backend="sdpa" if fused else "math")
+        kernel = traced_kernel() or ("sdpa" if fused else "math")
+        out = softmax_attention(q, k, v, causal=is_causal, attn_mask=attn_mask, scale=None, backend=kernel)
         return self.proj(rearrange(out, "b h t d -> b t (h d)"))

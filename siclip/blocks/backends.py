@@ -7,12 +7,18 @@ before xformers is ever used, and every caller falls back to SDPA with the reaso
 ``"auto"`` picks ``"triton"`` for CUDA tensors when Triton imports. On a CPU without autograd it picks the
 explicit ``"math"`` path, in chunks of sequences whose T×T scores fit in a core's cache
 (:func:`explicit_is_faster`), and SDPA with PyTorch ops elsewhere.
+
+An exporter traces one path, named with :func:`traced_attention`: inside it every attention of this package runs
+that kernel (``"math"`` or ``"sdpa"``) whole, whatever its backend and device, and the choices a running model
+makes from its batch size (cache-sized chunks, which operand a product scales) take their batch-free form.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -26,6 +32,32 @@ BACKENDS = ("auto", "sdpa", "xformers", "math", "triton")
 #: 77 tokens: 12.8–14.4 against 8.7 ms at batch 64); one unchunked call over 4× this many scores lost to it
 #: (benchmarks/RESULTS.md, session 7).
 CPU_EXPLICIT_SCORES = 2**18
+
+#: The kernels an exporter may trace: ``"math"`` (explicit products: MatMul, Softmax) and ``"sdpa"``
+#: (PyTorch's scaled_dot_product_attention, whatever the exporter makes of it). Never Triton's custom ops nor xformers.
+TRACEABLE = ("math", "sdpa")
+_traced: str | None = None  # a module global, not a ContextVar: torch.compile reads (and guards on) globals
+
+
+@contextlib.contextmanager
+def traced_attention(kernel: str = "math") -> Iterator[None]:
+    """While open, every attention in :mod:`siclip.blocks` runs ``kernel`` (one of :data:`TRACEABLE`) over the
+    whole batch, on any device and whatever backend it was built with: the graph an exporter records is this
+    one path, with no cache-sized chunks (the batch is a symbol there), no Triton custom op and no xformers call.
+    Checks that read tensor values (padding masks, token ids) are left to the caller while tracing."""
+    global _traced
+    if kernel not in TRACEABLE:
+        raise ValueError(f"an exporter traces one of {TRACEABLE}, got {kernel!r}")
+    previous, _traced = _traced, kernel
+    try:
+        yield
+    finally:
+        _traced = previous
+
+
+def traced_kernel() -> str | None:
+    """The kernel :func:`traced_attention` names, or None outside it (a running model)."""
+    return _traced
 
 
 def needs_autograd(*tensors: Tensor | float | None) -> bool:
@@ -48,7 +80,7 @@ def in_cached_chunks(fn, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *
     sliced with the batch unless it broadcasts over it. A split output is laid out like ``v``."""
     batch, heads, tokens = q.shape[:3]
     chunk = max(1, CPU_EXPLICIT_SCORES // (heads * tokens * tokens))
-    if autograd or q.device.type != "cpu" or batch <= chunk:
+    if traced_kernel() is not None or autograd or q.device.type != "cpu" or batch <= chunk:
         return fn(q, k, v, mask)
     out = None
     for start in range(0, batch, chunk):
@@ -124,6 +156,8 @@ def resolve_backend(backend: str, x: Tensor, has_padding: bool, autograd: bool =
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if traced_kernel() is not None:
+        return traced_kernel()
     if backend == "auto":
         if x.device.type == "cuda" and triton_status()[0]:
             return "triton"
@@ -182,6 +216,10 @@ def softmax_attention(
     # otherwise fall back to its math path, which writes the T×T matrix. A strided input, such as values
     # taken straight from a channels-first map, is copied once instead.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if attn_mask is not None and traced_kernel() is not None:
+        # ONNX Runtime's Attention op (what opset 23 makes of SDPA) reads a mask's query axis: a padding mask broadcast
+        # over the queries (batch, 1, 1, T) is spelled out as (batch, 1, T, T).
+        attn_mask = attn_mask.expand(-1, -1, q.shape[-2], -1)
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale
     )

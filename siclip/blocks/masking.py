@@ -13,6 +13,8 @@ import weakref
 import torch
 from torch import Tensor
 
+from .backends import traced_kernel
+
 
 def check_key_padding_mask(key_padding_mask: Tensor | None, batch: int, tokens: int, causal: bool) -> None:
     """Raise a clear error unless ``key_padding_mask`` is None or a usable ``(batch, tokens)`` bool mask.
@@ -33,6 +35,8 @@ def check_key_padding_mask(key_padding_mask: Tensor | None, batch: int, tokens: 
             f"key_padding_mask must have shape (batch, tokens) = ({batch}, {tokens}), "
             f"got {tuple(key_padding_mask.shape)}"
         )
+    if traced_kernel() is not None:  # an exported graph checks no values (the mask is a function of its input)
+        return
     visible = visible_key_counts(key_padding_mask, causal)
     if bool((visible == 0).any()):
         rows = (visible == 0).nonzero()[:4].tolist()

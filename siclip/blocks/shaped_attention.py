@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .backends import apply_attention, attention_probs, in_cached_chunks, needs_autograd, resolve_backend, softmax_attention
+from .backends import (
+    apply_attention, attention_probs, in_cached_chunks, needs_autograd, resolve_backend, softmax_attention, traced_kernel,
+)  # fmt: skip
 from .masking import additive_mask, check_key_padding_mask, sdpa_mask
 
 
@@ -118,7 +120,9 @@ def shaped_attention(
         def explicit(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
             attn_mask, is_causal = sdpa_mask(key_padding_mask, causal, tokens)
             probs = attention_probs(q, k, causal=is_causal, attn_mask=attn_mask, scale=scale)
-            shaped = _shape(probs, alpha, beta, gamma, causal=causal, key_padding_mask=key_padding_mask, inplace=not autograd)
+            # In place only in a running model: an exported graph is functional (the diagonal's add is a Where there).
+            inplace = not autograd and traced_kernel() is None
+            shaped = _shape(probs, alpha, beta, gamma, causal=causal, key_padding_mask=key_padding_mask, inplace=inplace)
             return apply_attention(shaped, v)
 
         return in_cached_chunks(explicit, q, k, v, key_padding_mask, autograd=autograd)

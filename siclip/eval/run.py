@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import torch
@@ -17,12 +18,17 @@ from siclip.data.transforms import preprocess_image
 from .metrics import recall_at_k, topk_accuracy, zero_shot_weights
 
 
+def _first_tensor(model) -> Tensor:
+    """The model's first parameter, or its first buffer (a model run by another runtime holds no parameters)."""
+    return next(itertools.chain(model.parameters(), model.buffers()))
+
+
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    return _first_tensor(model).device
 
 
 def _dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype  # a half or double model gets images it can take
+    return _first_tensor(model).dtype  # a half or double model gets images it can take
 
 
 # Per item, CPU inference is fastest at a few images (or some 64 texts) per call. Mostly because glibc's malloc

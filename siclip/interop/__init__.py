@@ -27,6 +27,7 @@ siclip's own ``CLIP`` has it; :func:`as_clip` wraps a foreign model object in an
 | ``hf:DIR`` | a transformers ``CLIPModel`` / ``SiglipModel`` saved in ``DIR`` (``from_pretrained``, local only) |
 | ``open_clip:ARCH:FILE`` | open_clip architecture ``ARCH`` (a registered name, or a model-config JSON path) with the weights in ``FILE`` |
 | ``PATH`` (a converted file) | a transformers or open_clip CLIP converted to SAS-P (``experiments/convert_model.py``) |
+| ``DIR`` (a directory) | the ONNX encoders ``experiments/export.py`` wrote there, under ONNX Runtime (:mod:`siclip.deploy`) |
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ ADAPTERS: TypeRegistry[Callable[..., "LoadedClip"]] = TypeRegistry("CLIP adapter
 # Spec scheme → (the library's import name, its pip package); ``siclip.interop.<library>.load_spec`` loads it.
 SCHEMES = {"hf": ("transformers", "transformers"), "open_clip": ("open_clip", "open_clip_torch")}
 SPEC_HELP = ("a siclip checkpoint or Apple's mobileclip_s0.pt (a file path), hf:DIR (a transformers CLIPModel or SiglipModel "
-             "directory), or open_clip:ARCH:FILE (an open_clip architecture or model-config JSON, and a weights file)")  # fmt: skip
+             "directory), open_clip:ARCH:FILE (an open_clip architecture or model-config JSON, and a weights file), or a "
+             "directory of ONNX encoders written by experiments/export.py")  # fmt: skip
 
 
 @dataclass
@@ -78,13 +80,18 @@ def _scheme(spec: str) -> tuple[str, str] | None:
 
 
 def check_model_spec(spec: str | Path) -> str:
-    """``spec`` when what it names is there (checked before anything loads): a file for a path, a directory for
-    ``hf:DIR``, an architecture and a weights file for ``open_clip:ARCH:FILE``; else ``FileNotFoundError`` or
+    """``spec`` when what it names is there (checked before anything loads): a file for a path, an exported model
+    for a directory, a directory for ``hf:DIR``, an architecture and a weights file for ``open_clip:ARCH:FILE``; else ``FileNotFoundError`` or
     ``ValueError`` naming it."""
     spec = str(spec)
     scheme = _scheme(spec)
     if scheme is None:
-        if not Path(spec).is_file():
+        if Path(spec).is_dir():
+            from siclip.deploy.runtime import MANIFEST
+
+            if not (Path(spec) / MANIFEST).is_file():
+                raise FileNotFoundError(f"{spec} is a directory without {MANIFEST}: not an exported model (expected {SPEC_HELP})")
+        elif not Path(spec).is_file():
             raise FileNotFoundError(f"model file not found: {spec} (expected {SPEC_HELP})")
     elif scheme[0] == "hf":
         if not Path(scheme[1]).is_dir():
@@ -108,6 +115,10 @@ def load_clip(spec: str | Path, *, apple_model: str = "mobileclip_s0") -> Loaded
         library, package = SCHEMES[scheme[0]]
         require(library, package, f"model spec {spec!r}")
         return importlib.import_module(f"siclip.interop.{library}").load_spec(scheme[1], spec)
+    if Path(spec).is_dir():
+        from siclip.deploy.runtime import load_exported
+
+        return load_exported(spec, spec=spec)  # a directory without the manifest is refused there, by name
     from siclip.data.tokenizer import tokenizer_for, tokenizer_spec
     from siclip.models import load_model
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from siclip.blocks import PreLNBlock
+from siclip.blocks.backends import traced_kernel
 
 from .fastvit import RepMixerBlock
 from .stages import has_trainable, run_stages
@@ -97,7 +98,8 @@ class MCt(nn.Module):
             raise ValueError(f"token ids must be an integer (batch, tokens) tensor, got {ids.dtype} {tuple(ids.shape)}")
         if ids.shape[1] > self.config.context_length:
             raise ValueError(f"{ids.shape[1]} tokens exceed the context length {self.config.context_length}")
-        if ids.numel() and (int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0):
+        # An exported graph reads no values to check (traced_attention): the runtime refuses an id outside the table.
+        if traced_kernel() is None and ids.numel() and (int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0):
             raise ValueError(
                 f"token ids must lie in [0, {self.config.vocab_size}); got [{int(ids.min())}, {int(ids.max())}]: "
                 "does the tokenizer match the model's vocabulary?"

@@ -1,0 +1,338 @@
+"""A siclip CLIP's two encoders as ONNX files, checked under ONNX Runtime against PyTorch.
+
+**The exporter.** ``torch.export`` (non-strict) records each encoder of the reparameterised model with a symbolic
+batch axis, and ``torch.onnx.export(dynamo=True)`` translates the program with onnxscript into one self-contained
+file (weights inside, under 2 GB). With torch 2.13 this is the exporter that works: the TorchScript exporter
+(``dynamo=False``, deprecated) also writes a file, but it runs Python once on the example batch and bakes every
+branch on the batch size into the graph (the cache-sized chunks of the CPU attention path, which operand a
+product scales), so its graph is right only at the batch it was traced with; the dynamo exporter refuses such a
+branch instead of baking it. Weights used twice (blocks that share them) are one parameter in the program and
+one initializer in the file.
+
+**The attention it traces** is named, never inferred (:func:`siclip.blocks.backends.traced_attention`): every
+attention block runs ``attention`` over the whole batch whatever backend it was built with, so no Triton custom
+op, no xformers call and no batch-sized chunk reaches the graph:
+
+- ``"sdpa"`` (default): PyTorch's ``scaled_dot_product_attention``, which opset 23 writes as ONNX's ``Attention``
+  op (ONNX Runtime ≥ 1.23 runs it; opsets before 23 get MatMul/Softmax). Shaped attention adds its
+  α·V − γ·C·V terms around it (C·V a mean over the visible keys).
+- ``"math"``: the explicit products the CPU path of PyTorch runs: P = softmax(QKᵀ/√d + M), then shaped
+  attention's whole matrix A = β·P + α·I − γ·C and one product A·V.
+
+**The check.** The encoders run under ONNX Runtime and under PyTorch (eager, the model as it runs) on real
+images (scikit-learn's two sample photographs, in the model's own view) and real captions (through its tokenizer),
+batched and one at a time. The error of an output ``o`` against PyTorch's ``p``, rows ``r``, is
+
+    err = max_r ‖o_r − p_r‖_∞ / ‖p_r‖_∞
+
+and every encoder must stay within :data:`MAX_RELATIVE_ERROR` (float32), or the export fails naming the output.
+The directory is written in a temporary sibling and renamed into place only once every check passed.
+
+**int8** (``quantize="int8"``): ONNX Runtime's dynamic quantisation (int8 weights, activations quantised per call)
+of the checked float32 files, written as ``int8/``, an exported directory of its own. Its check reports the
+cosine between its embeddings and the float32 ones (there is no float32 bound to hold it to).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from siclip.blocks.backends import TRACEABLE, traced_attention
+from siclip.data.tokenizer import tokenizer_spec
+from siclip.data.transforms import preprocess_image
+from siclip.models import CLIP, reparameterize_model
+
+from .runtime import ENCODERS, FORMAT, MANIFEST, create_session, run_session, sha256
+
+ATTENTION_KERNELS = TRACEABLE
+DEFAULT_ATTENTION = "sdpa"
+DEFAULT_OPSET = 23  # the first with an Attention op
+MAX_RELATIVE_ERROR = 1e-4
+QUANTIZATIONS = ("int8",)
+# What dynamic quantisation rewrites. Not "Attention": its int8 form is ONNX Runtime's own QAttention, which reads
+# the contrib Attention's inputs, not opset 23's (the quantiser would write an invalid graph).
+INT8_OPS = ("MatMul", "Conv", "Gather")
+FILES = {"image": "image.onnx", "text": "text.onnx"}
+NAMES = {"image": ("pixel_values", "image_embeds"), "text": ("input_ids", "text_embeds")}  # as transformers names them
+SAMPLE_IMAGES = ("china.jpg", "flower.jpg")  # scikit-learn's sample photographs (427 × 640)
+# Real captions of the kinds a CLIP reads: photographs, scans, scenes; some name what the sample images show.
+SAMPLE_CAPTIONS = (
+    "a photo of a chinese temple on a hill",
+    "a pink flower with yellow stamens",
+    "a handwritten digit seven",
+    "two dogs playing in the snow",
+    "a red car parked on a city street at night",
+)
+
+
+class ExportCheckError(ValueError):
+    """ONNX Runtime's outputs do not match PyTorch's (or the runtime cannot run the file)."""
+
+
+class Encoder(nn.Module):
+    """One encoder of a CLIP as a module of its own: ``image`` maps pixels ``(batch, 3, S, S)``, ``text`` token ids
+    ``(batch, L)``, to unit-norm ``(batch, D)`` embeddings (the model's ``encode_image`` / ``encode_text``)."""
+
+    def __init__(self, model: CLIP, encoder: str) -> None:
+        super().__init__()
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {list(ENCODERS)}, got {encoder!r}")
+        self.model, self.encoder = model, encoder
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.model.encode_image(inputs) if self.encoder == "image" else self.model.encode_text(inputs)
+
+
+def sample_images() -> list[np.ndarray]:
+    """scikit-learn's two sample photographs, ``(427, 640, 3)`` uint8 each."""
+    try:
+        from sklearn.datasets import load_sample_image
+    except ImportError:
+        raise ImportError("the export check runs on scikit-learn's sample images: pip install scikit-learn (the 'deploy' extra)") from None
+    return [load_sample_image(name) for name in SAMPLE_IMAGES]
+
+
+def sample_captions() -> list[str]:
+    return list(SAMPLE_CAPTIONS)
+
+
+def max_relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    """max_r ‖o_r − p_r‖_∞ / ‖p_r‖_∞ over the rows ``r`` of two ``(batch, dim)`` outputs (rows of zeros count
+    their absolute error)."""
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    if ours.shape != reference.shape:
+        raise ExportCheckError(f"output shape {ours.shape}, PyTorch's {reference.shape}")
+    scale = np.abs(reference).max(axis=-1)
+    return float((np.abs(ours - reference).max(axis=-1) / np.where(scale > 0, scale, 1.0)).max())
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's progress lines and its notes on optional libraries (torchvision's ops) kept off the user's
+    terminal; its errors still raise."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore", FutureWarning)  # pytree's deprecation notes, raised inside torch.export
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+def export_encoder(module: nn.Module, example: Tensor, path: str | Path, *, attention: str = DEFAULT_ATTENTION,
+                   opset: int = DEFAULT_OPSET, input_name: str = "input", output_name: str = "output") -> Path:  # fmt: skip
+    """Write ``module`` (in eval mode, one tensor in, one out) as one ONNX file whose first axis is dynamic,
+    tracing the attention kernel ``attention`` (one of :data:`ATTENTION_KERNELS`) on ``example``."""
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
+    if module.training:
+        raise ValueError("export a module in eval mode (module.eval()): BatchNorm would normalise by batch statistics")
+    import onnxscript
+
+    path = Path(path)
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad(), traced_attention(attention), _quiet_exporter():
+        program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
+        onnx_program = torch.onnx.export(program, (example,), dynamo=True, opset_version=opset, verbose=False,
+                                         input_names=[input_name], output_names=[output_name], optimize=True)  # fmt: skip
+        # Every expression of weights alone becomes the weight it computes, whatever its size (a transposed W, β_FF·W,
+        # α·I − γ·C): the file holds what runs, once per expression, so weights used twice stay one initializer, and
+        # int8 quantisation, which rewrites products with a weight initializer, sees every weight.
+        onnxscript.optimizer.optimize(onnx_program.model, input_size_limit=sys.maxsize, output_size_limit=sys.maxsize)
+        onnx_program.save(str(path), external_data=False)
+    return path
+
+
+@dataclass
+class ExportedFiles:
+    """Where an export went: the float32 directory, its manifest, and the int8 directory when asked for."""
+
+    directory: Path
+    manifest: dict
+    int8: Path | None = None
+    int8_manifest: dict | None = None
+
+
+def _inputs(model: CLIP, tokenizer, images: Sequence[np.ndarray] | None, captions: Sequence[str] | None) -> dict[str, Tensor]:
+    """The check's batches: the images in the model's own view, the captions through its tokenizer."""
+    images = sample_images() if images is None else list(images)
+    captions = sample_captions() if captions is None else list(captions)
+    if len(images) < 2 or len(captions) < 2:
+        raise ValueError("the export check needs at least two images and two captions (a batch, and each alone)")
+    pixels = torch.stack([preprocess_image(image, model.preprocess) for image in images])
+    ids = tokenizer(captions).long()
+    return {"image": pixels, "text": ids}
+
+
+def _check(session, module: nn.Module, inputs: Tensor, encoder: str, file: Path) -> float:
+    """The largest relative error of ``session`` against ``module`` over the batch and each of its first two rows;
+    errors name ``file``, where the encoder would have been written."""
+    worst = 0.0
+    for rows in (slice(None), slice(0, 1), slice(1, 2)):
+        batch = inputs[rows]
+        with torch.inference_mode():
+            reference = module(batch).float().numpy()
+        try:
+            ours = run_session(session, batch.numpy())
+        except Exception as err:
+            raise ExportCheckError(f"{file}: ONNX Runtime cannot run the {encoder} encoder on a batch of {len(batch)} "
+                                   f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None  # fmt: skip
+        error = max_relative_error(ours, reference)
+        if not error <= MAX_RELATIVE_ERROR:  # a NaN fails too
+            raise ExportCheckError(f"{file}: ONNX Runtime's {encoder} embeddings differ from PyTorch's by a max relative error of "
+                                   f"{error:.3g} (> {MAX_RELATIVE_ERROR:g}) on a batch of {len(batch)}")  # fmt: skip
+        worst = max(worst, error)
+    return worst
+
+
+def _cosines(session, reference: np.ndarray, inputs: Tensor) -> float:
+    """The smallest cosine between ``session``'s embeddings of ``inputs`` and ``reference`` (unit-norm rows)."""
+    ours = run_session(session, inputs.numpy()).astype(np.float64)
+    ours /= np.linalg.norm(ours, axis=-1, keepdims=True)
+    return float((ours * reference).sum(-1).min())
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _file_entry(directory: Path, encoder: str, input_shape: list) -> dict:
+    file = directory / FILES[encoder]
+    return {"file": FILES[encoder], "input": NAMES[encoder][0], "output": NAMES[encoder][1], "input_shape": input_shape,
+            "bytes": file.stat().st_size, "sha256": sha256(file)}  # fmt: skip
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """ONNX Runtime's dynamic quantisation of ``source`` into ``target``: int8 weights (per tensor, symmetric) for
+    its MatMul, Conv and Gather (embedding) nodes (:data:`INT8_OPS`), activations quantised per call, except the
+    products that read the graph's input: the image encoder's first convolution, on the pixels, stays float32 (432
+    weights in MCi's stem; quantised, it took the digits model's zero-shot top-1 from 70 % to chance)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    first = [n.name for n in graph.node if n.op_type in ("Conv", "MatMul") and graph.input[0].name in n.input]
+    with _quiet_exporter():
+        logging.disable(logging.WARNING)  # its notes about shape inference on a model it preprocesses itself
+        try:
+            quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OPS), nodes_to_exclude=first)
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def _check_destination(out: Path) -> None:
+    """An export may go where nothing is, into an empty directory, or over an earlier export; nowhere else."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise FileExistsError(f"{out} exists and is not an exported model directory: choose another output directory")
+
+
+def _replace_directory(built: Path, out: Path) -> None:
+    """Put the finished ``built`` directory at ``out``: an absent or empty ``out``, or an earlier export there, is replaced."""
+    _check_destination(out)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(built, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(built, out)
+
+
+def export_clip(model: CLIP, tokenizer, out_dir: str | Path, *, attention: str = DEFAULT_ATTENTION, opset: int = DEFAULT_OPSET,
+                quantize: str | None = None, source: str = "", images: Sequence[np.ndarray] | None = None,
+                captions: Sequence[str] | None = None) -> ExportedFiles:  # fmt: skip
+    """Export ``model``'s reparameterised encoders to ``out_dir`` (see the module docstring), checked under ONNX Runtime.
+
+    ``tokenizer``: the model's (its spec goes into the manifest; the check's captions go through it). ``images``,
+    ``captions``: the check's inputs (default: scikit-learn's sample images and :data:`SAMPLE_CAPTIONS`).
+    ``source`` is recorded as where the model came from. Raises :class:`ExportCheckError` when a check fails."""
+    if not isinstance(model, CLIP):
+        raise TypeError(f"export_clip exports siclip's CLIP models (a checkpoint or Apple's file), got {type(model).__name__}")
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
+    out = Path(out_dir)
+    _check_destination(out)  # before the work, not after it
+    fused = reparameterize_model(copy.deepcopy(model).float().eval())  # inference form: BatchNorm and branches folded
+    modules = {encoder: Encoder(fused, encoder).eval() for encoder in ENCODERS}
+    inputs = _inputs(fused, tokenizer, images, captions)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    built = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # mkdir, not mkdtemp: the user's umask
+    built.mkdir()
+    try:
+        errors, shapes = {}, {}
+        for encoder, module in modules.items():
+            file = built / FILES[encoder]
+            export_encoder(module, inputs[encoder], file, attention=attention, opset=opset,
+                           input_name=NAMES[encoder][0], output_name=NAMES[encoder][1])  # fmt: skip
+            errors[encoder] = _check(create_session(file), module, inputs[encoder], encoder, out / FILES[encoder])
+            shapes[encoder] = [None, *inputs[encoder].shape[1:]]
+        manifest = {
+            "format": FORMAT, "name": model.name, "embed_dim": int(model.embed_dim), "logit_scale": model.logit_scale.item(),
+            "precision": "float32", "preprocess": fused.preprocess.to_dict(), "tokenizer": tokenizer_spec(tokenizer),
+            **{encoder: _file_entry(built, encoder, shapes[encoder]) for encoder in ENCODERS},
+            "attention": attention, "opset": opset, "source": str(source),
+            "check": {"inputs": f"scikit-learn sample images {list(SAMPLE_IMAGES)} and {len(inputs['text'])} captions"
+                      if images is None and captions is None else "the caller's images and captions",
+                      "max_relative_error": errors, "bound": MAX_RELATIVE_ERROR},
+            "versions": _versions(),
+        }  # fmt: skip
+        _write_json(built / MANIFEST, manifest)
+        int8_manifest = None
+        if quantize == "int8":
+            int8_manifest = _quantized(built, manifest, inputs)
+        _replace_directory(built, out)
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        raise
+    return ExportedFiles(out, manifest, out / "int8" if int8_manifest else None, int8_manifest)
+
+
+def _quantized(built: Path, manifest: dict, inputs: dict[str, Tensor]) -> dict:
+    """Write ``built/int8/``: the float32 files quantised, with their own manifest and cosine check."""
+    target = built / "int8"
+    target.mkdir()
+    cosines = {}
+    for encoder in ENCODERS:
+        quantize_int8(built / FILES[encoder], target / FILES[encoder])
+        reference = run_session(create_session(built / FILES[encoder]), inputs[encoder].numpy()).astype(np.float64)
+        reference /= np.linalg.norm(reference, axis=-1, keepdims=True)
+        cosines[encoder] = _cosines(create_session(target / FILES[encoder]), reference, inputs[encoder])
+        if not math.isfinite(cosines[encoder]):
+            raise ExportCheckError(f"{target / FILES[encoder]}: the int8 {encoder} encoder gives non-finite embeddings")
+    int8 = {**manifest, "precision": "int8",
+            **{encoder: {**_file_entry(target, encoder, manifest[encoder]["input_shape"])} for encoder in ENCODERS},
+            "quantization": "onnxruntime dynamic, int8 weights (QInt8, per tensor), activations quantised per call",
+            "check": {"inputs": manifest["check"]["inputs"], "min_cosine_to_float32": cosines}}  # fmt: skip
+    _write_json(target / MANIFEST, int8)
+    return int8
