@@ -69,7 +69,7 @@ def test_sampler_splits_ranks_evenly_and_disjointly():
 def test_uint8_crops_normalised_on_the_device_equal_the_worker_path(seed):
     import numpy as np
 
-    from siclip.data import augment, normalize_images
+    from siclip.data import Preprocess, augment, model_pixels, normalize_images
     from siclip.train.step import to_device
 
     image = np.random.default_rng(seed).integers(0, 256, (40, 52, 3), dtype=np.uint8)
@@ -78,6 +78,7 @@ def test_uint8_crops_normalised_on_the_device_equal_the_worker_path(seed):
     assert crops.dtype == torch.uint8 and floats.dtype == torch.float32
     assert torch.equal(normalize_images(crops), floats)
     batch = to_device({"image": crops[None], "size": 1}, torch.device("cpu"))
-    assert torch.equal(batch["image"][0], floats)
+    assert batch["image"].dtype == torch.uint8  # each model normalises the crop its own way, on the device
+    assert torch.equal(model_pixels(batch["image"], Preprocess(24))[0], floats)
     with pytest.raises(ValueError, match="uint8"):
         normalize_images(floats)

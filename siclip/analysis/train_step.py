@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from siclip.data import model_pixels
 from siclip.distill import CachedTeacher, FrozenTeacher, ObjectiveConfig, SiCLIPObjective
 from siclip.losses import ClipLoss
 from siclip.models import CLIP, build_siclip, create_model, fuse_frozen_towers
@@ -67,7 +68,8 @@ class ImageEncoderTask(nn.Module):
         self.model, self.clip = model, ClipLoss()
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
-        loss = self.clip(self.model.encode_image(batch["image"]), batch["teacher_text"], self.model.scale())
+        pixels = model_pixels(batch["image"], self.model.preprocess)
+        loss = self.clip(self.model.encode_image(pixels), batch["teacher_text"], self.model.scale())
         return {"clip": loss, "total": loss}
 
 
@@ -103,11 +105,11 @@ def build_step_task(config: StepConfig) -> nn.Module:
 
 
 def synthetic_batch(config: StepConfig, model_config, seed: int = 0) -> dict:
-    """Random normalised images, token ids (EOT, the largest id, at a random position) and teacher embeddings."""
+    """Random uint8 images (as the loader hands them over), token ids (EOT, the largest id, at a random position) and teacher embeddings."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     size, ctx, dim = model_config.image.image_size, model_config.text.context_length, model_config.embed_dim
     vocab = model_config.text.vocab_size
-    images = torch.randn(config.batch, 3, size, size, generator=g)
+    images = torch.randint(0, 256, (config.batch, 3, size, size), generator=g, dtype=torch.uint8)
     ids = torch.randint(1, vocab - 1, (config.batch, ctx), generator=g)
     ids[torch.arange(config.batch), torch.randint(2, ctx, (config.batch,), generator=g)] = vocab - 1
     return {
