@@ -51,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not out.is_dir():
         parser.error(f"--out: {out} exists and is not a directory")
     cli.on_interrupt(f"finished runs in {out} are kept and the interrupted one keeps its checkpoint: run the same command again to continue")
+    record = json.dumps(preset_record(args.preset, preset), indent=1)
+    if (out / "preset.json").is_file() and (out / "preset.json").read_text() != record:  # its finished runs belong to another study
+        raise cli.UserError(f"{out} holds a study of another preset ({out / 'preset.json'}): choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "preset.json").write_text(json.dumps(preset_record(args.preset, preset), indent=1))
+    (out / "preset.json").write_text(record)
     started = time.perf_counter()
 
     teacher_dir = out / "teacher"

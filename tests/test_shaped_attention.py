@@ -113,7 +113,10 @@ def test_module_starts_as_identity_and_gain_scales(seed):
 
 
 def test_xformers_on_cpu_falls_back_with_a_warning(seed):
+    from siclip.blocks import backends
+
     q, k, v, (a, b, g) = _inputs(dtype=torch.float32)
+    backends._warn_fallback.cache_clear()  # each fallback warns once per process: an earlier test may have seen it
     with pytest.warns(RuntimeWarning, match="CUDA only"):
         out = shaped_attention(q, k, v, a, b, g, backend="xformers")
     torch.testing.assert_close(out, shaped_attention(q, k, v, a, b, g))

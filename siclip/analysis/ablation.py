@@ -61,7 +61,7 @@ class AblationPreset:
 PRESETS = {
     # CI: every stage runs and writes its outputs, a few steps each.
     "smoke": AblationPreset(teacher_samples=128, teacher_epochs=1, student_samples=64, student_epochs=1, seeds=2,
-                            eval_per_class=1, eval_images=32, batch=32, warmup_steps=1),
+                            eval_per_class=1, eval_images=32, batch=32, warmup_steps=1, image_size=32),
     # 2 CPU cores, under 60 minutes: a teacher of 640 steps at 96 px (~7 min; the demo's 448 reach 52.6 %),
     # 8 rows × 3 seeds of 96-step students (~50 s each) and their evaluations (~20 s each).
     "cpu": AblationPreset(teacher_samples=81_920, teacher_epochs=1, student_samples=4096, student_epochs=3, seeds=3,

@@ -113,7 +113,15 @@ def xformers_status(device_index: int = 0) -> tuple[bool, str]:
     return True, ""
 
 
-@torch.compiler.assume_constant_result  # torch.compile calls it instead of tracing a cached import
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` (1.5 s at every script's
+    start on a CPU): that decorator only sets this marker, which torch.compile reads when it meets ``fn``
+    (tests/test_backends_import.py checks that it still does)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result  # torch.compile calls it instead of tracing a cached import
 def triton_status() -> tuple[bool, str]:
     """``(importable, reason)`` for the Triton shaped-attention kernels (importing them compiles nothing)."""
     return _triton_status()
