@@ -194,8 +194,12 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     on_interrupt(NOTHING_SAVED)
     prog = script_name()
     in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread and signal.getsignal(signal.SIGINT) is _defer_interrupt:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C interrupts where it lands
     previous = signal.signal(signal.SIGTERM, _raise_on_signal) if in_main_thread else None
     try:
+        if _deferred:  # a Ctrl-C while the script imported: nothing has started
+            raise KeyboardInterrupt
         return main(argv) or 0
     except SystemExit as done:  # argparse's usage error (2), --help (0), or the script's own sys.exit
         if done.code is None or isinstance(done.code, int):
@@ -229,3 +233,27 @@ def _one_line_interrupt(kind, value, tb) -> None:
 
 if sys.excepthook is sys.__excepthook__:
     sys.excepthook = _one_line_interrupt
+
+
+# A Ctrl-C that lands inside a library's import can be swallowed there (a broad ``except`` around an optional import)
+# and the script then runs on as if nothing happened. So while a siclip script imports, SIGINT is only noted, and
+# :func:`run` acts on it before ``main`` starts. Only for this checkout's scripts (``experiments/``, ``benchmarks/``),
+# all of which end through :func:`run`: anything else importing this module keeps Python's Ctrl-C.
+_deferred: list[int] = []
+
+
+def _defer_interrupt(signum: int, frame) -> None:
+    _deferred.append(signum)
+
+
+def _started_as_a_siclip_script() -> bool:
+    file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not file:
+        return False
+    script = Path(file).resolve()
+    return script.parent.name in ("experiments", "benchmarks") and script.parent.parent == Path(__file__).resolve().parent.parent
+
+
+if (threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        and _started_as_a_siclip_script()):  # fmt: skip
+    signal.signal(signal.SIGINT, _defer_interrupt)
