@@ -230,7 +230,8 @@ def fault_second_sigint(out: Path, reference: dict, rng: random.Random) -> Outco
 def fault_startup_signal(out: Path, reference: dict, rng: random.Random) -> Outcome:
     signum = rng.choice([signal.SIGINT, signal.SIGINT, signal.SIGTERM])
     proc = start(command(out, "--checkpoint-every", "1"))
-    time.sleep(rng.uniform(0.3, 2.5))  # imports, parsing, the inputs' checks
+    delay = rng.uniform(0.3, 2.5)
+    time.sleep(delay)  # imports, parsing, the inputs' checks
     if proc.poll() is not None:  # it finished first (a quick machine)
         return Outcome(proc.returncode == 0 and same_weights(out, reference), note="finished before the signal")
     proc.send_signal(signum)
@@ -238,7 +239,7 @@ def fault_startup_signal(out: Path, reference: dict, rng: random.Random) -> Outc
     status = proc.returncode
     silent_default = signum == signal.SIGTERM and status == -signal.SIGTERM and not err.strip()  # before cli.run took over
     tidy = silent_default or clear(err, status, (128 + signum, -signum), "train.py", signal.Signals(signum).name, error=False)
-    note = "" if tidy else f"{signal.Signals(signum).name}: status {status}: {err[-300:]!r}"
+    note = "" if tidy else f"{signal.Signals(signum).name} after {delay:.2f} s: status {status}: {err[-300:]!r}"
     intact = readable(out / "checkpoint.pt")
     if not (out / "model.pt").exists():
         done = run(out, "--resume") if (out / "checkpoint.pt").exists() else run(out, "--overwrite")
@@ -733,6 +734,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, help="directory for the runs (default: a temporary one)")
     args = parser.parse_args(argv)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started in the background (a shell's `cmd &` ignores SIGINT): every run would inherit that, and a Ctrl-C
+        # before training installs its own handler would be ignored, which is what an ignored SIGINT means. The
+        # cases test a user's Ctrl-C, so the runs start with SIGINT's default.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     chosen = [c for c in args.categories.split(",") if c]
     unknown = sorted(set(chosen) - set(CATEGORIES))
     if unknown:

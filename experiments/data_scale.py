@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out: {out} exists and is not a directory")
     cli.on_interrupt(f"finished runs in {out} are kept and the interrupted one keeps its checkpoint: run the same command again to continue")
     record = json.dumps(preset_record(args.preset, preset), indent=1)
-    if (out / "preset.json").is_file() and (out / "preset.json").read_text() != record:  # its finished runs belong to another study
+    if (out / "preset.json").is_file() and _without_seeds((out / "preset.json").read_text()) != _without_seeds(record):
+        # its finished runs belong to another study (more or fewer seeds is the same study: each seed's runs are the same)
         raise cli.UserError(f"{out} holds a study of another preset ({out / 'preset.json'}): choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "preset.json").write_text(record)
@@ -85,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     print(f"{time.perf_counter() - started:.0f} s; data_scale.md, data_scale.csv, differences.csv, data_scale.png in {out}")
     return 0
+
+
+def _without_seeds(record: str) -> dict:
+    preset = json.loads(record)
+    preset["base"].pop("seeds", None)
+    return preset
 
 
 if __name__ == "__main__":
