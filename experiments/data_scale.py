@@ -3,6 +3,7 @@
     python experiments/data_scale.py --preset smoke     # CI: every cell, a few steps each
     python experiments/data_scale.py --preset cpu       # 2 CPU cores (see experiments/RESULTS.md for its time)
     python experiments/data_scale.py --preset gpu --workers 12   # one H100 (16 host cores), about 10 minutes
+    python experiments/data_scale.py --preset cpu --report       # tables and figure from the runs finished so far
 
 1. Train a MobileCLIP-tiny teacher on world 0 (the ablation's teacher).
 2. Train SiCLIP-tiny students on N pairs of world 1 for every N of the preset, all for the same number of steps,
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default runs/data_scale_<preset>")
     parser.add_argument("--workers", type=cli.non_negative_int, default=0, help="loader worker processes")
     parser.add_argument("--seeds", type=cli.positive_int, help="override the preset's number of seeds")
+    parser.add_argument("--report", action="store_true", help="tables and figure from the runs finished so far; trains nothing")
     args = parser.parse_args(argv)
     keep_freed_memory()
     preset = PRESETS[args.preset]
@@ -55,12 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     if (out / "preset.json").is_file() and _without_seeds((out / "preset.json").read_text()) != _without_seeds(record):
         # its finished runs belong to another study (more or fewer seeds is the same study: each seed's runs are the same)
         raise cli.UserError(f"{out} holds a study of another preset ({out / 'preset.json'}): choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "preset.json").write_text(record)
+    teacher_dir = out / "teacher"
+    if args.report and not (teacher_dir / "outcomes.npz").is_file():
+        raise cli.UserError(f"{out} has no finished teacher yet ({teacher_dir / 'outcomes.npz'}): nothing to report")
+    if not args.report:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "preset.json").write_text(record)
     started = time.perf_counter()
 
-    teacher_dir = out / "teacher"
-    summary = run_and_evaluate(teacher_config(p, teacher_dir, args.workers), p)
+    summary = run_and_evaluate(teacher_config(p, teacher_dir, args.workers), p)  # read only, once finished
     print(f"teacher: zero-shot top-1 {100 * load_outcomes(teacher_dir / 'outcomes.npz')['zeroshot_top1'].mean():.1f} % "
           f"after {summary['steps']} steps ({summary['seconds']:.0f} s)", flush=True)  # fmt: skip
     runs: dict[int, dict[str, list[Path]]] = {n: {} for n in preset.sizes}
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         runs[n][row.name] = []
         for seed in range(p.seeds):
             run_dir = out / run_name(n, row, seed)
+            if args.report and not (run_dir / "outcomes.npz").is_file():
+                continue
             config = student_config(p, row, seed, teacher_dir / "model.pt", run_dir, args.workers, samples=n, epochs=preset.epochs(n))
             done = run_and_evaluate(config, p)
             runs[n][row.name].append(run_dir)
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"N={n} {row.name} seed {seed}: {done['steps']} steps ({done['seconds']:.0f} s)", flush=True)
 
     frames = {n: summarize({TEACHER: [teacher_dir], **by_row}, parameters, comparisons=GRID_COMPARISONS + OPEN_COMPARISONS)
-              for n, by_row in runs.items()}  # fmt: skip
+              for n, by_row in runs.items() if any(by_row.values())}  # fmt: skip
     rows, differences = tables_by_size(frames)
     rows.to_csv(out / "data_scale.csv", index=False)
     differences.to_csv(out / "differences.csv", index=False)

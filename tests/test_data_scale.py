@@ -125,6 +125,12 @@ def test_smoke_preset_writes_every_cell_and_resumes(tmp_path):
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)  # finished runs are skipped
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/outcomes.npz")} == stamps
     assert out.count("N=") == len(cells(preset)) * preset.base.seeds
+    (tmp_path / "data_scale.md").unlink()
+    (tmp_path / run_name(preset.sizes[-1], GRID_ROWS[0], 0) / "outcomes.npz").unlink()  # as if that run had not finished
+    report = subprocess.run(command + ["--report"], capture_output=True, text=True, cwd=ROOT)
+    assert report.returncode == 0 and (tmp_path / "data_scale.md").stat().st_size > 0, report.stderr
+    assert not (tmp_path / run_name(preset.sizes[-1], GRID_ROWS[0], 0) / "outcomes.npz").exists()  # --report trains nothing
+    stamps.pop(tmp_path / run_name(preset.sizes[-1], GRID_ROWS[0], 0) / "outcomes.npz")
     other = subprocess.run([*command[:3], "cpu", *command[4:]], capture_output=True, text=True, cwd=ROOT)  # another study, same folder
     assert other.returncode == 2 and "holds a study of another preset" in other.stderr and "Traceback" not in other.stderr
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/outcomes.npz")} == stamps

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from helpers import randomize_
 from siclip.analysis.divergence import divergence_report
 from siclip.analysis.flops import model_report
-from siclip.blocks import SASPConversion, convert_block, convert_to_sasp, read_attention, sasp_from_parts, shaped_attention_reference
+from siclip.blocks import convert_block, convert_to_sasp, read_attention, sasp_from_parts, shaped_attention_reference
 from siclip.blocks.convert import ConversionReport
 
 D, H, T, B = 32, 4, 9, 3

@@ -61,8 +61,7 @@ OPEN_COMPARISONS = [
     ("+WIKD+PM both towers, image unshared", "+WIKD+PM", "converting the image tower (unshared) over text only"),
     ("+WIKD+PM both towers", "+WIKD+PM both towers, image unshared", "sharing the image attention (W_Q, W_K)"),
     ("+WIKD+PM 1 caption", "+WIKD 1 caption", "pair matching, 1 synthetic caption"),
-    ("+WIKD+PM 3 captions", "+WIKD 3 captions", "pair matching, 3 synthetic captions"),
-    ("+WIKD+PM", "+WIKD", "pair matching, 5 synthetic captions"),
+    ("+WIKD+PM 3 captions", "+WIKD 3 captions", "pair matching, 3 synthetic captions"),  # 5 captions: the grid's "pair matching"
     ("+WIKD+PM", "+WIKD+PM 1 caption", "5 synthetic captions over 1, WIKD+PM"),
 ]
 
