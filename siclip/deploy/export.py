@@ -60,7 +60,7 @@ from siclip.data.tokenizer import tokenizer_spec
 from siclip.data.transforms import preprocess_image
 from siclip.models import CLIP, reparameterize_model
 
-from .runtime import ENCODERS, FORMAT, MANIFEST, create_session, run_session, sha256
+from .runtime import ENCODERS, FORMAT, MANIFEST, create_session, is_exported_dir, run_session, sha256
 
 ATTENTION_KERNELS = TRACEABLE
 DEFAULT_ATTENTION = "sdpa"
@@ -251,7 +251,7 @@ def quantize_int8(source: Path, target: Path) -> None:
 
 def _check_destination(out: Path) -> None:
     """An export may go where nothing is, into an empty directory, or over an earlier export; nowhere else."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+    if out.exists() and not is_exported_dir(out) and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an exported model directory: choose another output directory")
 
 

@@ -87,9 +87,9 @@ def check_model_spec(spec: str | Path) -> str:
     scheme = _scheme(spec)
     if scheme is None:
         if Path(spec).is_dir():
-            from siclip.deploy.runtime import MANIFEST
+            from siclip.deploy.runtime import MANIFEST, is_exported_dir
 
-            if not (Path(spec) / MANIFEST).is_file():
+            if not is_exported_dir(spec):
                 raise FileNotFoundError(f"{spec} is a directory without {MANIFEST}: not an exported model (expected {SPEC_HELP})")
         elif not Path(spec).is_file():
             raise FileNotFoundError(f"model file not found: {spec} (expected {SPEC_HELP})")
