@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
+import importlib.util
 from typing import Iterator
 
 
@@ -80,3 +82,10 @@ def exit_status(err: BaseException) -> int | None:
     if isinstance(err, OSError) and err.errno in FULL_DISK:
         return 1
     return None
+
+
+def require(module: str, package: str, what: str):
+    """Import an optional library for ``what``, or raise an ImportError naming the pip package to install."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{what} needs the {package!r} package, which is not installed: pip install {package}")
+    return importlib.import_module(module)

@@ -114,11 +114,26 @@ def test_user_input_marks_without_changing_the_type_and_keeps_a_run_failure():
 
 
 @pytest.mark.slow
+def _resident_mb(status: Path) -> float:
+    try:
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0.0
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the child's resident size from /proc")
 def test_a_ctrl_c_while_a_script_imports_ends_in_one_line(tmp_path):
     """A Ctrl-C during start-up ended in a KeyboardInterrupt traceback from inside torch's import."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "train.py"), "--out", str(tmp_path / "run")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
-    time.sleep(0.4)  # siclip.cli is imported first, within the first tenth of a second; torch takes longer
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal's Ctrl-C, whatever pytest's is  # fmt: skip
+    # Signal once torch is loading (its libraries take the resident size past 100 MB; siclip.cli, imported first,
+    # is in by then): a fixed delay sent it before the script began when a busy machine was slow to start Python.
+    status = Path(f"/proc/{proc.pid}/status")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and _resident_mb(status) < 100:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode in (-signal.SIGINT, 130) and "Traceback" not in err, err

@@ -11,6 +11,7 @@ import sys
 import tarfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from siclip.data import AugmentConfig, EpochSampler, ImageTextDataset, ImageText
 from siclip.data.sources import SampleError, encode_image
 from siclip.distill import ObjectiveConfig, SiCLIPObjective
 from siclip.models import create_model, load_checkpoint, save_checkpoint
-from siclip.train import CheckpointError, DataConfig, NonFiniteLoss, RunDirectoryBusy, TrainConfig, train
+from siclip.train import CheckpointError, DataConfig, NonFiniteLoss, RunDirectoryBusy, TrainConfig, train, train_or_continue
 from siclip.train.state import RunLock, load_training_checkpoint, save_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -456,6 +457,24 @@ def test_resume_warns_about_a_changed_lr_and_a_missing_checkpoint(tmp_path):
         summary = train(changed, resume=True, progress=False)
     assert summary["config"]["lr"] == 1e-3
     assert load_training_checkpoint(tmp_path / "lr" / "checkpoint.pt")["config"]["lr"] == 1e-3
+
+
+def test_train_or_continue_starts_quietly_restarts_a_start_without_checkpoint_and_continues(tmp_path):
+    """A study's runs (ablation, data scale, snapshots) are called again until they finish: a fresh run must not
+    warn about a missing checkpoint, a start killed before its first checkpoint starts over (train(resume=True)
+    appended to its log), and one with a checkpoint continues."""
+    config = _config(tmp_path, "study", data=DataConfig(num_train=48, batch_size=16))
+    run, steps = tmp_path / "study", lambda: [r.split(",")[0] for r in (tmp_path / "study" / "metrics.csv").read_text().splitlines()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_or_continue(config, max_steps=1, progress=False)
+    assert not [w for w in caught if "checkpoint" in str(w.message)], [str(w.message) for w in caught]
+    assert steps() == ["step", "1"]
+    (run / "checkpoint.pt").unlink()  # as if killed before its first checkpoint: its log stays behind
+    train_or_continue(config, max_steps=2, progress=False)
+    assert steps() == ["step", "1", "2"]  # started over, not [1, 1, 2]
+    summary = train_or_continue(config, progress=False)
+    assert steps() == ["step", "1", "2", "3"] and summary["steps"] == summary["total_steps"] == 3
 
 
 # 10. Knobs and input shapes.

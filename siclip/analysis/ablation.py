@@ -30,7 +30,7 @@ from siclip.data.tokenizer import tokenizer_for
 from siclip.distill import ObjectiveConfig
 from siclip.eval import evaluate_embedded
 from siclip.storage import atomic_write
-from siclip.train import DataConfig, TrainConfig, train
+from siclip.train import DataConfig, TrainConfig, train_or_continue
 from siclip.train.presets import WORLD_DATA, WORLD_IMAGE_LR_SCALE, WORLD_MODEL, WORLD_TEXT_FROZEN_FRACTION
 from siclip.train.snapshots import student_from_checkpoint
 
@@ -283,7 +283,7 @@ def run_and_evaluate(config: TrainConfig, p: AblationPreset) -> dict:
     the run summary. A run whose ``outcomes.npz`` exists is finished and only read."""
     out = Path(config.out_dir)
     if not (out / "outcomes.npz").exists():
-        train(config, resume=True, progress=False)
+        train_or_continue(config, progress=False)
         model = student_from_checkpoint(config).eval()  # model.pt cannot rebuild a plan chosen by divergence
         tokenizer = tokenizer_for(model.config.text)  # the model's own (the embedded world's words for the tiny models)
         world = EmbeddedConfig(seed=TEACHER_WORLD, zero_shot_per_class=p.eval_per_class, num_test=p.eval_images)

@@ -1,25 +1,27 @@
-"""The input side of a parallel (SAS-P) block as one autograd function: LayerNorm, one projection, activation.
+"""The input side of a parallel (SAS-P) block as one autograd function: LayerNorm, its projections, activation.
 
-For tokens X (N × d) and the stacked weights W = [W_Q; W_K; W_1] (biases b likewise)::
+For tokens X (N × d), the query, key and first MLP weights W_Q, W_K, W_1 (biases b likewise)::
 
-    H = LayerNorm(X),   Z = H·Wᵀ + b = [Q | K | P],   A = act(P)
+    H = LayerNorm(X),   Q = H·W_Qᵀ + b_Q,   K = H·W_Kᵀ + b_K,   P = H·W_1ᵀ + b_1,   A = act(P)
 
 returns (Q, K, H, A): queries, keys, the values of shaped attention (W_V = I, so V = H) and the MLP's
 activation. The backward, with dQ, dK, dH, dA flowing in::
 
-    G  = [dQ | dK | act'(P)·dA]            (one buffer; act' is written straight into its slice)
-    dH' = dH + G·W                          (one matrix product; dH enters as its accumulator)
-    dW = Gᵀ·H,   db = Σ_rows G,   dX = LayerNorm_backward(dH')
+    dP = act'(P)·dA
+    dH' = dH + dQ·W_Q + dK·W_K + dP·W_1     (dH enters the first product as its accumulator, the others add in place)
+    dW_• = d•ᵀ·H,   db_• = Σ_rows d•,   dX = LayerNorm_backward(dH')
 
 What this saves against autograd composing the same ops (``benchmarks/block_traffic.py`` counts it):
 
-- **the ``cat`` of the split projection's gradients**: only dQ and dK are copied into G; the activation's
-  gradient is written into G where it belongs;
-- **the ``add`` passes accumulating H's gradient**: the value path's dH enters the matrix product as its
-  accumulator (β = 1), instead of being added to its result afterwards, in float32;
-- **one cast each way under autocast**: H is cast to the autocast dtype once and used by both the
-  projection and attention (autocast casts an activation again at every op that takes it), and dH' is cast
-  back once for the norm's backward.
+- **every ``cat``**: the composed path stacks [W_Q; W_K; W_1] into one d×6d product per call (a copy of the
+  weights, which at a CPU batch of a few hundred tokens outweighs the activations) and concatenates the split
+  product's gradients in its backward; here each weight multiplies H on its own, and Q and K come out
+  contiguous for attention;
+- **the ``add`` passes accumulating H's gradient**: the value path's dH enters the matrix products as their
+  accumulator (β = 1), instead of being added to their results afterwards, in float32;
+- **one cast each way under autocast**: H is cast to the autocast dtype once and used by the projections and
+  attention (autocast casts an activation again at every op that takes it), and dH' is cast back once for the
+  norm's backward.
 
 Everything else is the same arithmetic as the unfused path (``SASPBlock(fused_input=False)``), which is the
 reference the tests hold this to in float64. The block takes the unfused path where the function would not
@@ -73,46 +75,52 @@ def fusable_norm(norm: nn.Module) -> bool:
 
 class _NormProjectAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, weight, bias, eps, qk_width, act, dtype, norm_dtype):  # noqa: D102
+    def forward(ctx, x, norm_weight, norm_bias, w_q, b_q, w_k, b_k, w_1, b_1, eps, act, dtype, norm_dtype):  # noqa: D102
         with torch.autocast(x.device.type, enabled=False):
             tokens = x.reshape(-1, x.shape[-1]).to(norm_dtype)
             affine = [None if p is None else p.to(norm_dtype) for p in (norm_weight, norm_bias)]
             normed, mean, rstd = torch.native_layer_norm(tokens, (x.shape[-1],), *affine, eps)
-            h = normed.to(dtype)  # the one cast of H: projection and attention both read this copy
-            w = weight.to(dtype)
-            z = torch.addmm(bias.to(dtype), h, w.t()) if bias is not None else h @ w.t()
-            pre = z[:, 2 * qk_width :]
+            h = normed.to(dtype)  # the one cast of H: the three products and attention all read this copy
+            weights = [w.to(dtype) for w in (w_q, w_k, w_1)]
+            # Three products, not one over the stacked weights: stacking copies the d×6d weights every call (at a
+            # CPU batch of a few hundred tokens that copy is larger than the activations), and Q and K come out
+            # contiguous for attention.
+            q, k, pre = (h @ w.t() if b is None else torch.addmm(b.to(dtype), h, w.t()) for w, b in zip(weights, (b_q, b_k, b_1)))
             a = _ACTIVATIONS[act][0](pre)
-        ctx.save_for_backward(tokens, mean, rstd, *affine, h, w, pre)
-        ctx.meta = (x.shape, x.dtype, qk_width, act, *(None if p is None else p.dtype for p in (norm_weight, norm_bias, weight, bias)))
+        ctx.save_for_backward(tokens, mean, rstd, *affine, h, *weights, pre)
+        ctx.meta = (x.shape, x.dtype, act, *(None if p is None else p.dtype for p in (norm_weight, norm_bias, w_q, b_q, w_k, b_k, w_1, b_1)))
         lead = x.shape[:-1]
-        q, k = z[:, :qk_width], z[:, qk_width : 2 * qk_width]
         return q.view(*lead, -1), k.view(*lead, -1), h.view(x.shape), a.view(*lead, -1)
 
     @staticmethod
     def backward(ctx, dq, dk, dh, da):  # noqa: D102
-        tokens, mean, rstd, norm_weight, norm_bias, h, w, pre = ctx.saved_tensors
-        shape, x_dtype, qk_width, act, norm_weight_dtype, norm_bias_dtype, weight_dtype, bias_dtype = ctx.meta
+        tokens, mean, rstd, norm_weight, norm_bias, h, w_q, w_k, w_1, pre = ctx.saved_tensors
+        shape, x_dtype, act, norm_weight_dtype, norm_bias_dtype, *dtypes = ctx.meta
         needs = ctx.needs_input_grad
         with torch.autocast(tokens.device.type, enabled=False):
-            grad = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
-            for i, d in enumerate((dq, dk)):
-                part = grad[:, i * qk_width : (i + 1) * qk_width]
-                if d is None:
-                    part.zero_()
-                else:  # dQ and dK arrive in attention's head layout: one strided copy into G, not a reshape first
-                    part.view(d.shape).copy_(d)
-            hidden = grad[:, 2 * qk_width :]
+            # dQ and dK arrive in attention's head layout: one copy each into token rows (the reshape)
+            grads = [None if d is None else d.reshape(-1, d.shape[-1]).to(h.dtype) for d in (dq, dk)]
             if da is None:
-                hidden.zero_()
+                grads.append(None)
             else:
-                _ACTIVATIONS[act][1](da.reshape(pre.shape).to(pre.dtype), pre, hidden)
-            if dh is None:
-                dh_total = grad @ w
-            else:
-                dh_total = torch.addmm(dh.reshape(h.shape).to(h.dtype), grad, w)
-            dweight = (grad.t() @ h).to(weight_dtype) if needs[3] else None
-            dbias = grad.sum(0).to(bias_dtype) if bias_dtype is not None and needs[4] else None
+                grads.append(_ACTIVATIONS[act][1](da.reshape(pre.shape).to(pre.dtype), pre, torch.empty_like(pre)))
+            # dH' = dH + dQ·W_Q + dK·W_K + dP·W_1: the value path's dH is the first product's accumulator (no
+            # in-place write to a gradient autograd handed in), the others accumulate into that result
+            dh_total = None
+            for g, w in zip(grads, (w_q, w_k, w_1)):
+                if g is None:
+                    continue
+                if dh_total is None:
+                    dh_total = g @ w if dh is None else torch.addmm(dh.reshape(h.shape).to(h.dtype), g, w)
+                else:
+                    dh_total.addmm_(g, w)
+            if dh_total is None:
+                dh_total = torch.zeros_like(h) if dh is None else dh.reshape(h.shape).to(h.dtype)
+            out = []
+            for i, (g, (w_dtype, b_dtype)) in enumerate(zip(grads, zip(dtypes[0::2], dtypes[1::2]))):
+                weight_index, bias_index = 3 + 2 * i, 4 + 2 * i
+                out.append(None if g is None or not needs[weight_index] else (g.t() @ h).to(w_dtype))
+                out.append(None if g is None or b_dtype is None or not needs[bias_index] else g.sum(0).to(b_dtype))
             dx, dnorm_weight, dnorm_bias = torch.ops.aten.native_layer_norm_backward(
                 dh_total.to(tokens.dtype), tokens, (shape[-1],), mean, rstd, norm_weight, norm_bias,
                 [needs[0], norm_weight is not None and needs[1], norm_bias is not None and needs[2]],
@@ -120,15 +128,16 @@ class _NormProjectAct(torch.autograd.Function):
         dx = None if dx is None else dx.view(shape).to(x_dtype)
         dnorm_weight = None if dnorm_weight is None else dnorm_weight.to(norm_weight_dtype)
         dnorm_bias = None if dnorm_bias is None else dnorm_bias.to(norm_bias_dtype)
-        return dx, dnorm_weight, dnorm_bias, dweight, dbias, None, None, None, None, None
+        return dx, dnorm_weight, dnorm_bias, *out, None, None, None, None
 
 
 def norm_project_act(
-    x: Tensor, norm: nn.LayerNorm, weight: Tensor, bias: Tensor | None, qk_width: int, act: str
+    x: Tensor, norm: nn.LayerNorm, weights: tuple[Tensor, Tensor, Tensor], biases: tuple[Tensor | None, Tensor | None, Tensor | None], act: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(Q, K, H, act(P)) of ``[Q | K | P] = LayerNorm(x)·weightᵀ + bias`` with the fused backward above.
+    """(Q, K, H, act(P)) of ``H = LayerNorm(x)``, ``Q = H·W_Qᵀ + b_Q``, ``K = H·W_Kᵀ + b_K``, ``P = H·W_1ᵀ + b_1``
+    with the fused backward above.
 
-    ``weight`` stacks W_Q and W_K (``qk_width`` rows each) over W_1; ``act`` is a key of
+    ``weights`` = (W_Q, W_K, W_1), ``biases`` likewise (None where a layer has none); ``act`` is a key of
     :data:`_ACTIVATIONS`. Under autocast every output is in the autocast dtype (H included, cast once) and
     the norm runs in float32, as autocast runs ``layer_norm``; otherwise everything is in ``x``'s dtype.
     """
@@ -136,4 +145,5 @@ def norm_project_act(
     autocast = torch.is_autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     norm_dtype = torch.float32 if autocast else x.dtype
-    return _NormProjectAct.apply(x, norm.weight, norm.bias, weight, bias, norm.eps, qk_width, act, dtype, norm_dtype)
+    (w_q, w_k, w_1), (b_q, b_k, b_1) = weights, biases
+    return _NormProjectAct.apply(x, norm.weight, norm.bias, w_q, b_q, w_k, b_k, w_1, b_1, norm.eps, act, dtype, norm_dtype)

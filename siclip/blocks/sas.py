@@ -162,14 +162,14 @@ class SASPBlock(_ShapedBlock):
     """Parallel simplified block: X_out = β_SA·ShapedMHA(Norm(X)) + β_FF·MLP(Norm(X)), no skips.
 
     ``norm`` names the one pre-norm both branches share; every other argument but ``fused_proj`` and
-    ``fused_input`` is :class:`_ShapedBlock`'s. With ``fused_proj`` (default) the query, key, optional value
-    and first MLP projections run as one ``dim -> 2·dim (+dim) + hidden`` matmul, like timm's
-    ``ParallelScalingBlock``. The weights stay in their own submodules (``attn.q``, ``attn.k``, ``mlp.fc1``)
-    and are concatenated per call (a d×6d copy, small next to the activations), so attention weights can be
-    shared or inherited on their own. With ``fused_input`` too (default), a LayerNorm block without a
-    trainable value matrix and with a GELU/ReLU/SiLU MLP runs norm, projection and activation as one
-    autograd function whose backward writes no ``cat`` and no gradient sums of its own
-    (:mod:`~siclip.blocks.parallel_input`); the same arithmetic, less memory traffic.
+    ``fused_input`` is :class:`_ShapedBlock`'s. The weights stay in their own submodules (``attn.q``,
+    ``attn.k``, ``mlp.fc1``), so attention weights can be shared or inherited on their own. With
+    ``fused_input`` (default), a LayerNorm block without a trainable value matrix and with a GELU/ReLU/SiLU
+    MLP trains through one autograd function for norm, projections and activation that concatenates nothing
+    and writes no gradient sums of its own (:mod:`~siclip.blocks.parallel_input`); the same arithmetic, less
+    memory traffic. Other blocks with ``fused_proj`` (default) run the query, key, optional value and first
+    MLP projections as one ``dim -> 2·dim (+dim) + hidden`` matmul over the weights concatenated per call
+    (a d×6d copy), like timm's ``ParallelScalingBlock``.
     """
 
     def __init__(
@@ -232,8 +232,9 @@ class SASPBlock(_ShapedBlock):
         """β_SA·ShapedMHA(Norm(X)) and the MLP's activation act(fc1(Norm(X)))."""
         act = self._fused_activation()
         if act is not None:
-            weight, bias, _ = self._stacked_projection()
-            q, k, v, activation = norm_project_act(x, self.norm, weight, bias, self.dim, act)
+            attn, fc1 = self.attn, self.mlp.fc1
+            weights, biases = (attn.q.weight, attn.k.weight, fc1.weight), (attn.q.bias, attn.k.bias, fc1.bias)
+            q, k, v, activation = norm_project_act(x, self.norm, weights, biases, act)
         else:
             q, k, v, hidden = self._input_projections(self.norm(x))
             activation = self.mlp.act(hidden)

@@ -157,8 +157,9 @@ def zero_shot_classes() -> list[tuple[str, str]]:
     return [(c, s) for s in SHAPES for c in COLOURS]
 
 
-def vocabulary() -> list[str]:
-    """Every word the world's captions and prompts use, for the word-level tokenizer."""
+def vocabulary_texts() -> list[str]:
+    """Every phrase the world's captions and prompts are made of, placeholders blanked: the word-level tokenizer's
+    vocabulary is their words (:func:`siclip.data.tokenizer.build_word_vocabulary`)."""
     texts = [
         *(w for ws in SHAPE_SYNONYMS.values() for w in ws),
         *(w for ws in COLOUR_SYNONYMS.values() for w in ws),
@@ -168,6 +169,4 @@ def vocabulary() -> list[str]:
         *OPENERS, *JOINERS, *IRRELEVANT, *PARTIAL_TEMPLATES, *ZERO_SHOT_TEMPLATES,
         "img dsc photo jpg an a", *SHAPES, *COLOURS,
     ]  # fmt: skip
-    from .tokenizer import basic_words
-
-    return sorted({w for t in texts for w in basic_words(t.replace("{}", " ").format(colour="", shape=""))})
+    return [t.replace("{}", " ").format(colour="", shape="") for t in texts]

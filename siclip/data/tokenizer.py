@@ -201,9 +201,9 @@ def create_tokenizer(name: str = "embedded", *, vocab_path: str | Path | None = 
       captions) or over the JSON word list at ``vocab_path``.
     """
     if name == "embedded":
-        from .captions import vocabulary
+        from .captions import vocabulary_texts
 
-        return WordTokenizer(vocabulary(), context_length or 32, name="embedded")
+        return WordTokenizer(build_word_vocabulary(vocabulary_texts()), context_length or 32, name="embedded")
     if name == "clip":
         return ClipBpeTokenizer(vocab_path, context_length or 77)
     if name == "words":

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from siclip.data.tokenizer import tokenizer_from_spec
 from siclip.data.transforms import Preprocess
+from siclip.errors import require
+from siclip.models.loaded import LoadedClip
 
 MANIFEST = "siclip_onnx.json"
 FORMAT = "siclip-onnx-1"
@@ -96,8 +98,6 @@ def read_manifest(directory: str | Path, *, check_files: bool = True) -> dict:
 def create_session(path: str | Path, *, threads: int | None = None, sequential: bool = True):
     """An ONNX Runtime CPU session for ``path``: ``threads`` intra-op threads (ONNX Runtime's default, one per
     core, when None), one inter-op thread, nodes run in order (``sequential``), every graph optimisation on."""
-    from siclip.interop import require
-
     ort = require("onnxruntime", "onnxruntime", "running an exported model")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -157,8 +157,6 @@ def load_exported(directory: str | Path, *, spec: str | None = None, threads: in
     """``LoadedClip`` of an exported directory: :class:`OnnxClip` with the tokenizer its manifest describes, running
     on ``threads`` intra-op threads (default: as many as PyTorch uses, ``torch.get_num_threads()``, which follows
     ``OMP_NUM_THREADS``: one setting for both runtimes)."""
-    from siclip.interop import LoadedClip
-
     threads = torch.get_num_threads() if threads is None else threads
     manifest = read_manifest(directory)
     tokenizer = tokenizer_from_spec(manifest["tokenizer"], where=str(Path(directory) / MANIFEST))

@@ -33,12 +33,12 @@ siclip's own ``CLIP`` has it; :func:`as_clip` wraps a foreign model object in an
 from __future__ import annotations
 
 import importlib
-import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from siclip.blocks.registry import TypeRegistry
+from siclip.errors import require
+from siclip.models.loaded import LoadedClip
 
 # ``adapter(model, tokenizer=None) -> LoadedClip`` per model type (filled by the interop modules).
 ADAPTERS: TypeRegistry[Callable[..., "LoadedClip"]] = TypeRegistry("CLIP adapter")
@@ -48,30 +48,6 @@ SCHEMES = {"hf": ("transformers", "transformers"), "open_clip": ("open_clip", "o
 SPEC_HELP = ("a siclip checkpoint or Apple's mobileclip_s0.pt (a file path), hf:DIR (a transformers CLIPModel or SiglipModel "
              "directory), open_clip:ARCH:FILE (an open_clip architecture or model-config JSON, and a weights file), or a "
              "directory of ONNX encoders written by experiments/export.py")  # fmt: skip
-
-
-@dataclass
-class LoadedClip:
-    """A CLIP with the interface above, its tokenizer, and where it came from (``spec``)."""
-
-    model: Any
-    tokenizer: Any
-    spec: str
-    tokenizer_spec: dict | None = None  # siclip tokenizers: what rebuilds it (saved with a student that uses it)
-
-    @property
-    def is_siclip(self) -> bool:
-        """A model of this package (which a SiCLIP student can inherit weights from)."""
-        from siclip.models import CLIP
-
-        return isinstance(self.model, CLIP)
-
-
-def require(module: str, package: str, what: str):
-    """Import a foreign library for ``what``, or raise an ImportError naming the pip package to install."""
-    if importlib.util.find_spec(module) is None:
-        raise ImportError(f"{what} needs the {package!r} package, which is not installed: pip install {package}")
-    return importlib.import_module(module)
 
 
 def _scheme(spec: str) -> tuple[str, str] | None:

@@ -24,7 +24,7 @@ from siclip.blocks import SASPConversion, SharingPlan, apply_sharing, convert_to
 from siclip.data.transforms import Preprocess
 from siclip.storage import CheckpointError, load_weights, save_atomic
 
-from . import require
+from siclip.errors import require
 
 FORMAT = "siclip-converted-1"
 ORIGINS = {"hf": ("transformers", "transformers"), "open_clip": ("open_clip", "open_clip_torch"), "timm": ("timm", "timm")}

@@ -29,7 +29,8 @@ from siclip.blocks import (
 )  # fmt: skip
 from siclip.blocks.masking import decode_attention_mask
 from siclip.data.transforms import INTERPOLATIONS, RESIZE_MODES, Preprocess
-from siclip.interop import ADAPTERS, LoadedClip
+from siclip.interop import ADAPTERS
+from siclip.models.loaded import LoadedClip
 from siclip.storage import load_weights
 
 # ── block converters (SAS-P) ─────────────────────────────────────────────────────────────────────────────────────

@@ -26,7 +26,8 @@ from siclip.blocks import (
 from siclip.blocks.masking import decode_attention_mask
 from siclip.blocks.shaped_attention import shaped_attention_matrix
 from siclip.data.transforms import CLIP_MEAN, CLIP_STD, Preprocess
-from siclip.interop import ADAPTERS, LoadedClip
+from siclip.interop import ADAPTERS
+from siclip.models.loaded import LoadedClip
 
 # Post-LN layers (BERT and its kin): refused with the reason (see _refuse_post_ln).
 POST_LN_LAYERS = tuple(

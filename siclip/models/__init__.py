@@ -14,12 +14,13 @@ from .checkpoint import (
 from .clip import CLIP, CLIPOutput, ModelConfig, SiCLIPConfig
 from .factory import create_model, get_model_config, list_models, load_checkpoint, register_model_config, save_checkpoint
 from .fastvit import MCi, ImageConfig
+from .loaded import LoadedClip
 from .reparam import reparameterize_model
 from .siclip import InheritanceReport, build_siclip, count_parameters_by_group, frozen_modules, fuse_frozen_towers, to_siclip
 from .text import MCt, TextConfig
 
 __all__ = [
-    "CLIP", "CLIPOutput", "CheckpointMismatch", "ImageConfig", "InheritanceReport", "MCi", "MCt", "ModelConfig",
+    "CLIP", "CLIPOutput", "CheckpointMismatch", "ImageConfig", "InheritanceReport", "LoadedClip", "MCi", "MCt", "ModelConfig",
     "SiCLIPConfig", "TextConfig", "apple_key_to_siclip", "build_siclip", "convert_apple_state_dict", "count_parameters_by_group", "create_model",
     "frozen_modules", "fuse_frozen_towers", "get_model_config", "list_models", "load_checkpoint", "load_mobileclip_s0", "load_model",
     "register_model_config", "reparameterize_model", "save_checkpoint", "siclip_key_to_apple", "to_apple_state_dict", "to_siclip",

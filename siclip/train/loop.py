@@ -226,6 +226,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     return summary
 
 
+def train_or_continue(config: TrainConfig, *, max_steps: int | None = None, progress: bool = True) -> dict:
+    """:func:`train` for a study that is run again until it finishes: continue the run in ``out_dir`` from its
+    checkpoint, or, without one, start it over (what an earlier try left before its first checkpoint cannot be
+    continued: its log would mix two starts), quietly either way."""
+    resume = (Path(config.out_dir) / "checkpoint.pt").exists()
+    return train(config, resume=resume, overwrite=not resume, max_steps=max_steps, progress=progress)
+
+
 def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int | None, progress: bool, distributed: bool,
            rank: int, world: int, signals: StopSignals) -> dict:  # fmt: skip
     device = _device(config)

@@ -17,7 +17,7 @@ import torch
 from siclip.models import save_checkpoint
 
 from .config import TrainConfig
-from .loop import build_task, train
+from .loop import build_task, train_or_continue
 from .state import load_training_checkpoint
 
 
@@ -51,7 +51,7 @@ def train_with_snapshots(config: TrainConfig, steps: list[int], *, progress: boo
                 torch.manual_seed(config.seed)  # as train() does before building the task: the same initial weights
                 save_checkpoint(build_task(config).student, path)
             else:
-                summary = train(config, resume=True, max_steps=step, progress=progress)
+                summary = train_or_continue(config, max_steps=step, progress=progress)
                 if summary["steps"] < step:
                     raise ValueError(f"snapshot at step {step} asked of a run of {summary['total_steps']} steps ({config.out_dir})")
                 save_checkpoint(student_from_checkpoint(config), path)
@@ -59,5 +59,5 @@ def train_with_snapshots(config: TrainConfig, steps: list[int], *, progress: boo
     summary_path = Path(config.out_dir) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     if summary is None or summary["steps"] < summary["total_steps"]:
-        train(config, resume=True, progress=progress)  # the rest of the run, its model and evaluation
+        train_or_continue(config, progress=progress)  # the rest of the run, its model and evaluation
     return paths
