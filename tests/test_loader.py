@@ -82,3 +82,14 @@ def test_uint8_crops_normalised_on_the_device_equal_the_worker_path(seed):
     assert torch.equal(model_pixels(batch["image"], Preprocess(24))[0], floats)
     with pytest.raises(ValueError, match="uint8"):
         normalize_images(floats)
+
+
+def test_building_a_loader_prints_no_library_deprecation_notice():
+    """torchdata's loader calls torch.set_vital, which torch deprecated: every run printed that notice, which
+    says nothing to a user (and hid the warnings that do)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _loader(0)
+    assert not [w for w in caught if "set_vital" in str(w.message)], [str(w.message) for w in caught]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -142,17 +143,19 @@ class ImageTextLoader:
             raise ValueError(f"max_skip_fraction must be in [0, 1] or None, got {max_skip_fraction}")
         self.dataset, self.batch_size, self.max_skip_fraction = dataset, batch_size, max_skip_fraction
         self.sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, group_size=group_size)
-        self.loader = StatefulDataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=self.sampler,
-            num_workers=num_workers,
-            collate_fn=collate_samples,
-            drop_last=drop_last,
-            prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            pin_memory=pin_memory,
-            worker_init_fn=_ignore_sigint if num_workers > 0 else None,
-        )
+        with warnings.catch_warnings():  # torchdata calls a torch function torch deprecated, and says so on every run
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            self.loader = StatefulDataLoader(
+                dataset,
+                batch_size=batch_size,
+                sampler=self.sampler,
+                num_workers=num_workers,
+                collate_fn=collate_samples,
+                drop_last=drop_last,
+                prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                pin_memory=pin_memory,
+                worker_init_fn=_ignore_sigint if num_workers > 0 else None,
+            )
         self.epoch = 0
         self._batches = 0  # batches of the current epoch handed out (or skipped whole)
         self._skipped: list[Skipped] = []
