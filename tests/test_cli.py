@@ -113,7 +113,6 @@ def test_user_input_marks_without_changing_the_type_and_keeps_a_run_failure():
     assert exit_status(RuntimeError("bug")) is None and exit_status(OSError(28, "No space left on device")) == 1
 
 
-@pytest.mark.slow
 def _resident_mb(status: Path) -> float:
     try:
         line = next(line for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
@@ -122,6 +121,7 @@ def _resident_mb(status: Path) -> float:
     return int(line.split()[1]) / 1024
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the child's resident size from /proc")
 def test_a_ctrl_c_while_a_script_imports_ends_in_one_line(tmp_path):
     """A Ctrl-C during start-up ended in a KeyboardInterrupt traceback from inside torch's import."""

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -87,8 +89,6 @@ def test_uint8_crops_normalised_on_the_device_equal_the_worker_path(seed):
 def test_building_a_loader_prints_no_library_deprecation_notice():
     """torchdata's loader calls torch.set_vital, which torch deprecated: every run printed that notice, which
     says nothing to a user (and hid the warnings that do)."""
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _loader(0)

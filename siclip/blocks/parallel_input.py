@@ -116,11 +116,10 @@ class _NormProjectAct(torch.autograd.Function):
                     dh_total.addmm_(g, w)
             if dh_total is None:
                 dh_total = torch.zeros_like(h) if dh is None else dh.reshape(h.shape).to(h.dtype)
-            out = []
-            for i, (g, (w_dtype, b_dtype)) in enumerate(zip(grads, zip(dtypes[0::2], dtypes[1::2]))):
-                weight_index, bias_index = 3 + 2 * i, 4 + 2 * i
-                out.append(None if g is None or not needs[weight_index] else (g.t() @ h).to(w_dtype))
-                out.append(None if g is None or b_dtype is None or not needs[bias_index] else g.sum(0).to(b_dtype))
+            out = []  # (dW_Q, db_Q, dW_K, db_K, dW_1, db_1), in the order forward takes them (inputs 3 to 8)
+            for g, w_dtype, b_dtype, need_w, need_b in zip(grads, dtypes[0::2], dtypes[1::2], needs[3:9:2], needs[4:9:2]):
+                out.append(None if g is None or not need_w else (g.t() @ h).to(w_dtype))
+                out.append(None if g is None or b_dtype is None or not need_b else g.sum(0).to(b_dtype))
             dx, dnorm_weight, dnorm_bias = torch.ops.aten.native_layer_norm_backward(
                 dh_total.to(tokens.dtype), tokens, (shape[-1],), mean, rstd, norm_weight, norm_bias,
                 [needs[0], norm_weight is not None and needs[1], norm_bias is not None and needs[2]],
