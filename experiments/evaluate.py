@@ -1,85 +1,10 @@
-"""Evaluate a model on your own benchmark sets (CLIP_benchmark's tasks and JSON layout).
+"""``siclip evaluate``, as a script of this checkout: ``python experiments/evaluate.py --help`` describes it."""
 
-    python experiments/evaluate.py --model runs/mine/model.pt --zeroshot data/test --classnames classes.txt --out runs/mine/eval
-    python experiments/evaluate.py --model mobileclip_s0.pt --zeroshot test.csv --templates prompts.txt --retrieval val.csv
-
---model: a model spec: a siclip checkpoint (its tokenizer is saved in it), Apple's mobileclip_s0.pt (CLIP BPE),
-         hf:DIR (a transformers CLIPModel or SiglipModel saved with its tokenizer and preprocessor_config.json), or
-         open_clip:ARCH:FILE (an open_clip architecture or model-config JSON, and a weights file), or a directory
-         experiments/export.py wrote (the ONNX encoders under ONNX Runtime). Every image goes through the model's
-         own preprocessing (resize, crop, mean and std), every prompt through its tokenizer.
---zeroshot: a folder with one subfolder per class, or a CSV/TSV with filepath,label columns.
---classnames: one name per line or a JSON list, in class order; class folders named after their
-              classes match by name, other folders follow sorted folder order.
---templates: one prompt per line with a {} placeholder; CLIP's 80-template ensemble by default.
---retrieval: a CSV/TSV with filepath,title rows (one row per caption) or WebDataset shards.
-Writes {dataset}_{task}.json per task into --out and prints the metrics. A bad argument or input file ends in one line
-``evaluate.py: error: …`` (status 2).
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
 import sys
 
 from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
 
-import torch
-
-from siclip.eval import run_benchmarks
-from siclip.interop import check_model_spec, load_clip
-from siclip.train.malloc import keep_freed_memory
-
-
-def device(text: str) -> torch.device:
-    """``auto`` (CUDA when available) or a device torch knows and has."""
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"unknown device {text!r} (auto, cpu, cuda, cuda:1, …)") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {text}: no CUDA device is available here (use cpu)")
-    return chosen
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, type=cli.checked(check_model_spec),
-                        help="siclip checkpoint, Apple-layout mobileclip_s0.pt, hf:DIR, open_clip:ARCH:FILE or an exported directory")
-    parser.add_argument("--zeroshot", type=cli.existing_path, help="class-per-subfolder directory or filepath,label CSV/TSV")
-    parser.add_argument("--classnames", type=cli.existing_file, help="class names file (one per line or JSON list)")
-    parser.add_argument("--templates", type=cli.existing_file, help="prompt templates file, one per line with {}")
-    parser.add_argument("--retrieval", help="filepath,title CSV/TSV (several rows per image) or shards")
-    parser.add_argument("--out", help="directory for the JSON results")
-    parser.add_argument("--batch-size", type=cli.positive_int, default=256)
-    parser.add_argument("--device", type=cli.checked(device), default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda:1', …")
-    parser.add_argument("--max-unknown-rate", type=cli.fraction, default=0.05,
-                        help="refuse prompts or captions whose tokens are more than this fraction <unk> (0.05)")
-    args = parser.parse_args(argv)
-    keep_freed_memory()
-    if args.zeroshot is None and args.retrieval is None:
-        parser.error("nothing to evaluate: give --zeroshot and/or --retrieval")
-    for flag, value in (("--classnames", args.classnames), ("--templates", args.templates)):
-        if value is not None and args.zeroshot is None:
-            parser.error(f"{flag} needs --zeroshot")
-    cli.on_interrupt(f"each result in {args.out} is written whole when its task ends: run the command again" if args.out
-                     else cli.NOTHING_SAVED)  # fmt: skip
-    with cli.user_input():  # a missing file or a malformed benchmark is the user's to fix: say what and where
-        loaded = load_clip(args.model)
-        model = loaded.model.to(args.device).eval()
-        records = run_benchmarks(model, loaded.tokenizer, model_name=model.name, zeroshot=args.zeroshot, classnames=args.classnames,
-                                 templates=args.templates, retrieval_data=args.retrieval, out_dir=args.out, batch_size=args.batch_size,
-                                 max_unknown_rate=args.max_unknown_rate)  # fmt: skip
-    for record in records:
-        shown = {k: v for k, v in record["metrics"].items() if k != "per_class_accuracy"}
-        print(json.dumps({"dataset": record["dataset"], "task": record["task"], **shown}))
-    if args.out:
-        print(f"results in {args.out}")
-    return 0
-
+from siclip.commands.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(cli.run(main))

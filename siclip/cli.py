@@ -63,7 +63,8 @@ _hint: str | Callable[[], str] = NOTHING_SAVED
 
 
 def script_name() -> str:
-    """The running script's file name, as argparse names it in its messages."""
+    """The running script's name, as argparse names it in its messages: the file name (``train.py``), or the
+    command and subcommand (``siclip train``) when :mod:`siclip.commands` dispatched it."""
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
 
 
@@ -237,7 +238,7 @@ if sys.excepthook is sys.__excepthook__:
 
 # A Ctrl-C that lands inside a library's import can be swallowed there (a broad ``except`` around an optional import)
 # and the script then runs on as if nothing happened. So while a siclip script imports, SIGINT is only noted, and
-# :func:`run` acts on it before ``main`` starts. Only for this checkout's scripts (``experiments/``, ``benchmarks/``),
+# :func:`run` acts on it before ``main`` starts. Only for the `siclip` command and this checkout's scripts (``experiments/``, ``benchmarks/``),
 # all of which end through :func:`run`: anything else importing this module keeps Python's Ctrl-C.
 _deferred: list[int] = []
 
@@ -251,6 +252,8 @@ def _started_as_a_siclip_script() -> bool:
     if not file:
         return False
     script = Path(file).resolve()
+    if script.name in ("siclip", "siclip.exe") or script == Path(__file__).resolve().parent / "__main__.py":  # the console command
+        return True
     return script.parent.name in ("experiments", "benchmarks") and script.parent.parent == Path(__file__).resolve().parent.parent
 
 

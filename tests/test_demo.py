@@ -1,7 +1,7 @@
 """The main job's script on tiny presets: a teacher, its SiCLIP student, one table; a rerun reuses both."""
 
 import dataclasses
-import importlib.util
+import importlib
 import warnings
 from pathlib import Path
 
@@ -13,10 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"siclip.commands.{name}")
 
 
 @pytest.mark.slow

@@ -45,14 +45,10 @@ def test_adjacent_trajectory_reads_both_towers(tmp_path, seed):
 
 
 def test_divergence_report_trajectory_of_a_preset(tmp_path, monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
     import pandas as pd
 
-    spec = importlib.util.spec_from_file_location("divergence_report", Path(__file__).resolve().parents[1] / "experiments" / "divergence_report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    from siclip.commands import divergence as report
+
     tiny = TrainConfig(model="mobileclip_tiny", model_overrides={"image": {"layers": [1, 1, 2, 2]}}, epochs=1, warmup_steps=1,
                        checkpoint_every=100, evaluate=False, data=DataConfig(num_train=48, batch_size=16))  # fmt: skip
     monkeypatch.setitem(report.PRESETS, "tiny", tiny)

@@ -188,12 +188,8 @@ def test_inheriting_student_reads_text_and_images_as_its_teacher(tmp_path):
 
 
 def test_command_line_sets_the_recipe():
-    import importlib.util
-    from pathlib import Path
+    from siclip.commands import train as cli
 
-    spec = importlib.util.spec_from_file_location("train_cli", Path(__file__).parents[1] / "experiments" / "train.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     config, _ = cli.parse(["--shape-twins", "--crop-scale", "1", "1", "--crop-ratio", "1", "1", "--mask-padding", "--image-size", "96",
                            "--tower-lr-scale", "image=2.5", "--tower-frozen-steps", "text=150"])  # fmt: skip
     assert config.data.shape_twins and config.data.crop_scale == [1.0, 1.0] and config.data.crop_ratio == [1.0, 1.0]

@@ -1,0 +1,60 @@
+"""Precompute a teacher's embeddings for a dataset once, so distillation can skip the teacher.
+
+    python experiments/cache_teacher.py --teacher mobileclip_s0.pt --data data/shards --tokenizer clip \
+        --vocab-path bpe_simple_vocab_16e6.txt.gz --out data/shards/teacher_cache
+    python experiments/cache_teacher.py --teacher runs/teacher/model.pt --data embedded --out cache/
+
+``--teacher`` is any model spec: Apple's ``mobileclip_s0.pt``, a checkpoint of this package, ``hf:DIR`` or
+``open_clip:ARCH:FILE``; ``--data`` a shard directory/pattern, a ``.csv``/``.tsv`` file, or ``embedded`` (the
+embedded world's training split). Images go through the teacher's own preprocessing, which the cache records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
+
+from siclip.data import EmbeddedConfig, build_teacher_cache, create_tokenizer, open_source
+from siclip.distill import FrozenTeacher
+from siclip.interop import check_model_spec, load_clip
+from siclip.train.malloc import keep_freed_memory
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True, type=cli.checked(check_model_spec),
+                        help="model spec: a checkpoint, Apple's mobileclip_s0.pt, hf:DIR or open_clip:ARCH:FILE")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tokenizer", choices=["embedded", "clip", "words"], help="default: the one saved with the teacher, else its config's")
+    parser.add_argument("--vocab-path", type=cli.existing_file)
+    parser.add_argument("--num-train", type=cli.positive_int, default=10_000, help="size of the embedded split")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=256)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out: {args.out} exists and is not a directory")
+    keep_freed_memory()
+    cli.on_interrupt(f"the cache {args.out} is written whole or not at all: {cli.NOTHING_SAVED}")
+    with cli.user_input():
+        loaded = load_clip(args.teacher)
+        model = FrozenTeacher(loaded.model).model
+        if args.tokenizer is None:
+            tokenizer = loaded.tokenizer
+        elif not loaded.is_siclip:
+            parser.error(f"--tokenizer: {args.teacher} reads its own tokenizer's ids; leave --tokenizer out")
+        else:
+            tokenizer = create_tokenizer(args.tokenizer, vocab_path=args.vocab_path, context_length=model.config.text.context_length)
+        source = open_source(args.data, EmbeddedConfig(num_train=args.num_train))
+    path = build_teacher_cache(source, model.encode_image, model.encode_text, tokenizer, args.out, preprocess=model.preprocess,
+                               batch_size=args.batch_size, teacher=f"{model.name} from {args.teacher}", dtype=args.dtype,
+                               logit_scale=float(model.scale()))  # fmt: skip
+    print(f"teacher cache written to {path} (logit scale {float(model.scale()):.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

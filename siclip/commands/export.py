@@ -1,0 +1,64 @@
+"""Export a model's two encoders to ONNX, checked under ONNX Runtime against PyTorch.
+
+    python experiments/export.py --model runs/mine/model.pt --out runs/mine/onnx
+    python experiments/export.py --model mobileclip_s0.pt --out runs/s0_onnx --quantize int8
+
+--model: a siclip checkpoint (its tokenizer is saved in it) or Apple's mobileclip_s0.pt (CLIP BPE).
+--out: the exported directory: image.onnx and text.onnx (reparameterised encoders, dynamic batch axis, unit-norm
+       embeddings) and siclip_onnx.json (preprocessing, tokenizer, logit scale, embedding size, name, the check).
+       An earlier export there is replaced; the directory appears only once every check has passed.
+--attention: the attention the graphs compute: 'sdpa' (ONNX's Attention op at opset 23) or 'math' (explicit products).
+--quantize int8: also write OUT/int8/, the encoders with ONNX Runtime's dynamic int8 quantisation.
+The check runs both encoders under ONNX Runtime and PyTorch on scikit-learn's sample photographs and real captions,
+batched and one at a time: a max relative error above 1e-4 (float32) fails the export, naming the encoder.
+Evaluate the result like any model: python experiments/evaluate.py --model runs/mine/onnx/ --zeroshot ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from siclip.deploy import ATTENTION_KERNELS, DEFAULT_ATTENTION, DEFAULT_OPSET, export_clip
+from siclip.interop import load_clip
+from siclip.train.malloc import keep_freed_memory
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="siclip checkpoint or Apple-layout mobileclip_s0.pt")
+    parser.add_argument("--out", required=True, help="directory to write the exported model into")
+    parser.add_argument("--attention", choices=ATTENTION_KERNELS, default=DEFAULT_ATTENTION, help=f"attention kernel traced ({DEFAULT_ATTENTION})")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({DEFAULT_OPSET})")
+    parser.add_argument("--quantize", choices=["int8"], help="also write OUT/int8/ (ONNX Runtime dynamic quantisation)")
+    parser.add_argument("--apple-model", default="mobileclip_s0", help="registered configuration a file in Apple's layout is built as")
+    args = parser.parse_args(argv)
+    keep_freed_memory()
+    try:  # a missing file, a foreign model or a failed check: say what and where, without a traceback
+        loaded = load_clip(args.model, apple_model=args.apple_model)
+        if not loaded.is_siclip:
+            raise ValueError(f"{args.model}: export takes a siclip checkpoint or Apple's mobileclip_s0.pt, not a {type(loaded.model).__name__}")
+        done = export_clip(loaded.model, loaded.tokenizer, args.out, attention=args.attention, opset=args.opset, quantize=args.quantize,
+                           source=str(Path(args.model).resolve()))  # fmt: skip
+    except (OSError, ValueError, ImportError) as err:
+        print(f"export.py: error: {err}", file=sys.stderr)
+        return 2
+    manifest = done.manifest
+    errors = manifest["check"]["max_relative_error"]
+    for encoder in ("image", "text"):
+        entry = manifest[encoder]
+        print(f"{done.directory / entry['file']}: {entry['bytes'] / 2**20:.1f} MiB, input {entry['input']} {entry['input_shape']}, "
+              f"max relative error against PyTorch {errors[encoder]:.2e} (bound {manifest['check']['bound']:g})")  # fmt: skip
+    if done.int8 is not None:
+        cosines = done.int8_manifest["check"]["min_cosine_to_float32"]
+        for encoder in ("image", "text"):
+            entry = done.int8_manifest[encoder]
+            print(f"{done.int8 / entry['file']}: {entry['bytes'] / 2**20:.1f} MiB ({entry['bytes'] / manifest[encoder]['bytes']:.0%} of "
+                  f"float32), smallest cosine to the float32 embeddings {cosines[encoder]:.5f}")  # fmt: skip
+    print(f"exported {manifest['name']} to {done.directory} (evaluate it with experiments/evaluate.py --model {done.directory}/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""FLOPs and parameters of every registered model (inference form, one image at its size, one caption).
+
+    python experiments/flops_report.py [--out runs/reports]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
+
+from siclip.analysis.benchmark import to_markdown
+from siclip.analysis.flops import model_report
+from siclip.models import create_model, list_models, reparameterize_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/reports"))
+    args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out: {args.out} exists and is not a directory")
+    rows = [model_report(reparameterize_model(create_model(name).eval())) for name in list_models()]
+    table = to_markdown(rows)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "flops.md").write_text(table + "\n")
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(args.out / "flops.csv", index=False)
+    print(f"\nwritten to {args.out / 'flops.md'} and flops.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
