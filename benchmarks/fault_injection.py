@@ -1,6 +1,6 @@
 """Fault injection: attack the command-line scripts as a hostile world would; print what survived, per category.
 
-    python benchmarks/fault_injection.py                          # every category once: 160+ cases
+    python benchmarks/fault_injection.py                          # every category once: 400+ cases
     python benchmarks/fault_injection.py --rounds 2               # the process faults (kills, signals…) twice
     python benchmarks/fault_injection.py --categories nan,bad-file --work /tmp/fi
 
@@ -26,6 +26,9 @@ one gives the reference weights. Process faults run each script as its own proce
   temporary file left; ``--resume`` on a free disk finishes.
 - ``eval-signal``: SIGTERM during the final evaluation: status 143 at once; ``--resume`` evaluates.
 - ``ddp-peer``: ``torchrun`` with two gloo ranks, one SIGKILLed mid-run: the other ends in one line.
+- ``signal-in-write``: a Ctrl-C in step k, then a second one inside the checkpoint's write (at torch.save's n-th write
+  to the file): status 130, one line, never torch's ``inline_container`` error; the previous checkpoint is intact, no
+  temporary file is left, and ``--resume`` ends on the reference weights.
 
 Input faults run each script's ``main`` in this process, through :func:`siclip.cli.run` as its ``__main__`` does:
 
@@ -37,10 +40,35 @@ Input faults run each script's ``main`` in this process, through :func:`siclip.c
   malformed benchmarks, ``--overwrite`` over a finished run with bad inputs: a clear refusal or a run that skips and
   reports; the old run is never deleted by a refused one.
 
+Issue 32's categories (files a user hands over, and where commands write), with the network blocked (in this process
+and, through a ``sitecustomize``, in the commands it starts):
+
+- ``model-folder``: a transformers folder without tokenizer files, with truncated, junk or empty safetensors, a
+  pickled ``pytorch_model.bin``, weights that do not fit its config, a config of width 10⁶ or context 10⁹, a hub
+  attention kernel, an unknown model type, a config that is no JSON object: through evaluate, train's teacher,
+  convert and cache-teacher: one line naming the folder, status 2.
+- ``remote-code``: a folder whose ``config.json`` or ``tokenizer_config.json`` names its own Python (``auto_map``), each
+  command in its own process with ``y`` on its stdin; a converted file whose origin folder names it; an open_clip config
+  whose text tower is such a folder: refused, the folder's code never imported (**executed**).
+- ``network``: hub names in converted files, open_clip configs, timm specs and kernels, and hub names as specs:
+  refused, no connection attempted (**fetched**).
+- ``converted-file``: a converted file damaged field by field (types, ranges, NaN weights, absurd sizes, blocks and
+  plans that do not fit, swapped or missing weights), malicious or truncated: through evaluate, train's ``--model``
+  and cache-teacher.
+- ``exported-dir``: an exported directory's manifest changed field by field (swapped encoders, outside or symlinked
+  files, absurd sizes, a non-finite or huge logit scale, a foreign opset): through evaluate and train's teacher.
+- ``destination``: every command that writes, pointed at a folder of the user's files, its own input, the folder it
+  runs in, a device, a socket; earlier results replaced; absurd counts; train's ``--overwrite`` beside the user's
+  notes; a kill before, after and (without the atomic exchange) between the renames of a replacement; SIGTERM inside
+  an export. **Lost**: a file the command did not create changed or gone, or no complete result left at the
+  destination.
+
 A case **survives** when it ends as described, and, where it trains, with weights bit-identical to the reference.
 **Lost**: a step the run had saved that could not be recovered (an unreadable checkpoint it wrote, metrics rows
 written twice or missing, an old run deleted by a refused one). **Unclear**: a traceback, a status other than the
-expected one, or no single ``SCRIPT: …`` line naming the argument or file. **Executed**: a malicious pickle ran.
+expected one, or no single ``SCRIPT: …`` line naming the argument or file. **Executed**: a malicious pickle or a model
+folder's own Python ran. **Fetched**: a connection was attempted. The last column counts the bad-input cases (those
+that must be refused) that ended in one line with status 2.
 """
 
 from __future__ import annotations
@@ -71,12 +99,12 @@ import torch  # noqa: E402
 
 from siclip import cli  # noqa: E402
 from siclip.models import create_model, load_checkpoint, save_checkpoint  # noqa: E402
-from siclip.storage import CheckpointError  # noqa: E402
+from siclip.storage import CheckpointError, save_atomic  # noqa: E402
 from siclip.train.state import load_training_checkpoint  # noqa: E402
 
 PROCESS = ("sigkill", "sigint", "sigterm", "second-sigint", "startup-signal", "corrupt", "nan", "second-run", "disk-full",
-           "eval-signal", "ddp-peer")  # fmt: skip
-INPUT = ("bad-argument", "bad-file", "bad-data")
+           "eval-signal", "ddp-peer", "signal-in-write")  # fmt: skip
+INPUT = ("bad-argument", "bad-file", "bad-data", "model-folder", "converted-file", "exported-dir", "destination", "network", "remote-code")
 CATEGORIES = PROCESS + INPUT
 STEPS = 8
 OVERFLOWING_LR = "1e300"  # AdamW's float32 update cannot be written at this lr: non-finite by construction
@@ -89,6 +117,9 @@ class Outcome:
     lost: bool = False
     unclear: bool = False
     executed: bool = False
+    fetched: bool = False  # a connection was attempted
+    refusal: bool = False  # a bad input that must end in one line with status 2
+    clean_refusal: bool = False  # … and did
     note: str = ""
 
 
@@ -467,13 +498,16 @@ class Refusal:
 
     def check(self) -> Outcome:
         before = self.untouched.read_bytes() if self.untouched is not None else None
+        asked = len(NETWORK)
         status, err = in_process(self.script, self.argv)
         tidy = clear(err, status, self.expected, f"{self.script}.py", *self.named)
         lost = before is not None and (not self.untouched.exists() or self.untouched.read_bytes() != before)
         created = self.out is not None and self.out.exists()
         executed = self.marker is not None and self.marker.exists()
+        fetched = len(NETWORK) > asked
         note = "" if tidy else f"status {status}: {last_line(err)[:200]}"
-        return Outcome(tidy and not lost and not created and not executed, lost=lost, unclear=not tidy, executed=executed, note=note)
+        return Outcome(tidy and not lost and not created and not executed and not fetched, lost=lost, unclear=not tidy, executed=executed,
+                       fetched=fetched, refusal=self.expected == (2,), clean_refusal=tidy and self.expected == (2,), note=note)  # fmt: skip
 
 
 def _files(work: Path) -> dict[str, Path]:
@@ -574,8 +608,8 @@ class LoaderRefusal:
         try:
             self.load(self.path)
         except CheckpointError as err:
-            tidy = str(self.path) in str(err) and "could run code" in str(err)
-            return Outcome(tidy and not self.marker.exists(), unclear=not tidy, executed=self.marker.exists())
+            tidy = str(self.path) in str(err) and "could run code" in str(err) and "\n" not in str(err) and "weights_only=False" not in str(err)
+            return Outcome(tidy and not self.marker.exists(), unclear=not tidy, executed=self.marker.exists(), refusal=True, clean_refusal=tidy)
         except Exception as err:  # noqa: BLE001 - any other exception is an unclear refusal
             return Outcome(False, unclear=True, executed=self.marker.exists(), note=f"{self.name}: {type(err).__name__}: {err}"[:200])
         return Outcome(False, executed=self.marker.exists(), note=f"{self.name} loaded a malicious file")
@@ -638,7 +672,8 @@ class DataCase:
             ok = "Traceback" not in err and summary.get("skipped_samples", -1) >= self.skipped  # later epochs may skip them again
             return Outcome(ok and not lost, lost=lost, unclear="Traceback" in err, note=f"skipped {summary.get('skipped_samples')}")
         tidy = clear(err, status, self.expected, "train.py", *self.named)
-        return Outcome(tidy and not lost, lost=lost, unclear=not tidy, note="" if tidy else f"status {status}: {last_line(err)[:200]}")
+        return Outcome(tidy and not lost, lost=lost, unclear=not tidy, refusal=self.expected == (2,), clean_refusal=tidy and self.expected == (2,),
+                       note="" if tidy else f"status {status}: {last_line(err)[:200]}")  # fmt: skip
 
 
 def _png_header(width: int, height: int) -> bytes:
@@ -724,6 +759,631 @@ def bad_data(work: Path) -> list[DataCase]:
     ]
 
 
+# ── Issue 32: model folders, converted files, exported directories, destinations, remote code, network, a signal in a write ──
+#
+# In-process cases run with the network blocked (every connection attempt recorded: "fetched"); subprocess cases with a
+# sitecustomize that does the same and logs to a file.
+
+NETWORK: list[str] = []
+
+
+def _block_network() -> None:
+    """Every connection this process attempts is recorded in :data:`NETWORK` and refused."""
+    import socket
+
+    def refuse(*args):
+        NETWORK.append(repr(args)[:200])
+        raise OSError("fault injection: the network is blocked")
+
+    socket.socket.connect = lambda self, address: refuse(address)
+    socket.socket.connect_ex = lambda self, address: refuse(address)
+    socket.getaddrinfo = lambda *args, **kwargs: refuse(*args)
+    socket.create_connection = lambda *args, **kwargs: refuse(*args)
+
+
+GUARD = '''"""Fault injection's subprocesses: the tests' torchvision stand-in, and every connection logged and refused."""
+import os, socket, sys
+sys.path[:0] = [{startup!r}]
+import torchvision_standin
+torchvision_standin.install()
+def _refuse(*args):
+    with open(os.environ["SICLIP_FI_NETWORK_LOG"], "a") as log:
+        log.write(repr(args)[:200] + "\\n")
+    raise OSError("fault injection: the network is blocked")
+socket.socket.connect = lambda self, address: _refuse(address)
+socket.socket.connect_ex = lambda self, address: _refuse(address)
+socket.getaddrinfo = lambda *args, **kwargs: _refuse(*args)
+socket.create_connection = lambda *args, **kwargs: _refuse(*args)
+'''
+
+
+def _foreign() -> None:
+    """timm and open_clip import here with the tests' torchvision stand-in where torchvision cannot load; the tests'
+    builders of small foreign models (their libraries' real classes) are importable."""
+    for path in (ROOT / "tests" / "standins" / "startup", ROOT / "tests"):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    import torchvision_standin
+
+    torchvision_standin.install()
+
+
+def _guarded_env(work: Path) -> dict:
+    guard = work / "guard"
+    guard.mkdir(parents=True, exist_ok=True)
+    (guard / "sitecustomize.py").write_text(GUARD.format(startup=str(ROOT / "tests" / "standins" / "startup")))
+    return {**ENV, "PYTHONPATH": os.pathsep.join([str(guard), str(ROOT)]), "SICLIP_FI_NETWORK_LOG": str(work / "network.log")}
+
+
+def _edit_json(path: Path, change: Callable) -> None:
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def _copy(source: Path, target: Path, change: Callable | None = None) -> Path:
+    import shutil
+
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    if change is not None:
+        change(target)
+    return target
+
+
+def _calibration(work: Path) -> dict[str, Path]:
+    from PIL import Image
+
+    photos = work / "photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    (work / "captions.txt").write_text("a photo of a cat\na red circle\n")
+    return {"photos": photos, "captions": work / "captions.txt"}
+
+
+def _no_tokenizer(folder: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _pickled_bin(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+    torch.save({"x": _RunsCode(str(folder.parent / f"{folder.name}.executed"))}, folder / "pytorch_model.bin")
+
+
+HF_DAMAGE: dict[str, Callable[[Path], None]] = {
+    "no-tokenizer": _no_tokenizer,
+    "truncated-safetensors": lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:50_000]),
+    "junk-safetensors": lambda f: (f / "model.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"{not json at all"),
+    "empty-safetensors": lambda f: (f / "model.safetensors").write_bytes(b""),
+    "pickled-bin": _pickled_bin,
+    "size-mismatch": lambda f: _edit_json(f / "config.json", lambda c: c["text_config"].update(hidden_size=48)),
+    "width-1e6": lambda f: _edit_json(f / "config.json", lambda c: c["vision_config"].update(hidden_size=10**6, intermediate_size=10**6)),
+    "context-1e9": lambda f: _edit_json(f / "config.json", lambda c: c["text_config"].update(max_position_embeddings=10**9)),
+    "hub-kernel": lambda f: _edit_json(f / "config.json", lambda c: c.update(_attn_implementation="kernels-community/flash-attn")),
+    "unknown-type": lambda f: _edit_json(f / "config.json", lambda c: c.update(model_type="evil")),
+    "config-not-json": lambda f: (f / "config.json").write_text("{not json"),
+    "config-a-list": lambda f: (f / "config.json").write_text("[1, 2]"),
+}  # fmt: skip
+
+
+def model_folders(work: Path) -> list:
+    """A transformers CLIP folder damaged each way, through every command that reads an ``hf:DIR``."""
+    _foreign()
+    from foreign_models import save_hf_clip
+
+    f = _files(work / "inputs")
+    calib = _calibration(work)
+    hf = save_hf_clip(work / "hf", "clip")
+    cases = []
+    for name, change in HF_DAMAGE.items():
+        folder = _copy(hf, work / name, change)
+        spec = f"hf:{folder}"
+        marker = folder.parent / f"{folder.name}.executed"
+        cases += [
+            Refusal("evaluate", ["--model", spec, "--zeroshot", str(f["test"])], (str(folder),), marker=marker),
+            Refusal("train", ["--model", "siclip_tiny", "--teacher", spec, "--no-inherit", "--no-eval", "--out", str(work / f"t_{name}")],
+                    (str(folder),), marker=marker, out=work / f"t_{name}"),  # fmt: skip
+            Refusal("convert_model", [spec, "--captions", str(calib["captions"]), "--images", str(calib["photos"]), "--out", str(work / f"c_{name}.pt")],
+                    (str(folder),), marker=marker, out=work / f"c_{name}.pt"),  # fmt: skip
+            Refusal("cache_teacher", ["--teacher", spec, "--data", "embedded", "--num-train", "4", "--out", str(work / f"k_{name}")],
+                    (str(folder),), marker=marker, out=work / f"k_{name}"),  # fmt: skip
+        ]
+    return cases
+
+
+@dataclass
+class ProcessRefusal:
+    """A command in its own process, ``stdin`` on its input: one line and status 2 naming ``named``; ``marker``
+    (created by code that must not run) absent; no connection attempted."""
+
+    script: str
+    argv: list[str]
+    named: tuple[str, ...]
+    env: dict
+    marker: Path | None = None
+    stdin: str = "y\n" * 4
+
+    def check(self) -> Outcome:
+        log = Path(self.env["SICLIP_FI_NETWORK_LOG"])
+        before = log.read_text() if log.exists() else ""
+        done = subprocess.run([sys.executable, str(ROOT / "experiments" / f"{self.script}.py"), *self.argv], input=self.stdin,
+                              capture_output=True, text=True, env=self.env, timeout=600)  # fmt: skip
+        tidy = clear(done.stderr, done.returncode, (2,), f"{self.script}.py", *self.named)
+        executed = self.marker is not None and self.marker.exists()
+        fetched = (log.read_text() if log.exists() else "") != before
+        note = "" if tidy else f"status {done.returncode}: {last_line(done.stderr)[:200]}"
+        return Outcome(tidy and not executed and not fetched, unclear=not tidy, executed=executed, fetched=fetched, refusal=True,
+                       clean_refusal=tidy, note=note)  # fmt: skip
+
+
+def _with_own_code(folder: Path, marker: Path, where: str) -> None:
+    """An ``auto_map`` in ``where`` (config.json or tokenizer_config.json) to the folder's own Python, which creates
+    ``marker`` when imported."""
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PretrainedConfig\n"
+                                    "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")  # fmt: skip
+    if where == "config.json":
+        _edit_json(folder / "config.json", lambda c: c.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"}))
+    else:
+        _edit_json(folder / "tokenizer_config.json", lambda t: t.update(auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}))
+
+
+def remote_code(work: Path) -> list:
+    """A folder naming its own Python (``auto_map``), every command in its own process with ``y`` on stdin (to
+    which transformers' prompt would answer yes); a converted file whose origin is such a folder; an open_clip config
+    whose text tower names one."""
+    _foreign()
+    from foreign_models import save_hf_clip, save_open_clip
+
+    env = _guarded_env(work)
+    f = _files(work / "inputs")
+    calib = _calibration(work)
+    hf = save_hf_clip(work / "hf", "clip")
+    cases = []
+    for where in ("config.json", "tokenizer_config.json"):
+        marker = work / f"executed_{where}"
+        folder = _copy(hf, work / f"own_code_{where}", lambda d: _with_own_code(d, marker, where))
+        spec = f"hf:{folder}"
+        cases += [ProcessRefusal(script, argv, ("auto_map",), env, marker) for script, argv in (
+            ("evaluate", ["--model", spec, "--zeroshot", str(f["test"])]),
+            ("train", ["--model", "siclip_tiny", "--teacher", spec, "--no-inherit", "--no-eval", "--out", str(work / "run")]),
+            ("convert_model", [spec, "--captions", str(calib["captions"]), "--images", str(calib["photos"]), "--out", str(work / "c.pt")]),
+            ("divergence_report", ["--spec", spec, "--caption-file", str(calib["captions"]), "--image-folder", str(calib["photos"]),
+                                   "--out", str(work / "report")]),
+            ("cache_teacher", ["--teacher", spec, "--data", "embedded", "--out", str(work / "cache")]))]  # fmt: skip
+    # A converted file made from a clean folder, whose folder later names its own code: reached without the user naming it.
+    origin = _copy(hf, work / "origin")
+    converted = _converted_file(f"hf:{origin}", ["text_model.encoder.layers.0"], work / "converted_hf.pt")
+    marker = work / "executed_origin"
+    _with_own_code(origin, marker, "tokenizer_config.json")
+    cases.append(ProcessRefusal("evaluate", ["--model", str(converted), "--zeroshot", str(f["test"])], ("auto_map",), env, marker))
+    config, weights = save_open_clip(work / "oc")
+    own = _copy(hf, work / "own_code_text_tower", lambda d: _with_own_code(d, work / "executed_tower", "config.json"))
+    _edit_json(config, lambda c: c.update(text_cfg={**c["text_cfg"], "hf_model_name": str(own)}))
+    cases.append(ProcessRefusal("evaluate", ["--model", f"open_clip:{config}:{weights}", "--zeroshot", str(f["test"])], ("hf_model_name",), env,
+                                work / "executed_tower"))  # fmt: skip
+    return cases
+
+
+def _converted_file(spec: str, blocks: list[str], path: Path) -> Path:
+    """The model ``spec`` names with ``blocks`` converted to SAS-P, saved at ``path`` (as convert_model.py saves it)."""
+    from siclip.interop.converted import ConvertedRecipe, architecture_of, convert, load_original, original_preprocess, save_converted
+
+    model = load_original(spec)
+    recipe = ConvertedRecipe(origin=spec, architecture=architecture_of(spec, model), blocks=blocks,
+                             preprocess=original_preprocess(spec, model).to_dict())  # fmt: skip
+    convert(model, recipe)
+    return save_converted(model, recipe, path)
+
+
+def _tiny_converted(work: Path) -> tuple[Path, dict, Path, Path]:
+    """An open_clip CLIP (tiny, random) converted to SAS-P and saved: (file, payload, config, weights)."""
+    from foreign_models import save_open_clip
+
+    config, weights = save_open_clip(work / "oc")
+    path = _converted_file(f"open_clip:{config}:{weights}", ["transformer.resblocks.0"], work / "converted.pt")
+    return path, torch.load(path, weights_only=True), config, weights
+
+
+def network(work: Path) -> list:
+    """Hub names in every file a user hands over: a converted file whose text tower is ``openai/…``, an open_clip config
+    naming a transformers tower or a timm tower with pretrained weights, hub architecture names for open_clip and
+    timm, a hub attention kernel in a folder and in a converted record: refused, nothing asked of the network."""
+    import copy
+
+    _foreign()
+    from foreign_models import save_hf_clip
+
+    f = _files(work / "inputs")
+    calib = _calibration(work)
+    _, payload, config, weights = _tiny_converted(work)
+    files = {}
+    for name, change in (("oc_hf_download", lambda p: p["architecture"]["config"]["text_cfg"].update(hf_model_name="openai/clip-vit-base-patch32")),
+                         ("oc_hf_tokenizer", lambda p: p["architecture"]["config"]["text_cfg"].update(hf_tokenizer_name="openai/clip-vit-base-patch32")),
+                         ("oc_timm_pretrained", lambda p: p["architecture"]["config"]["vision_cfg"].update(timm_model_name="vit_tiny_patch16_224",
+                                                                                                          timm_model_pretrained=True)),
+                         ("oc_timm_hub", lambda p: p["architecture"]["config"]["vision_cfg"].update(timm_model_name="hf-hub:timm/vit_tiny_patch16_224"))):  # fmt: skip
+        bad = copy.deepcopy(payload)
+        change(bad)
+        files[name] = work / f"{name}.pt"
+        save_atomic(bad, files[name])
+    hub_config = work / "hub-text.json"
+    hub_config.write_text(json.dumps({**json.loads(config.read_text()), "text_cfg": {"hf_model_name": "roberta-base", "width": 32}}))
+    hf = save_hf_clip(work / "hf", "clip")
+    kernel = _copy(hf, work / "kernel", lambda d: _edit_json(d / "config.json", lambda c: c.update(attn_implementation="kernels-community/flash-attn")))
+    hf_converted = torch.load(_converted_file(f"hf:{hf}", ["text_model.encoder.layers.0"], work / "converted_hf.pt"), weights_only=True)
+    hf_converted["architecture"]["attn_implementation"] = "kernels-community/flash-attn"
+    save_atomic(hf_converted, work / "hf_kernel.pt")
+    vit = work / "vit.json"
+    vit.write_text(json.dumps({"name": "vit_tiny_patch16_224", "kwargs": {"pretrained_cfg_overlay": {"hf_hub_id": "timm/vit_tiny_patch16_224"}}}))
+    images = ["--images", str(calib["photos"])]
+    evaluate = lambda model: ["--model", str(model), "--zeroshot", str(f["test"])]  # noqa: E731
+    return [
+        *[Refusal("evaluate", evaluate(path), (str(path),)) for path in files.values()],
+        Refusal("evaluate", evaluate(f"open_clip:{hub_config}:{weights}"), (str(hub_config), "hf_model_name")),
+        Refusal("evaluate", evaluate(f"open_clip:hf-hub:timm/ViT-B-16-SigLIP:{weights}"), ("hf-hub:timm/ViT-B-16-SigLIP",)),
+        Refusal("evaluate", evaluate(f"hf:{kernel}"), (str(kernel), "kernels-community")),
+        Refusal("evaluate", evaluate(work / "hf_kernel.pt"), (str(work / "hf_kernel.pt"), "kernels-community")),
+        Refusal("evaluate", evaluate("hf:openai/clip-vit-base-patch32"), ("openai/clip-vit-base-patch32",)),
+        Refusal("train", ["--model", "siclip_tiny", "--teacher", "hf:openai/clip-vit-base-patch32", "--out", str(work / "t")],
+                ("openai/clip-vit-base-patch32",), out=work / "t"),  # fmt: skip
+        Refusal("convert_model", [f"timm:hf-hub:timm/vit_tiny_patch16_224:{weights}", *images, "--out", str(work / "v.pt")],
+                ("hf-hub:timm/vit_tiny_patch16_224",), out=work / "v.pt"),  # fmt: skip
+        Refusal("convert_model", [f"timm:{vit}:{weights}", *images, "--out", str(work / "v.pt")], ("pretrained_cfg_overlay",), out=work / "v.pt"),
+        Refusal("convert_model", [f"open_clip:{hub_config}:{weights}", "--captions", str(calib["captions"]), *images, "--out", str(work / "v.pt")],
+                ("hf_model_name",), out=work / "v.pt"),  # fmt: skip
+    ]
+
+
+def _converted_damage() -> dict[str, Callable[[dict], None]]:
+    def width(p):
+        p["architecture"]["config"]["vision_cfg"]["width"] = 10**6
+
+    def swapped(p):
+        p["state_dict"]["positional_embedding"] = p["state_dict"]["text_projection"]
+
+    def missing(p):
+        del p["state_dict"]["positional_embedding"]
+
+    return {
+        "origin": lambda p: p.update(origin="file:/etc/passwd"), "blocks-type": lambda p: p.update(blocks="transformer.resblocks.0"),
+        "option": lambda p: p["options"].update(run="os.system"), "beta-ff-1e308": lambda p: p["options"].update(beta_ff=1e308),
+        "backend": lambda p: p["options"].update(backend="cuda-kernel-from-hub"),
+        "scope": lambda p: p.update(sharing={"transformer.resblocks": {"groups": [[0, 1]], "scope": "everything"}}),
+        "groups": lambda p: p.update(sharing={"transformer.resblocks": {"groups": [[0, 10**9]], "scope": "block"}}),
+        "preprocess-1e9": lambda p: p["preprocess"].update(size=10**9), "preprocess-type": lambda p: p.update(preprocess="bicubic"),
+        "nan-weights": lambda p: p["state_dict"]["logit_scale"].fill_(float("nan")), "width-1e6": width,
+        "context-1e9": lambda p: p["architecture"]["config"]["text_cfg"].update(context_length=10**9),
+        "no-such-block": lambda p: p.update(blocks=["no.such.block"]), "swapped-weights": swapped, "missing-weight": missing,
+        "no-state-dict": lambda p: p.pop("state_dict"), "architecture-type": lambda p: p.update(architecture=[1, 2]),
+        "class-for-hf": lambda p: p.update(origin="hf:/nonexistent", architecture={"class": "pipeline", "config": {}}),
+    }  # fmt: skip
+
+
+def converted_files(work: Path) -> list:
+    """A converted file damaged each way (and a malicious and a truncated one), through every command that reads it."""
+    import copy
+
+    _foreign()
+    f = _files(work / "inputs")
+    path, payload, _, _ = _tiny_converted(work)
+    files = {}
+    for name, change in _converted_damage().items():
+        bad = copy.deepcopy(payload)
+        change(bad)
+        files[name] = save_atomic(bad, work / f"conv_{name}.pt")
+    marker = work / "executed"
+    torch.save({**{k: v for k, v in payload.items() if k != "state_dict"}, "x": _RunsCode(str(marker))}, work / "conv_evil.pt")
+    files["evil"] = work / "conv_evil.pt"
+    (work / "conv_truncated.pt").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    files["truncated"] = work / "conv_truncated.pt"
+    cases = []
+    for name, bad in files.items():
+        cases += [Refusal("evaluate", ["--model", str(bad), "--zeroshot", str(f["test"])], (str(bad),), marker=marker),
+                  Refusal("train", ["--model", str(bad), "--no-eval", "--out", str(work / f"t_{name}")], (str(bad),), marker=marker,
+                          out=work / f"t_{name}"),
+                  Refusal("cache_teacher", ["--teacher", str(bad), "--data", "embedded", "--num-train", "4", "--out", str(work / f"k_{name}")],
+                          (str(bad),), marker=marker, out=work / f"k_{name}")]  # fmt: skip
+    return cases
+
+
+def _exported(work: Path) -> Path:
+    """A real export of a tiny MobileCLIP (random weights), made once."""
+    from siclip.data.tokenizer import tokenizer_for
+    from siclip.deploy import export_clip
+
+    out = work / "onnx"
+    if not out.exists():
+        model = create_model("mobileclip_tiny", image={"layers": [1, 1, 1, 1]}).eval()
+        export_clip(model, tokenizer_for(model.config.text), out, source="tiny")
+    return out
+
+
+def _manifest_damage() -> dict[str, Callable[[Path, dict], None]]:
+    def swap(folder, m):
+        m["image"], m["text"] = {**m["image"], "file": "text.onnx"}, {**m["text"], "file": "image.onnx"}
+
+    def swap_inside(folder, m):
+        from siclip.deploy.export import _file_entry
+
+        (folder / "image.onnx").rename(folder / "tmp.onnx")
+        (folder / "text.onnx").rename(folder / "image.onnx")
+        (folder / "tmp.onnx").rename(folder / "text.onnx")
+        m["image"] = {**m["image"], **{k: v for k, v in _file_entry(folder, "image", m["image"]["input_shape"]).items() if k in ("bytes", "sha256")}}
+        m["text"] = {**m["text"], **{k: v for k, v in _file_entry(folder, "text", m["text"]["input_shape"]).items() if k in ("bytes", "sha256")}}
+
+    def link_out(folder, m):
+        (folder / "image.onnx").rename(folder.parent / f"{folder.name}-elsewhere.onnx")
+        (folder / "image.onnx").symlink_to(folder.parent / f"{folder.name}-elsewhere.onnx")
+
+    return {
+        "swapped-encoders": swap, "swapped-inside": swap_inside, "logit-scale-1e308": lambda f, m: m.update(logit_scale=1e308),
+        "logit-scale-nan": lambda f, m: m.update(logit_scale=float("nan")), "embed-dim--7": lambda f, m: m.update(embed_dim=-7),
+        "embed-dim-str": lambda f, m: m.update(embed_dim="128"), "context-1e9": lambda f, m: m["tokenizer"].update(context_length=10**9),
+        "vocab-etc-passwd": lambda f, m: m["tokenizer"].update(name="clip", vocab_path="/etc/passwd"),
+        "vocab-dotdot": lambda f, m: m["tokenizer"].update(name="clip", vocab_path="../vocab.txt"),
+        "opset-99": lambda f, m: m.update(opset=99), "size-1e9": lambda f, m: m["preprocess"].update(size=10**9),
+        "input-shape": lambda f, m: m["image"].update(input_shape=[None, 3, 10**9, 10**9]), "symlinked-encoder": link_out,
+        "tokenizer-name": lambda f, m: m["tokenizer"].update(name="../../evil"), "format": lambda f, m: m.update(format="siclip-onnx-9"),
+        "not-an-object": lambda f, m: m.update(image=["image.onnx"]), "precision": lambda f, m: m.update(precision="int4"),
+    }  # fmt: skip
+
+
+def exported_dirs(work: Path) -> list:
+    """An exported directory whose manifest or files were changed each way, through evaluate (and train's teacher)."""
+    from siclip.deploy.runtime import MANIFEST
+
+    f = _files(work / "inputs")
+    good = _exported(work)
+    cases = []
+    for name, change in _manifest_damage().items():
+        folder = _copy(good, work / f"onnx_{name}")
+        manifest = json.loads((folder / MANIFEST).read_text())
+        change(folder, manifest)
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+        cases += [Refusal("evaluate", ["--model", str(folder), "--zeroshot", str(f["test"])], (str(folder),)),
+                  Refusal("train", ["--model", "siclip_tiny", "--teacher", str(folder), "--no-inherit", "--no-eval", "--out",
+                                    str(work / f"t_{name}")], (str(folder),), out=work / f"t_{name}")]  # fmt: skip
+    return cases
+
+
+@dataclass
+class Written:
+    """A command run over a destination: ``expected`` status, its one line naming ``named`` (when refused); every
+    file in ``kept`` unchanged afterwards (else: lost); ``check_after`` judges what is at the destination."""
+
+    script: str
+    argv: list[str]
+    named: tuple[str, ...]
+    kept: tuple[Path, ...] = ()
+    expected: tuple[int, ...] = (2,)
+    cwd: Path | None = None
+    check_after: Callable[[], bool] | None = None
+
+    def check(self) -> Outcome:
+        before = {p: p.read_bytes() for p in self.kept}
+        here = os.getcwd()
+        if self.cwd is not None:
+            os.chdir(self.cwd)
+        try:
+            status, err = in_process(self.script, self.argv)
+        finally:
+            os.chdir(here)
+        lost = any(not p.exists() or p.read_bytes() != data for p, data in before.items())
+        tidy = clear(err, status, self.expected, f"{self.script}.py", *self.named) if status != 0 else status in self.expected
+        ok = tidy and (self.check_after is None or self.check_after())
+        note = "" if ok else f"status {status}: {last_line(err)[:200]}"
+        return Outcome(ok and not lost, lost=lost, unclear=not tidy, refusal=self.expected == (2,), clean_refusal=tidy and self.expected == (2,),
+                       note=note)  # fmt: skip
+
+
+KILL_IN_REPLACE = """
+import os, sys
+from siclip import storage
+built, out, when = sys.argv[1], sys.argv[2], sys.argv[3]
+real_exchange, real_rename = storage._exchange, os.rename
+def exchange(a, b):
+    if when == "before-exchange":
+        os._exit(9)
+    done = real_exchange(a, b)
+    if when == "after-exchange":
+        os._exit(9)
+    return done
+storage._exchange = (lambda a, b: False) if when == "between-renames" else exchange
+calls = [0]
+def rename(a, b):
+    calls[0] += 1
+    if when == "between-renames" and calls[0] == 2:
+        os._exit(9)
+    return real_rename(a, b)
+os.rename = rename
+storage.replace_directory(built, out)
+"""
+
+
+@dataclass
+class KilledReplace:
+    """A result replaced by :func:`siclip.storage.replace_directory` and the process killed at ``when``: the
+    destination holds one complete result (the old or the new), or, where the exchange is unavailable and the kill
+    fell between its two renames, the next writer (:func:`siclip.storage.recover_directory`) puts the old one back."""
+
+    work: Path
+    when: str
+
+    def check(self) -> Outcome:
+        from siclip.storage import recover_directory
+
+        out, built = self.work / f"result-{self.when}", self.work / f".result-{self.when}.tmp-1-x"
+        for folder, text in ((out, "old"), (built, "new")):
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(3):
+                (folder / f"part{i}").write_text(text)
+        done = subprocess.run([sys.executable, "-c", KILL_IN_REPLACE, str(built), str(out), self.when], capture_output=True, text=True, env=ENV)
+
+        def complete() -> str | None:
+            texts = {p.read_text() for p in out.glob("part*")} if out.is_dir() else set()
+            return texts.pop() if len(texts) == 1 and len(list(out.glob("part*"))) == 3 else None
+
+        at_once = complete()
+        recover_directory(out)
+        after = complete()
+        ok = done.returncode == 9 and after is not None and (at_once is not None or self.when == "between-renames")
+        return Outcome(ok, lost=after is None, note=f"{self.when}: at once {at_once}, after recovery {after}, status {done.returncode}")
+
+
+@dataclass
+class SignalledExport:
+    """export.py in its own process, SIGTERM while it builds: status 143, one line, nothing left behind, an earlier
+    export at --out intact."""
+
+    work: Path
+    model: Path
+
+    def check(self) -> Outcome:
+        out = self.work / "signalled" / "onnx"
+        _copy(_exported(self.work), out)
+        before = (out / "siclip_onnx.json").read_bytes()
+        proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "export.py"), "--model", str(self.model), "--out", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and not list(out.parent.glob(".onnx.tmp-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.0, 1.0))
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+        left = sorted(p.name for p in out.parent.iterdir() if p.name != "onnx")
+        kept = (out / "siclip_onnx.json").exists() and ((out / "siclip_onnx.json").read_bytes() == before or proc.returncode == 0)
+        tidy = proc.returncode == 0 or clear(err, proc.returncode, (143,), "export.py", "SIGTERM", error=False)
+        return Outcome(tidy and kept and not left, lost=not kept, unclear=not tidy, note=f"status {proc.returncode}, left {left}: {last_line(err)[:160]}")
+
+
+def destinations(work: Path) -> list:
+    """Every command that writes an output, pointed where it must not write: a folder of the user's files, its own
+    input, the current folder, a device, a socket; earlier results replaced; a kill inside the replacement; SIGTERM
+    inside an export."""
+    import socket
+
+    _foreign()
+    from foreign_models import save_open_clip
+
+    from siclip.data import EmbeddedConfig, EmbeddedSource, write_shards
+    from siclip.data.teacher_cache import is_teacher_cache
+
+    f = _files(work / "inputs")
+    model = f["model"]
+    notes = work / "notes"
+    notes.mkdir(parents=True, exist_ok=True)
+    (notes / "thesis.txt").write_text("years of work")
+    shards = work / "shards"
+    if not shards.exists():
+        write_shards(EmbeddedSource(EmbeddedConfig(num_train=8, image_size=32), "train"), shards, samples_per_shard=4)
+    shard = sorted(shards.glob("*.tar"))[0]
+    cache = work / "cache"
+    earlier_export = _copy(_exported(work), work / "d")
+    (earlier_export / "NOTES.md").write_text("n")
+    replaced_export = _copy(_exported(work), work / "replaced")
+    config, weights = save_open_clip(work / "oc")
+    run_copy = work / "runs" / "tiny_copy"
+    run_copy.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(create_model("mobileclip_tiny"), run_copy / "model.pt")
+    sock = work / "sock"
+    if not sock.exists():
+        socket.socket(socket.AF_UNIX).bind(str(sock))
+    captioned = work / "captioned"
+    captioned.mkdir(exist_ok=True)
+    (captioned / shard.name).write_bytes(b"someone else's shard")
+    run = work / "run_with_notes"
+    run.mkdir(exist_ok=True)
+    (run / "notes.txt").write_text("mine")
+    spec = f"open_clip:{config}:{weights}"
+    teacher = ["--teacher", str(model), "--num-train", "8", "--batch-size", "8"]
+    return [
+        Written("cache_teacher", [*teacher, "--data", "embedded", "--out", str(notes)], (str(notes), "--overwrite"), (notes / "thesis.txt",)),
+        Written("cache_teacher", [*teacher, "--data", str(shards), "--out", str(shards)], ("one of this command's inputs",), (shard,)),
+        Written("cache_teacher", [*teacher, "--data", str(shard), "--out", str(shards), "--overwrite"], ("one of this command's inputs",), (shard,)),
+        Written("cache_teacher", [*teacher, "--data", "embedded", "--out", str(model.parent), "--overwrite"], ("one of this command's inputs",), (model,)),
+        Written("cache_teacher", [*teacher, "--data", "embedded", "--out", "."], ("the folder you are in",), (notes / "thesis.txt",), cwd=notes),
+        Written("cache_teacher", [*teacher, "--data", "embedded", "--out", "/dev/full"], ("/dev/full", "character device")),
+        Written("cache_teacher", [*teacher, "--data", "embedded", "--out", str(cache)], (), expected=(0,), check_after=lambda: is_teacher_cache(cache)),
+        Written("cache_teacher", [*teacher, "--data", "embedded", "--out", str(cache)], (), expected=(0,), check_after=lambda: is_teacher_cache(cache)),
+        Written("export", ["--model", str(model), "--out", str(earlier_export)], (str(earlier_export), "NOTES.md", "--overwrite"),
+                (earlier_export / "NOTES.md", earlier_export / "image.onnx")),  # fmt: skip
+        Written("export", ["--model", str(model), "--out", "."], ("the folder you are in",), (earlier_export / "NOTES.md",), cwd=earlier_export),
+        Written("export", ["--model", str(model), "--out", str(model.parent), "--overwrite"], ("one of this command's inputs",), (model,)),
+        Written("export", ["--model", str(model), "--out", "/dev/full"], ("/dev/full", "character device")),
+        Written("export", ["--model", str(model), "--out", str(sock)], (str(sock), "socket")),
+        Written("export", ["--model", str(model), "--out", str(work / "x"), "--opset", "17"], ("--opset",)),
+        Written("export", ["--model", str(model), "--out", str(work / "x"), "--opset", "1e20"], ("--opset",)),
+        Written("export", ["--model", str(model), "--out", str(replaced_export)], (), expected=(0,),
+                check_after=lambda: sorted(p.name for p in replaced_export.iterdir()) == ["image.onnx", "siclip_onnx.json", "text.onnx"]),
+        Written("convert_model", [spec, "--out", str(run_copy / "model.pt")], (str(run_copy / "model.pt"), "--overwrite"), (run_copy / "model.pt",)),
+        Written("convert_model", [spec, "--out", str(weights), "--overwrite"], ("one of this command's inputs",), (weights,)),
+        Written("convert_model", [spec, "--out", str(config), "--overwrite"], ("one of this command's inputs",), (config,)),
+        Written("convert_model", [spec, "--out", "/dev/full"], ("/dev/full", "character device")),
+        Written("convert_model", [spec, "--out", str(sock)], (str(sock), "socket")),
+        Written("convert_model", [spec, "--out", str(notes)], (str(notes), "is a folder")),
+        Written("convert_model", [spec, "--out", str(work / "c.pt"), "--count", "1000000000"], ("--count",)),
+        Written("convert_model", [spec, "--out", str(work / "c.pt"), "--beta-ff", "1e308"], ("--beta-ff",)),
+        Written("caption_shards", [str(shards), "--out-dir", str(captioned)], (shard.name, "--overwrite"), (captioned / shard.name, shard)),
+        Written("caption_shards", [str(shards), "--out-dir", "/dev/full"], ("/dev/full",), (shard,)),
+        Written("divergence_report", ["--model", "mobileclip_tiny", "--images", "1000000000", "--out", str(work / "r")], ("--images",)),
+        Written("cache_teacher", ["--teacher", str(model), "--data", "embedded", "--num-train", "1000000000000", "--out", str(work / "k")], ("--num-train",)),
+        Written("train", ["--num-train", "1000000000000", "--out", str(work / "t")], ("--num-train",)),
+        Written("train", ["--model", "mobileclip_tiny", "--num-train", "16", "--batch-size", "8", "--epochs", "1", "--no-eval", "--out", str(run)],
+                (), (run / "notes.txt",), expected=(0,)),  # fmt: skip
+        Written("train", ["--model", "mobileclip_tiny", "--num-train", "16", "--batch-size", "8", "--epochs", "1", "--no-eval", "--overwrite",
+                          "--out", str(run)], (), (run / "notes.txt",), expected=(0,)),  # fmt: skip
+        *[KilledReplace(work, when) for when in ("before-exchange", "after-exchange", "between-renames")],
+        SignalledExport(work, model),
+    ]
+
+
+# The first Ctrl-C lands in step {step}'s forward (train saves at its boundary); the second inside that checkpoint's
+# write, at torch.save's {write}-th write to the file.
+SECOND_SIGINT_IN_WRITE = """
+import signal
+import torch
+from siclip.losses import ClipLoss
+forward, calls = ClipLoss.forward, [0]
+def step(self, *args):
+    calls[0] += 1
+    if calls[0] == {step}:
+        os.kill(os.getpid(), signal.SIGINT)
+    return forward(self, *args)
+ClipLoss.forward = step
+class Hit:
+    def __init__(self, f):
+        self.f, self.n = f, 0
+    def write(self, data):
+        self.n += 1
+        if self.n == {write}:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.f.write(data)
+    def flush(self):
+        self.f.flush()
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    hit = calls[0] >= {step} and hasattr(f, "write") and isinstance(obj, dict) and "optimizer" in obj
+    return real_save(obj, Hit(f) if hit else f, *args, **kwargs)
+torch.save = save
+"""
+
+
+def fault_signal_in_write(out: Path, reference: dict, rng: random.Random) -> Outcome:
+    k = rng.randint(2, STEPS - 2)
+    done = run_wrapped(out, SECOND_SIGINT_IN_WRITE.format(step=k, write=rng.randint(1, 6)), "--checkpoint-every", "1")
+    path = out / "checkpoint.pt"
+    tidy = clear(done.stderr, done.returncode, (130,), "train.py", "SIGINT", error=False) and "inline_container" not in done.stderr
+    intact = readable(path) and (not path.exists() or load_training_checkpoint(path)["step"] in (k - 1, k))
+    leftovers = list(out.glob(".*.tmp"))
+    ok, unclear = finished(out, reference)
+    note = "" if tidy else f"status {done.returncode}: {last_line(done.stderr)[:200]}"
+    return Outcome(tidy and intact and not leftovers and ok, lost=not intact or not rows_once(out), unclear=not tidy or unclear, note=note)
+
+
 # The table.
 
 
@@ -762,22 +1422,31 @@ def main(argv: list[str] | None = None) -> int:
         "second-run": [("", fault_second_run)] * 2,
         "disk-full": [(name, lambda o, r, g, name=name: fault_disk_full(o, r, g, name)) for name in ("checkpoint.pt", "checkpoint.pt", "model.pt")],
         "eval-signal": [("", fault_eval_signal)] * 2, "ddp-peer": [("", fault_ddp_peer)],
+        "signal-in-write": [("", fault_signal_in_write)] * 4,
     }  # fmt: skip
-    input_cases = {"bad-argument": bad_arguments, "bad-file": bad_files, "bad-data": bad_data}
-    table: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+    input_cases = {"bad-argument": bad_arguments, "bad-file": bad_files, "bad-data": bad_data, "model-folder": model_folders,
+                   "converted-file": converted_files, "exported-dir": exported_dirs, "destination": destinations, "network": network,
+                   "remote-code": remote_code}  # fmt: skip
+    _block_network()  # every in-process case: a connection attempt is recorded (fetched) and refused
+    table: dict[str, list[int]] = defaultdict(lambda: [0] * 8)
     failures = []
 
     def record(category: str, label: str, outcome: Outcome) -> None:
-        for i, value in enumerate((1, outcome.survived, outcome.lost, outcome.unclear, outcome.executed)):
+        values = (1, outcome.survived, outcome.lost, outcome.unclear, outcome.executed, outcome.fetched, outcome.refusal, outcome.clean_refusal)
+        for i, value in enumerate(values):
             table[category][i] += int(value)
-        if not outcome.survived or outcome.lost or outcome.unclear or outcome.executed:
+        if not outcome.survived or outcome.lost or outcome.unclear or outcome.executed or outcome.fetched:
             failures.append(f"{category} {label}: {'survived' if outcome.survived else 'FAILED'} {outcome.note}")
             print(failures[-1], flush=True)
 
     for category in chosen:
         if category in input_cases:
             for i, case in enumerate(input_cases[category](work / category)):
-                record(category, f"#{i} {getattr(case, 'script', '')} {' '.join(getattr(case, 'argv', []))[:160]}", case.check())
+                try:
+                    outcome = case.check()
+                except Exception as err:  # noqa: BLE001 - the harness reports a case it could not judge
+                    outcome = Outcome(False, unclear=True, note=f"harness: {type(err).__name__}: {err}"[:300])
+                record(category, f"#{i} {getattr(case, 'script', type(case).__name__)} {' '.join(getattr(case, 'argv', []))[:160]}", outcome)
         else:
             for round_ in range(args.rounds):
                 for i, (label, inject) in enumerate(process_cases[category]):
@@ -787,15 +1456,18 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as err:  # noqa: BLE001 - the harness reports a case it could not judge
                         outcome = Outcome(False, unclear=True, note=f"harness: {type(err).__name__}: {err}")
                     record(category, f"{round_}.{i} {label}", outcome)
-        n, ok, lost, unclear, executed = table[category]
-        print(f"{category}: {ok}/{n} survived, {lost} lost, {unclear} unclear, {executed} executed ({time.perf_counter() - started:.0f} s)", flush=True)
-    total = [sum(v[i] for v in table.values()) for i in range(5)]
-    print("\n| category | cases | survived | lost | unclear errors | executed |\n|---|---:|---:|---:|---:|---:|")
-    for category, (n, ok, lost, unclear, executed) in table.items():
-        print(f"| {category} | {n} | {ok} | {lost} | {unclear} | {executed} |")
-    print(f"| **total** | **{total[0]}** | **{total[1]}** | **{total[2]}** | **{total[3]}** | **{total[4]}** |")
+        n, ok, lost, unclear, executed, fetched, refusals, clean = table[category]
+        print(f"{category}: {ok}/{n} survived, {lost} lost, {unclear} unclear, {executed} executed, {fetched} fetched, {clean}/{refusals} bad inputs "
+              f"refused in one line with status 2 ({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    total = [sum(v[i] for v in table.values()) for i in range(8)]
+    print("\n| category | cases | survived | lost | unclear errors | executed | fetched | bad inputs: one line, status 2 |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    for category, (n, ok, lost, unclear, executed, fetched, refusals, clean) in table.items():
+        print(f"| {category} | {n} | {ok} | {lost} | {unclear} | {executed} | {fetched} | {clean} / {refusals} |")
+    print(f"| **total** | **{total[0]}** | **{total[1]}** | **{total[2]}** | **{total[3]}** | **{total[4]}** | **{total[5]}** | "
+          f"**{total[7]} / {total[6]}** |")  # fmt: skip
     print(f"\n{total[0]} cases in {time.perf_counter() - started:.0f} s; runs in {work}")
-    return 0 if total[1] == total[0] and not any(total[2:]) else 1
+    return 0 if total[1] == total[0] and not any(total[2:6]) and total[6] == total[7] else 1
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@
         parser.add_argument("--epochs", type=cli.positive_int)            # an int ≥ 1
         parser.add_argument("--workers", type=cli.non_negative_int)       # an int ≥ 0
         parser.add_argument("--batch-size", type=cli.int_at_least(2))     # any lower bound
+        parser.add_argument("--count", type=cli.int_in_range(2, 4096))    # both bounds (a size allocated from it)
         parser.add_argument("--lr", type=cli.positive_float)              # a finite float > 0
+        parser.add_argument("--gain", type=cli.float_in_range(0, 10, above_low=True))  # a finite float in (0, 10]
         parser.add_argument("--p-synthetic", type=cli.fraction)           # a float in [0, 1]
         parser.add_argument("--classnames", type=cli.existing_file)       # a readable file (the str given)
         parser.add_argument("--images", type=cli.existing_dir)            # a directory
@@ -55,8 +57,8 @@ from typing import Callable
 
 from siclip.errors import Interrupted, RunFailed, UserError, exit_status, user_input
 
-__all__ = ["Interrupted", "RunFailed", "UserError", "checked", "existing_dir", "existing_file", "existing_path", "fraction", "int_at_least",
-           "non_negative_int", "on_interrupt", "positive_float", "positive_int", "run", "script_name", "user_input"]  # fmt: skip
+__all__ = ["Interrupted", "RunFailed", "UserError", "checked", "existing_dir", "existing_file", "existing_path", "float_in_range", "fraction",
+           "int_at_least", "int_in_range", "non_negative_int", "on_interrupt", "positive_float", "positive_int", "run", "script_name", "user_input"]  # fmt: skip
 
 NOTHING_SAVED = "nothing was saved: run the command again"
 _hint: str | Callable[[], str] = NOTHING_SAVED
@@ -91,6 +93,21 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
+def int_in_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an int in [``low``, ``high``]; for a count or size something is allocated from, so an
+    absurd value is refused before anything is (``1e9`` images, ``10**12`` samples)."""
+    at_least = int_at_least(low)
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:,}, got {value:,}")
+        return value
+
+    parse.__name__ = f"int in [{low}, {high}]"
+    return parse
+
+
 def _float(text: str) -> float:
     try:
         value = float(text)
@@ -107,6 +124,19 @@ def positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {value:g}")
     return value
+
+
+def float_in_range(low: float, high: float, *, above_low: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in [``low``, ``high``] (``above_low``: in (``low``, ``high``])."""
+
+    def parse(text: str) -> float:
+        value = _float(text)
+        if value < low or (above_low and value == low) or value > high:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if above_low else '['}{low:g}, {high:g}], got {value:g}")
+        return value
+
+    parse.__name__ = f"float in [{low:g}, {high:g}]"
+    return parse
 
 
 def fraction(text: str) -> float:

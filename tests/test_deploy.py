@@ -31,7 +31,7 @@ from siclip.deploy import (  # noqa: E402
     MANIFEST, MAX_RELATIVE_ERROR, ExportCheckError, OnnxClip, create_session, export_clip, export_encoder, max_relative_error,
     read_manifest, sample_images,
 )  # fmt: skip
-from siclip.deploy.export import Encoder  # noqa: E402
+from siclip.deploy.export import Encoder, file_opset  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 
@@ -200,6 +200,7 @@ def test_exported_directory_holds_checked_encoders_and_a_plain_manifest(exported
     assert manifest["logit_scale"] == pytest.approx(model.logit_scale.item())
     assert manifest["preprocess"] == model.preprocess.to_dict() and manifest["tokenizer"] == {"name": "embedded", "context_length": 32}
     assert manifest["image"]["input_shape"] == [None, 3, 64, 64] and manifest["text"]["input_shape"] == [None, 32]
+    assert manifest["opset"] == file_opset(done.directory / "image.onnx") == file_opset(done.directory / "text.onnx") == 23  # the files' own
     errors = manifest["check"]["max_relative_error"]
     assert set(errors) == {"image", "text"} and all(0 <= e <= MAX_RELATIVE_ERROR for e in errors.values())
     assert not any(p.name.startswith(".onnx.") for p in done.directory.parent.iterdir())  # no temporary left behind
@@ -321,9 +322,10 @@ def test_a_damaged_or_foreign_directory_is_refused_by_name(exported, tmp_path):
     with pytest.raises(ValueError, match="text.onnx is not the file exported with this manifest"):
         load_clip(copy_dir)
     for change, message in (({"format": "other"}, "format 'other'"), ({"embed_dim": "128"}, "'embed_dim' must be an integer"),
-                            ({"precision": "int4"}, "precision 'int4'"), ({"image": {"file": "image.onnx"}}, "must name its file"),
-                            ({"image": {**manifest["image"], "file": "../image.onnx"}}, "must be a plain file name"),
-                            ({"preprocess": {"size": 64, "resize_mode": "zoom"}}, "preprocess: resize_mode")):  # fmt: skip
+                            ({"precision": "int4"}, "'precision' must be 'float32' or 'int8', got 'int4'"),
+                            ({"image": {"file": "image.onnx"}}, "field 'image.input' is missing"),
+                            ({"image": {**manifest["image"], "file": "../image.onnx"}}, "field 'image.file' must be 'image.onnx'"),
+                            ({"preprocess": {"size": 64, "resize_mode": "zoom"}}, "'preprocess' is not a preprocessing \\(resize_mode")):  # fmt: skip
         (copy_dir / MANIFEST).write_text(json.dumps({**manifest, **change}))
         with pytest.raises(ValueError, match=message):
             read_manifest(copy_dir, check_files=False)
@@ -333,24 +335,27 @@ def test_a_damaged_or_foreign_directory_is_refused_by_name(exported, tmp_path):
 
 
 def test_an_export_replaces_an_earlier_export_but_never_other_files(tmp_path):
-    from siclip.deploy.export import _replace_directory
+    from siclip.deploy.export import written_by_export
+    from siclip.storage import OutputRefused, check_output, replace_directory
 
     def directory(name: str, *files: str) -> Path:
         path = tmp_path / name
         path.mkdir()
         for file in files:
-            (path / file).write_text(name)
+            (path / file).write_text(name if file != MANIFEST else json.dumps({"tokenizer": {"name": "embedded"}}))
         return path
 
-    out = directory("out", MANIFEST, "image.onnx", "old-only.onnx")  # an earlier export
-    _replace_directory(directory("built", MANIFEST, "image.onnx"), out)
+    out = directory("out", MANIFEST, "image.onnx", "text.onnx")  # an earlier export
+    assert check_output(out, ours=written_by_export) == out
+    replace_directory(directory("built", MANIFEST, "image.onnx"), out)
     assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "image.onnx"]) and (out / "image.onnx").read_text() == "built"
-    _replace_directory(directory("built", MANIFEST), directory("empty"))  # an empty directory is taken
-    notes = directory("notes", "keep.txt")
-    with pytest.raises(FileExistsError, match="notes exists and is not an exported model directory"):
-        _replace_directory(directory("built", MANIFEST), notes)
-    assert (notes / "keep.txt").read_text() == "notes"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["built", "empty", "notes", "out"]  # nothing else left behind
+    check_output(directory("empty"), ours=written_by_export)  # an empty directory is taken
+    (out / "NOTES.md").write_text("mine")  # an earlier export with the user's notes beside it
+    for notes in (out, directory("notes", "keep.txt")):
+        with pytest.raises(OutputRefused, match=f"--out {notes} holds files it did not write .*--overwrite"):
+            check_output(notes, ours=written_by_export)
+    assert (out / "NOTES.md").read_text() == "mine" and (tmp_path / "notes" / "keep.txt").read_text() == "notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notes", "out"]  # nothing else left behind
 
 
 def test_export_script_reports_bad_input_in_one_line(tmp_path):
@@ -360,10 +365,11 @@ def test_export_script_reports_bad_input_in_one_line(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
     for model, out, message in ((tmp_path / "missing.pt", tmp_path / "out", "model file not found"),
-                                (tmp_path / "model.pt", tmp_path / "notes", f"{tmp_path / 'notes'} exists and is not an exported model directory")):  # fmt: skip
+                                (tmp_path / "model.pt", tmp_path / "notes", f"--out {tmp_path / 'notes'} holds files it did not write (keep.txt)")):  # fmt: skip
         done = subprocess.run([sys.executable, str(ROOT / "experiments/export.py"), "--model", str(model), "--out", str(out)],
                               capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
-        assert done.returncode == 2 and done.stderr.startswith(f"export.py: error: {message}") and "Traceback" not in done.stderr, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and last.startswith("export.py: error: ") and message in last and "Traceback" not in done.stderr, done.stderr
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
 
 

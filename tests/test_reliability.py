@@ -481,7 +481,9 @@ def test_train_or_continue_starts_quietly_restarts_a_start_without_checkpoint_an
 
 
 def test_cli_knobs_reach_the_config(monkeypatch):
-    config, args = _script("train").parse(["--checkpoint-every", "7", "--dist-timeout", "60", "--overwrite", "--max-skip-fraction", "0.2", "--no-eval"])
+    from siclip.commands.train import parse  # experiments/train.py is a thin caller of it
+
+    config, args = parse(["--checkpoint-every", "7", "--dist-timeout", "60", "--overwrite", "--max-skip-fraction", "0.2", "--no-eval"])
     assert (config.checkpoint_every, config.dist_timeout, config.data.max_skip_fraction, config.evaluate) == (7, 60.0, 0.2, False)
     assert args.overwrite and not args.resume
     seen = {}

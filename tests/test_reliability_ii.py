@@ -448,7 +448,9 @@ def test_a_malicious_pickle_is_refused_by_every_loader_naming_the_file(tmp_path,
     for name, load in _loaders(tmp_path).items():
         with pytest.raises(CheckpointError, match=f"{path} holds objects other than tensors .*could run code from the file") as caught:
             load(path)
-        assert "torch.save its state_dict()" in str(caught.value), name
+        # What to do, without advising to load it anyway (issue 32: never weights_only=False, never an allow-list).
+        assert "save only its tensors" in str(caught.value) and "weights_only=False" not in str(caught.value), name
+        assert "add_safe_globals" not in str(caught.value), name
     assert not marker.exists()
 
 
@@ -502,7 +504,7 @@ def test_a_latin1_csv_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_an_interrupted_demo_says_where_its_runs_are_and_how_to_continue(tmp_path, monkeypatch, capsys):
     """make demo interrupted: a TrainingInterrupted traceback from experiments/demo.py."""
-    demo = _script("demo")
+    import siclip.commands.demo as demo  # experiments/demo.py is a thin caller of it
 
     def interrupted(config, **kw):
         raise TrainingInterrupted(signal.SIGINT, f"SIGINT at step 3: state saved to {config.out_dir}/checkpoint.pt; continue with --resume")

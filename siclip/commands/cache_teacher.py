@@ -7,6 +7,10 @@
 ``--teacher`` is any model spec: Apple's ``mobileclip_s0.pt``, a checkpoint of this package, ``hf:DIR`` or
 ``open_clip:ARCH:FILE``; ``--data`` a shard directory/pattern, a ``.csv``/``.tsv`` file, or ``embedded`` (the
 embedded world's training split). Images go through the teacher's own preprocessing, which the cache records.
+
+``--out`` is checked before the teacher loads: a new or empty folder, or an earlier cache (nothing else in it), which
+is replaced atomically once the new one is complete; a folder holding anything else needs ``--overwrite``; the data's
+own folder (``--data X --out X``) and the teacher's files are refused.
 """
 
 from __future__ import annotations
@@ -18,9 +22,25 @@ from pathlib import Path
 from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
 
 from siclip.data import EmbeddedConfig, build_teacher_cache, create_tokenizer, open_source
+from siclip.data.embedded import MAX_SPLIT
+from siclip.data.teacher_cache import is_teacher_cache
 from siclip.distill import FrozenTeacher
-from siclip.interop import check_model_spec, load_clip
+from siclip.interop import check_model_spec, load_clip, spec_files
+from siclip.storage import check_output
 from siclip.train.malloc import keep_freed_memory
+
+
+
+def data_files(spec: str) -> list[str]:
+    """The files ``--data`` reads (the CSV, the shard folder or each shard a pattern names): never written over."""
+    if spec == "embedded" or Path(spec).exists():
+        return [] if spec == "embedded" else [spec]
+    from siclip.data.webdataset import expand_shards
+
+    try:
+        return [str(p) for p in expand_shards(spec)]
+    except (OSError, ValueError):
+        return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,15 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", required=True, type=cli.checked(check_model_spec),
                         help="model spec: a checkpoint, Apple's mobileclip_s0.pt, hf:DIR or open_clip:ARCH:FILE")
     parser.add_argument("--data", required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="the cache folder (an earlier cache there is replaced)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out even when it holds files a cache did not write (never implied)")
     parser.add_argument("--tokenizer", choices=["embedded", "clip", "words"], help="default: the one saved with the teacher, else its config's")
     parser.add_argument("--vocab-path", type=cli.existing_file)
-    parser.add_argument("--num-train", type=cli.positive_int, default=10_000, help="size of the embedded split")
+    parser.add_argument("--num-train", type=cli.int_in_range(1, MAX_SPLIT), default=10_000,
+                        help=f"size of the embedded split (10000; at most {MAX_SPLIT:,})")
     parser.add_argument("--batch-size", type=cli.positive_int, default=256)
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     args = parser.parse_args(argv)
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out: {args.out} exists and is not a directory")
+    inputs = [*spec_files(args.teacher), *data_files(args.data)]
+    check_output(args.out, ours=is_teacher_cache, overwrite=args.overwrite, inputs=inputs)  # before the teacher loads
     keep_freed_memory()
     cli.on_interrupt(f"the cache {args.out} is written whole or not at all: {cli.NOTHING_SAVED}")
     with cli.user_input():
@@ -51,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         source = open_source(args.data, EmbeddedConfig(num_train=args.num_train))
     path = build_teacher_cache(source, model.encode_image, model.encode_text, tokenizer, args.out, preprocess=model.preprocess,
                                batch_size=args.batch_size, teacher=f"{model.name} from {args.teacher}", dtype=args.dtype,
-                               logit_scale=float(model.scale()))  # fmt: skip
+                               logit_scale=float(model.scale()), overwrite=args.overwrite, inputs=inputs)  # fmt: skip
     print(f"teacher cache written to {path} (logit scale {float(model.scale()):.4f})")
     return 0
 

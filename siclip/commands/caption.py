@@ -21,6 +21,7 @@ from siclip import cli  # first: a Ctrl-C while the rest imports ends in one lin
 from siclip.data.captioners import GroundTruthCaptioner
 from siclip.data.embedded import EmbeddedConfig
 from siclip.data.webdataset import recaption_shards
+from siclip.storage import refuse_special
 
 
 def load_captioner(spec: str, num_captions: int, seed: int, world_seed: int = 0):
@@ -41,6 +42,22 @@ def load_captioner(spec: str, num_captions: int, seed: int, world_seed: int = 0)
     return captioner
 
 
+def check_shard_destination(shards: str, out_dir: Path, overwrite: bool) -> None:
+    """``--out-dir`` receives one shard per input shard, by the same name: refused when it is no folder, or when it
+    already holds files of those names that are not the inputs themselves (unless ``overwrite``)."""
+    from siclip.data.webdataset import expand_shards
+
+    refuse_special(out_dir, "folder", "--out-dir")  # a device, socket or link is no folder to write shards into
+    if out_dir.exists() and not out_dir.is_dir():
+        raise cli.UserError(f"--out-dir {out_dir} exists and is not a folder")
+    with cli.user_input():
+        names = [p for p in expand_shards(shards)]
+    clashes = [p.name for p in names if (out_dir / p.name).exists() and (out_dir / p.name).resolve() != p.resolve()]
+    if clashes and not overwrite:
+        raise cli.UserError(f"--out-dir {out_dir} already holds {', '.join(clashes[:3])}{' …' if len(clashes) > 3 else ''}, which captioning "
+                            "would replace: choose another --out-dir, or pass --overwrite")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shards", help="a shard directory, glob, brace range or single .tar")
@@ -51,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=cli.positive_int, default=64)
     parser.add_argument("--mode", choices=["replace", "append"], default="replace")
     parser.add_argument("--out-dir", type=Path, help="write new shards here instead of rewriting in place")
+    parser.add_argument("--overwrite", action="store_true", help="with --out-dir: replace shards of the same names already there (never implied)")
     args = parser.parse_args(argv)
-    if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
-        parser.error(f"--out-dir: {args.out_dir} exists and is not a directory")
+    if args.out_dir is not None:
+        check_shard_destination(args.shards, args.out_dir, args.overwrite)
     done = "every shard is rewritten whole or not at all, and the ones done keep their new captions"
     cli.on_interrupt(f"{done}: run the same command again to caption them all" if args.mode == "replace" or args.out_dir else
                      f"{done} (appended once): run again on the shards not done yet, or they get the captions twice")  # fmt: skip

@@ -38,31 +38,41 @@ from siclip.analysis.divergence import spec_divergences
 from siclip.analysis.flops import model_report
 from siclip.blocks import SASPConversion, plan_sharing
 from siclip.data.sources import read_image_folder
-from siclip.interop.converted import ConvertedRecipe, architecture_of, convert, load_converted, original_preprocess, save_converted
+from siclip.interop import spec_files
+from siclip.interop.converted import (
+    ConvertedRecipe, architecture_of, convert, is_converted_file, load_converted, original_preprocess, save_converted,
+)  # fmt: skip
+from siclip.storage import check_output
 from siclip.train.evaluation import read_caption_file
 from siclip.train.malloc import keep_freed_memory
+
+
+MAX_CALIBRATION = 4096  # calibration captions and images held in memory at once
 
 
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", help="hf:DIR, open_clip:ARCH:FILE or timm:NAME:FILE")
-    parser.add_argument("--out", type=Path, required=True, help="the converted checkpoint to write")
+    parser.add_argument("--out", type=Path, required=True, help="the converted checkpoint to write (an earlier converted file there is replaced)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out even when it is a file convert did not write (never implied)")
     parser.add_argument("--captions", type=cli.existing_file, help="calibration captions, one per line")
     parser.add_argument("--images", type=cli.existing_dir, help="a folder of calibration images")
-    parser.add_argument("--count", type=cli.int_at_least(2), default=64, help="calibration captions and images to use (64)")
+    parser.add_argument("--count", type=cli.int_in_range(2, MAX_CALIBRATION), default=64,
+                        help=f"calibration captions and images to use (64; at most {MAX_CALIBRATION})")
     parser.add_argument("--stacks", nargs="+", help="the stacks to convert, by name (as the divergence table prints them); default all")
     parser.add_argument("--sharing", choices=["none", "adjacent", "optimal", "threshold"], default="none")
     parser.add_argument("--max-groups", type=cli.positive_int, help="optimal sharing: runs per stack (default half its blocks)")
     parser.add_argument("--threshold", type=cli.positive_float, help="threshold sharing: largest adjacent divergence shared (nats)")
     parser.add_argument("--scope", choices=["block", "attention"], default="block", help="share whole blocks or W_Q, W_K and gains")
-    parser.add_argument("--beta-ff", type=cli.positive_float, default=SASPConversion.beta_ff, help="initial MLP branch gain β_FF (0.1)")
+    parser.add_argument("--beta-ff", type=cli.float_in_range(0, 100, above_low=True), default=SASPConversion.beta_ff,
+                        help="initial MLP branch gain β_FF, in (0, 100] (0.1)")
     parser.add_argument("--zero-query", action="store_true", help="W_Q = 0: each attention starts as the identity")
     parser.add_argument("--report", type=Path, help="folder for heatmaps and divergence.json (default: <out>_report)")
     args = parser.parse_args(argv)
     if args.sharing == "threshold" and args.threshold is None:
         parser.error("--sharing threshold needs --threshold")
-    if args.out.is_dir():
-        parser.error(f"--out: {args.out} is a directory; name the checkpoint file to write")
+    # Before anything loads: never over a file convert did not write, its own input, or a device.
+    check_output(args.out, kind="file", ours=is_converted_file, overwrite=args.overwrite, inputs=spec_files(args.spec))
     if args.report is not None and args.report.exists() and not args.report.is_dir():
         parser.error(f"--report: {args.report} exists and is not a directory")
     return args
@@ -101,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except (NotImplementedError, TypeError, ValueError) as err:  # the model's blocks do not take this plan
         raise cli.UserError(str(err)) from None
     after = model_report(model, lambda: run(model))
+    _check_finite(run, model, args)
     print(f"\n{conversion}\n")
     print(conversion.summary().to_string())
     print("\n| | parameters | GFLOPs on your inputs |\n|---|---:|---:|")
@@ -114,6 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nsaved {args.out}; it reloads to the same model (max |Δ| of the outputs on your inputs: {difference:.1e})")
     print(f"divergence heatmaps and divergence.json in {report_dir}")
     return 0
+
+
+@torch.no_grad()
+def _check_finite(run, model, args) -> None:
+    """The converted model's outputs on the calibration inputs are finite, or nothing is saved (a gain such as
+    ``--beta-ff 1e38`` overflows them)."""
+    outputs = _flatten(run(model.eval()))
+    if not all(bool(torch.isfinite(t).all()) for t in outputs if t.is_floating_point()):
+        raise cli.UserError(f"the converted model gives NaN or Inf on your inputs (--beta-ff {args.beta_ff:g}): {args.out} was not written; "
+                            "convert with a smaller --beta-ff")  # fmt: skip
 
 
 @torch.no_grad()

@@ -43,6 +43,9 @@ from siclip.train.presets import PRESETS
 from siclip.train.snapshots import train_with_snapshots
 
 
+MAX_CALIBRATION = 4096  # captions and images held in memory at once, with every block's attention over them
+
+
 def trajectory(preset: str, snapshots: int, captions: int, images: int, out: Path, run_dir: Path) -> int:
     config = dataclasses.replace(PRESETS[preset], out_dir=str(run_dir))
     model_config = get_model_config(config.model, **config.model_overrides)
@@ -88,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-groups", type=cli.positive_int, help="with --spec: runs of the optimal plan per stack (default half the blocks)")
     parser.add_argument("--snapshots", type=cli.int_at_least(2), default=8, help="with --preset: snapshots, evenly spaced, step 0 included (≥ 2)")
     parser.add_argument("--run-dir", type=Path, help="with --preset: the run's directory (default <out>/run); runs/demo makes it the demo's teacher")
-    parser.add_argument("--captions", type=cli.int_at_least(2), default=256)
-    parser.add_argument("--images", type=cli.int_at_least(2), default=128)
+    parser.add_argument("--captions", type=cli.int_in_range(2, MAX_CALIBRATION), default=256,
+                        help=f"calibration captions (256; at most {MAX_CALIBRATION})")
+    parser.add_argument("--images", type=cli.int_in_range(2, MAX_CALIBRATION), default=128, help=f"calibration images (128; at most {MAX_CALIBRATION})")
     parser.add_argument("--out", type=Path, default=Path("runs/reports"))
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():

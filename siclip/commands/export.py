@@ -6,7 +6,9 @@
 --model: a siclip checkpoint (its tokenizer is saved in it) or Apple's mobileclip_s0.pt (CLIP BPE).
 --out: the exported directory: image.onnx and text.onnx (reparameterised encoders, dynamic batch axis, unit-norm
        embeddings) and siclip_onnx.json (preprocessing, tokenizer, logit scale, embedding size, name, the check).
-       An earlier export there is replaced; the directory appears only once every check has passed.
+       An earlier export there (nothing else beside it) is replaced atomically, once every check has passed; a
+       directory holding other files needs --overwrite; the model's own folder, the current one (--out .) and
+       devices are refused before any work.
 --attention: the attention the graphs compute: 'sdpa' (ONNX's Attention op at opset 23) or 'math' (explicit products).
 --quantize int8: also write OUT/int8/, the encoders with ONNX Runtime's dynamic int8 quantisation.
 The check runs both encoders under ONNX Runtime and PyTorch on scikit-learn's sample photographs and real captions,
@@ -20,30 +22,37 @@ import argparse
 import sys
 from pathlib import Path
 
+from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
+
 from siclip.deploy import ATTENTION_KERNELS, DEFAULT_ATTENTION, DEFAULT_OPSET, export_clip
-from siclip.interop import load_clip
+from siclip.deploy.export import written_by_export
+from siclip.deploy.runtime import OPSETS
+from siclip.interop import check_model_spec, load_clip
+from siclip.storage import check_output
 from siclip.train.malloc import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="siclip checkpoint or Apple-layout mobileclip_s0.pt")
-    parser.add_argument("--out", required=True, help="directory to write the exported model into")
+    parser.add_argument("--model", required=True, type=cli.checked(check_model_spec), help="siclip checkpoint or Apple-layout mobileclip_s0.pt")
+    parser.add_argument("--out", required=True, type=Path, help="directory to write the exported model into")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out even when it holds files an export did not write (never implied)")
     parser.add_argument("--attention", choices=ATTENTION_KERNELS, default=DEFAULT_ATTENTION, help=f"attention kernel traced ({DEFAULT_ATTENTION})")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({DEFAULT_OPSET})")
+    parser.add_argument("--opset", type=cli.int_in_range(*OPSETS), default=DEFAULT_OPSET,
+                        help=f"ONNX opset, {OPSETS[0]} to {OPSETS[1]} ({DEFAULT_OPSET}: the Attention op)")
     parser.add_argument("--quantize", choices=["int8"], help="also write OUT/int8/ (ONNX Runtime dynamic quantisation)")
     parser.add_argument("--apple-model", default="mobileclip_s0", help="registered configuration a file in Apple's layout is built as")
     args = parser.parse_args(argv)
+    with cli.user_input():  # before any model loads: a destination it may not write is refused now, not after the export
+        check_output(args.out, ours=written_by_export, overwrite=args.overwrite, inputs=[args.model])
     keep_freed_memory()
-    try:  # a missing file, a foreign model or a failed check: say what and where, without a traceback
+    cli.on_interrupt(f"{args.out} is replaced whole or not at all (an earlier export there is intact): {cli.NOTHING_SAVED}")
+    with cli.user_input(ImportError):  # a missing file, a foreign model, a missing library or a failed check: one line
         loaded = load_clip(args.model, apple_model=args.apple_model)
         if not loaded.is_siclip:
             raise ValueError(f"{args.model}: export takes a siclip checkpoint or Apple's mobileclip_s0.pt, not a {type(loaded.model).__name__}")
         done = export_clip(loaded.model, loaded.tokenizer, args.out, attention=args.attention, opset=args.opset, quantize=args.quantize,
-                           source=str(Path(args.model).resolve()))  # fmt: skip
-    except (OSError, ValueError, ImportError) as err:
-        print(f"export.py: error: {err}", file=sys.stderr)
-        return 2
+                           source=str(Path(args.model).resolve()), overwrite=args.overwrite, inputs=[args.model])  # fmt: skip
     manifest = done.manifest
     errors = manifest["check"]["max_relative_error"]
     for encoder in ("image", "text"):
@@ -61,4 +70,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -36,6 +36,7 @@ from pathlib import Path
 from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
 
 from siclip.data import AugmentConfig
+from siclip.data.embedded import MAX_SPLIT
 from siclip.data.tabular import is_table
 from siclip.distill import ObjectiveConfig
 from siclip.interop import check_model_spec
@@ -101,7 +102,7 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--wikd", action="store_true", help="feature, relation and interactive distillation + PM")
     parser.add_argument("--out", dest="out_dir", type=out_dir)
     parser.add_argument("--data", dest="source", type=data_spec, help="'embedded', a shard directory/pattern or a .csv/.tsv")
-    parser.add_argument("--num-train", type=cli.positive_int)
+    parser.add_argument("--num-train", type=cli.int_in_range(1, MAX_SPLIT), help=f"size of the embedded split (at most {MAX_SPLIT:,})")
     parser.add_argument("--batch-size", type=cli.int_at_least(2), help="pairs per step (at least 2: a pair's negatives are the others)")
     parser.add_argument("--workers", type=cli.non_negative_int)
     parser.add_argument("--p-synthetic", type=cli.fraction)
@@ -134,7 +135,9 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--max-skip-fraction", type=cli.fraction, help="stop when an epoch skips more than this fraction of its samples")
     parser.add_argument("--dist-timeout", type=cli.positive_float, help="seconds a rank waits for the others before the run fails")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run's own files in --out (checkpoint, model, metrics, summary, TensorBoard events) and start over; "
+                        "nothing else there is touched")
     args = parser.parse_args(argv)
     config = PRESETS[args.preset] if args.preset else TrainConfig()
     top = {k: getattr(args, k) for k in ("model", "teacher", "inherit", "teacher_model", "out_dir", "epochs", "lr", "evaluate", "eval_zeroshot", "eval_classnames",

@@ -61,6 +61,11 @@ class EmbeddedConfig:
         return sizes[split]
 
 
+# The largest split a command builds: a split's scenes are numbered stream·10⁹ + index, and an epoch's order is a
+# permutation of the split held in memory (80 MB at this size).
+MAX_SPLIT = 10_000_000
+
+
 class EmbeddedSource:
     """Split ``split`` of the embedded world as a :class:`~siclip.data.sources.Source`, rendered on demand."""
 

@@ -10,8 +10,10 @@ the shards)::
     image.npy    (N, D)        teacher image embedding of each sample (evaluation view)
     text.npy     (N, 1 + K, D) caption slot 0 = raw caption, 1..K = synthetic; NaN where a slot is empty
 
-Rows are L2-normalised in float32 before storage. The directory is written under a temporary name
-and renamed when complete, so a reader never sees half a cache. A reader that names the preprocessing it expects
+Rows are L2-normalised in float32 before storage. The directory is built under a hidden temporary name and put in
+place atomically when complete (:func:`siclip.storage.building_directory`), so a reader never sees half a cache and
+a kill at any instant leaves one complete cache at the path. A cache replaces an earlier cache (nothing else beside
+it); a folder holding anything else is refused unless ``overwrite`` (:func:`siclip.storage.check_output`). A reader that names the preprocessing it expects
 (``TeacherCache(path, preprocess=teacher.preprocess)``) is refused a cache made under another one, or under none
 recorded (caches written before it was recorded normalised every teacher with CLIP's mean and std).
 """
@@ -19,25 +21,34 @@ recorded (caches written before it was recorded normalised every teacher with CL
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from siclip.storage import building_directory, check_output
+
 from .transforms import Preprocess, preprocess_image
 
 FORMAT = 1
+FILES = ("meta.json", "keys.json", "image.npy", "text.npy")
+
+
+def is_teacher_cache(path: Path) -> bool:
+    """Whether ``path`` holds a teacher cache and nothing else (what a new cache replaces without ``overwrite``)."""
+    entries = {p.name: p for p in path.iterdir()} if path.is_dir() else {}
+    return "meta.json" in entries and all(name in FILES and p.is_file() and not p.is_symlink() for name, p in entries.items())
 
 
 class TeacherCacheWriter:
     def __init__(
         self, path: str | Path, *, dim: int, num_captions: int, teacher: str = "", dtype: str = "float16",
-        logit_scale: float | None = None, preprocess: Preprocess | None = None,
+        logit_scale: float | None = None, preprocess: Preprocess | None = None, overwrite: bool = False, inputs: Iterable = (),
     ) -> None:  # fmt: skip
         self.path, self.dim, self.num_captions, self.teacher, self.dtype = Path(path), dim, num_captions, teacher, dtype
+        check_output(self.path, ours=is_teacher_cache, overwrite=overwrite, inputs=inputs)
         self.logit_scale, self.preprocess = logit_scale, preprocess
         self.keys: list[str] = []
         self.images: list[np.ndarray] = []
@@ -59,19 +70,14 @@ class TeacherCacheWriter:
     def close(self) -> Path:
         if len(set(self.keys)) != len(self.keys):
             raise ValueError("duplicate sample keys in the teacher cache")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "image.npy", np.stack(self.images).astype(self.dtype) if self.keys else np.zeros((0, self.dim), self.dtype))
-        np.save(tmp / "text.npy", np.stack(self.texts).astype(self.dtype) if self.keys else np.zeros((0, self.num_captions, self.dim), self.dtype))
-        (tmp / "keys.json").write_text(json.dumps(self.keys))
-        meta = {"format": FORMAT, "teacher": self.teacher, "dim": self.dim, "num_captions": self.num_captions,
-                "count": len(self.keys), "dtype": self.dtype, "logit_scale": self.logit_scale,
-                "preprocess": self.preprocess.to_dict() if self.preprocess is not None else None}  # fmt: skip
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(tmp, self.path)
+        with building_directory(self.path) as tmp:
+            np.save(tmp / "image.npy", np.stack(self.images).astype(self.dtype) if self.keys else np.zeros((0, self.dim), self.dtype))
+            np.save(tmp / "text.npy", np.stack(self.texts).astype(self.dtype) if self.keys else np.zeros((0, self.num_captions, self.dim), self.dtype))
+            (tmp / "keys.json").write_text(json.dumps(self.keys))
+            meta = {"format": FORMAT, "teacher": self.teacher, "dim": self.dim, "num_captions": self.num_captions,
+                    "count": len(self.keys), "dtype": self.dtype, "logit_scale": self.logit_scale,
+                    "preprocess": self.preprocess.to_dict() if self.preprocess is not None else None}  # fmt: skip
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         return self.path
 
     def __enter__(self) -> TeacherCacheWriter:
@@ -144,8 +150,14 @@ def build_teacher_cache(
     dtype: str = "float16",
     logit_scale: float | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    inputs: Iterable = (),
 ) -> Path:
     """Embed every sample of ``source`` with a teacher and write the cache.
+
+    ``path`` is checked before any work (:func:`siclip.storage.check_output`): an earlier cache is replaced, a
+    folder holding anything else only with ``overwrite``, never one of ``inputs`` (the files the source and the
+    teacher are read from) or a folder holding one.
 
     ``encode_images(images (B, 3, S, S)) -> (B, D)`` and ``encode_texts(tokens (B, L)) -> (B, D)`` are
     the teacher's encoders (e.g. ``model.encode_image``); outputs are L2-normalised here. Images go
@@ -156,6 +168,7 @@ def build_teacher_cache(
 
     from .sources import SampleError, decode_image
 
+    check_output(path, ours=is_teacher_cache, overwrite=overwrite, inputs=inputs)
     writer: TeacherCacheWriter | None = None
     pending: list = []
 
@@ -169,7 +182,7 @@ def build_teacher_cache(
         text_emb = torch.nn.functional.normalize(encode_texts(tokenizer(texts)).float(), dim=-1) if texts else None
         if writer is None:
             writer = TeacherCacheWriter(path, dim=image_emb.shape[1], num_captions=width, teacher=teacher, dtype=dtype,
-                                        logit_scale=logit_scale, preprocess=preprocess)
+                                        logit_scale=logit_scale, preprocess=preprocess, overwrite=overwrite, inputs=inputs)
         row = 0
         for s, caps, img in zip(pending, slots, image_emb):
             table = np.full((writer.num_captions, writer.dim), np.nan, dtype=np.float32)

@@ -26,7 +26,13 @@ batched and one at a time. The error of an output ``o`` against PyTorch's ``p``,
     err = max_r ‖o_r − p_r‖_∞ / ‖p_r‖_∞
 
 and every encoder must stay within :data:`MAX_RELATIVE_ERROR` (float32), or the export fails naming the output.
-The directory is written in a temporary sibling and renamed into place only once every check passed.
+
+**Where it goes** (:func:`siclip.storage.check_output`, before any work): a new or empty directory, or an earlier
+export holding nothing but what an export writes; any other directory only with ``overwrite``; never one of the
+model's own files or a folder holding them, the folder you are in, or a device. The directory is built under a
+hidden sibling name and put in place atomically once every check passed (:func:`siclip.storage.building_directory`):
+a kill at any instant leaves one complete export at ``out``. A tokenizer vocabulary file is copied in, so the
+directory needs nothing outside itself. The manifest records the opset the files hold.
 
 **int8** (``quantize="int8"``): ONNX Runtime's dynamic quantisation (int8 weights, activations quantised per call)
 of the checked float32 files, written as ``int8/``, an exported directory of its own. Its check reports the
@@ -41,11 +47,8 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import sys
-import tempfile
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +63,10 @@ from siclip.data.tokenizer import tokenizer_spec
 from siclip.data.transforms import preprocess_image
 from siclip.models import CLIP, reparameterize_model
 
-from .runtime import ENCODERS, FORMAT, MANIFEST, create_session, is_exported_dir, run_session, sha256
+from siclip.schema import plain_file_name
+from siclip.storage import building_directory, check_output, write_text_atomic
+
+from .runtime import ENCODERS, FILES, FORMAT, MANIFEST, OPSETS, create_session, is_exported_dir, run_session, sha256
 
 ATTENTION_KERNELS = TRACEABLE
 DEFAULT_ATTENTION = "sdpa"
@@ -70,7 +76,6 @@ QUANTIZATIONS = ("int8",)
 # What dynamic quantisation rewrites. Not "Attention": its int8 form is ONNX Runtime's own QAttention, which reads
 # the contrib Attention's inputs, not opset 23's (the quantiser would write an invalid graph).
 INT8_OPS = ("MatMul", "Conv", "Gather")
-FILES = {"image": "image.onnx", "text": "text.onnx"}
 NAMES = {"image": ("pixel_values", "image_embeds"), "text": ("input_ids", "text_embeds")}  # as transformers names them
 SAMPLE_IMAGES = ("china.jpg", "flower.jpg")  # scikit-learn's sample photographs (427 × 640)
 # Real captions of the kinds a CLIP reads: photographs, scans, scenes; some name what the sample images show.
@@ -220,9 +225,7 @@ def _versions() -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(json.dumps(data, indent=2) + "\n", path)
 
 
 def _file_entry(directory: Path, encoder: str, input_shape: list) -> dict:
@@ -249,60 +252,87 @@ def quantize_int8(source: Path, target: Path) -> None:
             logging.disable(logging.NOTSET)
 
 
-def _check_destination(out: Path) -> None:
-    """An export may go where nothing is, into an empty directory, or over an earlier export; nowhere else."""
-    if out.exists() and not is_exported_dir(out) and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an exported model directory: choose another output directory")
+def written_by_export(directory: Path) -> bool:
+    """Whether ``directory`` is an earlier export holding nothing but what an export writes (the encoders, the
+    manifest, a tokenizer vocabulary it names, ``int8/`` of the same): what a new export replaces without ``overwrite``."""
+    if not is_exported_dir(directory):
+        return False
+
+    def only_ours(folder: Path) -> bool:
+        try:
+            vocab = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("tokenizer", {}).get("vocab_path")
+        except (OSError, ValueError, AttributeError):
+            return False
+        allowed = {MANIFEST, *FILES.values(), *([vocab] if isinstance(vocab, str) else [])}
+        return all(p.name in allowed and p.is_file() and not p.is_symlink() for p in folder.iterdir() if p.name != "int8")
+
+    int8 = directory / "int8"
+    if int8.exists() and not (int8.is_dir() and not int8.is_symlink() and is_exported_dir(int8) and only_ours(int8)):
+        return False
+    return only_ours(directory)
 
 
-def _replace_directory(built: Path, out: Path) -> None:
-    """Put the finished ``built`` directory at ``out``: an absent or empty ``out``, or an earlier export there, is replaced."""
-    _check_destination(out)
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(built, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(built, out)
+def check_opset(opset: int) -> int:
+    """An opset the exporter writes and ONNX Runtime runs (:data:`~siclip.deploy.runtime.OPSETS`), else ``ValueError``."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or not OPSETS[0] <= opset <= OPSETS[1]:
+        raise ValueError(f"opset {opset!r} is outside the range exported and run here ({OPSETS[0]} to {OPSETS[1]}; {DEFAULT_OPSET} has the Attention op)")
+    return opset
+
+
+def file_opset(path: Path) -> int:
+    """The default-domain opset an ONNX file declares (what the exporter wrote, whatever was asked)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _store_tokenizer(spec: dict, folder: Path) -> dict:
+    """``spec`` with a vocabulary file it names copied into ``folder`` and named by its file name there."""
+    if spec.get("vocab_path") is None:
+        return spec
+    source = Path(spec["vocab_path"])
+    name = source.name if not plain_file_name(source.name) and source.name not in (MANIFEST, *FILES.values()) else "vocab" + "".join(source.suffixes)
+    shutil.copyfile(source, folder / name)
+    return {**spec, "vocab_path": name}
 
 
 def export_clip(model: CLIP, tokenizer, out_dir: str | Path, *, attention: str = DEFAULT_ATTENTION, opset: int = DEFAULT_OPSET,
                 quantize: str | None = None, source: str = "", images: Sequence[np.ndarray] | None = None,
-                captions: Sequence[str] | None = None) -> ExportedFiles:  # fmt: skip
+                captions: Sequence[str] | None = None, overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> ExportedFiles:  # fmt: skip
     """Export ``model``'s reparameterised encoders to ``out_dir`` (see the module docstring), checked under ONNX Runtime.
 
     ``tokenizer``: the model's (its spec goes into the manifest; the check's captions go through it). ``images``,
     ``captions``: the check's inputs (default: scikit-learn's sample images and :data:`SAMPLE_CAPTIONS`).
-    ``source`` is recorded as where the model came from. Raises :class:`ExportCheckError` when a check fails."""
+    ``source`` is recorded as where the model came from. ``overwrite``: replace a directory holding other files;
+    ``inputs``: the files the model came from, never written over. Raises :class:`ExportCheckError` when a check
+    fails, :class:`~siclip.storage.OutputRefused` (before any work) for a destination it may not write."""
     if not isinstance(model, CLIP):
         raise TypeError(f"export_clip exports siclip's CLIP models (a checkpoint or Apple's file), got {type(model).__name__}")
     if quantize not in (None, *QUANTIZATIONS):
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
     if attention not in ATTENTION_KERNELS:
         raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
+    check_opset(opset)
     out = Path(out_dir)
-    _check_destination(out)  # before the work, not after it
+    check_output(out, ours=written_by_export, overwrite=overwrite, inputs=inputs)  # before the work, not after it
     fused = reparameterize_model(copy.deepcopy(model).float().eval())  # inference form: BatchNorm and branches folded
     modules = {encoder: Encoder(fused, encoder).eval() for encoder in ENCODERS}
-    inputs = _inputs(fused, tokenizer, images, captions)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    built = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # mkdir, not mkdtemp: the user's umask
-    built.mkdir()
-    try:
+    batches = _inputs(fused, tokenizer, images, captions)
+    with building_directory(out) as built:
         errors, shapes = {}, {}
         for encoder, module in modules.items():
             file = built / FILES[encoder]
-            export_encoder(module, inputs[encoder], file, attention=attention, opset=opset,
+            export_encoder(module, batches[encoder], file, attention=attention, opset=opset,
                            input_name=NAMES[encoder][0], output_name=NAMES[encoder][1])  # fmt: skip
-            errors[encoder] = _check(create_session(file), module, inputs[encoder], encoder, out / FILES[encoder])
-            shapes[encoder] = [None, *inputs[encoder].shape[1:]]
+            errors[encoder] = _check(create_session(file), module, batches[encoder], encoder, out / FILES[encoder])
+            shapes[encoder] = [None, *batches[encoder].shape[1:]]
         manifest = {
             "format": FORMAT, "name": model.name, "embed_dim": int(model.embed_dim), "logit_scale": model.logit_scale.item(),
-            "precision": "float32", "preprocess": fused.preprocess.to_dict(), "tokenizer": tokenizer_spec(tokenizer),
+            "precision": "float32", "preprocess": fused.preprocess.to_dict(), "tokenizer": _store_tokenizer(tokenizer_spec(tokenizer), built),
             **{encoder: _file_entry(built, encoder, shapes[encoder]) for encoder in ENCODERS},
-            "attention": attention, "opset": opset, "source": str(source),
-            "check": {"inputs": f"scikit-learn sample images {list(SAMPLE_IMAGES)} and {len(inputs['text'])} captions"
+            "attention": attention, "opset": file_opset(built / FILES["image"]), "source": str(source),
+            "check": {"inputs": f"scikit-learn sample images {list(SAMPLE_IMAGES)} and {len(batches['text'])} captions"
                       if images is None and captions is None else "the caller's images and captions",
                       "max_relative_error": errors, "bound": MAX_RELATIVE_ERROR},
             "versions": _versions(),
@@ -310,11 +340,7 @@ def export_clip(model: CLIP, tokenizer, out_dir: str | Path, *, attention: str =
         _write_json(built / MANIFEST, manifest)
         int8_manifest = None
         if quantize == "int8":
-            int8_manifest = _quantized(built, manifest, inputs)
-        _replace_directory(built, out)
-    except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
-        raise
+            int8_manifest = _quantized(built, manifest, batches)
     return ExportedFiles(out, manifest, out / "int8" if int8_manifest else None, int8_manifest)
 
 
@@ -330,6 +356,9 @@ def _quantized(built: Path, manifest: dict, inputs: dict[str, Tensor]) -> dict:
         cosines[encoder] = _cosines(create_session(target / FILES[encoder]), reference, inputs[encoder])
         if not math.isfinite(cosines[encoder]):
             raise ExportCheckError(f"{target / FILES[encoder]}: the int8 {encoder} encoder gives non-finite embeddings")
+    vocab = manifest["tokenizer"].get("vocab_path")
+    if vocab is not None:
+        shutil.copyfile(built / vocab, target / vocab)
     int8 = {**manifest, "precision": "int8",
             **{encoder: {**_file_entry(target, encoder, manifest[encoder]["input_shape"])} for encoder in ENCODERS},
             "quantization": "onnxruntime dynamic, int8 weights (QInt8, per tensor), activations quantised per call",

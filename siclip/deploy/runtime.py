@@ -9,7 +9,9 @@ The directory holds ``image.onnx``, ``text.onnx`` and :data:`MANIFEST`, which sa
 
 Each encoder maps its input, ``pixels`` ``(batch, 3, S, S)`` float32 in the model's view or ``ids`` ``(batch, L)``
 int64, to unit-norm ``(batch, embed_dim)`` embeddings. Nothing in the manifest is executed: it is plain data,
-checked field by field, and each file's SHA-256 is checked before a session opens it.
+checked field by field against :data:`MANIFEST_FIELDS` (:mod:`siclip.schema`; bounded sizes, a finite and sane
+logit scale, the encoders' fixed file names, files inside the directory and no symbolic links), each file's SHA-256
+is checked before a session opens it, and each session's inputs and outputs against the manifest.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,10 @@ from siclip.data.tokenizer import tokenizer_from_spec
 from siclip.data.transforms import Preprocess
 from siclip.errors import require
 from siclip.models.loaded import LoadedClip
+from siclip.schema import (
+    MAX_CONTEXT, MAX_EMBED_DIM, MAX_LOGIT_SCALE, TOKENIZER_FIELDS, Field, FileRefused, check_fields, in_range, inside, list_of, nested,
+    one_of, preprocess_record,
+)  # fmt: skip
 
 MANIFEST = "siclip_onnx.json"
 FORMAT = "siclip-onnx-1"
@@ -48,51 +55,100 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# The exported directory's files, by encoder: fixed names, so a manifest cannot swap or point elsewhere.
+FILES = {"image": "image.onnx", "text": "text.onnx"}
+OPSETS = (18, 23)  # the exporter writes opsets 18 (its lowest) to 23 (the Attention op); ONNX Runtime 1.23 runs them
+MAX_MANIFEST_BYTES = 64 << 20
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _encoder_fields(encoder: str) -> dict[str, Field]:
+    rank = 4 if encoder == "image" else 2
+    return {
+        "file": Field(str, one_of(FILES[encoder])),
+        "input": Field(str),
+        "output": Field(str),
+        "input_shape": Field(list, list_of((int, type(None)), rank, lambda n: in_range(1, MAX_CONTEXT)(n) if n is not None else None)),
+        "bytes": Field(int, in_range(1, 1 << 40)),
+        "sha256": Field(str, lambda v: None if _SHA256.match(v) else "must be 64 hexadecimal digits"),
+    }
+
+
+# siclip_onnx.json, field by field (siclip.schema); a new field is one more line.
+MANIFEST_FIELDS = {
+    "format": Field(str, one_of(FORMAT)),
+    "name": Field(str, lambda v: None if len(v) <= 300 else "is longer than 300 characters"),
+    "embed_dim": Field(int, in_range(1, MAX_EMBED_DIM)),
+    "logit_scale": Field((int, float), in_range(-MAX_LOGIT_SCALE, MAX_LOGIT_SCALE)),
+    "precision": Field(str, one_of(*PRECISIONS)),
+    "preprocess": Field(dict, preprocess_record),
+    "tokenizer": Field(dict, nested(TOKENIZER_FIELDS)),
+    "image": Field(dict, nested(_encoder_fields("image"))),
+    "text": Field(dict, nested(_encoder_fields("text"))),
+    "attention": Field(str, required=False),
+    "opset": Field(int, in_range(*OPSETS), required=False),
+    "source": Field(str, required=False),
+    "check": Field(dict, required=False),
+    "versions": Field(dict, required=False),
+}
+
+
 def read_manifest(directory: str | Path, *, check_files: bool = True) -> dict:
-    """The manifest of an exported directory, every field checked (``ValueError`` naming the file and the field);
-    with ``check_files``, each encoder file must exist with the size and SHA-256 the manifest records."""
+    """The manifest of an exported directory, every field checked against :data:`MANIFEST_FIELDS` and against each
+    other (input shapes, preprocessing, context length), every file it names a regular file inside the directory
+    (no symbolic link): :class:`~siclip.schema.FileRefused` naming the file and the field. With ``check_files``,
+    each encoder file must have the size and SHA-256 the manifest records."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: not an exported model directory (no {MANIFEST}; experiments/export.py writes one)")
+    inside(directory, MANIFEST, "manifest")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise FileRefused(f"{path}: {path.stat().st_size:,} bytes, not a manifest (at most {MAX_MANIFEST_BYTES:,})")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable JSON manifest ({err})") from None
-
-    def fail(problem: str) -> ValueError:
-        return ValueError(f"{path}: {problem}")
-
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise fail(f"format {found!r}, expected {FORMAT!r}")
-    for key, kind, what in (("name", str, "a string"), ("embed_dim", int, "an integer"), ("logit_scale", (int, float), "a number"),
-                            ("preprocess", dict, "an object"), ("tokenizer", dict, "an object"), ("precision", str, "a string")):  # fmt: skip
-        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
-            raise fail(f"field {key!r} must be {what}, got {manifest.get(key)!r}")
-    if manifest["precision"] not in PRECISIONS:
-        raise fail(f"precision {manifest['precision']!r}, expected one of {PRECISIONS}")
-    if not math.isfinite(manifest["logit_scale"]):
-        raise fail(f"logit_scale {manifest['logit_scale']} is not finite")
-    try:
-        preprocess = Preprocess.from_dict(manifest["preprocess"])
-    except (TypeError, ValueError) as err:
-        raise fail(f"preprocess: {err}") from None
-    if preprocess.size is None:
-        raise fail("preprocess has no size (the image encoder's input size)")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise FileRefused(f"{path}: not a readable JSON manifest ({err})") from None
+    if isinstance(manifest, dict) and manifest.get("format") != FORMAT:
+        raise FileRefused(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    check_fields(manifest, MANIFEST_FIELDS, str(path))
+    size = manifest["preprocess"]["size"]
+    context = manifest["tokenizer"].get("context_length")
+    shapes = {"image": [None, 3, size, size], "text": [None, context or manifest["text"]["input_shape"][1]]}
+    for encoder, shape in shapes.items():
+        if manifest[encoder]["input_shape"] != shape:
+            raise FileRefused(f"{path}: {encoder}.input_shape {manifest[encoder]['input_shape']} does not match the preprocessing and "
+                              f"tokenizer it records ({shape})")  # fmt: skip
+    vocab = manifest["tokenizer"].get("vocab_path")
+    if vocab is not None:
+        inside(directory, vocab, "tokenizer vocabulary")
     for encoder in ENCODERS:
-        entry = manifest.get(encoder)
-        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("file", "input", "output", "sha256")):
-            raise fail(f"{encoder!r} must name its file, input, output and sha256")
-        file = directory / entry["file"]
-        if Path(entry["file"]).name != entry["file"]:
-            raise fail(f"{encoder} file {entry['file']!r} must be a plain file name in the directory")
-        if check_files:
-            if not file.is_file():
-                raise FileNotFoundError(f"{path}: the {encoder} encoder {file} is missing")
-            if file.stat().st_size != entry.get("bytes") or sha256(file) != entry["sha256"]:
-                raise fail(f"{file} is not the file exported with this manifest (size or SHA-256 differs): export again")
+        entry = manifest[encoder]
+        file = inside(directory, entry["file"], f"{encoder} encoder") if check_files else directory / entry["file"]
+        if check_files and (file.stat().st_size != entry["bytes"] or sha256(file) != entry["sha256"]):
+            raise FileRefused(f"{file} is not the file exported with this manifest (size or SHA-256 differs): export again")
     return manifest
+
+
+def tokenizer_of(directory: str | Path, manifest: dict):
+    """The tokenizer the manifest describes, a vocabulary it names read from inside the directory."""
+    spec = dict(manifest["tokenizer"])
+    if spec.get("vocab_path") is not None:
+        spec["vocab_path"] = str(inside(Path(directory), spec["vocab_path"], "tokenizer vocabulary"))
+    return tokenizer_from_spec(spec, where=str(Path(directory) / MANIFEST))
+
+
+def check_session(session, encoder: str, manifest: dict, path: Path) -> None:
+    """The ONNX graph takes what the manifest says (one input of its rank and type) and gives ``(batch, embed_dim)``."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    want = {"image": ("tensor(float)", 4), "text": ("tensor(int64)", 2)}[encoder]
+    if len(inputs) != 1 or (inputs[0].type, len(inputs[0].shape)) != want or len(outputs) < 1:
+        got = [(i.name, i.type, i.shape) for i in inputs]
+        raise FileRefused(f"{path}: the {encoder} encoder takes {got}, not one {want[0]} input of rank {want[1]}: the manifest names the "
+                          "wrong file")  # fmt: skip
+    dim = outputs[0].shape[-1] if outputs[0].shape else None
+    if isinstance(dim, int) and dim != manifest["embed_dim"]:
+        raise FileRefused(f"{path}: the {encoder} encoder gives {dim}-wide embeddings, the manifest says embed_dim {manifest['embed_dim']}")
 
 
 def create_session(path: str | Path, *, threads: int | None = None, sequential: bool = True):
@@ -130,6 +186,8 @@ class OnnxClip(nn.Module):
         self.manifest = read_manifest(self.directory) if manifest is None else manifest
         m = self.manifest
         self.sessions = {e: create_session(self.directory / m[e]["file"], threads=threads) for e in ENCODERS}
+        for encoder, session in self.sessions.items():
+            check_session(session, encoder, m, self.directory / m[encoder]["file"])
         self.preprocess = Preprocess.from_dict(m["preprocess"])
         self.embed_dim = int(m["embed_dim"])
         self.name = f"{m['name']} (ONNX{'' if m['precision'] == 'float32' else ' ' + m['precision']})"
@@ -159,5 +217,5 @@ def load_exported(directory: str | Path, *, spec: str | None = None, threads: in
     ``OMP_NUM_THREADS``: one setting for both runtimes)."""
     threads = torch.get_num_threads() if threads is None else threads
     manifest = read_manifest(directory)
-    tokenizer = tokenizer_from_spec(manifest["tokenizer"], where=str(Path(directory) / MANIFEST))
+    tokenizer = tokenizer_of(directory, manifest)
     return LoadedClip(OnnxClip(directory, manifest, threads=threads), tokenizer, spec or str(directory), manifest["tokenizer"])

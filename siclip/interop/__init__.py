@@ -81,6 +81,19 @@ def check_model_spec(spec: str | Path) -> str:
     return spec
 
 
+def spec_files(spec: str | Path) -> list[str]:
+    """The files and folders a model spec reads (a command never writes over them): the file or folder of a path,
+    ``DIR`` of ``hf:DIR``, the config JSON and weights of ``open_clip:ARCH:FILE`` and ``timm:NAME:FILE``."""
+    spec = str(spec)
+    head, sep, rest = spec.partition(":")
+    if not sep or head not in (*SCHEMES, "timm"):
+        return [spec]
+    if head == "hf":
+        return [rest]
+    name, _, weights = rest.rpartition(":")
+    return [p for p in (weights, name if name.endswith(".json") else "") if p]
+
+
 def load_clip(spec: str | Path, *, apple_model: str = "mobileclip_s0") -> LoadedClip:
     """The CLIP a model spec names, with its tokenizer (see the module docstring); nothing is downloaded.
 

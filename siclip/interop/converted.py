@@ -8,7 +8,12 @@ blocks, and loads the weights strictly, so it reloads the same model (tested to 
 
 Origins (the spec's scheme): ``hf:DIR``, ``open_clip:ARCH:FILE``, ``timm:NAME:FILE``. Each library's module in
 :mod:`siclip.interop` provides ``load_original(rest, spec)``, ``architecture_of(model)`` and
-``build_architecture(record)``.
+``build_architecture(record, where)``.
+
+**A file handed over is data to check** before anything is built from it: every field against
+:data:`CONVERTED_FIELDS` (:mod:`siclip.schema`: types, ranges, finite weights), then the architecture record by its
+library's ``build_architecture`` (a class or name the library ships, no code or hub name, a size counted on the meta
+device, :mod:`siclip.interop.safety`). A refusal is one line naming the file and the field.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from pathlib import Path
 from torch import nn
 
 from siclip.blocks import SASPConversion, SharingPlan, apply_sharing, convert_to_sasp
+from siclip.blocks.backends import BACKENDS
 from siclip.data.transforms import Preprocess
-from siclip.storage import CheckpointError, load_weights, save_atomic
-
 from siclip.errors import require
+from siclip.schema import Field, FileRefused, check_fields, finite_tensors, in_range, list_of, one_of, preprocess_record
+from siclip.storage import CheckpointError, load_weights, save_atomic
 
 FORMAT = "siclip-converted-1"
 ORIGINS = {"hf": ("transformers", "transformers"), "open_clip": ("open_clip", "open_clip_torch"), "timm": ("timm", "timm")}
@@ -38,6 +44,63 @@ def _library(spec: str) -> tuple[str, str]:
     library, package = ORIGINS[scheme]
     require(library, package, f"model spec {spec!r}")
     return f"siclip.interop.{library}", rest
+
+
+def _origin(value: str) -> str | None:
+    scheme, sep, rest = value.partition(":")
+    return None if sep and scheme in ORIGINS and rest else f"must be hf:DIR, open_clip:ARCH:FILE or timm:NAME:FILE, got {value[:80]!r}"
+
+
+_OPTION_CHECKS = {"zero_query": (bool, None), "trainable_value": (bool, None), "fold_layer_scale": (bool, None), "fused_proj": (bool, None),
+                  "beta_sa": ((int, float), in_range(0.0, 100.0)), "beta_ff": ((int, float), in_range(0.0, 100.0)),
+                  "backend": (str, one_of(*BACKENDS))}  # fmt: skip
+
+
+def _options(value: dict) -> str | None:
+    """Conversion options: fields of :class:`~siclip.blocks.SASPConversion` only, each of its type and in range."""
+    for key, option in value.items():
+        if key not in _OPTION_CHECKS:
+            return f"has {key!r}, not a conversion option ({sorted(_OPTION_CHECKS)})"
+        types, check = _OPTION_CHECKS[key]
+        if isinstance(option, bool) != (types is bool) or not isinstance(option, types):
+            return f"{key} must be {'true or false' if types is bool else 'a ' + getattr(types, '__name__', 'number')}, got {option!r}"
+        wrong = check(option) if check else None
+        if wrong:
+            return f"{key} {wrong}"
+    return None
+
+
+def _sharing(value: dict) -> str | None:
+    """Per stack (its qualified name): groups of block indices and a scope."""
+    for stack, plan in value.items():
+        if not isinstance(plan, dict) or set(plan) != {"groups", "scope"}:
+            return f"plan of {stack!r} must be an object with groups and scope"
+        wrong = one_of("block", "attention")(plan["scope"]) or list_of(list, 10_000, list_of(int, 10_000, in_range(0, 9_999)))(plan["groups"])
+        if wrong:
+            return f"plan of {stack!r}: {wrong}"
+    return None
+
+
+def _state_dict(value: dict) -> str | None:
+    import torch
+
+    wrong = next((k for k, v in value.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if wrong is not None:
+        return f"must map names to tensors ({wrong!r} does not)"
+    return finite_tensors(value.items())
+
+
+# The converted file, field by field (siclip.schema); a new field is one more line.
+CONVERTED_FIELDS = {
+    "format": Field(str, one_of(FORMAT)),
+    "origin": Field(str, _origin),
+    "architecture": Field(dict),  # checked by its library's build_architecture
+    "blocks": Field(list, list_of(str, 100_000)),
+    "options": Field(dict, _options),
+    "sharing": Field(dict, _sharing),
+    "preprocess": Field((dict, type(None)), lambda v: preprocess_record(v) if v is not None else None, required=False),
+    "state_dict": Field(dict, _state_dict),
+}
 
 
 def load_original(spec: str) -> nn.Module:
@@ -68,11 +131,16 @@ def convert(model: nn.Module, recipe: ConvertedRecipe):
     return report
 
 
-def rebuild(recipe: ConvertedRecipe) -> nn.Module:
-    """The converted model's architecture with fresh weights."""
+def rebuild(recipe: ConvertedRecipe, where: str = "converted model") -> nn.Module:
+    """The converted model's architecture with fresh weights (the record checked by its library; a block or plan
+    that does not fit it is the file's problem, named after ``where``)."""
     module, _ = _library(recipe.origin)
-    model = importlib.import_module(module).build_architecture(recipe.architecture)
-    convert(model, recipe)
+    model = importlib.import_module(module).build_architecture(recipe.architecture, f"{where}: architecture")
+    try:
+        convert(model, recipe)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError, NotImplementedError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise FileRefused(f"{where}: its blocks or sharing plans do not fit its architecture ({type(err).__name__}: {first})") from None
     return model
 
 
@@ -95,15 +163,21 @@ def load_converted(path: str | Path, payload: dict | None = None) -> tuple[nn.Mo
         payload = load_weights(path, what="converted model", hint=CONVERTED_HINT)
     if not is_converted(payload):
         raise CheckpointError(f"{path} is not a converted model (format {FORMAT!r}); {CONVERTED_HINT}")
+    check_fields(payload, CONVERTED_FIELDS, str(path))
     fields = {f.name for f in dataclasses.fields(ConvertedRecipe)}
     recipe = ConvertedRecipe(**{k: v for k, v in payload.items() if k in fields})
-    model = rebuild(recipe)
+    model = rebuild(recipe, str(path))
     dtypes = {t.dtype for t in payload["state_dict"].values() if t.is_floating_point()}
     if len(dtypes) == 1:  # built in float32; weights saved in another precision keep it
         model.to(dtypes.pop())
+    expected = model.state_dict()
+    wrong = next((k for k, v in payload["state_dict"].items() if k in expected and v.shape != expected[k].shape), None)
+    if wrong is not None:
+        raise FileRefused(f"{path}: the saved weights do not fit the rebuilt model: {wrong} is {list(payload['state_dict'][wrong].shape)}, "
+                          f"the architecture makes it {list(expected[wrong].shape)}")  # fmt: skip
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: the saved weights do not fit the rebuilt model: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise FileRefused(f"{path}: the saved weights do not fit the rebuilt model: missing {missing[:6]}, unexpected {unexpected[:6]}")
     return model.eval(), recipe
 
 
@@ -184,6 +258,14 @@ def is_converted_file(path: str | Path) -> bool:
     except CheckpointError:  # not loadable as data: not ours either way (the caller reports it)
         return False
     return is_converted(payload)
+
+
+def check_converted_file(path: str | Path) -> None:
+    """Nothing when ``path`` is a converted file, else the reason it is not one (:class:`CheckpointError` naming it):
+    what a command says of a converted file it refused, rather than that the name is unknown."""
+    payload = load_weights(path, what="converted model", hint=CONVERTED_HINT, mmap=True)
+    if not is_converted(payload):
+        raise CheckpointError(f"{path} is not a converted model (format {FORMAT!r}); {CONVERTED_HINT}")
 
 
 def load_converted_clip(path: str | Path):

@@ -30,6 +30,7 @@ from siclip.blocks import (
 from siclip.blocks.masking import decode_attention_mask
 from siclip.data.transforms import INTERPOLATIONS, RESIZE_MODES, Preprocess
 from siclip.interop import ADAPTERS
+from siclip.interop.safety import UnsafeModel, build_on_meta, check_shapes, looks_like_hub_name, read_json, scan_record
 from siclip.models.loaded import LoadedClip
 from siclip.storage import load_weights
 
@@ -173,22 +174,57 @@ for _cls in (open_clip.CLIP, open_clip.CustomTextCLIP):
     ADAPTERS.register(_cls)(adapt)
 
 
+def check_config(config: dict, where: str) -> None:
+    """An open_clip model config that builds here without fetching or running anything: bounded fields
+    (:func:`~siclip.interop.safety.scan_record`), no transformers text tower or tokenizer (open_clip would read them
+    from the Hugging Face hub), no timm tower with pretrained weights or a hub name."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: the model config must be an object, got {type(config).__name__}")
+    scan_record(config, where)
+    text, vision = config.get("text_cfg", {}), config.get("vision_cfg", {})
+    if not isinstance(text, dict) or not isinstance(vision, dict):
+        raise ValueError(f"{where}: text_cfg and vision_cfg must be objects")
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if text.get(key):
+            raise UnsafeModel(f"{where}: text_cfg.{key} = {text[key]!r}: this architecture's text {'tower' if key == 'hf_model_name' else 'tokenizer'} "
+                              "comes from the Hugging Face hub, which siclip does not download; save the model with transformers and pass "
+                              "hf:DIR, or use a CLIP-BPE architecture")  # fmt: skip
+    if vision.get("timm_model_pretrained"):
+        raise UnsafeModel(f"{where}: vision_cfg.timm_model_pretrained asks timm to download weights; siclip downloads nothing")
+    name = vision.get("timm_model_name")
+    if name is not None and (not isinstance(name, str) or looks_like_hub_name(name) or ":" in name):
+        raise UnsafeModel(f"{where}: vision_cfg.timm_model_name {name!r} is not a timm architecture name (a hub name would be fetched)")
+
+
 def _architecture(arch: str, spec: str) -> tuple[str, dict]:
-    """``(name, model config)`` of a registered architecture or of a model-config JSON file (registered here)."""
+    """``(name, model config)`` of a registered architecture or of a model-config JSON file (registered here), checked
+    (:func:`check_config`)."""
+    if arch.startswith(("hf-hub:", "local-dir:")):
+        raise UnsafeModel(f"{spec}: {arch!r} names a model on the Hugging Face hub; siclip downloads nothing: pass a registered "
+                          "architecture or a model-config JSON")  # fmt: skip
     path = Path(arch)
     if path.suffix == ".json":
         if not path.is_file():
             raise FileNotFoundError(f"{spec}: model config {path} not found")
-        try:
-            json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{spec}: {path} is not JSON ({err})") from None
+        check_config(read_json(path, spec), f"{spec}: {path}")
         open_clip.add_model_config(path)
         arch = path.stem
     config = open_clip.get_model_config(arch)
     if config is None:
         raise ValueError(f"{spec}: unknown open_clip architecture {arch!r} (a registered name, e.g. ViT-B-32, or a model-config JSON path)")
+    if "siglip" in arch.lower():
+        raise ValueError(f"{spec}: this architecture's tokenizer comes from the Hugging Face hub, which siclip does not download; "
+                         "save the model with transformers and pass hf:DIR, or use a CLIP-BPE architecture")  # fmt: skip
+    check_config(config, spec)
     return arch, config
+
+
+def _model_class(config: dict) -> type:
+    return open_clip.CustomTextCLIP if config.get("custom_text", False) or "hf_model_name" in config.get("text_cfg", {}) else open_clip.CLIP
+
+
+def _constructor_args(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "custom_text"}
 
 
 def load_spec(rest: str, spec: str) -> LoadedClip:
@@ -209,10 +245,15 @@ def architecture_of(model: nn.Module) -> dict:
     return record
 
 
-def build_architecture(record: dict) -> nn.Module:
-    config = dict(record["config"])
-    custom = config.pop("custom_text", False) or "hf_model_name" in config.get("text_cfg", {})
-    model = (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**config)
+def build_architecture(record: dict, where: str = "architecture record") -> nn.Module:
+    """The model a record of :func:`architecture_of` describes (checked: :func:`check_config`, size on the meta device)."""
+    if not isinstance(record.get("name"), str):
+        raise ValueError(f"{where}: name must be the architecture's name (a string), got {record.get('name')!r}")
+    config = record.get("config")
+    check_config(config, where)
+    model_class, args = _model_class(config), _constructor_args(config)
+    build_on_meta(lambda: model_class(**args), where)
+    model = model_class(**args)
     model._siclip_architecture = record
     return model.eval()
 
@@ -222,12 +263,9 @@ def _load(rest: str, spec: str) -> tuple[nn.Module, str]:
     if not sep or not arch:
         raise ValueError(f"{spec}: expected open_clip:ARCH:FILE (an architecture or model-config JSON, and a weights file)")
     arch, config = _architecture(arch, spec)
-    text = config.get("text_cfg", {})
-    if text.get("hf_tokenizer_name") or "siglip" in arch.lower():
-        raise ValueError(f"{spec}: this architecture's tokenizer comes from the Hugging Face hub, which siclip does not download; "
-                         "save the model with transformers and pass hf:DIR, or use a CLIP-BPE architecture")  # fmt: skip
     if not Path(weights).is_file():
         raise FileNotFoundError(f"{spec}: weights file {weights} not found")
+    meta = build_on_meta(lambda: _model_class(config)(**_constructor_args(config)), spec)
     logging.disable(logging.WARNING)  # open_clip warns that no weights were loaded: they are, just below
     try:
         model = open_clip.create_model(arch, pretrained=None, pretrained_text=False, load_weights=False)
@@ -238,6 +276,7 @@ def _load(rest: str, spec: str) -> tuple[nn.Module, str]:
     if not isinstance(state, dict):
         raise ValueError(f"{spec}: {weights} holds a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}  # DDP-saved checkpoints
+    check_shapes(meta, {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}, f"{spec}: {weights}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{spec}: {weights} does not fit {arch}: missing {list(missing)[:8]}, unexpected {list(unexpected)[:8]}")

@@ -16,6 +16,7 @@ norms, gated or grouped attention are refused: SAS-P has no place for them.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import timm
@@ -29,6 +30,7 @@ from siclip.blocks import ConversionReport, SASPBlock, SASPConversion, register_
 from siclip.blocks import softmax_attention
 from siclip.blocks.masking import decode_attention_mask
 from siclip.data.transforms import Preprocess
+from siclip.interop.safety import UnsafeModel, build_on_meta, scan_record
 from siclip.storage import load_weights
 
 # ── block converters (SAS-P) ─────────────────────────────────────────────────────────────────────────────────────
@@ -156,6 +158,28 @@ def _read_converted(block: SASPTimmBlock, args: tuple, kwargs: dict) -> Tensor:
 # ── original models and their architecture (siclip.interop.converted) ────────────────────────────────────────────
 
 
+# timm arguments that fetch or read files (weights from the hub or a URL, a checkpoint path): never taken from a record.
+FETCHING_ARGUMENTS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "checkpoint_path", "cache_dir")
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)?$")  # an architecture, optionally with a pretrained tag
+
+
+def check_architecture(name, kwargs, where: str) -> None:
+    """A timm architecture this timm registers (never a hub name, which timm would fetch), built with plain,
+    bounded arguments, none of which fetch or read a file."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise UnsafeModel(f"{where}: {name!r} is not a timm architecture name (hub names such as hf-hub:org/model are fetched; siclip "
+                          "downloads nothing)")  # fmt: skip
+    if not timm.is_model(name.split(".")[0]):
+        raise ValueError(f"{where}: timm has no architecture {name!r}")
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{where}: kwargs must be an object of timm arguments, got {type(kwargs).__name__}")
+    fetching = sorted(k for k in kwargs if k in FETCHING_ARGUMENTS or "url" in k or "hub" in k)
+    if fetching:
+        raise UnsafeModel(f"{where}: the arguments {fetching} would make timm fetch or read weights; siclip builds the architecture and "
+                          "loads the weights file you name")  # fmt: skip
+    scan_record(kwargs, where)
+
+
 def load_original(rest: str, spec: str) -> nn.Module:
     """``timm:NAME:FILE``: timm's architecture ``NAME`` (built without downloading) with the weights in ``FILE``; ``NAME``
     may be a JSON file ``{"name": …, "kwargs": {…}}`` for an architecture built with arguments (sizes, heads)."""
@@ -169,6 +193,7 @@ def load_original(rest: str, spec: str) -> nn.Module:
             name, kwargs = record["name"], dict(record.get("kwargs", {}))
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{spec}: {name} must be a JSON object with a name and kwargs ({type(err).__name__}: {err})") from None
+    check_architecture(name, kwargs, spec)
     if not Path(weights).is_file():
         raise FileNotFoundError(f"{spec}: weights file {weights} not found")
     state = load_weights(weights, what=f"{spec}: weights file", hint=f"pass the weights of timm's {name} (a state dict)")
@@ -176,10 +201,11 @@ def load_original(rest: str, spec: str) -> nn.Module:
     if not isinstance(state, dict):
         raise ValueError(f"{spec}: {weights} holds a {type(state).__name__}, not a state dict")
     kwargs.setdefault("num_classes", 0 if "head.weight" not in state else int(state["head.weight"].shape[0]))
+    build_on_meta(lambda: timm.create_model(name, pretrained=False, **kwargs), spec)
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
-    except RuntimeError as err:
-        raise ValueError(f"{spec}: {err}") from None
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"{spec}: {str(err).strip().splitlines()[0][:300]}") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -197,8 +223,12 @@ def architecture_of(model: nn.Module) -> dict:
     return record
 
 
-def build_architecture(record: dict) -> nn.Module:
-    model = timm.create_model(record["name"], pretrained=False, **record["kwargs"])
+def build_architecture(record: dict, where: str = "architecture record") -> nn.Module:
+    """The model a record of :func:`architecture_of` describes (checked: :func:`check_architecture`, size on the meta device)."""
+    name, kwargs = record.get("name"), record.get("kwargs", {})
+    check_architecture(name, kwargs, where)
+    build_on_meta(lambda: timm.create_model(name, pretrained=False, **kwargs), where)
+    model = timm.create_model(name, pretrained=False, **kwargs)
     model._siclip_architecture = record
     return model.eval()
 

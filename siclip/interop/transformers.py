@@ -27,6 +27,9 @@ from siclip.blocks.masking import decode_attention_mask
 from siclip.blocks.shaped_attention import shaped_attention_matrix
 from siclip.data.transforms import CLIP_MEAN, CLIP_STD, Preprocess
 from siclip.interop import ADAPTERS
+from siclip.interop.safety import (
+    build_on_meta, check_attention, check_model_folder, check_shapes, foreign_failure, scan_record, weight_shapes,
+)  # fmt: skip
 from siclip.models.loaded import LoadedClip
 
 # Post-LN layers (BERT and its kin): refused with the reason (see _refuse_post_ln).
@@ -409,38 +412,79 @@ for _cls in CLIP_MODELS.values():
     ADAPTERS.register(_cls)(adapt)
 
 
-def load_spec(directory: str, spec: str) -> LoadedClip:
-    """``hf:DIR``: the model, tokenizer and image processor configuration saved in ``DIR`` (nothing downloaded)."""
-    path = Path(directory)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{spec}: {path} is not a transformers model directory (no config.json)")
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in CLIP_MODELS:
-        raise ValueError(f"{spec}: a {config.model_type!r} model; siclip takes CLIP and SigLIP models ({sorted(CLIP_MODELS)}) as CLIPs")
-    model = CLIP_MODELS[config.model_type].from_pretrained(path, local_files_only=True)
+# ── loading a folder: local files only, no code of the folder's own (siclip.interop.safety) ────────────────────────
+LOCAL_ONLY = {"local_files_only": True, "trust_remote_code": False}
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError)
+
+
+def check_folder(path: Path, spec: str, *, tokenizer: bool = True, weights: bool = True) -> dict:
+    """:func:`siclip.interop.safety.check_model_folder` with the model types this transformers ships."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return check_model_folder(path, spec, known_types=CONFIG_MAPPING.keys(), tokenizer=tokenizer, weights=weights)
+
+
+def _config(path: Path, spec: str):
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"{spec}: no usable tokenizer saved in {path} ({str(err).splitlines()[0]}); save it beside the model "
-                                "(tokenizer.save_pretrained(DIR))") from None  # fmt: skip
+        return transformers.AutoConfig.from_pretrained(path, **LOCAL_ONLY)
+    except _LOAD_ERRORS as err:
+        raise foreign_failure(f"{spec}: {path / 'config.json'}", err) from None
+
+
+def _tokenizer(path: Path, spec: str):
+    """The tokenizer saved in ``path`` (after the folder's checks; its files must be there)."""
+    check_folder(path, spec, weights=False)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, **LOCAL_ONLY)
+    except _LOAD_ERRORS as err:
+        raise FileNotFoundError(f"{spec}: no usable tokenizer saved in {path} ({str(err).strip().splitlines()[0][:200]}); save it beside the "
+                                "model (tokenizer.save_pretrained(DIR))") from None  # fmt: skip
+
+
+def _pretrained(model_class: type, path: Path, spec: str, config) -> nn.Module:
+    """``model_class.from_pretrained`` on a checked folder: its size counted on the meta device and its weights'
+    shapes compared with the config before anything is allocated."""
+    meta = build_on_meta(lambda: model_class(config), spec)
+    check_shapes(meta, weight_shapes(path, spec), f"{spec}: {path}")
+    del meta
+    try:
+        return model_class.from_pretrained(path, config=config, **LOCAL_ONLY).eval()
+    except _LOAD_ERRORS as err:
+        raise foreign_failure(f"{spec}: {path}", err) from None
+
+
+def load_spec(directory: str, spec: str) -> LoadedClip:
+    """``hf:DIR``: the model, tokenizer and image processor configuration saved in ``DIR`` (nothing downloaded, no
+    code of the folder's own run: :mod:`siclip.interop.safety`)."""
+    path = Path(directory)
+    declared = check_folder(path, spec)
+    if declared["model_type"] not in CLIP_MODELS:
+        raise ValueError(f"{spec}: a {declared['model_type']!r} model; siclip takes CLIP and SigLIP models ({sorted(CLIP_MODELS)}) as CLIPs")
     processor = path / "preprocessor_config.json"
     if not processor.is_file():
         raise FileNotFoundError(f"{spec}: no preprocessor_config.json in {path}: siclip reads the model's preprocessing from it "
                                 "(save the image processor beside the model: processor.save_pretrained(DIR))")  # fmt: skip
-    return adapt(model, tokenizer, preprocess_from_file(processor), spec)
+    preprocess = preprocess_from_file(processor)
+    tokenizer = _tokenizer(path, spec)
+    model = _pretrained(CLIP_MODELS[declared["model_type"]], path, spec, _config(path, spec))
+    return adapt(model, tokenizer, preprocess, spec)
 
 
 # ── original models and their architecture (siclip.interop.converted) ────────────────────────────────────────────
 
 
 def load_pretrained(path: Path, spec: str) -> nn.Module:
-    """A transformers model saved in ``path`` (``from_pretrained``, local files only): the CLIP/SigLIP class for those,
-    else ``AutoModel``'s."""
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{spec}: {path} is not a transformers model directory (no config.json)")
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    model_class = CLIP_MODELS.get(config.model_type, transformers.AutoModel)
-    return model_class.from_pretrained(path, local_files_only=True).eval()
+    """A transformers model saved in ``path`` (``from_pretrained``, local files only, no remote code): the
+    CLIP/SigLIP class for those, else ``AutoModel``'s."""
+    declared = check_folder(path, spec, tokenizer=False)
+    config = _config(path, spec)
+    model_class = CLIP_MODELS.get(declared["model_type"])
+    if model_class is None:
+        try:
+            model_class = transformers.AutoModel._model_mapping[type(config)]
+        except (KeyError, ValueError):
+            raise ValueError(f"{spec}: transformers has no model class for a {declared['model_type']!r} configuration") from None
+    return _pretrained(model_class, path, spec, config)
 
 
 def load_original(rest: str, spec: str) -> nn.Module:
@@ -454,11 +498,31 @@ def architecture_of(model: nn.Module) -> dict:
             "init": init}  # fmt: skip
 
 
-def build_architecture(record: dict) -> nn.Module:
-    model_class = getattr(transformers, record["class"])
-    config = model_class.config_class.from_dict(record["config"])
+INIT_FLAGS = ("add_pooling_layer",)
+
+
+def build_architecture(record: dict, where: str = "architecture record") -> nn.Module:
+    """The model a record of :func:`architecture_of` describes, fresh weights; the record is checked first: a
+    transformers model class, a config of bounded fields naming no code, a local attention implementation, known
+    constructor flags, and a size counted on the meta device."""
+    name = record.get("class")
+    model_class = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise ValueError(f"{where}: class {name!r} is not a model class of transformers")
+    if not isinstance(record.get("config"), dict):
+        raise ValueError(f"{where}: config must be an object (a transformers configuration), got {type(record.get('config')).__name__}")
+    scan_record(record["config"], where)
+    check_attention(record.get("attn_implementation"), f"{where}: attn_implementation")
+    init = record.get("init", {})
+    if not isinstance(init, dict) or not all(k in INIT_FLAGS and isinstance(v, bool) for k, v in init.items()):
+        raise ValueError(f"{where}: init must hold only {list(INIT_FLAGS)} (true or false), got {init!r}")
+    try:
+        config = model_class.config_class.from_dict(record["config"])
+    except _LOAD_ERRORS as err:
+        raise foreign_failure(f"{where}: config", err) from None
     config._attn_implementation = record.get("attn_implementation") or "sdpa"
-    return model_class(config, **record.get("init", {})).eval()
+    build_on_meta(lambda: model_class(config, **init), where)
+    return model_class(config, **init).eval()
 
 
 def _directory_preprocess(path: Path, model: nn.Module) -> Preprocess:
@@ -477,7 +541,7 @@ def calibration_run(model: nn.Module, rest: str, captions: list[str] | None, ima
     if isinstance(model, tuple(CLIP_MODELS.values())):
         if not captions or not images:
             raise ValueError("a CLIP's divergences need both --captions and --images")
-        tokenizer, pre = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True), _directory_preprocess(path, model)
+        tokenizer, pre = _tokenizer(path, f"hf:{rest}"), _directory_preprocess(path, model)
         clip = adapt(model, tokenizer, pre).model
         ids, pixels = clip.tokenizer(captions), torch.stack([preprocess_image(im, pre) for im in images])
 
@@ -493,7 +557,7 @@ def calibration_run(model: nn.Module, rest: str, captions: list[str] | None, ima
         return lambda m: m(pixel_values=pixels)
     if not captions:
         raise ValueError(f"a {type(model).__name__} reads text: give --captions")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = _tokenizer(path, f"hf:{rest}")
     if tokenizer.pad_token is None:  # GPT-2's tokenizer has none: pad with end-of-text, masked out
         tokenizer.pad_token = tokenizer.eos_token
     inputs = dict(tokenizer(captions, padding=True, truncation=True, return_tensors="pt"))
@@ -512,9 +576,5 @@ def adapt_converted(model: nn.Module, rest: str, spec: str, preprocess: Preproce
     if not isinstance(model, tuple(CLIP_MODELS.values())):
         raise ValueError(f"{spec}: a converted {type(model).__name__} is not a CLIP (CLIPModel or SiglipModel)")
     path = Path(rest)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"the converted model reads the tokenizer of its original, {spec}, which cannot be loaded "
-                                f"({str(err).splitlines()[0]})") from None  # fmt: skip
+    tokenizer = _tokenizer(path, f"the converted model reads the tokenizer of its original, {spec}")
     return adapt(model, tokenizer, preprocess or _directory_preprocess(path, model), spec)

@@ -30,7 +30,8 @@ from siclip.distill import FrozenTeacher, SiCLIPObjective
 from siclip.errors import user_input
 from siclip.losses import NonFiniteInput, PairMatchingLoss
 from siclip.models import (
-    CLIP, build_siclip, count_parameters_by_group, create_model, fuse_frozen_towers, get_model_config, save_checkpoint,
+    CLIP, build_siclip, count_parameters_by_group, create_model, fuse_frozen_towers, get_model_config, list_models,
+    save_checkpoint,
 )  # fmt: skip
 
 from .config import TrainConfig
@@ -132,10 +133,12 @@ def build_task(config: TrainConfig, inputs: RunInputs | None = None) -> Training
 def student_model_config(config: TrainConfig):
     """The student's registered configuration with the run's overrides, or None when ``config.model`` is a converted
     CLIP file (a transformers or open_clip model converted by ``experiments/convert_model.py``)."""
-    from siclip.interop.converted import is_converted_file
+    from siclip.interop.converted import check_converted_file, is_converted_file
 
-    if is_converted_file(config.model):
-        return None
+    if config.model not in list_models() and Path(config.model).is_file():
+        if is_converted_file(config.model):
+            return None
+        check_converted_file(config.model)  # a file that is no converted model: say why, not that the name is unknown
     return get_model_config(config.model, **config.model_overrides)
 
 

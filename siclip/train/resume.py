@@ -8,8 +8,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import shutil
 import warnings
 from pathlib import Path
 
@@ -38,15 +38,23 @@ def check_run_directory(out_dir: Path, *, resume: bool, overwrite: bool) -> None
 
 def clear_run_directory(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """After the inputs passed their checks: drop the temporary files a killed run left (the caller holds the
-    directory's lock, so no writer owns them) and, with ``overwrite``, the old run's files."""
+    directory's lock, so no writer owns them) and, with ``overwrite``, the old run's own files: :data:`RUN_FILES`
+    and TensorBoard's event files. Nothing else in ``out_dir`` is touched (a run writes beside what is there, and
+    ``eval/`` records are replaced when the new run evaluates the same sets)."""
     check_run_directory(out_dir, resume=resume, overwrite=overwrite)
     for tmp in [*out_dir.glob(".*.tmp"), *out_dir.glob("*.pt.tmp")]:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
     if resume:
         return
     for name in _run_files(out_dir):
         (out_dir / name).unlink()
-    shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+    board = out_dir / "tensorboard"
+    if board.is_dir() and not board.is_symlink():
+        for events in board.glob("events.out.tfevents.*"):
+            events.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            board.rmdir()  # only when nothing else is in it
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
