@@ -5,6 +5,7 @@ Exit status of a command-line script (:func:`siclip.cli.run`) by the exception t
 | exception | status | meaning |
 |---|---|---|
 | :class:`UserError`, or a ``ValueError``/``LookupError``/``OSError`` raised inside :func:`user_input` | 2 | refused: a bad argument or input file, named in the message |
+| :class:`MissingLibrary` (an ``ImportError`` from :func:`require`) | 2 | an optional library the input needs is not installed: the pip package named |
 | ``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``, ``NotADirectoryError``, ``FileExistsError`` | 2 | the path is in the message |
 | :class:`RunFailed`, an ``OSError`` of a full disk or quota | 1 | the work stopped on something it explains (a non-finite loss, data too damaged, a full disk, a lost peer) |
 | :class:`Interrupted` | 128 + signal | SIGINT/SIGTERM; the message says where the state is and how to continue |
@@ -84,8 +85,16 @@ def exit_status(err: BaseException) -> int | None:
     return None
 
 
+class MissingLibrary(UserError, ImportError):
+    """An optional library the user's input needs is not installed; the message names the pip package. Exit status 2."""
+
+
 def require(module: str, package: str, what: str):
-    """Import an optional library for ``what``, or raise an ImportError naming the pip package to install."""
-    if importlib.util.find_spec(module) is None:
-        raise ImportError(f"{what} needs the {package!r} package, which is not installed: pip install {package}")
+    """Import an optional library for ``what``, or raise :class:`MissingLibrary` naming the pip package to install."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+        found = False
+    if not found:
+        raise MissingLibrary(f"{what} needs the {package!r} package, which is not installed: pip install {package}")
     return importlib.import_module(module)

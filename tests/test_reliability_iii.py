@@ -649,3 +649,16 @@ def test_export_ends_through_the_common_runner(tmp_path, tiny):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and err.strip().splitlines()[-1].startswith("export.py: interrupted by SIGTERM: "), err
     assert "Traceback" not in err and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_missing_optional_library_is_one_line_naming_the_package(tmp_path, monkeypatch, capsys):
+    """Row 9: a missing optional library ended in an ImportError traceback."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.split(".")[0] == "open_clip" else real(name, *a))
+    weights = tmp_path / "w.pt"
+    torch.save({}, weights)
+    (tmp_path / "zs" / "red").mkdir(parents=True)
+    status, err = _command(monkeypatch, capsys, "evaluate", ["--model", f"open_clip:ViT-B-32:{weights}", "--zeroshot", str(tmp_path / "zs")])
+    assert status == 2 and "needs the 'open_clip_torch' package, which is not installed: pip install open_clip_torch" in _one_line(err, "evaluate")

@@ -63,6 +63,7 @@ from siclip.data.tokenizer import tokenizer_spec
 from siclip.data.transforms import preprocess_image
 from siclip.models import CLIP, reparameterize_model
 
+from siclip.errors import require
 from siclip.schema import plain_file_name
 from siclip.storage import building_directory, check_output, write_text_atomic
 
@@ -108,10 +109,7 @@ class Encoder(nn.Module):
 
 def sample_images() -> list[np.ndarray]:
     """scikit-learn's two sample photographs, ``(427, 640, 3)`` uint8 each."""
-    try:
-        from sklearn.datasets import load_sample_image
-    except ImportError:
-        raise ImportError("the export check runs on scikit-learn's sample images: pip install scikit-learn (the 'deploy' extra)") from None
+    load_sample_image = require("sklearn.datasets", "scikit-learn", "the export check (on scikit-learn's sample images)").load_sample_image
     return [load_sample_image(name) for name in SAMPLE_IMAGES]
 
 
@@ -152,8 +150,8 @@ def export_encoder(module: nn.Module, example: Tensor, path: str | Path, *, atte
         raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
     if module.training:
         raise ValueError("export a module in eval mode (module.eval()): BatchNorm would normalise by batch statistics")
-    import onnxscript
-
+    onnxscript = require("onnxscript", "onnxscript", "exporting to ONNX")
+    require("onnx", "onnx", "exporting to ONNX")
     path = Path(path)
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad(), traced_attention(attention), _quiet_exporter():
@@ -218,8 +216,8 @@ def _cosines(session, reference: np.ndarray, inputs: Tensor) -> float:
 
 
 def _versions() -> dict:
-    import onnx
-    import onnxruntime
+    onnx = require("onnx", "onnx", "exporting to ONNX")
+    onnxruntime = require("onnxruntime", "onnxruntime", "checking an export")
 
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
@@ -281,7 +279,7 @@ def check_opset(opset: int) -> int:
 
 def file_opset(path: Path) -> int:
     """The default-domain opset an ONNX file declares (what the exporter wrote, whatever was asked)."""
-    import onnx
+    onnx = require("onnx", "onnx", "reading an ONNX file's opset")
 
     model = onnx.load(str(path), load_external_data=False)
     return next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
