@@ -149,7 +149,7 @@ def test_cache_teacher_never_deletes_what_it_did_not_write(tmp_path, monkeypatch
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "train.csv").write_text("filepath,title\n")
-    base = ["--teacher", str(tiny), "--num-train", "8", "--batch-size", "8"]
+    base = ["--teacher", str(tiny), "--num-train", "2", "--batch-size", "2"]
     for argv, named in ((["--data", "embedded", "--out", str(notes)], f"--out {notes} holds files it did not write (thesis.txt)"),
                         (["--data", str(shards / "train.csv"), "--out", str(shards), "--overwrite"], "one of this command's inputs"),
                         (["--data", "embedded", "--out", str(tiny), "--overwrite"], "one of this command's inputs"),
