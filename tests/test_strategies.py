@@ -207,6 +207,8 @@ def test_towers_that_cannot_be_masked_are_refused_with_the_reason():
 
     with pytest.raises(ValueError, match="refused for MobileCLIP's MCi image tower: its attention stage mixes tokens by convolutions"):
         enable_token_dropout(create_model("mobileclip_tiny"), 0.5)
+    with pytest.raises(ValueError, match="convolutional throughout"):
+        enable_token_dropout(create_model("mobileclip_tiny", image={"token_mixers": ["repmixer"] * 4}), 0.5)
     with pytest.raises(ValueError, match="needs a ViT image tower; Sequential has none"):
         enable_token_dropout(nn.Sequential(nn.Linear(2, 2)), 0.5)
     with pytest.raises(ValueError, match=r"mask ratio must be in \[0, 1\)"):

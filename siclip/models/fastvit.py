@@ -285,8 +285,12 @@ def refuse_token_dropout(tower: MCi, ratio: float):
     batch statistics and let every convolution spread them — a different function from the one evaluated unmasked —
     and a sound version (masked convolutions and masked BatchNorm, as ConvMAE) would save little: the attention
     blocks are 14.5 % of MCi0's FLOPs at 256 px (token mixing alone 6.0 %; PyTorch's counter), so masking half their
-    tokens saves at most 7 % of the tower's forward, against FLIP's 2× on a ViT.
+    tokens saves at most 7 % of the tower's forward, against FLIP's 2× on a ViT. An MCi with no attention stage (a pure
+    CNN tower) has no tokens to drop at all.
     """
+    if "attention" not in tower.config.token_mixers:
+        raise ValueError("token masking (FLIP) drops a ViT's patch tokens; this image tower is convolutional throughout (no attention "
+                         "stage, no tokens): use a ViT image tower")  # fmt: skip
     raise ValueError("token masking (FLIP) is refused for MobileCLIP's MCi image tower: its attention stage mixes tokens by "
                      "convolutions and BatchNorm over the full grid, which dropping tokens breaks, and masking its attention "
                      "blocks (14.5 % of MCi0's FLOPs) would save at most 7 %; use a ViT image tower")  # fmt: skip
