@@ -384,22 +384,25 @@ def converted_clip(tmp_path_factory):
 WIKD_PM = ObjectiveConfig()  # feature, relation, interactive distillation and pair matching at SiCLIP's weights
 
 
-@pytest.mark.parametrize("strategy", ["slip", "augment", "flip"])
+@pytest.mark.parametrize("strategy", ["slip", "augment", "flip", "all"])
 @pytest.mark.parametrize("with_teacher", [False, True], ids=["alone", "siclip-student-wikd-pm"])
 def test_each_strategy_trains_alone_and_with_a_siclip_student(tmp_path, teacher, converted_clip, strategy, with_teacher):
     """Two steps of each strategy, on MobileCLIP-tiny / its SiCLIP student (WI + WIKD + PM), FLIP on a converted
-    transformers ViT CLIP (alone, and distilled from its original under WIKD + PM)."""
+    transformers ViT CLIP (alone, and distilled from its original under WIKD + PM); "all": SLIP, FLIP at 0.75 and CLIP +
+    Data Augmentation together on the converted CLIP."""
     from siclip.train import train
 
     objective = WIKD_PM if with_teacher else ObjectiveConfig(feature=0, relation=0, interactive=0, pair_matching=0)
     settings = {"slip": dict(objective=dataclasses_replace(objective, ssl_scale=1.0)),
                 "augment": dict(objective=objective, data={"augment": "strong", "text_augment": 0.2}),
-                "flip": dict(objective=objective, model=converted_clip[1], model_overrides={}, mask_ratio=0.5, unmasked_steps=1)}[strategy]  # fmt: skip
+                "flip": dict(objective=objective, model=converted_clip[1], model_overrides={}, mask_ratio=0.5, unmasked_steps=1),
+                "all": dict(objective=dataclasses_replace(objective, ssl_scale=1.0), model=converted_clip[1], model_overrides={},
+                            mask_ratio=0.75, data={"augment": "strong", "text_augment": 0.2})}[strategy]  # fmt: skip
     if with_teacher:
-        settings["teacher"] = converted_clip[0] if strategy == "flip" else teacher
+        settings["teacher"] = converted_clip[0] if strategy in ("flip", "all") else teacher
         settings.setdefault("model", "siclip_tiny")
     summary = train(_tiny(tmp_path, strategy, **settings), progress=False)
-    expected = {"clip", "total"} | ({"ssl"} if strategy == "slip" else set())
+    expected = {"clip", "total"} | ({"ssl"} if strategy in ("slip", "all") else set())
     expected |= {"feature", "relation", "interactive", "pair_matching"} if with_teacher else set()
     assert summary["steps"] == 2 and set(summary["final_loss"]) == expected
     assert all(math.isfinite(v) for v in summary["final_loss"].values())
