@@ -6,6 +6,7 @@
     python experiments/train.py --model siclip_s0 --teacher mobileclip_s0.pt --data data/shards --wikd --out runs/s0
     python experiments/train.py --data train.csv --synthetic-keys syn0,syn1 --tokenizer words \
         --eval-zeroshot data/test --classnames classes.txt --templates prompts.txt --out runs/mine
+    python experiments/train.py --slip --augment strong --text-augment 0.1 --out runs/slip   # training strategies (below)
     python experiments/train.py ... --resume                            # continue exactly where it stopped
     python experiments/train.py ... --overwrite                         # start over in a directory holding a run
 
@@ -23,6 +24,11 @@ its own pixels of the same crops).
 from your training captions; models built from scratch take the tokenizer's vocabulary size.
 With --data other than the embedded world, only the benchmarks you name are evaluated.
 
+Training strategies (Scaling (Down) CLIP; each alone or together, with or without WI/WIKD/PM): --slip adds SLIP's
+self-supervised image term (two more views per image through the image tower); --mask-ratio R masks a fraction R of a
+ViT image tower's patch tokens (FLIP; MobileCLIP's hybrid MCi tower is refused, with the reason), --unmasked-steps N
+tunes the last N steps unmasked; --augment strong and --text-augment RATE are CLIP+Data Augmentation.
+
 Multi-GPU: ``torchrun --nproc_per_node=N experiments/train.py ...`` (features are gathered across ranks).
 """
 
@@ -35,7 +41,7 @@ from pathlib import Path
 
 from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
 
-from siclip.data import AugmentConfig
+from siclip.data import AUGMENT_POLICIES, AugmentConfig
 from siclip.data.tabular import is_table
 from siclip.distill import ObjectiveConfig
 from siclip.interop import check_model_spec
@@ -135,6 +141,7 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--dist-timeout", type=cli.positive_float, help="seconds a rank waits for the others before the run fails")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
+    add_strategy_arguments(parser)
     args = parser.parse_args(argv)
     config = PRESETS[args.preset] if args.preset else TrainConfig()
     top = {k: getattr(args, k) for k in ("model", "teacher", "inherit", "teacher_model", "out_dir", "epochs", "lr", "evaluate", "eval_zeroshot", "eval_classnames",
@@ -168,7 +175,50 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     config = dataclasses.replace(config, **top, **flags, data=dataclasses.replace(config.data, **data))
     if args.wikd:
         config = dataclasses.replace(config, objective=ObjectiveConfig())
+    config = apply_strategy_arguments(parser, args, config)
     return config, args
+
+
+# ── Training strategies (Scaling (Down) CLIP, issue 30): SLIP, FLIP, CLIP+Data Augmentation ─────────────────────────
+
+
+def mask_ratio(text: str) -> float:
+    """A FLIP mask ratio: a fraction in [0, 1) (1 would drop every patch token)."""
+    value = cli.fraction(text)
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(f"must be below 1 (the fraction of patch tokens dropped), got {value:g}")
+    return value
+
+
+def add_strategy_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training strategies (Scaling (Down) CLIP)")
+    group.add_argument("--slip", action="store_true",
+                       help="SLIP: add the self-supervised image term at weight 1.0 (two SimCLR views of each image through the "
+                       "image tower and SLIP's head, NT-Xent at temperature 0.1); default off")  # fmt: skip
+    group.add_argument("--ssl-scale", type=cli.positive_float, metavar="W", help="weight of SLIP's term (implies --slip; default 0: off, --slip: 1.0)")
+    group.add_argument("--mask-ratio", type=mask_ratio, metavar="R",
+                       help="FLIP: fraction of the image tower's patch tokens dropped in training, e.g. 0.5 or 0.75 (default 0: "
+                       "none; never at evaluation); ViT image towers only")  # fmt: skip
+    group.add_argument("--unmasked-steps", type=cli.positive_int, metavar="N", help="FLIP: train the run's last N steps unmasked (default 0)")
+    group.add_argument("--unmasked-fraction", type=mask_ratio, metavar="F", help="FLIP: train the run's last fraction of steps unmasked (default 0)")
+    group.add_argument("--augment", choices=AUGMENT_POLICIES,
+                       help="image augmentation: none (the evaluation view), clip (random resized crop of --crop-scale; the "
+                       "default) or strong (SimCLR's: wide crop, flip where no caption names a side, colour jitter, grayscale, blur)")  # fmt: skip
+    group.add_argument("--text-augment", type=cli.fraction, metavar="RATE",
+                       help="EDA on the captions: random deletion or swap of words at RATE (default 0: off)")  # fmt: skip
+
+
+def apply_strategy_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, config: TrainConfig) -> TrainConfig:
+    """``config`` with the strategy flags given (after --wikd, whose objective they add to)."""
+    if (args.unmasked_steps or args.unmasked_fraction) and not (args.mask_ratio or config.mask_ratio):
+        parser.error("--unmasked-steps / --unmasked-fraction end a masked run unmasked: give --mask-ratio too")
+    if args.unmasked_steps and args.unmasked_fraction:
+        parser.error("give --unmasked-steps or --unmasked-fraction, not both")
+    top = {k: getattr(args, k) for k in ("mask_ratio", "unmasked_steps", "unmasked_fraction") if getattr(args, k) is not None}
+    data = {k: getattr(args, k) for k in ("augment", "text_augment") if getattr(args, k) is not None}
+    ssl_scale = args.ssl_scale if args.ssl_scale is not None else (1.0 if args.slip else None)
+    objective = config.objective if ssl_scale is None else dataclasses.replace(config.objective, ssl_scale=ssl_scale)
+    return dataclasses.replace(config, **top, objective=objective, data=dataclasses.replace(config.data, **data))
 
 
 def main(argv: list[str] | None = None) -> int:

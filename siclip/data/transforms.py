@@ -7,7 +7,9 @@
 Training views: random resized crop and flip, with parameters drawn from a ``numpy.random.Generator`` the dataset
 derives from (seed, epoch, index), so a sample's view is the same whichever worker loads it and after a resume. The
 crop follows torchvision's ``RandomResizedCrop`` sampling (area fraction and log-uniform aspect ratio, ten tries,
-then a central fallback). The loader hands over uint8 crops; each model normalises them with its own mean and std
+then a central fallback). :func:`augment_policy` names three recipes: ``none`` (the evaluation view), ``clip`` (the
+crop, today's default) and ``strong`` (SimCLR's: a wide crop, flips, colour jitter, grayscale and blur,
+:mod:`siclip.data.augment`). The loader hands over uint8 crops; each model normalises them with its own mean and std
 (:func:`normalize_images`), so a teacher and a student that differ there see the same crop.
 """
 
@@ -21,6 +23,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
+
+from .augment import ColourConfig, colour_augment
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -110,7 +114,8 @@ def preprocess_image(image: np.ndarray, preprocess: Preprocess, *, normalize: bo
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """``flip_p`` defaults to 0: the embedded world's captions name left and right."""
+    """``flip_p`` defaults to 0: the embedded world's captions name left and right (with it on, the dataset still
+    never flips a sample whose captions name a side). ``colour``: SimCLR's photometric steps after the crop, or None."""
 
     image_size: int = 64
     train: bool = True
@@ -122,6 +127,7 @@ class AugmentConfig:
     # False: return the uint8 crop and leave (x/255 − mean)/std to :func:`normalize_images` on the GPU,
     # which moves a quarter of the bytes between loader workers and to the device.
     normalize: bool = True
+    colour: ColourConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
@@ -186,11 +192,12 @@ def _resize(image: Tensor, size: int) -> Tensor:
     return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
-def augment(image: np.ndarray, rng: np.random.Generator | None, config: AugmentConfig) -> Tensor:
+def augment(image: np.ndarray, rng: np.random.Generator | None, config: AugmentConfig, *, may_flip: bool = True) -> Tensor:
     """A ``(3, size, size)`` float32 tensor (uint8 when ``config.normalize`` is False) from an ``(H, W, 3)`` uint8 image.
 
-    Training: random resized crop and flip from ``rng``; evaluation (``config.train=False``): resize
-    the short side and centre-crop, as CLIP's preprocessing does.
+    Training: random resized crop, flip (never when ``may_flip`` is False: a caption names a side) and the photometric
+    steps of ``config.colour``, all from ``rng``; evaluation (``config.train=False``): resize the short side and
+    centre-crop, as CLIP's preprocessing does.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got shape {image.shape} and dtype {image.dtype}")
@@ -202,7 +209,7 @@ def augment(image: np.ndarray, rng: np.random.Generator | None, config: AugmentC
         if rng is None:
             raise ValueError("training augmentation needs a random generator")
         top, left, h, w = random_resized_crop_box(height, width, rng, config.scale, config.ratio)
-        flip = rng.random() < config.flip_p
+        flip = rng.random() < config.flip_p and may_flip
     else:
         h = w = min(height, width)
         top, left = (height - h) // 2, (width - w) // 2
@@ -211,4 +218,28 @@ def augment(image: np.ndarray, rng: np.random.Generator | None, config: AugmentC
         x = x.flip(-1)
     # The uint8 result is channels-last; making it contiguous before the float conversion is 3× cheaper than after.
     x = x.contiguous()
+    if config.train and config.colour is not None:
+        x = colour_augment(x, rng, config.colour)
     return normalize_images(x, config.mean, config.std) if config.normalize else x
+
+
+AUGMENT_POLICIES = ("none", "clip", "strong")
+STRONG_CROP_SCALE = (0.08, 1.0)  # SimCLR's and SLIP's "wide" random resized crop
+
+
+def augment_policy(policy: str, image_size: int, *, scale: tuple[float, float] = (0.6, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                   normalize: bool = True) -> AugmentConfig:  # fmt: skip
+    """The training view of a named policy at ``image_size``:
+
+    - ``none``: the evaluation view (short side resized, centre crop), no randomness;
+    - ``clip``: random resized crop of area ``scale`` and aspect ``ratio``, no flip (the toolkit's default, unchanged);
+    - ``strong``: SimCLR's view — a wide crop (area 8–100 %, aspect ``ratio``), a flip with probability ½ where no
+      caption names a side, colour jitter, grayscale and blur (:class:`~siclip.data.augment.ColourConfig`).
+    """
+    if policy == "none":
+        return AugmentConfig(image_size, train=False, normalize=normalize)
+    if policy == "clip":
+        return AugmentConfig(image_size, scale=tuple(scale), ratio=tuple(ratio), normalize=normalize)
+    if policy == "strong":
+        return AugmentConfig(image_size, scale=STRONG_CROP_SCALE, ratio=tuple(ratio), flip_p=0.5, normalize=normalize, colour=ColourConfig())
+    raise ValueError(f"unknown augmentation policy {policy!r}; choose one of {AUGMENT_POLICIES}")

@@ -22,12 +22,13 @@ from open_clip.transform import PreprocessCfg
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from open_clip.transformer import ResidualAttentionBlock
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 from siclip.blocks import (
     ConversionReport, SASPBlock, SASPConversion, register_attention_reader, register_converter, sasp_from_parts, softmax_attention,
 )  # fmt: skip
 from siclip.blocks.masking import decode_attention_mask
+from siclip.blocks.token_dropout import TokenDropout, register_token_dropout, replace_slot
 from siclip.data.transforms import INTERPOLATIONS, RESIZE_MODES, Preprocess
 from siclip.interop import ADAPTERS
 from siclip.models.loaded import LoadedClip
@@ -266,3 +267,13 @@ def adapt_converted(model: nn.Module, rest: str, spec: str, preprocess: Preproce
     arch, _, _ = rest.rpartition(":")
     arch, _ = _architecture(arch, spec)
     return adapt(model, OpenClipTokenizer(open_clip.get_tokenizer(arch), arch), preprocess, spec)
+
+
+# ── FLIP token masking (siclip.blocks.token_dropout) ─────────────────────────────────────────────────────────────
+
+
+@register_token_dropout(VisionTransformer)
+def _vit_token_dropout(model: VisionTransformer, ratio: float) -> TokenDropout:
+    """open_clip's ViT drops tokens in ``patch_dropout`` (after the positional embedding, before ``ln_pre``), always
+    keeping its class token, as its own ``PatchDropout`` does."""
+    return replace_slot(model, "patch_dropout", ratio, 1)

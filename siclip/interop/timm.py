@@ -23,11 +23,12 @@ import torch
 from torch import Tensor, nn
 from timm.layers import LayerScale
 from timm.layers.attention import Attention
-from timm.models.vision_transformer import Block, ParallelScalingBlock
+from timm.models.vision_transformer import Block, ParallelScalingBlock, VisionTransformer
 
 from siclip.blocks import ConversionReport, SASPBlock, SASPConversion, register_attention_reader, register_converter, sasp_from_parts
 from siclip.blocks import softmax_attention
 from siclip.blocks.masking import decode_attention_mask
+from siclip.blocks.token_dropout import TokenDropout, register_token_dropout, replace_slot
 from siclip.data.transforms import Preprocess
 from siclip.storage import load_weights
 
@@ -226,3 +227,13 @@ def calibration_run(model: nn.Module, rest: str, captions: list[str] | None, ima
 
 def original_preprocess(model: nn.Module, rest: str) -> Preprocess:
     return preprocess_of(model)
+
+
+# ── FLIP token masking (siclip.blocks.token_dropout) ─────────────────────────────────────────────────────────────
+
+
+@register_token_dropout(VisionTransformer)
+def _vit_token_dropout(model: VisionTransformer, ratio: float) -> TokenDropout:
+    """timm's ViT drops tokens in ``patch_drop`` (after ``_pos_embed``, before ``norm_pre`` and the blocks), keeping its
+    ``num_prefix_tokens`` (class and register tokens)."""
+    return replace_slot(model, "patch_drop", ratio, model.num_prefix_tokens)

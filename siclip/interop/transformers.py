@@ -25,6 +25,7 @@ from siclip.blocks import (
 )  # fmt: skip
 from siclip.blocks.masking import decode_attention_mask
 from siclip.blocks.shaped_attention import shaped_attention_matrix
+from siclip.blocks.token_dropout import TokenDropout, check_ratio, register_token_dropout
 from siclip.data.transforms import CLIP_MEAN, CLIP_STD, Preprocess
 from siclip.interop import ADAPTERS
 from siclip.models.loaded import LoadedClip
@@ -285,6 +286,36 @@ def _read_converted(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor:
 
 
 # ── CLIP adapter: teachers and evaluation, preprocessing ─────────────────────────────────────────────────────────
+# ── FLIP token masking (siclip.blocks.token_dropout) ─────────────────────────────────────────────────────────────
+#
+# transformers' vision models have no token-dropout slot: their embeddings (patches + class token + positions) feed
+# the pre-norm and the encoder directly. The masker runs on the embeddings' output, through a forward hook, which is
+# where open_clip and timm drop tokens (after the positional embedding, before the first block). CLIP's and ViT's
+# pooling reads the class token (always kept), SigLIP's attention-pooling head reads whatever tokens remain.
+
+
+def _drop_tokens_hook(embeddings: nn.Module, args, output: Tensor) -> Tensor:
+    return embeddings.token_dropout(output)
+
+
+def _embeddings_token_dropout(num_prefix_tokens: int):
+    def install(embeddings: nn.Module, ratio: float) -> TokenDropout:
+        existing = getattr(embeddings, "token_dropout", None)
+        if isinstance(existing, TokenDropout):
+            existing.ratio = check_ratio(ratio)
+            return existing
+        embeddings.token_dropout = TokenDropout(ratio, num_prefix_tokens).train(embeddings.training)
+        embeddings.register_forward_hook(_drop_tokens_hook)
+        return embeddings.token_dropout
+
+    return install
+
+
+register_token_dropout(transformers.models.clip.modeling_clip.CLIPVisionEmbeddings)(_embeddings_token_dropout(1))
+register_token_dropout(transformers.models.vit.modeling_vit.ViTEmbeddings)(_embeddings_token_dropout(1))
+register_token_dropout(transformers.models.siglip.modeling_siglip.SiglipVisionEmbeddings)(_embeddings_token_dropout(0))
+
+
 CLIP_MODELS = {"clip": transformers.CLIPModel, "siglip": transformers.SiglipModel}
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as image processors store them
 

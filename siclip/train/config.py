@@ -29,6 +29,9 @@ class DataConfig:
     caption_key: str = "title"
     synthetic_keys: tuple[str, ...] = ()  # CSV/TSV synthetic caption columns (or one column holding a JSON list)
     max_skip_fraction: float | None = 0.5  # an epoch skipping more of its samples stops the run (an empty one always does)
+    # ── training strategies (Scaling (Down) CLIP): CLIP+Data Augmentation ──
+    augment: str = "clip"  # image policy (siclip.data.augment_policy): "none", "clip" (crop_scale/crop_ratio) or "strong" (SimCLR's)
+    text_augment: float = 0.0  # EDA's random deletion / swap rate α on each caption (0: off)
 
 
 @dataclass
@@ -78,3 +81,7 @@ class TrainConfig:
     calibration_captions_file: str | None = None  # one caption per line; None: captions of the training data
     device: str = "auto"
     dist_timeout: float = 1800.0  # seconds a rank waits for the others in a collective before the run fails
+    # ── training strategies (Scaling (Down) CLIP): FLIP. SLIP is objective.ssl_scale; CLIP+DA is data.augment / text_augment ──
+    mask_ratio: float = 0.0  # FLIP: fraction of image patch tokens dropped in training (0.5, 0.75); a ViT image tower only
+    unmasked_steps: int = 0  # FLIP's unmasked tuning: the run's last steps train without masking
+    unmasked_fraction: float = 0.0  # … or the last fraction of its steps (give one of the two)
