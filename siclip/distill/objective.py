@@ -16,6 +16,7 @@ The maps exist whenever the widths differ and FD or ICL is on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import Tensor, nn
 
@@ -26,16 +27,16 @@ from .terms import ContrastiveRelationDistillation, FeatureDistillation, Interac
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    clip: float = 1.0
-    feature: float = 4000.0
-    relation: float = 1.0
-    interactive: float = 1.0
-    pair_matching: float = 0.1
-    pm_form: str = "hyperplane"
-    pm_mining: str = "hard"
-    pm_negatives: int = 1
-    icl_scale: str = "raw"
-    local_loss: bool = False
+    clip: float = 1.0  # weight of the CLIP contrastive loss
+    feature: float = 4000.0  # λ1: feature distillation (FD), MSE to the teacher's features
+    relation: float = 1.0  # λ2: contrastive relation distillation (CRD), KL to the teacher's similarity rows
+    interactive: float = 1.0  # λ3: interactive contrastive learning (ICL), student anchors against teacher candidates
+    pair_matching: float = 0.1  # λ4: the pair-matching loss (PM)
+    pm_form: Literal["hyperplane", "cosine"] = "hyperplane"  # PM's classifier: wᵀ(v ⊙ t) + b, or s·cos(v, t) + b
+    pm_mining: Literal["hard", "sampled"] = "hard"  # PM's negatives: the most similar, or drawn ∝ softmax(similarity)
+    pm_negatives: int = 1  # PM's negatives per positive and direction
+    icl_scale: Literal["raw", "exp"] = "raw"  # ICL's learned scale κ used as is (CLIP-KD's code) or as exp(κ)
+    local_loss: bool = False  # several ranks: each rank's contrastive loss over its own rows only (open_clip's local_loss)
 
     @property
     def needs_teacher(self) -> bool:
