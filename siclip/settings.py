@@ -221,6 +221,12 @@ def parse_value(kind: Any, value: Any) -> Any:
         return {parse_value(key_kind, str(k)) if key_kind is not Any else k: parse_value(value_kind, v) for k, v in value.items()}
     if isinstance(kind, type) and isinstance(value, kind):
         return value
+    if _is_dataclass_type(kind):  # a dataclass value in one piece (an optional section, say): its fields from a mapping
+        mapping = _json(value, dict, f"a JSON object of {kind.__name__}'s fields") if text else value
+        if not isinstance(mapping, dict):
+            raise ValueError(f"expected a mapping of {kind.__name__}'s fields, got {value!r}")
+        resolver = Resolver(kind)
+        return resolver.apply(kind(), resolver.flatten(mapping, kind.__name__), kind.__name__)
     raise ValueError(f"cannot read a {type_name(kind)} from {value!r}")
 
 

@@ -139,6 +139,8 @@ def save_open_clip_coca(directory: Path, seed: int = 0) -> tuple[Path, Path]:
     config = directory / "coca_tiny.json"
     config.write_text(json.dumps(COCA_CONFIG))
     model = open_clip.CoCa(**{k: v for k, v in COCA_CONFIG.items() if k != "custom_text"})
+    # open_clip leaves the decoder's text_projection as torch.empty (pretrained weights fill it; its init_parameters fails)
+    torch.nn.init.normal_(model.text_decoder.text_projection, std=COCA_CONFIG["multimodal_cfg"]["width"] ** -0.5)
     weights = directory / "coca_tiny.pt"
     torch.save(model.state_dict(), weights)
     return config, weights

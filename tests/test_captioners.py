@@ -71,6 +71,7 @@ def test_shards_are_captioned_shard_by_shard_and_a_rerun_continues(tmp_path):
         recaption_shards(shards, SeedEcho(), out_dir=tmp_path / "resumed", record={**record, "seed": 4}, progress=False)
     over = recaption_shards(shards, SeedEcho(), out_dir=tmp_path / "resumed", record={**record, "seed": 4}, overwrite=True, seed=4, progress=False)
     assert over["captioned"] == 12
+    assert recaption_shards(shards, SeedEcho(), out_dir=tmp_path / "resumed", record={**record, "seed": 4}, overwrite=True, progress=False)["captioned"] == 12
 
 
 def test_a_table_is_captioned_in_chunks_into_a_new_table_whose_column_the_reader_takes(tmp_path):

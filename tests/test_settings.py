@@ -46,6 +46,22 @@ def test_values_are_read_by_their_annotation_from_text_and_from_typed_values():
             parse_value(kind, raw)
 
 
+@dataclass
+class WithOptionalSection:
+    section: Inner | None = None  # off unless given
+
+
+def test_an_optional_section_takes_a_mapping_and_renders_back(tmp_path):
+    resolver = Resolver(WithOptionalSection)
+    config = resolver.from_sets(WithOptionalSection(), ['section={"mode": "b"}'])
+    assert config.section == Inner(mode="b")
+    (tmp_path / "again.yaml").write_text(render(config))
+    assert resolver.from_file(WithOptionalSection(), tmp_path / "again.yaml") == config
+    assert resolver.from_sets(config, ["section=none"]).section is None
+    with pytest.raises(SettingError, match=r"section: .*mode: expected one of a, b"):
+        resolver.from_sets(config, ['section={"mode": "z"}'])
+
+
 def test_help_comes_from_the_comments_beside_each_field():
     helps = field_help(Outer)
     assert helps["count"] == "how many" and helps["rate"] == "A block above a field explains it."

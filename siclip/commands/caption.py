@@ -7,8 +7,8 @@
     siclip caption data/shards --captioner mypkg.captioners:coca --batch-size 64       # any callable of yours
 
 --captioner:
-  hf:DIR               any transformers image-to-text model saved in DIR (BLIP, GIT, BLIP-2, VisionEncoderDecoder, …),
-                       with its processor; read with local_files_only and trust_remote_code off (nothing downloaded or run)
+  hf:DIR               any transformers image-to-text model saved in DIR with its processor (BLIP, GIT, BLIP-2, …);
+                       read with local_files_only and trust_remote_code off (nothing downloaded or run)
   open_clip:ARCH:FILE  open_clip's CoCa: a coca_* architecture (or model-config JSON) and its weights file
   ground-truth         embedded-world shards: exact captions from the scenes recorded in their .json
   module:attribute     any callable mapping a list of (H, W, 3) uint8 images to one list of captions per image (it may
@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("data", metavar="SRC", help="shards (a directory, glob, brace range or .tar) or a .csv/.tsv table")
     parser.add_argument("--captioner", default="ground-truth", metavar="SPEC",
                         help="hf:DIR, open_clip:ARCH:FILE, ground-truth or module:attribute (default: ground-truth)")
-    parser.add_argument("--out", "--out-dir", dest="out", type=Path, metavar="PATH",
+    parser.add_argument("--out", type=Path, metavar="PATH",
                         help="shards: a folder for the captioned shards (default: rewrite them in place); a table: the new table (required)")
+    parser.add_argument("--out-dir", dest="out", type=Path, help=argparse.SUPPRESS)  # the old spelling
     parser.add_argument("--num-captions", type=cli.positive_int, default=5, metavar="N", help="captions per image (default: 5)")
     parser.add_argument("--temperature", type=cli.non_negative_float, default=1.0, metavar="T",
                         help="sampling temperature; 0: greedy decoding, one caption per image (default: 1.0)")

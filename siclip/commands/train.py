@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(render(config))
         return 0
-    print(f"configuration ({describe_sources(args)}), saved in {Path(config.out_dir) / 'config.json'}:")
-    print(render(config, indent="  "), flush=True)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, once
+        print(f"configuration ({describe_sources(args)}), saved in {Path(config.out_dir) / 'config.json'}:")
+        print(render(config, indent="  "), flush=True)
     keep_freed_memory()
     checkpoint = Path(config.out_dir) / "checkpoint.pt"
     cli.on_interrupt(lambda: f"the checkpoint {checkpoint} is kept: continue with --resume" if checkpoint.exists() else cli.NOTHING_SAVED)

@@ -92,7 +92,7 @@ class Manifest:
 
     def __init__(self, directory: Path, record: dict | None, *, overwrite: bool) -> None:
         self.path, self.record, self.units = directory / MANIFEST, record, {}
-        if record is None:
+        if record is None or overwrite:  # overwrite: every unit again, whatever was recorded
             return
         if self.path.is_file():
             try:
@@ -103,7 +103,7 @@ class Manifest:
                 raise ValueError(f"{self.path}: not a captions manifest; move it away or pass --overwrite")
             if saved.get("record") == record:
                 self.units = dict(saved.get("units", {}))
-            elif not overwrite:
+            else:
                 raise ValueError(f"{self.path} records captions by {json.dumps(saved.get('record'))}, not {json.dumps(record)}: "
                                  "rerun with the same captioner and settings to continue, or pass --overwrite to caption again")  # fmt: skip
 

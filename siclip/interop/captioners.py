@@ -4,7 +4,7 @@
     captioner = load_captioner("hf:models/blip-base", CaptionSettings(num_captions=5, temperature=1.0, top_p=0.9))
     captioner = load_captioner("open_clip:coca_ViT-L-14:coca.pt", CaptionSettings(num_captions=1, temperature=0))
 
-- ``hf:DIR``: any transformers image-to-text model saved in ``DIR`` (BLIP, GIT, BLIP-2, VisionEncoderDecoder, …), read
+- ``hf:DIR``: any transformers image-to-text model saved in ``DIR`` (BLIP, GIT, BLIP-2, …), read
   through the library's auto classes (``AutoProcessor``, ``AutoModelForImageTextToText``) with ``local_files_only=True``
   and ``trust_remote_code=False``: nothing is downloaded and no code from the directory runs. Captions come from
   ``model.generate`` (``num_return_sequences`` = the captions per image).
@@ -93,7 +93,7 @@ class TransformersCaptioner:
         known = transformers.models.auto.modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
         if config.model_type not in known:
             raise ValueError(f"{spec}: a {config.model_type!r} model is not an image-to-text model transformers knows "
-                             f"(BLIP, GIT, BLIP-2, VisionEncoderDecoder, …: {', '.join(sorted(known)[:12])}, …)")  # fmt: skip
+                             f"(BLIP, GIT, BLIP-2, …: {', '.join(sorted(known)[:12])}, …)")  # fmt: skip
         self.processor = transformers.AutoProcessor.from_pretrained(directory, **options)
         if not hasattr(self.processor, "batch_decode"):
             raise ValueError(f"{spec}: the saved processor ({type(self.processor).__name__}) prepares images but cannot decode tokens: "
