@@ -102,7 +102,8 @@ def test_files_sets_and_their_errors(tmp_path):
         bad.write_text(json.dumps(content))
         with pytest.raises(SettingError, match=problem):
             resolver.from_file(Outer(), bad)
-    for item, problem in [("count", "expected KEY=VALUE"), ("rate.x=1", "rate is a single value"), ("pair=1,2,3", "pair: expected 2 values"), ("inner=[1]", "JSON object")]:
+    for item, problem in [("count", "expected KEY=VALUE"), ("rate.x=1", "rate is a single value"), ("pair=1,2,3", "pair: expected 2 values"),
+                          ("inner=[1]", "JSON object")]:  # fmt: skip
         with pytest.raises(SettingError, match=problem):
             resolver.from_sets(Outer(), [item])
     bad.write_text("[1, 2]")

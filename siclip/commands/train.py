@@ -232,8 +232,8 @@ def _default(key: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="every setting (for --config and --set; defaults are TrainConfig's):\n" + RESOLVER.describe().replace("%", "%%"))  # fmt: skip
+    settings = "every setting (for --config and --set; defaults are TrainConfig's):\n" + RESOLVER.describe()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=settings.replace("%", "%%"))
     recipe = parser.add_argument_group("recipe")
     recipe.add_argument("--preset", choices=sorted(PRESETS), help=f"a named configuration: {', '.join(sorted(PRESETS))} (default: none)")
     recipe.add_argument("--config", type=cli.existing_file, metavar="FILE",
@@ -289,7 +289,7 @@ def check_together(config: TrainConfig) -> None:
                            "across ranks)")  # fmt: skip
     for key, flag_name in (("eval_classnames", "--classnames"), ("eval_templates", "--templates")):
         if getattr(config, key) is not None and config.eval_zeroshot is None:
-            raise SettingError(f"{flag_name} needs --zeroshot ({key} names the classes of a zero-shot set, eval_zeroshot)")
+            raise SettingError(f"{flag_name} needs --zeroshot ({key} applies to a zero-shot set, eval_zeroshot)")
     try:  # AugmentConfig holds the rule for crop bounds
         AugmentConfig(scale=tuple(config.data.crop_scale), ratio=tuple(config.data.crop_ratio))
     except ValueError as err:

@@ -5,8 +5,9 @@
   or a CSV/TSV with ``filepath,label`` (a label is a class index or a class name); class names from a file (one per
   line, or a JSON list, in class order) or a standard set by name (``imagenet1k``, ``cifar10``, ``cifar100``, whose
   folders may be named by WordNet id, index or name, :mod:`siclip.eval.named`); templates from a file (one per line,
-  each with a ``{}`` or ``{c}`` placeholder) or CLIP's sets by name, CLIP's 80-template ensemble by default. Reports top-1, top-5 (capped at the number of
-  classes) and per-class accuracy; ``mean_per_class_recall`` is their mean over the classes present.
+  each with a ``{}`` or ``{c}`` placeholder) or CLIP's sets by name, CLIP's 80-template ensemble by default. Reports
+  top-1, top-5 (capped at the number of classes) and per-class accuracy; ``mean_per_class_recall`` is their mean over
+  the classes present.
 - Retrieval (:func:`retrieval_dataset`, :func:`retrieval`): a CSV/TSV whose rows repeat an image
   path once per caption (COCO style; the caption column and any extra caption columns count), or
   WebDataset shards whose samples carry their captions (``.txt`` and the ``.json`` list). Recall@1/5/10
@@ -195,7 +196,8 @@ def _standard_dataset(path: Path, classes: BenchmarkClasses, *, image_key: str, 
         seen: dict[int, str] = {}
         for folder, index in found:
             if index in seen:
-                raise ValueError(f"{path}: folders {seen[index]!r} and {folder.name!r} both name class {index} ({classes[index]!r}) of {classes.name}")
+                raise ValueError(f"{path}: folders {seen[index]!r} and {folder.name!r} both name class {index} ({classes[index]!r}) "
+                                 f"of {classes.name}")  # fmt: skip
             seen[index] = folder.name
         files, labels = [], []
         for folder, index in found:
