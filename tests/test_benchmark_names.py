@@ -69,18 +69,21 @@ def test_evaluate_resolves_imagenet_names_and_a_c_template_evaluates_like_its_tw
     small_text = {"layers": 2, "width": 32, "heads": 2, "context_length": 16}  # 2,000 prompts: a small text tower keeps this quick
     model = save_checkpoint(create_model("mobileclip_tiny", image={"image_size": 32}, text=small_text), tmp_path / "model.pt")
     folder = _images(tmp_path / "val", FIRST_TEN)
+    cifar = _images(tmp_path / "cifar", ["airplane", "1", "bird", "3"])
     (tmp_path / "braces.txt").write_text("a photo of a {}.\nitap of the {}.\n")
     (tmp_path / "c.txt").write_text("a photo of a {c}.\nitap of the {c}.\n")
     monkeypatch.setattr(sys, "argv", ["siclip evaluate"])
-    runs = {}
-    for name in ("braces", "c"):
-        argv = ["--model", str(model), "--zeroshot", str(folder), "--classnames", "imagenet1k", "--templates", str(tmp_path / f"{name}.txt"),
-                "--max-unknown-rate", "1", "--device", "cpu", "--out", str(tmp_path / name)]  # fmt: skip
+
+    def evaluate_on(data, classnames, templates):
+        out = tmp_path / f"{data.name}_{templates}"
+        argv = ["--model", str(model), "--zeroshot", str(data), "--classnames", classnames, "--templates", str(tmp_path / f"{templates}.txt"),
+                "--max-unknown-rate", "1", "--device", "cpu", "--out", str(out)]  # fmt: skip
         assert cli.run(evaluate.main, argv) == 0, capsys.readouterr().err
-        runs[name] = json.loads((tmp_path / name / "val_zeroshot_classification.json").read_text())
-    metrics = runs["braces"]["metrics"]
+        return json.loads((out / f"{data.name}_zeroshot_classification.json").read_text())
+
+    metrics = evaluate_on(folder, "imagenet1k", "c")["metrics"]
     assert metrics["classes"] == 1000 and metrics["images"] == 20 and list(metrics["per_class_accuracy"]) == FIRST_NAMES
-    assert runs["c"] == runs["braces"]  # every metric, per class too, exactly
+    assert evaluate_on(cifar, "cifar10", "c") == evaluate_on(cifar, "cifar10", "braces")  # every metric, per class too, exactly
     assert cli.run(evaluate.main, ["--model", str(model), "--zeroshot", str(folder), "--classnames", "imagenet2k"]) == 2
     assert "class names file not found: imagenet2k (or a built-in set: imagenet1k, cifar10, cifar100)" in capsys.readouterr().err
 
