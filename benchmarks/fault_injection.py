@@ -500,9 +500,9 @@ TRAIN_BAD_ARGUMENTS = [
     (["--p-synthetic", "1.5"], "--p-synthetic"), (["--max-unknown-rate", "-0.1"], "--max-unknown-rate"),
     (["--max-skip-fraction", "2"], "--max-skip-fraction"), (["--dist-timeout", "0"], "--dist-timeout"), (["--crop-scale", "0", "1"], "--crop-scale"),
     (["--crop-ratio", "2", "1"], "--crop-ratio"), (["--tower-lr-scale", "image=-1"], "--tower-lr-scale"), (["--tower-lr-scale", "eyes=2"], "--tower-lr-scale"),
-    (["--tower-frozen-steps", "text=x"], "--tower-frozen-steps"), (["--eval-zeroshot", "{missing}"], "--eval-zeroshot"),
-    (["--eval-zeroshot", "{test}", "--classnames", "{missing}"], "--classnames"), (["--eval-zeroshot", "{test}", "--templates", "{missing}"], "--templates"),
-    (["--classnames", "{names}"], "--classnames needs --eval-zeroshot"), (["--teacher", "{missing}"], "--teacher"),
+    (["--tower-frozen-steps", "text=x"], "--tower-frozen-steps"), (["--zeroshot", "{missing}"], "--zeroshot"),
+    (["--zeroshot", "{test}", "--classnames", "{missing}"], "--classnames"), (["--zeroshot", "{test}", "--templates", "{missing}"], "--templates"),
+    (["--classnames", "{names}"], "--classnames needs --zeroshot"), (["--teacher", "{missing}"], "--teacher"),
     (["--teacher", "hf:/no/such/dir"], "--teacher"), (["--vocab-path", "{missing}"], "--vocab-path"),
     (["--calibration-captions", "{missing}"], "--calibration-captions"), (["--data", "{missing}.csv"], "--data"),
     (["--shape-twins", "--data", "{names}.csv"], "--data"), (["--model", "no_such_model"], "--model"), (["--resume", "--overwrite"], "choose one"),
@@ -705,13 +705,13 @@ def bad_data(work: Path) -> list[DataCase]:
         DataCase(["--data", tables["one_bomb"], *train("r8")], (), (0,), skipped=1),
         DataCase(["--data", str(shards), *train("r9", "--max-skip-fraction", "1")], (), (0,), skipped=0),
         DataCase(["--data", str(work / "no_shards"), *train("r10")], ("no_shards",), (2,)),
-        DataCase(["--data", tables["good"], *[a for a in train("r11") if a != "--no-eval"], "--eval-zeroshot", str(f["test"]), "--classnames",
+        DataCase(["--data", tables["good"], *[a for a in train("r11") if a != "--no-eval"], "--zeroshot", str(f["test"]), "--classnames",
                   str(work / "empty_names.txt")], ("empty_names.txt",), (2,)),  # fmt: skip
-        DataCase(["--data", tables["good"], *[a for a in train("r12") if a != "--no-eval"], "--eval-zeroshot", str(f["test"]), "--templates",
+        DataCase(["--data", tables["good"], *[a for a in train("r12") if a != "--no-eval"], "--zeroshot", str(f["test"]), "--templates",
                   str(work / "bad_templates.txt")], ("bad_templates.txt", "{}"), (2,)),  # fmt: skip
-        DataCase(["--data", tables["good"], *[a for a in train("r13") if a != "--no-eval"], "--eval-zeroshot", str(empty_class)],
+        DataCase(["--data", tables["good"], *[a for a in train("r13") if a != "--no-eval"], "--zeroshot", str(empty_class)],
                  (str(empty_class),), (2,)),  # fmt: skip
-        DataCase(["--data", tables["good"], *[a for a in train("r14") if a != "--no-eval"], "--eval-retrieval", str(work / "no_column.csv")],
+        DataCase(["--data", tables["good"], *[a for a in train("r14") if a != "--no-eval"], "--retrieval", str(work / "no_column.csv")],
                  ("no_column.csv",), (2,)),  # fmt: skip
         DataCase(["--data", tables["latin1"], *train("finished")[:-2], "--overwrite", "--out", str(finished_run)], (tables["latin1"],), (2,),
                  untouched=model),  # fmt: skip

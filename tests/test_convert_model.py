@@ -133,7 +133,7 @@ def test_the_papers_recipe_on_a_transformers_clip(tmp_path, inputs):
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "student"
     train = _run(ROOT / "experiments" / "train.py", "--model", converted, "--teacher", spec, "--wikd", "--data", inputs / "train.csv",
-                 "--batch-size", "16", "--epochs", "1", "--eval-zeroshot", inputs / "test", "--templates", inputs / "templates.txt",
+                 "--batch-size", "16", "--epochs", "1", "--zeroshot", inputs / "test", "--templates", inputs / "templates.txt",
                  "--out", out, cwd=tmp_path)  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

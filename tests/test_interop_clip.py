@@ -135,7 +135,7 @@ def test_hf_and_open_clip_teachers_train_a_siclip_student_and_are_evaluated(tmp_
         out = tmp_path / f"student_{name}"
         train = _run(ROOT / "experiments/train.py", "--model", "siclip_tiny", "--teacher", spec, "--no-inherit", "--wikd",
                      "--data", files["train"], "--tokenizer", "words", "--image-size", "48", "--batch-size", "16", "--epochs", "1",
-                     "--eval-zeroshot", files["test"], "--templates", files["templates"], "--out", out, cwd=tmp_path)  # fmt: skip
+                     "--zeroshot", files["test"], "--templates", files["templates"], "--out", out, cwd=tmp_path)  # fmt: skip
         assert train.returncode == 0, train.stderr[-3000:]
         metrics = __import__("json").loads((out / "summary.json").read_text())
         assert {"feature", "relation", "interactive", "pair_matching"} <= set(metrics["final_loss"]) and metrics["steps"] == 4

@@ -254,7 +254,7 @@ def test_inputs_that_make_no_step_or_a_bad_benchmark_stop_before_training(tmp_pa
     out = tmp_path / "run"
     status, err = _run(monkeypatch, capsys, "train", ["--num-train", "8", "--batch-size", "16", "--out", str(out)])
     assert status == 2 and "make no training step" in _one_error_line(err, "train") and not out.exists()  # no empty directory left
-    status, err = _run(monkeypatch, capsys, "train", ["--num-train", "32", "--batch-size", "16", "--out", str(out), "--eval-zeroshot", str(test),
+    status, err = _run(monkeypatch, capsys, "train", ["--num-train", "32", "--batch-size", "16", "--out", str(out), "--zeroshot", str(test),
                                                       "--classnames", str(tmp_path / "empty.txt")])  # fmt: skip
     line = _one_error_line(err, "train")
     assert status == 2 and "empty.txt" in line and "non-empty list" in line

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "divergence": ("divergence", "Jensen–Shannon divergences between blocks, heatmaps and sharing plans"),
     "flops": ("flops", "parameters and FLOPs of every registered model"),
     "export": ("export", "export both encoders to ONNX, checked under ONNX Runtime against PyTorch"),
-    "caption": ("caption", "write synthetic captions into WebDataset shards"),
+    "caption": ("caption", "write synthetic captions (BLIP, GIT, CoCa, yours) into WebDataset shards or a CSV, resumably"),
     "cache-teacher": ("cache_teacher", "precompute a teacher's embeddings for distillation"),
     "import-mobileclip": ("import_mobileclip", "convert Apple's mobileclip_s0.pt into a siclip checkpoint"),
     "demo": ("demo", "the main job: a MobileCLIP-tiny teacher and its SiCLIP-tiny student, one table"),

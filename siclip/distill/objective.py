@@ -20,6 +20,7 @@ submodule, trained and checkpointed with the rest.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import Tensor, nn
 
@@ -31,20 +32,20 @@ from .terms import ContrastiveRelationDistillation, FeatureDistillation, Interac
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    clip: float = 1.0
-    feature: float = 4000.0
-    relation: float = 1.0
-    interactive: float = 1.0
-    pair_matching: float = 0.1
-    pm_form: str = "hyperplane"
-    pm_mining: str = "hard"
-    pm_negatives: int = 1
-    icl_scale: str = "raw"
-    local_loss: bool = False
+    clip: float = 1.0  # weight of the CLIP contrastive loss
+    feature: float = 4000.0  # λ1: feature distillation (FD), MSE to the teacher's features
+    relation: float = 1.0  # λ2: contrastive relation distillation (CRD), KL to the teacher's similarity rows
+    interactive: float = 1.0  # λ3: interactive contrastive learning (ICL), student anchors against teacher candidates
+    pair_matching: float = 0.1  # λ4: the pair-matching loss (PM)
+    pm_form: Literal["hyperplane", "cosine"] = "hyperplane"  # PM's classifier: wᵀ(v ⊙ t) + b, or s·cos(v, t) + b
+    pm_mining: Literal["hard", "sampled"] = "hard"  # PM's negatives: the most similar, or drawn ∝ softmax(similarity)
+    pm_negatives: int = 1  # PM's negatives per positive and direction
+    icl_scale: Literal["raw", "exp"] = "raw"  # ICL's learned scale κ used as is (CLIP-KD's code) or as exp(κ)
+    local_loss: bool = False  # several ranks: each rank's contrastive loss over its own rows only (open_clip's local_loss)
     ssl_scale: float = 0.0  # SLIP's self-supervised term (1.0 in SLIP); 0: off, and the loader makes no extra views
     ssl_temperature: float = 0.1  # NT-Xent's τ (SLIP, SimCLR)
-    ssl_hidden: int | None = None  # SLIP head widths; None: sized to the tower (siclip.distill.ssl.slip_head_sizes)
-    ssl_out: int | None = None
+    ssl_hidden: int | None = None  # SLIP head's hidden width; None: sized to the tower (siclip.distill.ssl.slip_head_sizes)
+    ssl_out: int | None = None  # SLIP head's output width; None: sized to the tower
 
     def __post_init__(self) -> None:
         if self.ssl_scale < 0:

@@ -42,6 +42,7 @@ class RunInputs:
     unknown_rate: float
     teacher_tokenizer: object | None = None  # the teacher's own, when it does not read the student's ids
     student: object | None = None  # a student that exists before the run (a converted CLIP file), else built by build_task
+    distiller: object | None = None  # a separate distillation teacher (config.distill_teacher); None: ``teacher`` distils
 
 
 def open_training_source(config: TrainConfig, image_size: int):
@@ -133,21 +134,27 @@ def check_tokenizer(tokenizer, student_config: ModelConfig, teacher, teacher_spe
         raise ValueError(f"tokenizer {tokenizer.name!r} ({tokenizer.vocab_size} ids) does not fit model {student_config.name!r}: " + "; ".join(problems))
 
 
-def load_teacher(config: TrainConfig, model_config: ModelConfig | None):
-    """The teacher a run names (any model spec, :func:`siclip.interop.load_clip`), or None; a SiCLIP student asked to
-    inherit weights from a teacher that is not a siclip MobileCLIP is refused (there are no weights to map)."""
-    if config.teacher is None:
-        return None
-    loaded = load_clip(config.teacher, apple_model=config.teacher_model)
+def load_intact(spec: str, flag: str, apple_model: str):
+    """The model ``spec`` names (:func:`siclip.interop.load_clip`), refused when a weight holds NaN or Inf."""
+    loaded = load_clip(spec, apple_model=apple_model)
     model = loaded.model  # siclip's CLIP or an adapter module holding the foreign model
     bad = []
     if isinstance(model, torch.nn.Module):  # buffers may hold -inf by design (attention masks), never NaN
         bad = nonfinite_names(model.named_parameters())
         bad += [name for name, b in model.named_buffers() if b.is_floating_point() and bool(torch.isnan(b).any())]
     if bad:  # else the first step reports the student's copies of them, and the file is never named
-        raise ValueError(f"--teacher {config.teacher} holds NaN or Inf in {', '.join(bad[:5])}"
+        raise ValueError(f"{flag} {spec} holds NaN or Inf in {', '.join(bad[:5])}"
                          f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}: a student cannot inherit from it or "
                          "distil from it; pass an intact teacher file")  # fmt: skip
+    return loaded
+
+
+def load_teacher(config: TrainConfig, model_config: ModelConfig | None):
+    """The teacher a run names (any model spec, :func:`siclip.interop.load_clip`), or None; a SiCLIP student asked to
+    inherit weights from a teacher that is not a siclip MobileCLIP is refused (there are no weights to map)."""
+    if config.teacher is None:
+        return None
+    loaded = load_intact(config.teacher, "--teacher", config.teacher_model)
     if not loaded.is_siclip and model_config is not None and model_config.siclip is not None and config.inherit:
         raise ValueError(f"--teacher {config.teacher}: a SiCLIP student inherits weights (WI) only from a siclip MobileCLIP teacher "
                          f"(a siclip checkpoint or Apple's mobileclip_s0.pt), not from a {type(loaded.model).__name__}; pass "
@@ -180,10 +187,13 @@ def prepare_run(config: TrainConfig, model_config: ModelConfig | None, *, resume
     rate = check_unknown_rate(tokenizer, training_captions(source, first_batches(config, len(source)), config.data.p_synthetic),
                               config.data.max_unknown_rate, config.data.source)  # fmt: skip
     check_evaluation_inputs(config, tokenizer)
+    distiller = load_intact(config.distill_teacher, "--distill-teacher", config.teacher_model) if config.distill_teacher else None
+    distils = distiller if distiller is not None else loaded
     teacher_tokenizer = None
-    if loaded is not None and tokenizer_spec_or_none(loaded.tokenizer) != tokenizer_spec_or_none(tokenizer):
-        teacher_tokenizer = loaded.tokenizer  # the teacher reads its own ids of the same captions
-    return RunInputs(source, tokenizer, loaded.model if loaded is not None else None, rate, teacher_tokenizer)
+    if distils is not None and tokenizer_spec_or_none(distils.tokenizer) != tokenizer_spec_or_none(tokenizer):
+        teacher_tokenizer = distils.tokenizer  # the teacher reads its own ids of the same captions
+    return RunInputs(source, tokenizer, loaded.model if loaded is not None else None, rate, teacher_tokenizer,
+                     distiller=distiller.model if distiller is not None else None)
 
 
 def save_tokenizer(config: TrainConfig, tokenizer) -> Path:
@@ -206,6 +216,8 @@ def prepare_converted_run(config: TrainConfig) -> RunInputs:
         raise ValueError(f"--tokenizer: {config.model} reads its original's tokenizer ({student.tokenizer.name}); leave --tokenizer out")
     if config.model_overrides.get("image", {}).get("image_size") not in (None, student.model.preprocess.size):
         raise ValueError(f"{config.model} takes {student.model.preprocess.size} px images: leave --image-size out")
+    if config.distill_teacher is not None:
+        raise ValueError(f"--distill-teacher: {config.model} inherits nothing from a teacher; give the model to distil from as --teacher")
     loaded = load_teacher(config, None)
     source = open_training_source(config, student.model.preprocess.size)
     rate = check_unknown_rate(student.tokenizer, training_captions(source, first_batches(config, len(source)), config.data.p_synthetic),

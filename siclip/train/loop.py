@@ -35,7 +35,7 @@ from siclip.models import (
     CLIP, build_siclip, count_parameters_by_group, create_model, fuse_frozen_towers, get_model_config, save_checkpoint,
 )  # fmt: skip
 
-from .config import TrainConfig
+from .config import TrainConfig, save_config
 from .evaluation import evaluate_run, read_caption_file
 from .guard import NonFiniteLoss, PeerLost, StopSignals, TrainingInterrupted, flatten_tensors, nonfinite_names
 from .inputs import RunInputs, prepare_run, save_tokenizer, settled_model_config, training_captions
@@ -108,13 +108,14 @@ def build_task(config: TrainConfig, inputs: RunInputs | None = None) -> Training
     """
     model_config = student_model_config(config)
     inputs = inputs if inputs is not None else prepare_run(config, model_config)
-    teacher_model = inputs.teacher
+    teacher_model = inputs.teacher  # the model a SiCLIP student inherits from
+    distiller = inputs.distiller if inputs.distiller is not None else teacher_model  # the model it distils from
     if inputs.student is not None:  # a converted CLIP file: it inherited its original's weights when it was converted
         student = inputs.student
         if config.model_overrides.get("siclip", {}).get("freeze", "inherited") == "inherited":
             student.train_only_converted()
-        teacher = FrozenTeacher(teacher_model) if teacher_model is not None and config.objective.needs_teacher else None
-        objective = SiCLIPObjective(student.embed_dim, teacher_model.embed_dim if teacher_model is not None else None, config.objective)
+        teacher = FrozenTeacher(distiller) if distiller is not None and config.objective.needs_teacher else None
+        objective = SiCLIPObjective(student.embed_dim, distiller.embed_dim if distiller is not None else None, config.objective)
         return TrainingTask(student, objective, teacher, token_dropout=_token_dropout(student, config))
     siclip_teacher = teacher_model if isinstance(teacher_model, CLIP) else None  # one a student can inherit from
     model_config = settled_model_config(model_config, inputs.tokenizer, siclip_teacher)
@@ -133,9 +134,9 @@ def build_task(config: TrainConfig, inputs: RunInputs | None = None) -> Training
         fuse_frozen_towers(student)
     if config.grad_checkpointing:
         student.set_grad_checkpointing(True)
-    needs_teacher = teacher_model is not None and config.objective.needs_teacher
-    teacher = FrozenTeacher(teacher_model, reparameterize=config.fuse_frozen_towers) if needs_teacher else None
-    teacher_dim = teacher_model.embed_dim if teacher_model is not None else None
+    needs_teacher = distiller is not None and config.objective.needs_teacher
+    teacher = FrozenTeacher(distiller, reparameterize=config.fuse_frozen_towers) if needs_teacher else None
+    teacher_dim = distiller.embed_dim if distiller is not None else None
     objective = SiCLIPObjective(student.config.embed_dim, teacher_dim, config.objective)
     return TrainingTask(student, objective, teacher, inherited=inherited, token_dropout=_token_dropout(student, config))
 
@@ -294,6 +295,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
         clear_run_directory(out_dir, resume=resume, overwrite=overwrite)
         if inputs.student is None:  # a converted CLIP reads its original's tokenizer, which its file names
             save_tokenizer(config, tokenizer)
+        save_config(config)
     model = torch.nn.parallel.DistributedDataParallel(task) if distributed else task
     model = torch.compile(model) if config.compile else model
     boundary = StepBoundary(task, loader) if rank == 0 else None  # only rank 0 writes checkpoints
