@@ -137,6 +137,10 @@ def real_rows(probs: Tensor, padded: Tensor | None, tokens: Tensor | None) -> Te
     return rows
 
 
+class NotCalled(ValueError):
+    """The run never called the blocks of a stack (it reads another tower)."""
+
+
 @torch.no_grad()
 def block_divergences(blocks, run) -> dict[str, Tensor]:
     """Pairwise JS matrices over the block calls made by ``run()``, over the query rows real in every call.
@@ -145,6 +149,8 @@ def block_divergences(blocks, run) -> dict[str, Tensor]:
     real query rows read, samples × positions) of ``rows_total``.
     """
     calls = record_blocks(blocks, run)
+    if not calls:
+        raise NotCalled("none of these blocks was called")
     if len(calls) < 2:
         raise ValueError("need at least two block calls to compare")
     reads = [read_attention_rows(c.block, c.args, c.kwargs) for c in calls]
@@ -309,7 +315,10 @@ def divergence_report(model: nn.Module, inputs, *, max_groups: int | dict | None
         for stack, blocks in groups.items():
             if len(blocks) < 2:
                 continue
-            d = block_divergences([b for _, b in blocks], run)
+            try:
+                d = block_divergences([b for _, b in blocks], run)
+            except NotCalled:  # a stack the inputs do not reach (the image tower of a text-only run)
+                continue
             n = d["attention"].shape[0]
             if n != len(blocks):
                 raise ValueError(f"{stack}: {len(blocks)} blocks made {n} calls on these inputs; a block called twice cannot be placed")
@@ -319,7 +328,7 @@ def divergence_report(model: nn.Module, inputs, *, max_groups: int | dict | None
     finally:
         model.train(was_training)
     if not report.groups:
-        raise ValueError(f"every stack of {type(model).__name__} has a single block: there is nothing to compare")
+        raise ValueError(f"no stack of {type(model).__name__} with two or more blocks ran on these inputs: there is nothing to compare")
     return report
 
 

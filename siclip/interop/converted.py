@@ -97,10 +97,23 @@ def rebuild(recipe: ConvertedRecipe) -> nn.Module:
 
 
 def save_converted(model: nn.Module, recipe: ConvertedRecipe, path: str | Path) -> Path:
-    """``model`` and its recipe, as data, written atomically (:func:`siclip.storage.save_atomic`); the origin's paths
-    are stored absolute (:func:`resolve_origin`)."""
-    record = dataclasses.asdict(dataclasses.replace(recipe, origin=resolve_origin(recipe.origin)))
-    return save_atomic({"format": FORMAT, **record, "state_dict": model.state_dict()}, path)
+    """``model`` and its recipe, as data, written atomically (:func:`siclip.storage.save_atomic`): the origin's paths
+    stored absolute (:func:`resolve_origin`), and the original's tokenizer and preprocessing filled in when the recipe
+    lacks them (read from the origin now, while it is there; a recipe whose transformers folder does not exist, a model
+    built in memory, is saved as it is), so the file needs nothing else later."""
+    complete = dataclasses.replace(recipe, origin=resolve_origin(recipe.origin))
+    scheme, _, rest = complete.origin.partition(":")
+    if scheme == "hf" and not Path(rest).is_dir():
+        return save_atomic({"format": FORMAT, **dataclasses.asdict(complete), "state_dict": model.state_dict()}, path)
+    if complete.tokenizer is None:
+        from siclip.data.tokenizer import tokenizer_spec
+
+        tokenizer = original_tokenizer(complete.origin, model)
+        complete.tokenizer = tokenizer_spec(tokenizer) if tokenizer is not None else None
+    if complete.preprocess is None:
+        preprocess = original_preprocess(complete.origin, model)
+        complete.preprocess = preprocess.to_dict() if preprocess is not None else None
+    return save_atomic({"format": FORMAT, **dataclasses.asdict(complete), "state_dict": model.state_dict()}, path)
 
 
 CONVERTED_HINT = "pass a file written by experiments/convert_model.py"

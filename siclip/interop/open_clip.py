@@ -22,11 +22,11 @@ from open_clip.transform import PreprocessCfg
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from open_clip.transformer import ResidualAttentionBlock
+from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
 
 from siclip.blocks import (
     AttentionRead, ConversionReport, SASPBlock, SASPConversion, read_softmax, register_attention_reader, register_block_causality,
-    register_converter, sasp_from_parts,
+    register_converter, register_host_fixup, sasp_from_parts,
 )  # fmt: skip
 from siclip.blocks.masking import decode_attention_mask
 from siclip.data.transforms import INTERPOLATIONS, RESIZE_MODES, Preprocess
@@ -38,11 +38,13 @@ from siclip.storage import load_weights
 
 
 class SASPOpenClipBlock(nn.Module):
-    """A SAS-P block with open_clip's residual-block call and layout."""
+    """A SAS-P block with open_clip's residual-block call and layout. ``causal``: whether its tower masks later tokens,
+    which the host model tells it after conversion (:func:`_tell_blocks_their_tower`; None: read from each call's mask,
+    which an exporter's trace cannot do)."""
 
-    def __init__(self, block: SASPBlock, batch_first: bool = True) -> None:
+    def __init__(self, block: SASPBlock, batch_first: bool = True, causal: bool | None = None) -> None:
         super().__init__()
-        self.sasp, self.batch_first = block, batch_first
+        self.sasp, self.batch_first, self.causal = block, batch_first, causal
 
     def get_weight_dtype(self) -> torch.dtype:
         return self.sasp.mlp.fc1.weight.dtype
@@ -51,7 +53,7 @@ class SASPOpenClipBlock(nn.Module):
         if k_x is not None or v_x is not None:
             raise NotImplementedError("a SAS-P block attends to its own input: cross-attention (k_x, v_x) was not converted")
         x = q_x if self.batch_first else q_x.transpose(0, 1)
-        causal, padding = decode_attention_mask(attn_mask, x.shape[0], x.shape[1])
+        causal, padding = decode_attention_mask(attn_mask, x.shape[0], x.shape[1], self.causal if attn_mask is not None else None)
         out = self.sasp(x, padding, causal)
         return out if self.batch_first else out.transpose(0, 1)
 
@@ -100,7 +102,7 @@ def _read_residual_block(block: nn.Module, args: tuple, kwargs: dict) -> Attenti
 @register_attention_reader(SASPOpenClipBlock)
 def _read_converted(block: SASPOpenClipBlock, args: tuple, kwargs: dict) -> AttentionRead:
     x, mask = _tokens_and_mask(args, kwargs, block.batch_first)
-    causal, padding = decode_attention_mask(mask, x.shape[0], x.shape[1])
+    causal, padding = decode_attention_mask(mask, x.shape[0], x.shape[1], block.causal if mask is not None else None)
     sasp = block.sasp
     h = sasp.norm(x)
     return read_softmax(sasp.attn.q(h), sasp.attn.k(h), sasp.num_heads, causal=causal, key_padding_mask=padding)
@@ -109,7 +111,31 @@ def _read_converted(block: SASPOpenClipBlock, args: tuple, kwargs: dict) -> Atte
 # A residual block serves the causal text tower and the visual one alike; the tower passes the mask on each call, so
 # a block read on its own cannot tell (attention_probabilities then asks for causal=True or False).
 register_block_causality(ResidualAttentionBlock)(lambda block: None)
-register_block_causality(SASPOpenClipBlock)(lambda block: None)
+register_block_causality(SASPOpenClipBlock)(lambda block: block.causal)
+
+
+def _set_causal(blocks: nn.Module, causal: bool) -> None:
+    for module in blocks.modules():
+        if isinstance(module, SASPOpenClipBlock):
+            module.causal = causal
+
+
+@register_host_fixup(open_clip.CLIP)
+def _tell_blocks_their_tower(model: nn.Module) -> None:
+    """After conversion, each converted block learns its tower's causality (the text tower's attn_mask, None when it
+    attends both ways; the visual tower never masks), so it needs no mask values to know it (an export traces)."""
+    _set_causal(model.transformer, getattr(model, "attn_mask", None) is not None)
+    _set_causal(model.visual, False)
+
+
+@register_host_fixup(TextTransformer)
+def _tell_text_blocks(tower: nn.Module) -> None:
+    _set_causal(tower.transformer, getattr(tower, "attn_mask", None) is not None)
+
+
+@register_host_fixup(VisionTransformer)
+def _tell_visual_blocks(tower: nn.Module) -> None:
+    _set_causal(tower, False)
 
 
 # ── CLIP adapter: teachers and evaluation, preprocessing ─────────────────────────────────────────────────────────

@@ -48,17 +48,26 @@ def torchvision_failure() -> str | None:
         return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) else type(err).__name__
 
 
-class _Imported(importlib.abc.Loader):
-    """Hands the import system a module this hook has already imported."""
+class _WithStandin(importlib.abc.Loader):
+    """The library's own loader, run with the stand-in on the path (and its modules dropped afterwards); anything else
+    (resource readers, ``get_source``) is the library loader's."""
 
-    def __init__(self, module) -> None:
-        self.module = module
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
 
     def create_module(self, spec):
-        return self.module
+        return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        pass
+        sys.path.insert(0, STANDIN_PATH)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            sys.path.remove(STANDIN_PATH)
+            _drop_torchvision()
 
 
 class StandinImport(importlib.abc.MetaPathFinder):
@@ -80,10 +89,10 @@ class StandinImport(importlib.abc.MetaPathFinder):
             return None
         self.busy = True
         try:
-            installed = importlib.util.find_spec(name) is not None
+            spec = importlib.util.find_spec(name)  # the library's own spec, from the other finders
         finally:
             self.busy = False
-        if not installed:  # let the import fail as it would
+        if spec is None or spec.loader is None:  # not installed: let the import fail as it would
             return None
         if importlib.util.find_spec("transformers") is not None:
             # open_clip imports transformers, whose "is torchvision available?" answer is computed once and cached:
@@ -96,15 +105,8 @@ class StandinImport(importlib.abc.MetaPathFinder):
             warnings.warn(f"torchvision cannot be imported ({self.failure}); {name} imports with siclip's stand-in for torchvision's "
                           "import-time names (its models work, its torchvision transforms do not; siclip preprocesses images itself). "
                           "Install a torchvision built for this torch to use the real one.", TorchvisionStandinWarning, stacklevel=2)  # fmt: skip
-        self.busy = True
-        sys.path.insert(0, STANDIN_PATH)
-        try:
-            module = importlib.import_module(name)
-        finally:
-            sys.path.remove(STANDIN_PATH)
-            self.busy = False
-            _drop_torchvision()
-        return importlib.util.spec_from_loader(name, _Imported(module), origin=getattr(module, "__file__", None))
+        spec.loader = _WithStandin(spec.loader)
+        return spec
 
 
 def install() -> StandinImport:
