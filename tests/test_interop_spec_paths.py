@@ -292,6 +292,7 @@ def test_divergence_and_convert_take_converted_files_and_siclip_checkpoints(tmp_
     (["--model", "{exported}"], "an exported ONNX model has no blocks to read"),
     (["--model", "timm:vit_tiny_patch16_224:{missing}"], "weights file .* not found"),
     (["--calibration-count", "5"], "give --model SPEC"),
+    (["--model", "hf:{folder}"], "another library's model .* give --calibration-captions FILE and/or --calibration-images DIR"),
 ])  # fmt: skip
 def test_divergence_refuses_bad_flags_before_any_model_loads(tmp_path, inputs, capsys, monkeypatch, argv, problem):
     from siclip.commands import divergence
@@ -299,7 +300,7 @@ def test_divergence_refuses_bad_flags_before_any_model_loads(tmp_path, inputs, c
     (tmp_path / "onnx").mkdir()
     (tmp_path / "onnx" / "siclip_onnx.json").write_text("{}")
     monkeypatch.setattr("siclip.interop.calibration.load_for_calibration", lambda *a, **k: pytest.fail("a model was loaded"))
-    files = {"captions": inputs / "captions.txt", "exported": tmp_path / "onnx", "missing": tmp_path / "none.pt"}
+    files = {"captions": inputs / "captions.txt", "exported": tmp_path / "onnx", "missing": tmp_path / "none.pt", "folder": tmp_path}
     with pytest.raises(SystemExit) as ended:
         divergence.main([a.format(**files) for a in argv] + ["--out", str(tmp_path / "out")])
     assert ended.value.code == 2

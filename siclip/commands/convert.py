@@ -88,6 +88,9 @@ def parse(argv):
         parser.error(f"--out: {args.out} is a directory; name the checkpoint file to write")
     if args.report is not None and args.report.exists() and not args.report.is_dir():
         parser.error(f"--report: {args.report} exists and is not a directory")
+    from .divergence import check_calibration_files
+
+    check_calibration_files(parser, args)
     args.calibration_count = args.calibration_count or DEFAULT_COUNT
     return args
 

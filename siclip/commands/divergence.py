@@ -68,15 +68,31 @@ def report_of(spec: str, captions_file, images_dir, count: int, max_groups: int 
     model loaded with ``run`` over them (:mod:`siclip.interop`), its blocks measured (:mod:`siclip.analysis`)."""
     from siclip.analysis.divergence import divergence_report
     from siclip.data.calibration import calibration_inputs
-    from siclip.interop.calibration import load_for_calibration, spec_kind
+    from siclip.interop.calibration import load_for_calibration
 
-    embedded = 64 if spec_kind(spec) == "registered" or (spec_kind(spec) == "file" and captions_file is None and images_dir is None) else None
+    embedded = 64 if needs_no_files(spec) else None
     captions, images, where = calibration_inputs(captions_file, images_dir, count, embedded_size=embedded)
     loaded = load_for_calibration(spec, captions, images, apple_model=apple_model)
-    if loaded.kind != "siclip" and embedded is not None:  # a converted file needs the user's inputs: its original's kind of data
-        raise cli.UserError(f"--model {spec} is a converted model: give --calibration-captions and/or --calibration-images")
     report = divergence_report(loaded.module, lambda: loaded.run(loaded.module), max_groups=max_groups, name=spec)
     return loaded, report, where
+
+
+def needs_no_files(spec: str) -> bool:
+    """A siclip model (a registered name, a checkpoint, Apple's file) reads the embedded world when no calibration
+    file is given; another library's model, or one converted from it, reads only what the user gives."""
+    from siclip.interop.calibration import spec_kind
+    from siclip.interop.converted import is_converted_file
+
+    kind = spec_kind(spec)
+    return kind == "registered" or (kind == "file" and not is_converted_file(spec))
+
+
+def check_calibration_files(parser, args) -> None:
+    """Refuse, before any model loads, a model of another library without calibration files (the header of a converted
+    file says what it is; nothing is built)."""
+    if args.model is not None and args.calibration_captions is None and args.calibration_images is None and not needs_no_files(args.model):
+        parser.error(f"--model {args.model} is another library's model (or converted from one): give --calibration-captions FILE and/or "
+                     "--calibration-images DIR, what it reads (a CLIP both)")  # fmt: skip
 
 
 def parse(argv):
@@ -113,6 +129,7 @@ def parse(argv):
             parser.error(f"{', '.join(bad)}: only with --preset")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out: {args.out} exists and is not a directory")
+    check_calibration_files(parser, args)
     args.calibration_count = args.calibration_count or DEFAULT_COUNT
     return args
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import IMAGE_SUFFIXES, SampleError, decode_image, image_files
+from .sources import decode_image, read_image_folder  # noqa: F401  (the image-folder reader, beside the caption file's)
 
 
 def read_caption_file(path: str | Path) -> list[str]:
@@ -25,24 +25,6 @@ def read_caption_file(path: str | Path) -> list[str]:
     if not texts:
         raise ValueError(f"{path}: no captions (expected one per line)")
     return texts
-
-
-def read_image_folder(folder: str | Path, count: int | None = None) -> list[np.ndarray]:
-    """The first ``count`` images of a folder (:func:`~siclip.data.sources.image_files` order) as ``(H, W, 3)`` uint8
-    arrays."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    files = image_files(folder)[:count]
-    if not files:
-        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    images = []
-    for path in files:
-        try:
-            images.append(decode_image(path.read_bytes(), str(path)))
-        except SampleError as err:
-            raise ValueError(f"{path}: {err.reason}") from None
-    return images
 
 
 def embedded_calibration(count: int, image_size: int = 64) -> tuple[list[str], list[np.ndarray]]:

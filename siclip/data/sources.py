@@ -133,10 +133,18 @@ def image_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def __getattr__(name: str):
-    """``read_image_folder`` moved to :mod:`siclip.data.calibration` (the user's calibration inputs); importable here as before."""
-    if name == "read_image_folder":
-        from .calibration import read_image_folder
-
-        return read_image_folder
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def read_image_folder(folder: str | Path, count: int | None = None) -> list[np.ndarray]:
+    """The first ``count`` images of a folder (:func:`image_files` order) as ``(H, W, 3)`` uint8 arrays."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = image_files(folder)[:count]
+    if not files:
+        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    images = []
+    for path in files:
+        try:
+            images.append(decode_image(path.read_bytes(), str(path)))
+        except SampleError as err:
+            raise ValueError(f"{path}: {err.reason}") from None
+    return images

@@ -99,10 +99,10 @@ def resolve_tokenizer(config: TrainConfig, model_config: ModelConfig, source, te
 
 def vocabulary_follows(model_config: ModelConfig, tokenizer) -> ModelConfig:
     """A model built from scratch embeds the tokenizer's ids: its vocabulary becomes the tokenizer's when the
-    tokenizer is not the one its configuration names (or does not fit it), and its context the tokenizer's when that
-    is fixed and differs (a teacher's tokenizer pads to its own context length)."""
+    tokenizer is not the one its configuration names (or does not fit it), and its context the tokenizer's when the
+    tokenizer pads to a longer one (a teacher's tokenizer pads to its own context length)."""
     text = model_config.text
-    context = getattr(tokenizer, "context_length", None) or text.context_length
+    context = max(getattr(tokenizer, "context_length", None) or 0, text.context_length)
     if tokenizer.name == text.tokenizer and tokenizer.vocab_size <= text.vocab_size and context == text.context_length:
         return model_config
     from dataclasses import replace
