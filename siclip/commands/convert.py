@@ -64,9 +64,11 @@ def parse(argv):
     parser.add_argument("--threshold", type=cli.positive_float, help="--sharing threshold: largest adjacent divergence shared, in nats")
     parser.add_argument("--scope", choices=["block", "attention"], help="share whole blocks or W_Q, W_K and gains (block; a siclip "
                         "model: block for text, attention for images, the paper's)")  # fmt: skip
-    parser.add_argument("--beta-ff", type=cli.positive_float, default=SASPConversion.beta_ff, help=f"initial MLP branch gain β_FF ({SASPConversion.beta_ff})")
+    parser.add_argument("--beta-ff", type=cli.positive_float, default=SASPConversion.beta_ff,
+                        help=f"initial MLP branch gain β_FF ({SASPConversion.beta_ff})")  # fmt: skip
     parser.add_argument("--zero-query", action="store_true", help="W_Q = 0: each attention starts as the identity")
-    parser.add_argument("--apple-model", default="mobileclip_s0", help="a file in Apple's layout is built as this registered configuration (mobileclip_s0)")
+    parser.add_argument("--apple-model", default="mobileclip_s0",
+                        help="a file in Apple's layout is built as this registered configuration (mobileclip_s0)")  # fmt: skip
     parser.add_argument("--report", type=Path, metavar="DIR", help="folder for heatmaps and divergence.json (default: <out>_report)")
     args = parser.parse_args(argv)
     if args.model is not None and args.legacy_model is not None:

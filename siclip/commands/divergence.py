@@ -34,6 +34,7 @@ from siclip.interop.calibration import MEASURABLE_HELP, check_measurable_spec
 from siclip.train.presets import PRESETS
 
 DEFAULT_COUNT = 64
+PRESET_COUNT = 256  # the trajectory's captions, as experiments/RESULTS.md measured it
 
 
 def trajectory(preset: str, snapshots: int, count: int, out: Path, run_dir: Path) -> int:
@@ -107,14 +108,20 @@ def parse(argv):
     parser.add_argument("--calibration-images", type=cli.existing_dir, metavar="DIR",
                         help="a folder of calibration images (default for a siclip model: the embedded world's)")  # fmt: skip
     parser.add_argument("--calibration-count", type=cli.int_at_least(2), default=None, metavar="N",
-                        help=f"calibration captions and images to use ({DEFAULT_COUNT})")  # fmt: skip
+                        help=f"calibration captions and images to use ({DEFAULT_COUNT}; with --preset {PRESET_COUNT} captions, at most 64 "
+                        "images)")  # fmt: skip
     parser.add_argument("--caption-file", dest="calibration_captions", type=cli.existing_file, help=argparse.SUPPRESS)
     parser.add_argument("--image-folder", dest="calibration_images", type=cli.existing_dir, help=argparse.SUPPRESS)
-    parser.add_argument("--max-groups", type=cli.positive_int, metavar="N", help="with --model: runs of the optimal plan per stack (default half the blocks)")
-    parser.add_argument("--apple-model", default="mobileclip_s0", help="with --model FILE: the registered configuration a file in Apple's layout is built as (mobileclip_s0)")
-    parser.add_argument("--snapshots", type=cli.int_at_least(2), default=None, help="with --preset: snapshots, evenly spaced, step 0 included (8)")
-    parser.add_argument("--run-dir", type=Path, help="with --preset: the run's directory (default <out>/run); runs/demo makes it the demo's teacher")
-    parser.add_argument("--out", type=Path, default=Path("runs/reports"), help="folder for divergence.json and the heatmaps (runs/reports)")
+    parser.add_argument("--max-groups", type=cli.positive_int, metavar="N",
+                        help="with --model: runs of the optimal plan per stack (default half the blocks)")  # fmt: skip
+    parser.add_argument("--apple-model", default="mobileclip_s0",
+                        help="with --model FILE: the registered configuration a file in Apple's layout is built as (mobileclip_s0)")  # fmt: skip
+    parser.add_argument("--snapshots", type=cli.int_at_least(2), default=None,
+                        help="with --preset: snapshots, evenly spaced, step 0 included (8)")  # fmt: skip
+    parser.add_argument("--run-dir", type=Path,
+                        help="with --preset: the run's directory (default <out>/run); runs/demo makes it the demo's teacher")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("runs/reports"), metavar="PATH",
+                        help="folder for divergence.json and the heatmaps (runs/reports)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.model is None and args.preset is None:
         parser.error("give --model SPEC (the model to measure) or --preset NAME (divergences through a training run)")
@@ -130,7 +137,7 @@ def parse(argv):
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out: {args.out} exists and is not a directory")
     check_calibration_files(parser, args)
-    args.calibration_count = args.calibration_count or DEFAULT_COUNT
+    args.calibration_count = args.calibration_count or (PRESET_COUNT if args.preset else DEFAULT_COUNT)
     return args
 
 

@@ -373,7 +373,8 @@ def tokenizer_from_spec(spec: dict, where: str = "checkpoint") -> HFTokenizer:
     import tempfile
 
     files, binary = spec.get("files"), spec.get("binary_files", {})
-    if not isinstance(files, dict) or not files or not isinstance(binary, dict) or not all(isinstance(v, str) for v in (*files.values(), *binary.values())):
+    well_formed = isinstance(files, dict) and files and isinstance(binary, dict)
+    if not well_formed or not all(isinstance(v, str) for v in (*files.values(), *binary.values())):
         raise ValueError(f"{where}: the saved transformers tokenizer must hold its files (name → text), got {type(files).__name__}")
     with tempfile.TemporaryDirectory(prefix="siclip-tokenizer-") as folder:
         for name, data in [*files.items(), *binary.items()]:
