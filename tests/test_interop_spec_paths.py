@@ -348,6 +348,6 @@ def test_an_hf_teacher_lends_its_tokenizer_by_default(tmp_path, inputs):
     assert torch.equal(saved(captions), teacher.tokenizer(captions))
     task = build_task(config, run)
     text = task.student.config.text
-    assert text.vocab_size == 49408 and text.context_length == 16
+    assert text.vocab_size == 49408 and text.context_length == 32  # the teacher pads to 16: the student's 32 positions hold them
     with torch.no_grad():
         assert task.student.encode_text(run.tokenizer(captions)).shape == (1, task.student.config.embed_dim)
