@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 # Test dependencies installed without theirs: both require torchvision, whose registry wheel is a CUDA build that
-# would replace the CPU torch (tests/conftest.py gives them a stand-in for its import-time names).
+# would replace the CPU torch (siclip/interop/_torchvision_standin lends them a stand-in for its import-time names).
 NODEPS ?= timm==1.0.31 open_clip_torch==3.3.0
 
 .PHONY: setup demo test bench blocks clean

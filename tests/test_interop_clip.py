@@ -51,8 +51,9 @@ def test_hf_features_equal_the_librarys_own_forward(hf_dirs, kind, seed):
     assert torch.equal(loaded.tokenizer(TEXTS), inputs["input_ids"])
     assert torch.equal(loaded.tokenizer.attention_mask(inputs["input_ids"]), inputs["attention_mask"])
     assert loaded.model.scale().item() == pytest.approx(reference.logit_scale.exp().item())
-    expected = {"clip": Preprocess(size=32, resize=32, interpolation="bicubic"),
-                "siglip": Preprocess(size=32, resize=32, resize_mode="squash", interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)}
+    expected = {"clip": Preprocess(size=32, resize=32, interpolation="bicubic", crop_rounding="floor"),
+                "siglip": Preprocess(size=32, resize=32, resize_mode="squash", interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3,
+                                     crop_rounding="floor")}  # fmt: skip
     assert loaded.model.preprocess == expected[kind] and not loaded.is_siclip
 
 

@@ -29,6 +29,9 @@ from .augment import ColourConfig, colour_augment
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_MODES = ("shortest", "squash")
+# Where a centre crop of S from H starts, by library: torchvision's CenterCrop (open_clip's and Apple's pipelines)
+# round((H − S) / 2); transformers' image processors (H − S) // 2. They differ by one pixel when H − S is odd.
+CROP_ROUNDINGS = {"round": lambda extra: int(round(extra / 2.0)), "floor": lambda extra: extra // 2}
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -40,6 +43,10 @@ class Preprocess:
     torchvision ``Resize(resize)`` on a PIL image, then ``CenterCrop(size)``); ``"squash"`` scales both sides to
     ``resize`` (SigLIP's processor). ``resize`` None means ``size``. ``size`` None is a model configuration's
     form: the model's input size fills it in (:meth:`at`). MobileCLIP's pixels are in [0, 1]: mean 0, std 1.
+
+    ``crop_rounding``: where the centre crop starts, as the model's own library computes it (:data:`CROP_ROUNDINGS`):
+    ``"round"``, torchvision's ``round((H − S) / 2)`` (open_clip, Apple's MobileCLIP, siclip's own models, and every
+    record saved before the field existed), or ``"floor"``, transformers' ``(H − S) // 2`` (``hf:`` models).
     """
 
     size: int | None = None
@@ -48,8 +55,11 @@ class Preprocess:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    crop_rounding: str = "round"
 
     def __post_init__(self) -> None:
+        if self.crop_rounding not in CROP_ROUNDINGS:
+            raise ValueError(f"crop_rounding must be one of {sorted(CROP_ROUNDINGS)}, got {self.crop_rounding!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.interpolation not in INTERPOLATIONS:
@@ -87,7 +97,8 @@ def preprocess_image(image: np.ndarray, preprocess: Preprocess, *, normalize: bo
 
     Resizing runs in PIL, as torchvision does for PIL images (the pipelines models are released with), with
     torchvision's sizes: the short side becomes ``resize`` and the long one ``int(resize · long / short)``; the
-    crop starts at ``round((H − size) / 2)``.
+    crop starts at ``round((H − size) / 2)`` (torchvision) or ``(H − size) // 2`` (transformers), as
+    ``preprocess.crop_rounding`` says.
     """
     if preprocess.size is None:
         raise ValueError("this Preprocess has no size: take the model's, preprocess.at(image_size)")
@@ -107,7 +118,8 @@ def preprocess_image(image: np.ndarray, preprocess: Preprocess, *, normalize: bo
     pixels = np.asarray(pil)
     if size > min(target):  # torchvision pads a crop larger than the image; a model's view never needs it
         raise ValueError(f"crop {size} is larger than the resized image {target}: set resize ≥ size")
-    top, left = int(round((target[0] - size) / 2.0)), int(round((target[1] - size) / 2.0))
+    offset = CROP_ROUNDINGS[preprocess.crop_rounding]
+    top, left = offset(target[0] - size), offset(target[1] - size)
     crop = torch.from_numpy(pixels[top : top + size, left : left + size].copy()).permute(2, 0, 1).contiguous()  # PIL's array is read-only
     return normalize_images(crop, preprocess.mean, preprocess.std) if normalize else crop
 

@@ -8,7 +8,10 @@ The directory holds ``image.onnx``, ``text.onnx`` and :data:`MANIFEST`, which sa
      "attention", "opset", "source", "check": {...}, "versions": {...}}
 
 Each encoder maps its input, ``pixels`` ``(batch, 3, S, S)`` float32 in the model's view or ``ids`` ``(batch, L)``
-int64, to unit-norm ``(batch, embed_dim)`` embeddings. Nothing in the manifest is executed: it is plain data,
+int64, to unit-norm ``(batch, embed_dim)`` embeddings; the first axis is named ``batch`` in the files. An int8
+directory whose manifest says ``"activation_ranges": "per_sample"`` is run one sample per call (dynamic quantisation
+takes each activation's range over the whole call, so a batched call would make a sample's embedding depend on the
+others; :mod:`siclip.deploy.export`). Nothing in the manifest is executed: it is plain data,
 checked field by field, and each file's SHA-256 is checked before a session opens it.
 """
 
@@ -132,13 +135,19 @@ class OnnxClip(nn.Module):
         self.sessions = {e: create_session(self.directory / m[e]["file"], threads=threads) for e in ENCODERS}
         self.preprocess = Preprocess.from_dict(m["preprocess"])
         self.embed_dim = int(m["embed_dim"])
+        self.per_sample = m.get("activation_ranges") == "per_sample"  # int8: each sample its own activation ranges
         self.name = f"{m['name']} (ONNX{'' if m['precision'] == 'float32' else ' ' + m['precision']})"
         self.register_buffer("anchor", torch.zeros((), dtype=torch.float32), persistent=False)
 
     def _run(self, encoder: str, inputs: Tensor) -> Tensor:
         torch_dtype, numpy_dtype = ENCODERS[encoder]
         array = inputs.detach().to("cpu", torch_dtype).numpy().astype(numpy_dtype, copy=False)
-        return torch.from_numpy(run_session(self.sessions[encoder], array)).to(inputs.device)
+        session = self.sessions[encoder]
+        if self.per_sample:
+            out = np.concatenate([run_session(session, array[i : i + 1]) for i in range(len(array))])
+        else:
+            out = run_session(session, array)
+        return torch.from_numpy(out).to(inputs.device)
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         return self._run("image", pixels)

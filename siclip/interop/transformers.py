@@ -20,8 +20,8 @@ from transformers.models.vit.modeling_vit import ViTLayer
 from transformers.utils import output_capturing
 
 from siclip.blocks import (
-    ConversionReport, SASPBlock, SASPConversion, register_attention_reader, register_converter, register_host_fixup, sasp_from_parts,
-    softmax_attention,
+    AttentionRead, ConversionReport, SASPBlock, SASPConversion, read_softmax, register_attention_reader, register_block_causality,
+    register_converter, register_host_fixup, sasp_from_parts,
 )  # fmt: skip
 from siclip.blocks.masking import decode_attention_mask
 from siclip.blocks.shaped_attention import shaped_attention_matrix
@@ -173,7 +173,7 @@ def _convert_clip_layer(layer: nn.Module, options: SASPConversion) -> tuple[nn.M
     dropped = {(("self_attn.v_proj.weight", "self_attn.v_proj.bias"), "W_V = I"): (attn.v_proj.weight, attn.v_proj.bias),
                (("self_attn.out_proj.weight", "self_attn.out_proj.bias"), "W_P = I"): (attn.out_proj.weight, attn.out_proj.bias),
                (("layer_norm2.weight", "layer_norm2.bias"), "one shared pre-norm"): (layer.layer_norm2.weight, layer.layer_norm2.bias)}  # fmt: skip
-    return _wrap(layer, block, report, _encoder_forward, "self_attn", type(attn), dropped)
+    return _wrap(layer, block, report, _encoder_forward, "self_attn", type(attn), dropped, causal=_clip_text_layer(layer))
 
 
 @register_converter(ViTLayer)
@@ -245,44 +245,57 @@ def _after_conversion(model: nn.Module) -> None:
 
 # ── attention readers (divergence) ───────────────────────────────────────────────────────────────────────────────
 # Each reads softmax(QKᵀ·scale + M) from the call the host made: the 4-D mask it passed (causal and padding; bool or
-# additive), or, with none, the causality the call or the block implies (CLIP's text model says is_causal=True).
+# additive), or, with none, the causality the call or the block implies (CLIP's text model says is_causal=True; a text
+# layer read on its own is causal by its configuration, a CLIPTextConfig). Queries the mask makes padding are marked
+# (siclip.blocks.readers.AttentionRead): SDPA's boolean mask leaves a left-padded query no key, a NaN row.
 
 
 def _call_mask(args: tuple, kwargs: dict, position: int) -> Tensor | None:
     return args[position] if len(args) > position else kwargs.get("attention_mask")
 
 
+def _clip_text_layer(layer: nn.Module) -> bool:
+    """A CLIP text layer (causal: CLIP's text transformer always masks later tokens) rather than a vision one."""
+    return isinstance(getattr(getattr(layer, "self_attn", None), "config", None), transformers.CLIPTextConfig)
+
+
 @register_attention_reader(CLIPEncoderLayer)
 @register_attention_reader(SiglipEncoderLayer)
-def _read_clip_layer(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+def _read_clip_layer(layer: nn.Module, args: tuple, kwargs: dict) -> AttentionRead:
     attn, h = layer.self_attn, layer.layer_norm1(args[0])
-    return softmax_attention(attn.q_proj(h), attn.k_proj(h), attn.num_heads, scale=attn.scale, attn_mask=_call_mask(args, kwargs, 1),
-                             causal=bool(kwargs.get("is_causal", False)))  # fmt: skip
+    return read_softmax(attn.q_proj(h), attn.k_proj(h), attn.num_heads, scale=attn.scale, attn_mask=_call_mask(args, kwargs, 1),
+                        causal=bool(kwargs.get("is_causal", _clip_text_layer(layer))))  # fmt: skip
 
 
 @register_attention_reader(ViTLayer)
-def _read_vit_layer(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+def _read_vit_layer(layer: nn.Module, args: tuple, kwargs: dict) -> AttentionRead:
     attn, h = layer.attention, layer.layernorm_before(args[0])
-    return softmax_attention(attn.q_proj(h), attn.k_proj(h), attn.num_attention_heads, scale=attn.scaling,
-                             attn_mask=_call_mask(args, kwargs, 1))  # fmt: skip
+    return read_softmax(attn.q_proj(h), attn.k_proj(h), attn.num_attention_heads, scale=attn.scaling, attn_mask=_call_mask(args, kwargs, 1))
 
 
 @register_attention_reader(GPT2Block)
-def _read_gpt2_block(block: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+def _read_gpt2_block(block: nn.Module, args: tuple, kwargs: dict) -> AttentionRead:
     attn = block.attn
     q, k, _ = attn.c_attn(block.ln_1(args[0])).split(attn.split_size, dim=-1)
-    return softmax_attention(q, k, attn.num_heads, scale=attn.scaling, attn_mask=_call_mask(args, kwargs, 2), causal=True)
+    return read_softmax(q, k, attn.num_heads, scale=attn.scaling, attn_mask=_call_mask(args, kwargs, 2), causal=True)
 
 
 @register_attention_reader(_SASPLayer)
-def _read_converted(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+def _read_converted(layer: nn.Module, args: tuple, kwargs: dict) -> AttentionRead:
     """A converted layer: the softmax term of its shaped attention, under the masks it decoded from the call."""
     x, block, gpt2 = args[0], layer.sasp, isinstance(layer, GPT2Block)  # GPT-2's call: (hidden_states, cache, attention_mask, …)
     causal = True if gpt2 else bool(kwargs.get("is_causal", layer.default_causal))
     mask = _call_mask(args, kwargs, 2 if gpt2 else 1)
     _, padding = decode_attention_mask(mask, x.shape[0], x.shape[1], causal)
     h = block.norm(x)
-    return softmax_attention(block.attn.q(h), block.attn.k(h), block.num_heads, causal=causal, key_padding_mask=padding)
+    return read_softmax(block.attn.q(h), block.attn.k(h), block.num_heads, causal=causal, key_padding_mask=padding)
+
+
+register_block_causality(CLIPEncoderLayer)(_clip_text_layer)
+register_block_causality(SiglipEncoderLayer)(lambda layer: False)  # SigLIP's text tower attends both ways
+register_block_causality(ViTLayer)(lambda layer: False)
+register_block_causality(GPT2Block)(lambda block: True)
+register_block_causality(_SASPLayer)(lambda layer: True if isinstance(layer, GPT2Block) else bool(layer.default_causal))
 
 
 # ── CLIP adapter: teachers and evaluation, preprocessing ─────────────────────────────────────────────────────────
@@ -327,9 +340,10 @@ def _features(output) -> Tensor:
 
 class HFTokenizer:
     """A transformers tokenizer with siclip's interface: ``tokenizer(texts) -> (n, context_length)`` ids, padded to
-    the context length as the model was trained (``padding="max_length"``), plus ``encode`` for content ids."""
+    the context length as the model was trained (``padding="max_length"``; to the longest text when the model has no
+    fixed context, GPT-2's), plus ``encode`` for content ids, and :meth:`spec`, its files as plain data."""
 
-    def __init__(self, tokenizer, context_length: int) -> None:
+    def __init__(self, tokenizer, context_length: int | None) -> None:
         self.tokenizer, self.context_length = tokenizer, context_length
         self.name = f"hf:{type(tokenizer).__name__}"
         self.vocab_size = len(tokenizer)
@@ -341,8 +355,28 @@ class HFTokenizer:
 
     def __call__(self, texts, context_length: int | None = None) -> Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return self.tokenizer(texts, padding="max_length", truncation=True, max_length=context_length or self.context_length,
+        length = context_length or self.context_length
+        return self.tokenizer(texts, padding="max_length" if length else "longest", truncation=length is not None, max_length=length,
                               return_tensors="pt")["input_ids"]  # fmt: skip
+
+    def spec(self) -> dict:
+        """What rebuilds this tokenizer with no folder: the files ``save_pretrained`` writes, held as text (a binary
+        file, a SentencePiece model, base64 under ``binary_files``: the spec stays JSON), and the context length
+        (:func:`tokenizer_from_spec`)."""
+        import base64
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="siclip-tokenizer-") as folder:
+            self.tokenizer.save_pretrained(folder)
+            files, binary = {}, {}
+            for path in sorted(Path(folder).iterdir()):
+                data = path.read_bytes()
+                try:
+                    files[path.name] = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    binary[path.name] = base64.b64encode(data).decode("ascii")
+        return {"name": "hf", "class": type(self.tokenizer).__name__, "context_length": self.context_length, "files": files,
+                "binary_files": binary}  # fmt: skip
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -360,6 +394,33 @@ class HFTokenizer:
             after = (ends.cumsum(-1) - ends) > 0  # strictly after the first end-of-text token
             return (~after).long()
         return (ids != self.pad_token_id).long()
+
+
+def tokenizer_from_spec(spec: dict, where: str = "checkpoint") -> HFTokenizer:
+    """The tokenizer :meth:`HFTokenizer.spec` described: its files written to a temporary folder and read by
+    ``AutoTokenizer`` (local files only; no code from the files is run), wrapped with its context length."""
+    import base64
+    import binascii
+    import tempfile
+
+    files, binary = spec.get("files"), spec.get("binary_files", {})
+    well_formed = isinstance(files, dict) and files and isinstance(binary, dict)
+    if not well_formed or not all(isinstance(v, str) for v in (*files.values(), *binary.values())):
+        raise ValueError(f"{where}: the saved transformers tokenizer must hold its files (name → text), got {type(files).__name__}")
+    with tempfile.TemporaryDirectory(prefix="siclip-tokenizer-") as folder:
+        for name, data in [*files.items(), *binary.items()]:
+            if Path(name).name != name or name in (".", ".."):
+                raise ValueError(f"{where}: the saved tokenizer names a file {name!r} outside its folder")
+            try:
+                content = base64.b64decode(data, validate=True) if name in binary else data.encode("utf-8")
+            except binascii.Error:
+                raise ValueError(f"{where}: the saved tokenizer's file {name!r} is not base64") from None
+            (Path(folder) / name).write_bytes(content)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{where}: the saved transformers tokenizer cannot be rebuilt ({str(err).splitlines()[0]})") from None
+    return HFTokenizer(tokenizer, spec.get("context_length"))
 
 
 class HFClip(nn.Module):
@@ -384,15 +445,17 @@ class HFClip(nn.Module):
 
 def default_preprocess(model: nn.Module) -> Preprocess:
     """The image processor's defaults for ``model`` when no ``preprocessor_config.json`` says otherwise: CLIP's
-    (bicubic short side, centre crop, OpenAI's mean and std), SigLIP's (bicubic squash to the input size, mean = std = ½)."""
+    (bicubic short side, centre crop, OpenAI's mean and std), SigLIP's (bicubic squash to the input size, mean = std = ½);
+    crops start where transformers' processors start them, ``(H − S) // 2``."""
     size = getattr(model.config, "vision_config", model.config).image_size
     if model.config.model_type.startswith("siglip"):
-        return Preprocess(size=size, resize_mode="squash", interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
-    return Preprocess(size=size, interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD)
+        return Preprocess(size=size, resize_mode="squash", interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3, crop_rounding="floor")
+    return Preprocess(size=size, interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD, crop_rounding="floor")
 
 
 def preprocess_from_file(path: Path) -> Preprocess:
-    """A ``preprocessor_config.json`` (``CLIPImageProcessor``, ``SiglipImageProcessor``) as siclip's Preprocess."""
+    """A ``preprocessor_config.json`` (``CLIPImageProcessor``, ``SiglipImageProcessor``) as siclip's Preprocess, with
+    transformers' crop arithmetic (``(H − S) // 2``, :data:`siclip.data.transforms.CROP_ROUNDINGS`)."""
     try:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -419,7 +482,7 @@ def preprocess_from_file(path: Path) -> Preprocess:
     normalize = cfg.get("do_normalize", True)
     return Preprocess(size=out, resize=resize, resize_mode=mode, interpolation=_RESAMPLE[cfg.get("resample", 3)],
                       mean=tuple(cfg.get("image_mean", CLIP_MEAN)) if normalize else (0.0,) * 3,
-                      std=tuple(cfg.get("image_std", CLIP_STD)) if normalize else (1.0,) * 3)  # fmt: skip
+                      std=tuple(cfg.get("image_std", CLIP_STD)) if normalize else (1.0,) * 3, crop_rounding="floor")  # fmt: skip
 
 
 def _context_length(model: nn.Module) -> int:
@@ -497,55 +560,78 @@ def _directory_preprocess(path: Path, model: nn.Module) -> Preprocess:
     return preprocess_from_file(processor) if processor.is_file() else default_preprocess(model)
 
 
-def calibration_run(model: nn.Module, rest: str, captions: list[str] | None, images: list | None):
-    """``run(m)``: a model of ``model``'s architecture on the calibration inputs, for divergences and FLOPs: a CLIP on
-    both (its tokenizer and preprocessing from its directory), a vision model on ``images``, a text model on
-    ``captions`` (its tokenizer from its directory)."""
-    from siclip.data.transforms import preprocess_image
-
-    path = Path(rest)
-    vision_config = getattr(model.config, "vision_config", model.config)
-    if isinstance(model, tuple(CLIP_MODELS.values())):
-        if not captions or not images:
-            raise ValueError("a CLIP's divergences need both --captions and --images")
-        tokenizer, pre = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True), _directory_preprocess(path, model)
-        clip = adapt(model, tokenizer, pre).model
-        ids, pixels = clip.tokenizer(captions), torch.stack([preprocess_image(im, pre) for im in images])
-
-        def run_clip(m: nn.Module):
-            clip = adapt(m, tokenizer, pre).model
-            return clip.encode_text(ids), clip.encode_image(pixels)
-
-        return run_clip
-    if getattr(vision_config, "image_size", None) is not None:
-        if not images:
-            raise ValueError(f"a {type(model).__name__} reads images: give --images")
-        pixels = torch.stack([preprocess_image(im, _directory_preprocess(path, model)) for im in images])
-        return lambda m: m(pixel_values=pixels)
-    if not captions:
-        raise ValueError(f"a {type(model).__name__} reads text: give --captions")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token is None:  # GPT-2's tokenizer has none: pad with end-of-text, masked out
-        tokenizer.pad_token = tokenizer.eos_token
-    inputs = dict(tokenizer(captions, padding=True, truncation=True, return_tensors="pt"))
-    if hasattr(model.config, "use_cache"):
-        inputs["use_cache"] = False  # a converted GPT-2 keeps no cache
-    return lambda m: m(**inputs)
+def _reads_images(model: nn.Module) -> bool:
+    return getattr(getattr(model.config, "vision_config", model.config), "image_size", None) is not None
 
 
-def original_preprocess(model: nn.Module, rest: str) -> Preprocess | None:
-    vision_config = getattr(model.config, "vision_config", model.config)
-    return _directory_preprocess(Path(rest), model) if getattr(vision_config, "image_size", None) is not None else None
+def _reads_text(model: nn.Module) -> bool:
+    return isinstance(model, tuple(CLIP_MODELS.values())) or not _reads_images(model)
 
 
-def adapt_converted(model: nn.Module, rest: str, spec: str, preprocess: Preprocess | None) -> LoadedClip:
-    """A converted CLIP/SigLIP with the tokenizer of its original's directory."""
-    if not isinstance(model, tuple(CLIP_MODELS.values())):
-        raise ValueError(f"{spec}: a converted {type(model).__name__} is not a CLIP (CLIPModel or SiglipModel)")
+def original_tokenizer(model: nn.Module, rest: str) -> HFTokenizer | None:
+    """The tokenizer saved beside the model in its directory, for a model that reads text (None for a vision model):
+    a CLIP's padded to its context length, any other's to the longest caption."""
+    if not _reads_text(model):
+        return None
     path = Path(rest)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"the converted model reads the tokenizer of its original, {spec}, which cannot be loaded "
-                                f"({str(err).splitlines()[0]})") from None  # fmt: skip
-    return adapt(model, tokenizer, preprocess or _directory_preprocess(path, model), spec)
+        raise FileNotFoundError(f"hf:{rest}: no usable tokenizer saved in {path} ({str(err).splitlines()[0]}); save it beside the model "
+                                "(tokenizer.save_pretrained(DIR))") from None  # fmt: skip
+    return HFTokenizer(tokenizer, _context_length(model) if isinstance(model, tuple(CLIP_MODELS.values())) else None)
+
+
+def calibration_run(model: nn.Module, tokenizer: HFTokenizer | None, preprocess: Preprocess | None, captions: list[str] | None,
+                    images: list | None):  # fmt: skip
+    """``run(m)``: a model of ``model``'s architecture on the calibration inputs, for divergences and FLOPs: a CLIP on
+    both (through ``tokenizer`` and ``preprocess``), a vision model on ``images``, a text model on ``captions``. Text
+    runs inside :func:`siclip.blocks.real_tokens` with the tokenizer's attention mask, so divergences read the
+    captions' tokens, never their padding."""
+    from siclip.blocks import real_tokens
+    from siclip.data.tokenizer import real_token_mask
+    from siclip.data.transforms import preprocess_image
+
+    if isinstance(model, tuple(CLIP_MODELS.values())):
+        if not captions or not images:
+            raise ValueError("a CLIP's divergences need both calibration captions and calibration images")
+        ids, pixels = tokenizer(captions), torch.stack([preprocess_image(im, preprocess) for im in images])
+        tokens = real_token_mask(ids, tokenizer)
+
+        def run_clip(m: nn.Module):
+            clip = adapt(m, tokenizer, preprocess).model
+            with real_tokens(tokens):
+                text = clip.encode_text(ids)
+            return text, clip.encode_image(pixels)
+
+        return run_clip
+    if _reads_images(model):
+        if not images:
+            raise ValueError(f"a {type(model).__name__} reads images: give calibration images")
+        pixels = torch.stack([preprocess_image(im, preprocess) for im in images])
+        return lambda m: m(pixel_values=pixels)
+    if not captions:
+        raise ValueError(f"a {type(model).__name__} reads text: give calibration captions")
+    raw = tokenizer.tokenizer
+    if raw.pad_token is None:  # GPT-2's tokenizer has none: pad with end-of-text, masked out
+        raw.pad_token = raw.eos_token
+    inputs = dict(raw(captions, padding=True, truncation=True, return_tensors="pt"))
+    if hasattr(model.config, "use_cache"):
+        inputs["use_cache"] = False  # a converted GPT-2 keeps no cache
+
+    def run_text(m: nn.Module):
+        with real_tokens(inputs["attention_mask"].bool()):
+            return m(**inputs)
+
+    return run_text
+
+
+def original_preprocess(model: nn.Module, rest: str) -> Preprocess | None:
+    return _directory_preprocess(Path(rest), model) if _reads_images(model) else None
+
+
+def adapt_converted(model: nn.Module, tokenizer: HFTokenizer, preprocess: Preprocess, spec: str) -> LoadedClip:
+    """A converted CLIP/SigLIP with the tokenizer and preprocessing its file holds."""
+    if not isinstance(model, tuple(CLIP_MODELS.values())):
+        raise ValueError(f"{spec}: a converted {type(model).__name__} is not a CLIP (CLIPModel or SiglipModel)")
+    return adapt(model, tokenizer, preprocess, spec)

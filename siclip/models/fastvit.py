@@ -17,7 +17,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from siclip.blocks import Attention, ConversionReport, SASPBlock2d, SASPConversion, register_attention_reader, register_converter
+from siclip.blocks import (
+    Attention, ConversionReport, SASPBlock2d, SASPConversion, register_attention_reader, register_block_causality, register_converter,
+)  # fmt: skip
 from siclip.blocks.readers import softmax_attention
 from siclip.blocks.token_dropout import register_token_dropout
 
@@ -119,6 +121,11 @@ class AttentionBlock(nn.Module):
         tokens = self.token_mixer(rearrange(self.norm(x), "b c h w -> b (h w) c"))
         x = x + self.layer_scale_1 * rearrange(tokens, "b (h w) c -> b c h w", h=height)
         return x + self.layer_scale_2 * self.convffn(x)
+
+
+@register_block_causality(AttentionBlock)
+def _not_causal(block: AttentionBlock) -> bool:
+    return False  # attention over a map's positions
 
 
 @register_attention_reader(AttentionBlock)
