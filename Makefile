@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 # Test dependencies installed without theirs: both require torchvision, whose registry wheel is a CUDA build that
-# would replace the CPU torch (tests/conftest.py gives them a stand-in for its import-time names).
+# would replace the CPU torch (siclip/interop/_torchvision_standin lends them a stand-in for its import-time names).
 NODEPS ?= timm==1.0.31 open_clip_torch==3.3.0
 
 .PHONY: setup demo test bench blocks clean
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" || $(PY) -m pip install -q torch
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,augment]'
 	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $@
 

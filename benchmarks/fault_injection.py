@@ -534,9 +534,9 @@ TRAIN_BAD_ARGUMENTS = [
     (["--p-synthetic", "1.5"], "--p-synthetic"), (["--max-unknown-rate", "-0.1"], "--max-unknown-rate"),
     (["--max-skip-fraction", "2"], "--max-skip-fraction"), (["--dist-timeout", "0"], "--dist-timeout"), (["--crop-scale", "0", "1"], "--crop-scale"),
     (["--crop-ratio", "2", "1"], "--crop-ratio"), (["--tower-lr-scale", "image=-1"], "--tower-lr-scale"), (["--tower-lr-scale", "eyes=2"], "--tower-lr-scale"),
-    (["--tower-frozen-steps", "text=x"], "--tower-frozen-steps"), (["--eval-zeroshot", "{missing}"], "--eval-zeroshot"),
-    (["--eval-zeroshot", "{test}", "--classnames", "{missing}"], "--classnames"), (["--eval-zeroshot", "{test}", "--templates", "{missing}"], "--templates"),
-    (["--classnames", "{names}"], "--classnames needs --eval-zeroshot"), (["--teacher", "{missing}"], "--teacher"),
+    (["--tower-frozen-steps", "text=x"], "--tower-frozen-steps"), (["--zeroshot", "{missing}"], "--zeroshot"),
+    (["--zeroshot", "{test}", "--classnames", "{missing}"], "--classnames"), (["--zeroshot", "{test}", "--templates", "{missing}"], "--templates"),
+    (["--classnames", "{names}"], "--classnames needs --zeroshot"), (["--teacher", "{missing}"], "--teacher"),
     (["--teacher", "hf:/no/such/dir"], "--teacher"), (["--vocab-path", "{missing}"], "--vocab-path"),
     (["--calibration-captions", "{missing}"], "--calibration-captions"), (["--data", "{missing}.csv"], "--data"),
     (["--shape-twins", "--data", "{names}.csv"], "--data"), (["--model", "no_such_model"], "--model"), (["--resume", "--overwrite"], "choose one"),
@@ -564,15 +564,16 @@ def bad_arguments(work: Path) -> list[Refusal]:
         ("ablation", ["--seeds", "0", "--out", str(out)], "--seeds"), ("ablation", ["--preset", "huge", "--out", str(out)], "--preset"),
         ("data_scale", ["--seeds", "0", "--out", str(out)], "--seeds"), ("data_scale", ["--workers", "-1", "--out", str(out)], "--workers"),
         ("divergence_report", ["--preset", "demo", "--snapshots", "1", "--out", str(out)], "--snapshots"),
-        ("divergence_report", ["--checkpoint", str(f["missing"]), "--out", str(out)], "--checkpoint"),
-        ("divergence_report", ["--model", "mobileclip_tiny", "--captions", "0", "--out", str(out)], "--captions"),
+        ("divergence_report", ["--model", str(f["missing"]), "--out", str(out)], "--model"),
+        ("divergence_report", ["--model", "mobileclip_tiny", "--calibration-count", "0", "--out", str(out)], "--calibration-count"),
         ("flops_report", ["--out", str(f["names"])], "--out"), ("import_mobileclip", [str(f["missing"]), str(out)], "source"),
         ("import_mobileclip", [str(f["model"]), str(out), "--model", "siclip_s0"], "--model"),
         ("caption_shards", [str(out), "--num-captions", "0"], "--num-captions"),
         ("caption_shards", [str(out), "--captioner", "nocolon"], "--captioner"),
         ("caption_shards", [str(out), "--captioner", "no_such_module_x:f"], "no_such_module_x"),
-        ("convert_model", ["hf:/no/such/dir", "--out", str(out / "c.pt"), "--count", "1"], "--count"),
-        ("convert_model", ["hf:/no/such/dir", "--out", str(out / "c.pt"), "--captions", str(f["missing"])], "--captions"),
+        ("convert_model", ["--model", "hf:/no/such/dir", "--out", str(out / "c.pt"), "--calibration-count", "1"], "--calibration-count"),
+        ("convert_model", ["--model", "hf:/no/such/dir", "--out", str(out / "c.pt"), "--calibration-captions", str(f["missing"])],
+         "--calibration-captions"),
     ]  # fmt: skip
     cases += [Refusal(script, argv, (named,), out=out) for script, argv, named in others]
     return cases
@@ -635,7 +636,7 @@ def bad_files(work: Path) -> list:
                     marker=marker),  # fmt: skip
             Refusal("evaluate", ["--model", str(evil), "--zeroshot", str(f["test"])], (str(evil),), marker=marker),
             Refusal("import_mobileclip", [str(evil), str(out / "m.pt")], (str(evil),), marker=marker),
-            Refusal("divergence_report", ["--checkpoint", str(evil), "--out", str(out)], (str(evil),), marker=marker),
+            Refusal("divergence_report", ["--model", str(evil), "--out", str(out)], (str(evil),), marker=marker),
             Refusal("cache_teacher", ["--teacher", str(evil), "--data", "embedded", "--out", str(out)], (str(evil),), marker=marker),
         ]
     good = f["model"].read_bytes()
@@ -740,13 +741,13 @@ def bad_data(work: Path) -> list[DataCase]:
         DataCase(["--data", tables["one_bomb"], *train("r8")], (), (0,), skipped=1),
         DataCase(["--data", str(shards), *train("r9", "--max-skip-fraction", "1")], (), (0,), skipped=0),
         DataCase(["--data", str(work / "no_shards"), *train("r10")], ("no_shards",), (2,)),
-        DataCase(["--data", tables["good"], *[a for a in train("r11") if a != "--no-eval"], "--eval-zeroshot", str(f["test"]), "--classnames",
+        DataCase(["--data", tables["good"], *[a for a in train("r11") if a != "--no-eval"], "--zeroshot", str(f["test"]), "--classnames",
                   str(work / "empty_names.txt")], ("empty_names.txt",), (2,)),  # fmt: skip
-        DataCase(["--data", tables["good"], *[a for a in train("r12") if a != "--no-eval"], "--eval-zeroshot", str(f["test"]), "--templates",
+        DataCase(["--data", tables["good"], *[a for a in train("r12") if a != "--no-eval"], "--zeroshot", str(f["test"]), "--templates",
                   str(work / "bad_templates.txt")], ("bad_templates.txt", "{}"), (2,)),  # fmt: skip
-        DataCase(["--data", tables["good"], *[a for a in train("r13") if a != "--no-eval"], "--eval-zeroshot", str(empty_class)],
+        DataCase(["--data", tables["good"], *[a for a in train("r13") if a != "--no-eval"], "--zeroshot", str(empty_class)],
                  (str(empty_class),), (2,)),  # fmt: skip
-        DataCase(["--data", tables["good"], *[a for a in train("r14") if a != "--no-eval"], "--eval-retrieval", str(work / "no_column.csv")],
+        DataCase(["--data", tables["good"], *[a for a in train("r14") if a != "--no-eval"], "--retrieval", str(work / "no_column.csv")],
                  ("no_column.csv",), (2,)),  # fmt: skip
         DataCase(["--data", tables["latin1"], *train("finished")[:-2], "--overwrite", "--out", str(finished_run)], (tables["latin1"],), (2,),
                  untouched=model),  # fmt: skip
@@ -781,11 +782,10 @@ def _block_network() -> None:
     socket.create_connection = lambda *args, **kwargs: refuse(*args)
 
 
-GUARD = '''"""Fault injection's subprocesses: the tests' torchvision stand-in, and every connection logged and refused."""
-import os, socket, sys
-sys.path[:0] = [{startup!r}]
-import torchvision_standin
-torchvision_standin.install()
+# The commands lend timm and open_clip siclip's torchvision stand-in themselves (importing siclip.interop installs it),
+# so the guard only blocks the network.
+GUARD = '''"""Fault injection's subprocesses: every connection logged and refused."""
+import os, socket
 def _refuse(*args):
     with open(os.environ["SICLIP_FI_NETWORK_LOG"], "a") as log:
         log.write(repr(args)[:200] + "\\n")
@@ -798,20 +798,20 @@ socket.create_connection = lambda *args, **kwargs: _refuse(*args)
 
 
 def _foreign() -> None:
-    """timm and open_clip import here with the tests' torchvision stand-in where torchvision cannot load; the tests'
-    builders of small foreign models (their libraries' real classes) are importable."""
-    for path in (ROOT / "tests" / "standins" / "startup", ROOT / "tests"):
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
-    import torchvision_standin
+    """timm and open_clip import here with siclip's torchvision stand-in where torchvision cannot load
+    (``siclip/interop/_torchvision_standin``, as the commands lend it); the tests' builders of small foreign models
+    (their libraries' real classes) are importable."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from siclip.interop._torchvision_standin import install
 
-    torchvision_standin.install()
+    install()
 
 
 def _guarded_env(work: Path) -> dict:
     guard = work / "guard"
     guard.mkdir(parents=True, exist_ok=True)
-    (guard / "sitecustomize.py").write_text(GUARD.format(startup=str(ROOT / "tests" / "standins" / "startup")))
+    (guard / "sitecustomize.py").write_text(GUARD)
     return {**ENV, "PYTHONPATH": os.pathsep.join([str(guard), str(ROOT)]), "SICLIP_FI_NETWORK_LOG": str(work / "network.log")}
 
 
@@ -841,6 +841,10 @@ def _calibration(work: Path) -> dict[str, Path]:
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(photos / f"{i}.png")
     (work / "captions.txt").write_text("a photo of a cat\na red circle\n")
     return {"photos": photos, "captions": work / "captions.txt"}
+
+
+def _calibration_flags(calib: dict[str, Path]) -> list[str]:
+    return ["--calibration-captions", str(calib["captions"]), "--calibration-images", str(calib["photos"])]
 
 
 def _no_tokenizer(folder: Path) -> None:
@@ -886,7 +890,7 @@ def model_folders(work: Path) -> list:
             Refusal("evaluate", ["--model", spec, "--zeroshot", str(f["test"])], (str(folder),), marker=marker),
             Refusal("train", ["--model", "siclip_tiny", "--teacher", spec, "--no-inherit", "--no-eval", "--out", str(work / f"t_{name}")],
                     (str(folder),), marker=marker, out=work / f"t_{name}"),  # fmt: skip
-            Refusal("convert_model", [spec, "--captions", str(calib["captions"]), "--images", str(calib["photos"]), "--out", str(work / f"c_{name}.pt")],
+            Refusal("convert_model", ["--model", spec, *_calibration_flags(calib), "--out", str(work / f"c_{name}.pt")],
                     (str(folder),), marker=marker, out=work / f"c_{name}.pt"),  # fmt: skip
             Refusal("cache_teacher", ["--teacher", spec, "--data", "embedded", "--num-train", "4", "--out", str(work / f"k_{name}")],
                     (str(folder),), marker=marker, out=work / f"k_{name}"),  # fmt: skip
@@ -949,16 +953,27 @@ def remote_code(work: Path) -> list:
         cases += [ProcessRefusal(script, argv, ("auto_map",), env, marker) for script, argv in (
             ("evaluate", ["--model", spec, "--zeroshot", str(f["test"])]),
             ("train", ["--model", "siclip_tiny", "--teacher", spec, "--no-inherit", "--no-eval", "--out", str(work / "run")]),
-            ("convert_model", [spec, "--captions", str(calib["captions"]), "--images", str(calib["photos"]), "--out", str(work / "c.pt")]),
-            ("divergence_report", ["--spec", spec, "--caption-file", str(calib["captions"]), "--image-folder", str(calib["photos"]),
+            ("convert_model", ["--model", spec, *_calibration_flags(calib), "--out", str(work / "c.pt")]),
+            ("divergence_report", ["--model", spec, *_calibration_flags(calib),
                                    "--out", str(work / "report")]),
             ("cache_teacher", ["--teacher", spec, "--data", "embedded", "--out", str(work / "cache")]))]  # fmt: skip
-    # A converted file made from a clean folder, whose folder later names its own code: reached without the user naming it.
+    # A converted file made from a clean folder, written as files were before they carried their tokenizer (so it reads
+    # its origin's), whose folder later names its own code: reached without the user naming it.
     origin = _copy(hf, work / "origin")
     converted = _converted_file(f"hf:{origin}", ["text_model.encoder.layers.0"], work / "converted_hf.pt")
+    payload = torch.load(converted, weights_only=True)
+    save_atomic({k: v for k, v in payload.items() if k != "tokenizer"}, work / "converted_hf_before.pt")
     marker = work / "executed_origin"
     _with_own_code(origin, marker, "tokenizer_config.json")
-    cases.append(ProcessRefusal("evaluate", ["--model", str(converted), "--zeroshot", str(f["test"])], ("auto_map",), env, marker))
+    cases.append(ProcessRefusal("evaluate", ["--model", str(work / "converted_hf_before.pt"), "--zeroshot", str(f["test"])], ("auto_map",), env,
+                                marker))  # fmt: skip
+    # A converted file carrying its tokenizer (its files as text) whose tokenizer_config.json names Python shipped beside it.
+    marker = work / "executed_carried"
+    files = dict(payload["tokenizer"]["files"])
+    files["tokenizer_config.json"] = json.dumps({**json.loads(files["tokenizer_config.json"]), "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}})
+    files["evil.py"] = f"open({str(marker)!r}, 'w').write('ran')\n"
+    carried = save_atomic({**payload, "tokenizer": {**payload["tokenizer"], "files": files}}, work / "converted_hf_own_code.pt")
+    cases.append(ProcessRefusal("evaluate", ["--model", str(carried), "--zeroshot", str(f["test"])], (str(carried),), env, marker))
     config, weights = save_open_clip(work / "oc")
     own = _copy(hf, work / "own_code_text_tower", lambda d: _with_own_code(d, work / "executed_tower", "config.json"))
     _edit_json(config, lambda c: c.update(text_cfg={**c["text_cfg"], "hf_model_name": str(own)}))
@@ -1018,7 +1033,7 @@ def network(work: Path) -> list:
     save_atomic(hf_converted, work / "hf_kernel.pt")
     vit = work / "vit.json"
     vit.write_text(json.dumps({"name": "vit_tiny_patch16_224", "kwargs": {"pretrained_cfg_overlay": {"hf_hub_id": "timm/vit_tiny_patch16_224"}}}))
-    images = ["--images", str(calib["photos"])]
+    images = ["--calibration-images", str(calib["photos"])]
     evaluate = lambda model: ["--model", str(model), "--zeroshot", str(f["test"])]  # noqa: E731
     return [
         *[Refusal("evaluate", evaluate(path), (str(path),)) for path in files.values()],
@@ -1029,10 +1044,10 @@ def network(work: Path) -> list:
         Refusal("evaluate", evaluate("hf:openai/clip-vit-base-patch32"), ("openai/clip-vit-base-patch32",)),
         Refusal("train", ["--model", "siclip_tiny", "--teacher", "hf:openai/clip-vit-base-patch32", "--out", str(work / "t")],
                 ("openai/clip-vit-base-patch32",), out=work / "t"),  # fmt: skip
-        Refusal("convert_model", [f"timm:hf-hub:timm/vit_tiny_patch16_224:{weights}", *images, "--out", str(work / "v.pt")],
+        Refusal("convert_model", ["--model", f"timm:hf-hub:timm/vit_tiny_patch16_224:{weights}", *images, "--out", str(work / "v.pt")],
                 ("hf-hub:timm/vit_tiny_patch16_224",), out=work / "v.pt"),  # fmt: skip
-        Refusal("convert_model", [f"timm:{vit}:{weights}", *images, "--out", str(work / "v.pt")], ("pretrained_cfg_overlay",), out=work / "v.pt"),
-        Refusal("convert_model", [f"open_clip:{hub_config}:{weights}", "--captions", str(calib["captions"]), *images, "--out", str(work / "v.pt")],
+        Refusal("convert_model", ["--model", f"timm:{vit}:{weights}", *images, "--out", str(work / "v.pt")], ("pretrained_cfg_overlay",), out=work / "v.pt"),
+        Refusal("convert_model", ["--model", f"open_clip:{hub_config}:{weights}", "--calibration-captions", str(calib["captions"]), *images, "--out", str(work / "v.pt")],
                 ("hf_model_name",), out=work / "v.pt"),  # fmt: skip
     ]
 
@@ -1059,6 +1074,15 @@ def _converted_damage() -> dict[str, Callable[[dict], None]]:
         "no-such-block": lambda p: p.update(blocks=["no.such.block"]), "swapped-weights": swapped, "missing-weight": missing,
         "no-state-dict": lambda p: p.pop("state_dict"), "architecture-type": lambda p: p.update(architecture=[1, 2]),
         "class-for-hf": lambda p: p.update(origin="hf:/nonexistent", architecture={"class": "pipeline", "config": {}}),
+        # the fields issue 33 added: the tokenizer carried as data, the crop's rounding
+        "tokenizer-name": lambda p: p["tokenizer"].update(name="../../evil"),
+        "tokenizer-bpe-path": lambda p: p["tokenizer"].update(kwargs={"bpe_path": "/etc/passwd"}),
+        "tokenizer-syntax-mask": lambda p: p["tokenizer"].update(kwargs={"reduction_mask": "syntax"}),
+        "tokenizer-context-1e9": lambda p: p["tokenizer"].update(context_length=10**9),
+        "tokenizer-hf-outside": lambda p: p.update(tokenizer={"name": "hf", "files": {"../../evil.json": "{}"}}),
+        "tokenizer-hf-python": lambda p: p.update(tokenizer={"name": "hf", "files": {"tokenizer_config.json": "{}", "evil.py": "import os"}}),
+        "tokenizer-hf-base64": lambda p: p.update(tokenizer={"name": "hf", "files": {"a.json": "{}"}, "binary_files": {"spiece.model": "not base64!"}}),
+        "crop-rounding": lambda p: p["preprocess"].update(crop_rounding="ceil"),
     }  # fmt: skip
 
 
@@ -1128,6 +1152,14 @@ def _manifest_damage() -> dict[str, Callable[[Path, dict], None]]:
         "input-shape": lambda f, m: m["image"].update(input_shape=[None, 3, 10**9, 10**9]), "symlinked-encoder": link_out,
         "tokenizer-name": lambda f, m: m["tokenizer"].update(name="../../evil"), "format": lambda f, m: m.update(format="siclip-onnx-9"),
         "not-an-object": lambda f, m: m.update(image=["image.onnx"]), "precision": lambda f, m: m.update(precision="int4"),
+        # the fields issue 33 added: transformers and open_clip tokenizers, int8's per-sample ranges and bound, crop rounding
+        "hf-tokenizer-outside": lambda f, m: m.update(tokenizer={"name": "hf", "context_length": m["text"]["input_shape"][1], "files": ["../vocab.json"]}),
+        "hf-tokenizer-encoder": lambda f, m: m.update(tokenizer={"name": "hf", "context_length": m["text"]["input_shape"][1], "files": ["image.onnx"]}),
+        "hf-tokenizer-missing": lambda f, m: m.update(tokenizer={"name": "hf", "context_length": m["text"]["input_shape"][1], "files": ["tokenizer.json"]}),
+        "open-clip-bpe-path": lambda f, m: m.update(tokenizer={"name": "open_clip", "tokenizer": "SimpleTokenizer", "context_length": m["text"]["input_shape"][1],
+                                                               "kwargs": {"bpe_path": "/etc/passwd"}}),
+        "activation-ranges": lambda f, m: m.update(activation_ranges="per_batch"), "check-bound-1e308": lambda f, m: m["check"].update(bound=1e308),
+        "check-calls": lambda f, m: m["check"].update(calls="all at once"), "crop-rounding": lambda f, m: m["preprocess"].update(crop_rounding="ceil"),
     }  # fmt: skip
 
 
@@ -1298,7 +1330,7 @@ def destinations(work: Path) -> list:
     run = work / "run_with_notes"
     run.mkdir(exist_ok=True)
     (run / "notes.txt").write_text("mine")
-    spec = f"open_clip:{config}:{weights}"
+    model_spec = ["--model", f"open_clip:{config}:{weights}"]
     teacher = ["--teacher", str(model), "--num-train", "8", "--batch-size", "8"]
     return [
         Written("cache_teacher", [*teacher, "--data", "embedded", "--out", str(notes)], (str(notes), "--overwrite"), (notes / "thesis.txt",)),
@@ -1319,17 +1351,18 @@ def destinations(work: Path) -> list:
         Written("export", ["--model", str(model), "--out", str(work / "x"), "--opset", "1e20"], ("--opset",)),
         Written("export", ["--model", str(model), "--out", str(replaced_export)], (), expected=(0,),
                 check_after=lambda: sorted(p.name for p in replaced_export.iterdir()) == ["image.onnx", "siclip_onnx.json", "text.onnx"]),
-        Written("convert_model", [spec, "--out", str(run_copy / "model.pt")], (str(run_copy / "model.pt"), "--overwrite"), (run_copy / "model.pt",)),
-        Written("convert_model", [spec, "--out", str(weights), "--overwrite"], ("one of this command's inputs",), (weights,)),
-        Written("convert_model", [spec, "--out", str(config), "--overwrite"], ("one of this command's inputs",), (config,)),
-        Written("convert_model", [spec, "--out", "/dev/full"], ("/dev/full", "character device")),
-        Written("convert_model", [spec, "--out", str(sock)], (str(sock), "socket")),
-        Written("convert_model", [spec, "--out", str(notes)], (str(notes), "is a folder")),
-        Written("convert_model", [spec, "--out", str(work / "c.pt"), "--count", "1000000000"], ("--count",)),
-        Written("convert_model", [spec, "--out", str(work / "c.pt"), "--beta-ff", "1e308"], ("--beta-ff",)),
-        Written("caption_shards", [str(shards), "--out-dir", str(captioned)], (shard.name, "--overwrite"), (captioned / shard.name, shard)),
-        Written("caption_shards", [str(shards), "--out-dir", "/dev/full"], ("/dev/full",), (shard,)),
-        Written("divergence_report", ["--model", "mobileclip_tiny", "--images", "1000000000", "--out", str(work / "r")], ("--images",)),
+        Written("convert_model", [*model_spec, "--out", str(run_copy / "model.pt")], (str(run_copy / "model.pt"), "--overwrite"), (run_copy / "model.pt",)),
+        Written("convert_model", [*model_spec, "--out", str(weights), "--overwrite"], ("one of this command's inputs",), (weights,)),
+        Written("convert_model", [*model_spec, "--out", str(config), "--overwrite"], ("one of this command's inputs",), (config,)),
+        Written("convert_model", [*model_spec, "--out", "/dev/full"], ("/dev/full", "character device")),
+        Written("convert_model", [*model_spec, "--out", str(sock)], (str(sock), "socket")),
+        Written("convert_model", [*model_spec, "--out", str(notes)], (str(notes), "is a folder")),
+        Written("convert_model", [*model_spec, "--out", str(work / "c.pt"), "--calibration-count", "1000000000"], ("--calibration-count",)),
+        Written("convert_model", [*model_spec, "--out", str(work / "c.pt"), "--beta-ff", "1e308"], ("--beta-ff",)),
+        Written("caption_shards", [str(shards), "--out", str(captioned)], (shard.name, "--overwrite"), (captioned / shard.name, shard)),
+        Written("caption_shards", [str(shards), "--out", "/dev/full"], ("/dev/full",), (shard,)),
+        Written("divergence_report", ["--model", "mobileclip_tiny", "--calibration-count", "1000000000", "--out", str(work / "r")],
+                ("--calibration-count",)),
         Written("cache_teacher", ["--teacher", str(model), "--data", "embedded", "--num-train", "1000000000000", "--out", str(work / "k")], ("--num-train",)),
         Written("train", ["--num-train", "1000000000000", "--out", str(work / "t")], ("--num-train",)),
         Written("train", ["--model", "mobileclip_tiny", "--num-train", "16", "--batch-size", "8", "--epochs", "1", "--no-eval", "--out", str(run)],

@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     written = time.perf_counter() - started
     command = [sys.executable, str(ROOT / "experiments/train.py"), "--model", student, "--teacher", str(apple), "--teacher-model", teacher_model,
                "--wikd", "--data", str(files["shards"]), "--epochs", str(epochs), "--batch-size", str(batch), "--workers", str(workers),
-               "--out", str(out / "run"), "--eval-zeroshot", str(files["zeroshot"]), "--classnames", str(files["classnames"]),
-               "--templates", str(files["templates"]), "--eval-retrieval", str(files["retrieval"])]  # fmt: skip
+               "--out", str(out / "run"), "--zeroshot", str(files["zeroshot"]), "--classnames", str(files["classnames"]),
+               "--templates", str(files["templates"]), "--retrieval", str(files["retrieval"])]  # fmt: skip
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
     trained = time.perf_counter() - started

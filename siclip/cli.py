@@ -13,6 +13,8 @@
         parser.add_argument("--count", type=cli.int_in_range(2, 4096))    # both bounds (a size allocated from it)
         parser.add_argument("--lr", type=cli.positive_float)              # a finite float > 0
         parser.add_argument("--gain", type=cli.float_in_range(0, 10, above_low=True))  # a finite float in (0, 10]
+        parser.add_argument("--weight-decay", type=cli.non_negative_float)  # a finite float ≥ 0
+        parser.add_argument("--device", type=cli.device)                  # auto, cpu, cuda, cuda:N (one this machine has)
         parser.add_argument("--p-synthetic", type=cli.fraction)           # a float in [0, 1]
         parser.add_argument("--classnames", type=cli.existing_file)       # a readable file (the str given)
         parser.add_argument("--images", type=cli.existing_dir)            # a directory
@@ -57,8 +59,9 @@ from typing import Callable
 
 from siclip.errors import Interrupted, RunFailed, UserError, exit_status, user_input
 
-__all__ = ["Interrupted", "RunFailed", "UserError", "checked", "existing_dir", "existing_file", "existing_path", "float_in_range", "fraction",
-           "int_at_least", "int_in_range", "non_negative_int", "on_interrupt", "positive_float", "positive_int", "run", "script_name", "user_input"]  # fmt: skip
+__all__ = ["Interrupted", "RunFailed", "UserError", "checked", "device", "existing_dir", "existing_file", "existing_path", "float_in_range",
+           "fraction", "int_at_least", "int_in_range", "non_negative_float", "non_negative_int", "on_interrupt", "positive_float", "positive_int",
+           "run", "script_name", "user_input"]  # fmt: skip
 
 NOTHING_SAVED = "nothing was saved: run the command again"
 _hint: str | Callable[[], str] = NOTHING_SAVED
@@ -139,6 +142,14 @@ def float_in_range(low: float, high: float, *, above_low: bool = False) -> Calla
     return parse
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite float ≥ 0."""
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value:g}")
+    return value
+
+
 def fraction(text: str) -> float:
     """An argparse type: a float in [0, 1]."""
     value = _float(text)
@@ -171,6 +182,25 @@ def existing_dir(text: str) -> str:
 def existing_path(text: str) -> str:
     """An argparse type: a readable file or a directory (returned as given)."""
     return existing_dir(text) if Path(text).is_dir() else existing_file(text)
+
+
+def device(text: str) -> str:
+    """An argparse type: ``auto`` (CUDA when there is one) or a device torch knows and this machine has (``cpu``,
+    ``cuda``, ``cuda:1``); the text as given. Imports torch only when called."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        chosen = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (auto, cpu, cuda, cuda:1, …)") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"device {text}: no CUDA device is available here (use cpu)")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
 
 
 def checked(check: Callable[[str], object]) -> Callable[[str], object]:

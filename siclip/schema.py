@@ -10,13 +10,14 @@
 
 A :class:`Field` is the types its value may have, a check that returns what is wrong with a value (or None), and
 whether it may be absent; a new field of a format is one more line of its table. Checks compose: :func:`nested`
-checks an object against a table of its own, :func:`list_of` each item. The tables in use:
+checks an object against a table of its own, :func:`by_name` against the table its ``name`` picks, :func:`list_of`
+each item. The tables in use:
 
 | file | table | where |
 |---|---|---|
 | a converted model (``siclip-converted-1``) | ``CONVERTED_FIELDS`` | :mod:`siclip.interop.converted` |
 | an exported directory's ``siclip_onnx.json`` | ``MANIFEST_FIELDS``, ``ENCODER_FIELDS`` | :mod:`siclip.deploy.runtime` |
-| a tokenizer described in either | ``TOKENIZER_FIELDS`` | here |
+| a tokenizer described in either, by its ``name`` | ``TOKENIZER_FIELDS`` (siclip's), ``HF_TOKENIZER_FIELDS`` (a converted file's transformers tokenizer: its files as text), ``HF_EXPORTED_TOKENIZER_FIELDS`` (an exported one: its files in the directory), ``OPEN_CLIP_TOKENIZER_FIELDS`` | here |
 | a preprocessing described in either | :func:`preprocess_record` | here |
 
 Bounds (:data:`MAX_CONTEXT`, :data:`MAX_EMBED_DIM`, :data:`MAX_LOGIT_SCALE`, :data:`MAX_IMAGE_SIDE`) keep a hostile
@@ -198,6 +199,120 @@ TOKENIZER_FIELDS = {
     "words": Field(list, list_of(str, MAX_WORDS), required=False),
     "vocab_path": Field(str, plain_file_name, required=False),
 }
+
+
+def or_none(check: Check) -> Check:
+    """``check`` for a value that may also be null (nested checks stay nested)."""
+    if getattr(check, "nested", False):
+
+        def wrapped(value, name: str) -> str | None:
+            return check(value, name) if value is not None else None
+
+        wrapped.nested = True
+        return wrapped
+    return lambda v: check(v) if v is not None else None
+
+
+def identifier(value: str) -> str | None:
+    return None if value.isidentifier() else f"must be a Python class name, got {_short(value)}"
+
+
+CODE_SUFFIXES = (".py", ".pyc", ".pyd", ".so")
+
+
+def data_file_name(value: str) -> str | None:
+    """A plain file name (:func:`plain_file_name`) of data, not code: a tokenizer's files hold none, so a Python file
+    among them could only be there for an ``auto_map`` to import."""
+    wrong = plain_file_name(value)
+    if wrong is None and value.lower().endswith(CODE_SUFFIXES):
+        wrong = f"names code ({_short(value)}); a tokenizer's files are data"
+    return wrong
+
+
+def file_contents(most_bytes: int, *, base64: bool = False) -> Check:
+    """``{file name: content}``: plain names of data files (nothing outside the folder they are written to, no code),
+    text (or base64 text), at most ``most_bytes`` in all."""
+    import base64 as b64
+    import binascii
+
+    def check(files: dict) -> str | None:
+        total = 0
+        for name, content in files.items():
+            wrong = data_file_name(name) if isinstance(name, str) else "is not a file name"
+            if wrong:
+                return f"file {_short(name)} {wrong}"
+            if not isinstance(content, str):
+                return f"holds {type(content).__name__} for {name}, not text"
+            total += len(content)
+            if total > most_bytes:
+                return f"holds more than {most_bytes:,} bytes of files"
+            if base64:
+                try:
+                    b64.b64decode(content, validate=True)
+                except (binascii.Error, ValueError):
+                    return f"holds {name} as something other than base64"
+        return None
+
+    return check
+
+
+MAX_TOKENIZER_BYTES = 64 << 20
+OPEN_CLIP_CLEAN = ("lower", "whitespace", "canonicalize")
+OPEN_CLIP_REDUCTION = ("", "simple", "random", "shuffle")  # not "syntax": open_clip downloads NLTK data for it
+
+
+def open_clip_tokenizer_kwargs(kwargs: dict) -> str | None:
+    """The arguments of open_clip's ``SimpleTokenizer`` that a file may set: its cleaning, its reduction and extra
+    special tokens; never ``bpe_path`` (a file read from anywhere) or a reduction that downloads."""
+    allowed = {"clean": one_of(*OPEN_CLIP_CLEAN), "reduction_mask": one_of(*OPEN_CLIP_REDUCTION),
+               "additional_special_tokens": lambda v: list_of(str, 1024)(v) if isinstance(v, list) else f"must be a list, got {_short(v)}"}  # fmt: skip
+    for key, value in kwargs.items():
+        if key not in allowed:
+            return f"has {key!r}, not an argument siclip passes to open_clip's tokenizer ({sorted(allowed)})"
+        wrong = allowed[key](value) if isinstance(value, (str, list)) else f"must be a string or list, got {_short(value)}"
+        if wrong:
+            return f"{key} {wrong}"
+    return None
+
+
+# A transformers tokenizer as a converted file holds it (HFTokenizer.spec): its saved files, as text or base64.
+HF_TOKENIZER_FIELDS = {
+    "name": Field(str, one_of("hf")),
+    "class": Field(str, identifier, required=False),
+    "context_length": Field((int, type(None)), or_none(in_range(1, MAX_CONTEXT)), required=False),
+    "files": Field(dict, all_of(lambda v: None if v else "holds no files", file_contents(MAX_TOKENIZER_BYTES))),
+    "binary_files": Field(dict, file_contents(MAX_TOKENIZER_BYTES, base64=True), required=False),
+}
+# The same in an exported directory: its files lie in the directory under these plain names.
+HF_EXPORTED_TOKENIZER_FIELDS = {
+    **HF_TOKENIZER_FIELDS,
+    "files": Field(list, all_of(lambda v: None if v else "names no files", list_of(str, 64, data_file_name))),
+}
+del HF_EXPORTED_TOKENIZER_FIELDS["binary_files"]
+# open_clip's CLIP BPE tokenizer (it ships with open_clip: no file).
+OPEN_CLIP_TOKENIZER_FIELDS = {
+    "name": Field(str, one_of("open_clip")),
+    "tokenizer": Field(str, one_of("SimpleTokenizer")),
+    "context_length": Field(int, in_range(1, MAX_CONTEXT)),
+    "kwargs": Field(dict, open_clip_tokenizer_kwargs, required=False),
+}
+_SICLIP_TOKENIZERS = {name: TOKENIZER_FIELDS for name in ("embedded", "clip", "words")}
+# By the spec's "name": the tokenizer of an exported directory, and of a converted file (another library's model).
+EXPORTED_TOKENIZERS = {**_SICLIP_TOKENIZERS, "hf": HF_EXPORTED_TOKENIZER_FIELDS, "open_clip": OPEN_CLIP_TOKENIZER_FIELDS}
+CONVERTED_TOKENIZERS = {"hf": HF_TOKENIZER_FIELDS, "open_clip": OPEN_CLIP_TOKENIZER_FIELDS}
+
+
+def by_name(tables: dict[str, dict[str, Field]]) -> Check:
+    """An object checked against the table its ``"name"`` picks (a tokenizer spec: siclip's, transformers', open_clip's)."""
+
+    def check(value: dict, name: str) -> str | None:
+        kind = value.get("name")
+        if not isinstance(kind, str) or kind not in tables:
+            return f"field {name + '.name'!r} must be {' or '.join(repr(k) for k in tables)}, got {_short(kind)}"
+        return problem_of(value, tables[kind], name)
+
+    check.nested = True
+    return check
 
 
 def finite_tensors(tensors: Iterable[tuple[str, Any]]) -> str | None:

@@ -1,32 +1,20 @@
 import os
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-
-def _torchvision_standin() -> None:
-    """timm and open_clip import torchvision; where its import fails (here a CUDA wheel beside a CPU torch, or no wheel
-    at all) they get a stand-in for its import-time names, seen by their import alone (transformers would take any
-    torchvision it can find for a whole one), in this process and in the scripts the tests start (PYTHONPATH runs
-    ``tests/standins/startup/sitecustomize.py``). The model classes under test stay the libraries' own."""
-    startup = str(Path(__file__).parent / "standins" / "startup")
-    sys.path.insert(0, startup)
-    import torchvision_standin
-
-    torchvision_standin.install()
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (startup, os.environ.get("PYTHONPATH")) if p)
-
-
-_torchvision_standin()
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # Without CUDA the Triton kernels run under Triton's interpreter, which must be on before they are decorated
 # (siclip.blocks.shaped_kernels is imported lazily, after this file).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# timm and open_clip import through the stand-in siclip lends them where torchvision cannot load (one implementation,
+# siclip/interop/_torchvision_standin; importing siclip.interop installs it, as the commands the tests start do).
+from siclip.interop._torchvision_standin import install as _lend_torchvision_standin  # noqa: E402
+
+_lend_torchvision_standin()
 
 
 @pytest.fixture

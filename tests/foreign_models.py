@@ -93,3 +93,54 @@ def save_open_clip(directory: Path, name: str = "tiny-clip", seed: int = 0) -> t
     weights = directory / f"{name}.pt"
     torch.save(model.state_dict(), weights)
     return config, weights
+
+
+CAPTION_WORDS = ["a", "an", "the", "of", "photo", "picture", "red", "blue", "green", "yellow", "circle", "square", "triangle", "star",
+                 "small", "large", "on", "and", "with"]  # fmt: skip
+
+
+def save_hf_blip(directory: Path, seed: int = 0) -> Path:
+    """A random transformers ``BlipForConditionalGeneration`` saved with its ``BlipProcessor`` (a BERT word-piece
+    tokenizer over :data:`CAPTION_WORDS`, written offline, and BLIP's image processor at 32 px)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *CAPTION_WORDS]) + "\n")
+    tokenizer = transformers.BertTokenizer(str(directory / "vocab.txt"), bos_token="[DEC]")
+    text = transformers.BlipTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, max_position_embeddings=32, encoder_hidden_size=32,
+                                       bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+                                       eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    vision = transformers.BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                                           patch_size=8)  # fmt: skip
+    model = transformers.BlipForConditionalGeneration(transformers.BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                                              projection_dim=16))  # fmt: skip
+    image_processor = transformers.BlipImageProcessor(size={"height": 32, "width": 32})
+    model.save_pretrained(directory)
+    transformers.BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    return directory
+
+
+COCA_CONFIG = {"embed_dim": 32, "custom_text": True,  # CoCa needs the embedding width = the decoder width
+               "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16, "attentional_pool": True,
+                              "attn_pooler_heads": 2, "attn_pooler_queries": 9, "output_tokens": True},
+               "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "embed_cls": True,
+                            "output_tokens": True},
+               "multimodal_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "attn_pooler_heads": 2}}  # fmt: skip
+
+
+def save_open_clip_coca(directory: Path, seed: int = 0) -> tuple[Path, Path]:
+    """``(config JSON, weights file)`` of a random open_clip ``CoCa`` (architecture ``coca_tiny``, CLIP's BPE)."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "coca_tiny.json"
+    config.write_text(json.dumps(COCA_CONFIG))
+    model = open_clip.CoCa(**{k: v for k, v in COCA_CONFIG.items() if k != "custom_text"})
+    # open_clip leaves the decoder's text_projection as torch.empty (pretrained weights fill it; its init_parameters fails)
+    torch.nn.init.normal_(model.text_decoder.text_projection, std=COCA_CONFIG["multimodal_cfg"]["width"] ** -0.5)
+    weights = directory / "coca_tiny.pt"
+    torch.save(model.state_dict(), weights)
+    return config, weights

@@ -69,3 +69,45 @@ def reference_sasp2d(block: SASPBlock2d, x: torch.Tensor) -> torch.Tensor:
     z = torch.einsum("oc,bchw->bohw", ffn.fc1.weight[:, :, 0, 0], z) + ffn.fc1.bias[:, None, None]
     z = torch.einsum("oc,bchw->bohw", ffn.fc2.weight[:, :, 0, 0], nn.functional.gelu(z)) + ffn.fc2.bias[:, None, None]
     return a + block.gain_mlp * z
+
+
+class MinimalViT(nn.Module):
+    """A ViT image tower from siclip's blocks, for FLIP's tests and benchmark until siclip's own ViT towers land:
+    patches → class token + positions → ``patch_dropout`` → Pre-LN blocks → LayerNorm → class token → projection.
+
+    It has what :func:`siclip.blocks.token_dropout.enable_token_dropout` reads of a siclip ViT tower: a
+    ``patch_dropout`` module applied after the positional embedding and before the first block, and
+    ``num_prefix_tokens`` (the class token)."""
+
+    def __init__(self, image_size: int = 32, patch: int = 8, dim: int = 32, depth: int = 2, heads: int = 2, out_dim: int = 16) -> None:
+        super().__init__()
+        from siclip.blocks import PreLNBlock
+
+        tokens = (image_size // patch) ** 2
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.patch_dropout: nn.Module = nn.Identity()
+        self.num_prefix_tokens = 1
+        self.blocks = nn.Sequential(*[PreLNBlock(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, out_dim, bias=False)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``(batch, 1 + patches, dim)``: the tokens ``patch_dropout`` receives."""
+        x = rearrange(self.patch_embed(images), "b d h w -> b (h w) d")
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.patch_dropout(self.embed(images)))
+        return self.proj(self.norm(x[:, 0]))
+
+
+def clip_with_vit(image_size: int = 32, patch: int = 8, dim: int = 32, depth: int = 2, heads: int = 2, **overrides):
+    """A siclip ``CLIP`` (MobileCLIP-tiny's text tower) whose image tower is a :class:`MinimalViT`: a ViT CLIP for
+    FLIP's task-level tests and benchmark, until siclip registers ViT models of its own."""
+    from siclip.models import create_model
+
+    model = create_model("mobileclip_tiny", image={"layers": [1, 1, 1, 1], "image_size": image_size}, **overrides)
+    model.visual = MinimalViT(image_size, patch, dim, depth, heads, out_dim=model.embed_dim)
+    return model

@@ -57,7 +57,7 @@ def test_train_and_evaluate_from_the_command_line_on_real_scans(tmp_path):
     out = tmp_path / "run"
     run(str(ROOT / "experiments/train.py"), "--model", "mobileclip_tiny", "--data", str(files["csv"]), "--synthetic-keys", "syn0,syn1",
         "--tokenizer", "words", "--image-size", "32", "--epochs", "6", "--batch-size", "64", "--lr", "1e-3", "--out", str(out),
-        "--eval-zeroshot", str(files["test"]), "--classnames", str(files["classnames"]), "--templates", str(files["templates"]), cwd=tmp_path)  # fmt: skip
+        "--zeroshot", str(files["test"]), "--classnames", str(files["classnames"]), "--templates", str(files["templates"]), cwd=tmp_path)  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert not any(k.startswith(("zeroshot_", "image_to_text")) for k in summary["eval"])  # no embedded-world metrics
     assert (out / "eval" / "test_zeroshot_classification.json").is_file()

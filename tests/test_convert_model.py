@@ -1,6 +1,6 @@
 """Your model, simplified, from the command line (issue 22): convert_model.py on a transformers CLIP directory, an
 open_clip architecture + weights file and a timm name + weights file (real classes, small random sizes), the saved
-file reloading to the same model, divergence_report.py --spec, and the paper's recipe: the converted CLIP trains
+file reloading to the same model, divergence_report.py --model, and the paper's recipe: the converted CLIP trains
 against its unconverted original as teacher (WI + WIKD + PM) and evaluate.py scores it."""
 
 import json
@@ -62,8 +62,8 @@ def _same_outputs(spec, recipe_path, inputs_dir):
 def test_convert_model_on_a_transformers_clip_directory(tmp_path, inputs):
     spec = f"hf:{save_hf_clip(tmp_path / 'hf', 'clip', seed=2)}"
     out = tmp_path / "converted.pt"
-    done = _run(ROOT / "experiments" / "convert_model.py", spec, "--captions", inputs / "captions.txt", "--images", inputs / "photos",
-                "--sharing", "optimal", "--max-groups", "1", "--out", out, cwd=tmp_path)  # fmt: skip
+    done = _run(ROOT / "experiments" / "convert_model.py", "--model", spec, "--calibration-captions", inputs / "captions.txt",
+                "--calibration-images", inputs / "photos", "--sharing", "optimal", "--max-groups", "1", "--out", out, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reloads to the same model (max |Δ| of the outputs on your inputs: 0.0e+00)" in done.stdout
     assert "| text_model.encoder.layers | 0-1 |" in done.stdout and "dropped" in done.stdout and "| converted |" in done.stdout
@@ -99,7 +99,13 @@ def test_open_clip_and_timm_models_save_and_reload_to_the_same_outputs(tmp_path,
         convert(original, recipe)
         path = save_converted(original, recipe, tmp_path / f"{spec.split(':')[0]}.pt")
         reloaded, again = load_converted(path)
-        assert again == recipe
+        from dataclasses import replace
+
+        from siclip.interop.converted import resolve_origin
+
+        # stored with its origin's paths absolute and the original's tokenizer (open_clip's; a timm model reads no text)
+        assert again == replace(recipe, origin=resolve_origin(spec), tokenizer=again.tokenizer)
+        assert (again.tokenizer or {}).get("name") == ("open_clip" if spec.startswith("open_clip") else None)
         from siclip.data.sources import read_image_folder
 
         captions = (inputs / "captions.txt").read_text().splitlines()
@@ -115,8 +121,8 @@ def test_open_clip_and_timm_models_save_and_reload_to_the_same_outputs(tmp_path,
 @pytest.mark.slow
 def test_divergence_report_reads_a_model_before_conversion(tmp_path, inputs):
     config, weights = save_open_clip(tmp_path / "oc", seed=5)
-    done = _run(ROOT / "experiments" / "divergence_report.py", "--spec", f"open_clip:{config}:{weights}", "--caption-file", inputs / "captions.txt",
-                "--image-folder", inputs / "photos", "--out", tmp_path / "report", cwd=tmp_path)  # fmt: skip
+    done = _run(ROOT / "experiments" / "divergence_report.py", "--model", f"open_clip:{config}:{weights}", "--calibration-captions",
+                inputs / "captions.txt", "--calibration-images", inputs / "photos", "--out", tmp_path / "report", cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| transformer.resblocks | 0-1 |" in done.stdout and (tmp_path / "report" / "divergence.json").is_file()
     assert len(list((tmp_path / "report").glob("*.png"))) == 4
@@ -128,12 +134,12 @@ def test_the_papers_recipe_on_a_transformers_clip(tmp_path, inputs):
     blocks train; evaluate.py scores the result like any model."""
     spec = f"hf:{save_hf_clip(tmp_path / 'hf', 'clip', seed=4)}"
     converted = tmp_path / "converted.pt"
-    done = _run(ROOT / "experiments" / "convert_model.py", spec, "--captions", inputs / "captions.txt", "--images", inputs / "photos",
-                "--sharing", "adjacent", "--out", converted, cwd=tmp_path)  # fmt: skip
+    done = _run(ROOT / "experiments" / "convert_model.py", "--model", spec, "--calibration-captions", inputs / "captions.txt",
+                "--calibration-images", inputs / "photos", "--sharing", "adjacent", "--out", converted, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "student"
     train = _run(ROOT / "experiments" / "train.py", "--model", converted, "--teacher", spec, "--wikd", "--data", inputs / "train.csv",
-                 "--batch-size", "16", "--epochs", "1", "--eval-zeroshot", inputs / "test", "--templates", inputs / "templates.txt",
+                 "--batch-size", "16", "--epochs", "1", "--zeroshot", inputs / "test", "--templates", inputs / "templates.txt",
                  "--out", out, cwd=tmp_path)  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -226,7 +226,7 @@ def test_recaption_script_writes_ground_truth_captions(shards):
 def test_any_callable_captioner_appends(shards, tmp_path):
     before = ShardSource(shards).load(0).synthetic
     stats = recaption_shards(shards, lambda images: [["a thing"] for _ in images], out_dir=tmp_path / "new", mode="append", progress=False)
-    assert stats == {"captioned": 60, "skipped": 0}
+    assert stats == {"captioned": 60, "skipped": 0, "empty": 0, "units_done_before": 0}
     assert ShardSource(tmp_path / "new").load(0).synthetic == [*before, "a thing"]
     with pytest.raises(ValueError, match="one list of strings per image"):
         recaption_shards(shards, lambda images: ["oops"], progress=False)

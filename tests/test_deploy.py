@@ -291,6 +291,88 @@ def test_int8_directory_is_smaller_and_close_to_float32(exported):
 
 
 @pytest.mark.slow
+def test_the_dynamic_axis_is_named_batch(exported):
+    """Issue 33 row 11: the exporter named the dynamic axis ``s85``; the README says ``batch``."""
+    _, _, done = exported
+    for directory in (done.directory, done.int8):
+        for file in ("image.onnx", "text.onnx"):
+            graph = onnx.load(directory / file, load_external_data=False).graph
+            assert [v.type.tensor_type.shape.dim[0].dim_param for v in (*graph.input, *graph.output)] == ["batch", "batch"]
+            assert not any(d.dim_param.startswith("s") and d.dim_param[1:].isdigit() for v in graph.value_info for d in v.type.tensor_type.shape.dim)
+
+
+@pytest.mark.slow
+def test_int8_runs_one_sample_per_call_and_holds_its_stated_bound(exported, tmp_path, monkeypatch):
+    """Issue 33 row 11: dynamic quantisation takes each activation's range over the whole call, so an image's int8
+    embedding changed with the other images of its batch, and a cosine of 0.857 to float32 was recorded and accepted.
+    An int8 directory now runs one sample per call (the same embedding in any batch) and the export holds every sample
+    to MIN_INT8_COSINE."""
+    import siclip.deploy.export as export
+    from siclip.data.transforms import preprocess_image
+    from siclip.deploy import MIN_INT8_COSINE
+    from siclip.interop import load_clip
+
+    model, tokenizer, done = exported
+    int8 = read_manifest(done.int8)
+    assert int8["activation_ranges"] == "per_sample" and int8["check"]["bound"] == MIN_INT8_COSINE == 0.7
+    assert all(MIN_INT8_COSINE <= c <= 1 + 1e-6 for c in int8["check"]["min_cosine_to_float32"].values())
+    import siclip.deploy.runtime as runtime
+
+    pixels = torch.stack([preprocess_image(image, model.preprocess) for image in sample_images()])
+    pixels = torch.cat([pixels, pixels[:1] * 8])  # a sample whose activations span a far wider range than the others'
+    calls, real = [], runtime.run_session
+    monkeypatch.setattr(runtime, "run_session", lambda session, array: calls.append(len(array)) or real(session, array))
+    int8, float32 = load_clip(done.int8).model, load_clip(done.directory).model
+    alone = torch.cat([int8.encode_image(pixels[i : i + 1]) for i in range(3)])
+    calls.clear()
+    torch.testing.assert_close(int8.encode_image(pixels), alone, rtol=0, atol=0)  # in a batch as alone
+    float32.encode_image(pixels)
+    assert calls == [1, 1, 1, 3]  # int8: one sample per call; float32: the batch in one call
+    monkeypatch.setattr(export, "MIN_INT8_COSINE", 1.5)  # a bound no int8 export meets: refused, naming the encoder
+    built = tmp_path / "built"
+    built.mkdir()
+    for name in ("image.onnx", "text.onnx"):
+        shutil.copy(done.directory / name, built / name)
+    with pytest.raises(ExportCheckError, match=r"int8/image\.onnx: the int8 image embeddings reach a cosine of only 0\.9\d+ .* \(bound 1\.5"):
+        export._quantized(built, done.manifest, export._inputs(model, tokenizer, None, None))  # the int8 step of export_clip
+
+
+@pytest.mark.slow  # three exports (float32 and int8), each traced, checked under ONNX Runtime and reloaded: ≈ 20 s quiet
+def test_converted_hf_and_open_clip_models_export_with_the_same_check(tmp_path, capsys):
+    """Issue 33 row 7: export refused a converted CLIP ("export takes a siclip checkpoint or Apple's mobileclip_s0.pt, not
+    a ConvertedClip") and hf: / open_clip: models. Every model whose encoders are torch modules exports, checked the
+    same way, and the exported directory runs as the model did, through the tokenizer the manifest holds."""
+    from foreign_models import save_hf_clip, save_open_clip
+    from siclip.commands.export import main
+    from siclip.interop import load_clip
+    from siclip.interop.converted import ConvertedRecipe, architecture_of, convert, load_original, save_converted
+
+    directory = save_hf_clip(tmp_path / "hf", "clip", seed=1)
+    spec = f"hf:{directory}"
+    original = load_original(spec)
+    recipe = ConvertedRecipe(origin=spec, architecture=architecture_of(spec, original), blocks=["text_model.encoder.layers.0",
+                             "text_model.encoder.layers.1", "vision_model.encoder.layers.1"], sharing={"text_model.encoder.layers":
+                             {"groups": [[0, 1]], "scope": "block"}})  # fmt: skip
+    convert(original, recipe)
+    save_converted(original, recipe, tmp_path / "converted.pt")
+    config, weights = save_open_clip(tmp_path / "oc", seed=2)
+    captions = ["a photo of a chinese temple on a hill", "a red car", "two dogs in the snow"]
+    for name, model_spec in (("converted", str(tmp_path / "converted.pt")), ("hf", spec), ("open_clip", f"open_clip:{config}:{weights}")):
+        out = tmp_path / f"onnx_{name}"
+        assert main(["--model", model_spec, "--out", str(out), *(["--quantize", "int8"] if name == "converted" else [])]) == 0
+        assert "max relative error against PyTorch" in capsys.readouterr().out
+        manifest = read_manifest(out)
+        assert all(0 <= e <= MAX_RELATIVE_ERROR for e in manifest["check"]["max_relative_error"].values())
+        source, exported = load_clip(model_spec), load_clip(f"{out}/")
+        ids = source.tokenizer(captions)
+        assert torch.equal(exported.tokenizer(captions), ids)  # the tokenizer the manifest holds, rebuilt
+        assert exported.model.preprocess == source.model.preprocess and float(exported.model.scale()) == pytest.approx(float(source.model.scale().detach()))
+        with torch.no_grad():
+            assert max_relative_error(exported.model.encode_text(ids).numpy(), source.model.encode_text(ids).numpy()) <= MAX_RELATIVE_ERROR
+    assert read_manifest(tmp_path / "onnx_converted" / "int8")["activation_ranges"] == "per_sample"
+
+
+@pytest.mark.slow
 def test_a_check_that_fails_names_the_encoder_and_leaves_nothing(tmp_path, monkeypatch):
     import siclip.deploy.export as export
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
-from siclip.losses import ClipLoss, SigLipLoss
+from siclip.losses import ClipLoss, NTXentLoss, SigLipLoss
 
 WORLD = 2
 BATCH = 6  # per rank
@@ -24,6 +24,8 @@ def _full_batch(seed):
 def _make_loss(kind, local_loss):
     if kind == "clip":
         return lambda v, t: ClipLoss(local_loss=local_loss)(v, t, torch.tensor(9.0, dtype=torch.float64))
+    if kind == "ntxent":  # SLIP's term: the two tensors are two views of the same images
+        return lambda a, b: NTXentLoss(0.1, local_loss=local_loss)(a, b)
     siglip = SigLipLoss(init_scale=5.0, init_bias=-2.0).double()
     return lambda v, t: siglip(v, t)
 
@@ -48,7 +50,7 @@ def _worker(rank, init_file, out_dir, seed, kind, local_loss):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,local_loss", [("clip", False), ("clip", True), ("siglip", False)])
+@pytest.mark.parametrize("kind,local_loss", [("clip", False), ("clip", True), ("siglip", False), ("ntxent", False), ("ntxent", True)])
 def test_gathered_loss_and_gradients_equal_single_process(tmp_path, seed, kind, local_loss):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), seed, kind, local_loss), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
@@ -59,7 +61,11 @@ def test_gathered_loss_and_gradients_equal_single_process(tmp_path, seed, kind, 
 
     mean_loss = sum(r["loss"] for r in results) / WORLD
     torch.testing.assert_close(mean_loss, full.detach())
-    if kind == "clip" and not local_loss:
+    if kind == "ntxent":  # and the gathered loss is the published formula's, written out over the whole batch
+        from test_strategies import ref_ntxent
+
+        torch.testing.assert_close(mean_loss, ref_ntxent(image.detach(), text.detach(), 0.1))
+    if kind in ("clip", "ntxent") and not local_loss:
         for r in results:  # every rank computes the whole loss
             torch.testing.assert_close(r["loss"], full.detach())
     for rank, r in enumerate(results):

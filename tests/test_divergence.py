@@ -127,10 +127,11 @@ def test_report_scripts_run(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "experiments" / "divergence_report.py"), "--model", "siclip_tiny",
-                          "--captions", "8", "--images", "4", "--out", str(tmp_path)], check=True, capture_output=True, text=True).stdout  # fmt: skip
-    assert "| adjacent | [0,1] [2,3] |" in out and "between image blocks" in out
-    assert (tmp_path / "divergence_siclip_tiny_image_attention.png").exists()
-    assert (tmp_path / "divergence_siclip_tiny_text_attention.png").exists() and (tmp_path / "divergence_siclip_tiny.json").exists()
+                          "--calibration-count", "8", "--out", str(tmp_path)], check=True, capture_output=True, text=True).stdout  # fmt: skip
+    assert "| text.transformer | adjacent |  | [0,1] [2,3] |" in out and "| visual.network.7 | 0-1 |" in out
+    assert "8 captions and images of the embedded world's validation split" in out
+    assert (tmp_path / "divergence_visual_network_7_attention.png").exists()
+    assert (tmp_path / "divergence_text_transformer_attention.png").exists() and (tmp_path / "divergence.json").exists()
     out = subprocess.run([sys.executable, str(root / "experiments" / "flops_report.py"), "--out", str(tmp_path)],
                          check=True, capture_output=True, text=True).stdout  # fmt: skip
     assert "| siclip_s0 | 44,858,793 |" in out and (tmp_path / "flops.csv").exists()

@@ -33,6 +33,12 @@ def test_zero_shot_template_ensemble_and_accuracy(seed):
     for j in range(4):
         expected = F.normalize(sum(F.normalize(table[f"t{i} c{j}"], dim=0) for i in range(3)) / 3, dim=0)
         torch.testing.assert_close(weights[j], expected)
+    calls = []
+    for per_call in (1, 7):  # one class a call (the floor), two classes a call: the same weights
+        grouped = zero_shot_weights(lambda texts: calls.append(len(texts)) or torch.stack([table[t] for t in texts]),
+                                    [f"c{j}" for j in range(4)], ["t0 {}", "t1 {}", "t2 {}"], prompts_per_call=per_call)  # fmt: skip
+        torch.testing.assert_close(grouped, weights)
+    assert calls == [3, 3, 3, 3, 6, 6]
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.4]])
     acc = topk_accuracy(logits, torch.tensor([1, 2, 0]), ks=(1, 2))
     assert acc["top1"] == pytest.approx(1 / 3) and acc["top2"] == pytest.approx(2 / 3)

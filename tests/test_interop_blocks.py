@@ -116,7 +116,7 @@ def gpt2(seed):
 
 
 def _standin_import(name):
-    pytest.importorskip(name)  # timm and open_clip import through tests/standins where torchvision cannot load
+    pytest.importorskip(name)  # timm and open_clip import through siclip's torchvision stand-in where torchvision cannot load
     return __import__(name)
 
 

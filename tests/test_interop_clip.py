@@ -51,8 +51,9 @@ def test_hf_features_equal_the_librarys_own_forward(hf_dirs, kind, seed):
     assert torch.equal(loaded.tokenizer(TEXTS), inputs["input_ids"])
     assert torch.equal(loaded.tokenizer.attention_mask(inputs["input_ids"]), inputs["attention_mask"])
     assert loaded.model.scale().item() == pytest.approx(reference.logit_scale.exp().item())
-    expected = {"clip": Preprocess(size=32, resize=32, interpolation="bicubic"),
-                "siglip": Preprocess(size=32, resize=32, resize_mode="squash", interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)}
+    expected = {"clip": Preprocess(size=32, resize=32, interpolation="bicubic", crop_rounding="floor"),
+                "siglip": Preprocess(size=32, resize=32, resize_mode="squash", interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3,
+                                     crop_rounding="floor")}  # fmt: skip
     assert loaded.model.preprocess == expected[kind] and not loaded.is_siclip
 
 
@@ -135,7 +136,7 @@ def test_hf_and_open_clip_teachers_train_a_siclip_student_and_are_evaluated(tmp_
         out = tmp_path / f"student_{name}"
         train = _run(ROOT / "experiments/train.py", "--model", "siclip_tiny", "--teacher", spec, "--no-inherit", "--wikd",
                      "--data", files["train"], "--tokenizer", "words", "--image-size", "48", "--batch-size", "16", "--epochs", "1",
-                     "--eval-zeroshot", files["test"], "--templates", files["templates"], "--out", out, cwd=tmp_path)  # fmt: skip
+                     "--zeroshot", files["test"], "--templates", files["templates"], "--out", out, cwd=tmp_path)  # fmt: skip
         assert train.returncode == 0, train.stderr[-3000:]
         metrics = __import__("json").loads((out / "summary.json").read_text())
         assert {"feature", "relation", "interactive", "pair_matching"} <= set(metrics["final_loss"]) and metrics["steps"] == 4

@@ -254,7 +254,7 @@ def test_inputs_that_make_no_step_or_a_bad_benchmark_stop_before_training(tmp_pa
     out = tmp_path / "run"
     status, err = _run(monkeypatch, capsys, "train", ["--num-train", "8", "--batch-size", "16", "--out", str(out)])
     assert status == 2 and "make no training step" in _one_error_line(err, "train") and not out.exists()  # no empty directory left
-    status, err = _run(monkeypatch, capsys, "train", ["--num-train", "32", "--batch-size", "16", "--out", str(out), "--eval-zeroshot", str(test),
+    status, err = _run(monkeypatch, capsys, "train", ["--num-train", "32", "--batch-size", "16", "--out", str(out), "--zeroshot", str(test),
                                                       "--classnames", str(tmp_path / "empty.txt")])  # fmt: skip
     line = _one_error_line(err, "train")
     assert status == 2 and "empty.txt" in line and "non-empty list" in line
@@ -283,8 +283,10 @@ BAD_SCRIPT_ARGUMENTS = [
     ("ablation", ["--seeds", "0", "--out", "{out}"], "--seeds"), ("ablation", ["--workers", "-2", "--out", "{out}"], "--workers"),
     ("data_scale", ["--seeds", "0", "--out", "{out}"], "--seeds"),
     ("divergence_report", ["--preset", "demo", "--snapshots", "1", "--out", "{out}"], "--snapshots"),
-    ("divergence_report", ["--checkpoint", "{missing}", "--out", "{out}"], "--checkpoint"),
-    ("divergence_report", ["--model", "mobileclip_tiny", "--captions", "0", "--out", "{out}"], "--captions"),
+    ("divergence_report", ["--model", "{missing}", "--out", "{out}"], "--model"),
+    ("divergence_report", ["--model", "mobileclip_tiny", "--calibration-count", "0", "--out", "{out}"], "--calibration-count"),
+    ("divergence_report", ["--model", "mobileclip_tiny", "--snapshots", "3", "--out", "{out}"], "--snapshots"),
+    ("convert_model", ["--model", "mobileclip_tiny", "--out", "{out}", "--sharing", "threshold"], "--threshold"),
     ("flops_report", ["--out", "{model}"], "--out"), ("import_mobileclip", ["{missing}", "{out}"], "source"),
     ("import_mobileclip", ["{model}", "{out}", "--model", "siclip_s0"], "--model"),
     ("caption_shards", ["{out}", "--num-captions", "0"], "--num-captions"), ("caption_shards", ["{out}", "--captioner", "nocolon"], "--captioner"),
@@ -471,7 +473,7 @@ def test_files_that_are_no_weights_are_refused_in_one_message(tmp_path, content,
 
 
 @pytest.mark.parametrize("script, argv", [
-    ("import_mobileclip", ["{evil}", "{out}"]), ("divergence_report", ["--checkpoint", "{evil}", "--out", "{out}"]),
+    ("import_mobileclip", ["{evil}", "{out}"]), ("divergence_report", ["--model", "{evil}", "--out", "{out}"]),
     ("cache_teacher", ["--teacher", "{evil}", "--data", "embedded", "--out", "{out}"]), ("evaluate", ["--model", "{evil}", "--zeroshot", "{test}"]),
     ("train", ["--teacher", "{evil}", "--model", "siclip_tiny", "--out", "{out}"]), ("import_mobileclip", ["{junk}", "{out}"]),
     ("train", ["--teacher", "{junk}", "--model", "siclip_tiny", "--out", "{out}"]),

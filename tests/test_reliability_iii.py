@@ -168,15 +168,15 @@ def test_cache_teacher_never_deletes_what_it_did_not_write(tmp_path, monkeypatch
 def test_export_and_convert_refuse_their_destinations_before_any_model_loads(tmp_path, monkeypatch, capsys, tiny):
     """Rows 3, 5, 11, 12: export over a folder of notes, convert over a run's model.pt, over the weights it converts
     and over /dev/full; --out . after the whole export; --opset -1/0/17/99/1e20; and the other writers (caption's
-    --out-dir, import-mobileclip's OUT) the same way."""
-    import siclip.commands.convert as convert_command
+    --out, import-mobileclip's OUT) the same way."""
+    import siclip.commands.divergence as divergence_command
     import siclip.commands.export as export_command
 
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the destination was checked")
 
     monkeypatch.setattr(export_command, "load_clip", no_load)
-    monkeypatch.setattr(convert_command, "spec_divergences", no_load)
+    monkeypatch.setattr(divergence_command, "report_of", no_load)  # what convert loads its model through
     notes = tmp_path / "d"
     notes.mkdir()
     (notes / "NOTES.md").write_text("n")
@@ -189,12 +189,13 @@ def test_export_and_convert_refuse_their_destinations_before_any_model_loads(tmp
         ("export", ["--model", str(tiny), "--out", str(tiny.parent), "--overwrite"], "one of this command's inputs"),
         ("export", ["--model", str(tiny), "--out", "/dev/null"], "/dev/null is a character device"),
         *[("export", ["--model", str(tiny), "--out", "x", "--opset", opset], "--opset") for opset in ("-1", "0", "17", "99", "1e20")],
-        ("convert", [f"open_clip:ViT-B-32:{weights}", "--out", str(tiny)], f"--out {tiny} is a file it did not write"),
-        ("convert", [f"open_clip:ViT-B-32:{weights}", "--out", str(weights), "--overwrite"], "one of this command's inputs"),
-        ("convert", [f"hf:{tmp_path}", "--out", str(notes / "NOTES.md"), "--overwrite"], f"is in {tmp_path}, one of this command's inputs"),
-        ("convert", [f"open_clip:ViT-B-32:{weights}", "--out", "/dev/full"], "/dev/full is a character device"),
-        ("convert", [f"open_clip:ViT-B-32:{weights}", "--out", "c.pt", "--count", "1000000000"], "--count"),
-        ("convert", [f"open_clip:ViT-B-32:{weights}", "--out", "c.pt", "--beta-ff", "1e308"], "--beta-ff"),
+        ("convert", ["--model", f"open_clip:ViT-B-32:{weights}", "--out", str(tiny)], f"--out {tiny} is a file it did not write"),
+        ("convert", ["--model", f"open_clip:ViT-B-32:{weights}", "--out", str(weights), "--overwrite"], "one of this command's inputs"),
+        ("convert", ["--model", f"hf:{tmp_path}", "--out", str(notes / "NOTES.md"), "--overwrite"], f"is in {tmp_path}, one of this command's inputs"),
+        ("convert", ["--model", f"open_clip:ViT-B-32:{weights}", "--out", "/dev/full"], "/dev/full is a character device"),
+        ("convert", ["--model", f"open_clip:ViT-B-32:{weights}", "--out", "c.pt", "--calibration-count", "4097"], "--calibration-count"),
+        ("convert", [f"open_clip:ViT-B-32:{weights}", "--out", "c.pt", "--count", "1000000000"], "--count"),  # the old spellings too
+        ("convert", ["--model", f"open_clip:ViT-B-32:{weights}", "--out", "c.pt", "--beta-ff", "1e308"], "--beta-ff"),
     ]  # fmt: skip
     from siclip.data import EmbeddedConfig, EmbeddedSource, write_shards
 
@@ -205,7 +206,8 @@ def test_export_and_convert_refuse_their_destinations_before_any_model_loads(tmp
     captioned.mkdir()
     (captioned / shard.name).write_bytes(b"someone else's shard")
     cases += [
-        ("caption", [str(shards), "--out-dir", str(captioned)], f"--out-dir {captioned} already holds {shard.name}"),  # the same names
+        ("caption", [str(shards), "--out", str(captioned)], f"--out {captioned} already holds {shard.name}"),  # the same names
+        ("caption", [str(shards), "--out-dir", str(captioned)], f"--out {captioned} already holds {shard.name}"),  # its old spelling
         ("import-mobileclip", [str(tiny), str(tiny)], "OUT"),  # over its own source
         ("import-mobileclip", [str(tiny), str(weights)], f"OUT {weights} is a file it did not write"),
     ]
@@ -327,10 +329,17 @@ def test_a_model_folders_own_python_never_runs_even_after_y(hf_dir, tmp_path):
 def test_no_command_runs_a_model_folders_own_python(hf_dir, tmp_path, monkeypatch, capsys):
     """Row 2: answering `y` ran the folder's file from train.py --teacher, convert_model.py, divergence_report.py;
     here each command with `y` waiting on its stdin, for an auto_map in config.json and in tokenizer_config.json."""
+    from PIL import Image
+
     marker = tmp_path / "ran"
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "photos" / "0.png")
+    (tmp_path / "captions.txt").write_text("a photo of a cat\na red circle\n")
+    calibration = ["--calibration-captions", str(tmp_path / "captions.txt"), "--calibration-images", str(tmp_path / "photos")]
     for spec in (f"hf:{folder}" for folder in _own_code_folders(hf_dir, tmp_path, marker)):
         for command, argv in (("train", ["--model", "siclip_tiny", "--teacher", spec, "--no-inherit", "--out", str(tmp_path / "run")]),
-                              ("convert", [spec, "--out", str(tmp_path / "c.pt")]), ("divergence", ["--spec", spec, "--out", str(tmp_path / "r")]),
+                              ("convert", ["--model", spec, *calibration, "--out", str(tmp_path / "c.pt")]),
+                              ("divergence", ["--model", spec, *calibration, "--out", str(tmp_path / "r")]),
                               ("cache-teacher", ["--teacher", spec, "--data", "embedded", "--out", str(tmp_path / "cache")]),
                               ("evaluate", ["--model", spec, "--zeroshot", str(tmp_path)])):  # fmt: skip
             status, err = _command(monkeypatch, capsys, command, argv, stdin="y\n" * 4)
@@ -510,8 +519,9 @@ def test_the_converted_models_save_check_refuses_nan_outputs(converted, tmp_path
         Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(tmp_path / "photos" / f"{i}.png")
     (tmp_path / "captions.txt").write_text("a photo of a cat\na red circle\n")
     out = tmp_path / "converted.pt"
-    status, err = _command(monkeypatch, capsys, "convert", [f"open_clip:{payload['origin'].split(':')[1]}:{tmp_path / 'inf.pt'}",
-                           "--captions", str(tmp_path / "captions.txt"), "--images", str(tmp_path / "photos"), "--out", str(out)])  # fmt: skip
+    status, err = _command(monkeypatch, capsys, "convert", ["--model", f"open_clip:{payload['origin'].split(':')[1]}:{tmp_path / 'inf.pt'}",
+                           "--calibration-captions", str(tmp_path / "captions.txt"), "--calibration-images", str(tmp_path / "photos"),
+                           "--out", str(out)])  # fmt: skip
     assert status == 2 and "the converted model gives NaN or Inf on your inputs" in _one_line(err, "convert") and not out.exists(), err
 
 

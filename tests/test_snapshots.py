@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from siclip.analysis.divergence import adjacent_trajectory, block_divergences, plot_trajectory
+from siclip.analysis.divergence import adjacent_trajectory, plot_trajectory, text_divergences
 from siclip.models.siclip import attention_stage
 from siclip.models import create_model, load_checkpoint
 from siclip.train import DataConfig, TrainConfig
@@ -34,7 +34,7 @@ def test_adjacent_trajectory_reads_both_towers(tmp_path, seed):
     rows = adjacent_trajectory({0: model, 5: model}, ids, images)
     text = [r for r in rows if r["tower"] == "text"]
     assert [r["pair"] for r in text] == ["0-1", "1-2", "2-3"] * 2 and [r["step"] for r in text] == [0] * 3 + [5] * 3
-    full = block_divergences(model.text.transformer, lambda: model.text(ids))["attention"]
+    full = text_divergences(model, ids)["attention"]  # over the positions up to each end-of-text, as the trajectory reads them
     assert math.isclose(text[1]["attention"], float(full[1, 2]), rel_tol=1e-9)
     assert all(0 <= r["attention"] <= math.log(2) and 0 <= r["features"] <= math.log(2) for r in rows)
     image = [r for r in rows if r["tower"] == "image"]
@@ -52,7 +52,7 @@ def test_divergence_report_trajectory_of_a_preset(tmp_path, monkeypatch):
     tiny = TrainConfig(model="mobileclip_tiny", model_overrides={"image": {"layers": [1, 1, 2, 2]}}, epochs=1, warmup_steps=1,
                        checkpoint_every=100, evaluate=False, data=DataConfig(num_train=48, batch_size=16))  # fmt: skip
     monkeypatch.setitem(report.PRESETS, "tiny", tiny)
-    assert report.main(["--preset", "tiny", "--snapshots", "3", "--captions", "8", "--out", str(tmp_path)]) == 0
+    assert report.main(["--preset", "tiny", "--snapshots", "3", "--calibration-count", "8", "--out", str(tmp_path)]) == 0
     frame = pd.read_csv(tmp_path / "trajectory.csv")
     assert sorted(frame.step.unique()) == [0, 2, 3]  # 3 steps in all: 0, round(1.5) = 2, 3
     assert set(frame.tower) == {"text", "image"} and (tmp_path / "trajectory.png").stat().st_size > 0

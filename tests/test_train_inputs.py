@@ -98,3 +98,26 @@ def test_apple_layout_teacher_on_the_command_line(tmp_path, digits_csv):
     assert inputs.tokenizer.name == "clip" and inputs.tokenizer.vocab_size == 49408
     task = build_task(config, inputs)
     assert task.student.config.text.vocab_size == 49408
+
+
+def test_a_wider_distillation_teacher_distils_while_the_student_inherits_from_the_teacher(tmp_path):
+    """--distill-teacher: the student inherits from --teacher (128 wide) and distils from a 192-wide model, through FD's
+    learned maps; one forward gives every term."""
+    from siclip.distill import ObjectiveConfig
+    from siclip.train.loop import build_data
+    from siclip.train.step import forward_terms
+
+    torch.manual_seed(0)
+    source = create_model("mobileclip_tiny", image={"image_size": 32})
+    wide = create_model("mobileclip_tiny", image={"image_size": 32}, embed_dim=192)
+    config = TrainConfig(model="siclip_tiny", teacher=str(save_checkpoint(source, tmp_path / "teacher.pt")), out_dir=str(tmp_path / "run"),
+                         distill_teacher=str(save_checkpoint(wide, tmp_path / "wide.pt")), objective=ObjectiveConfig(), evaluate=False,
+                         calibration_captions=4, data=DataConfig(num_train=8, batch_size=4))  # fmt: skip
+    inputs = prepare_run(config, get_model_config("siclip_tiny"))
+    task = build_task(config, inputs)
+    assert task.teacher.model.embed_dim == 192 and task.student.embed_dim == 128
+    assert (task.objective.feature.image_proj.in_features, task.objective.feature.image_proj.out_features) == (128, 192)
+    assert torch.equal(task.student.text.token_embedding.weight, source.text.token_embedding.weight)  # inherited from --teacher
+    batch = next(iter(build_data(config, inputs, task.student.preprocess.size, 0, 1)))
+    terms = forward_terms(task, batch, bf16=False)
+    assert set(terms) == {"clip", "feature", "relation", "interactive", "pair_matching", "total"} and torch.isfinite(terms["total"])

@@ -4,16 +4,25 @@
 
 Two readings (``paper_math.md`` §6 #2), both computed:
 
-- **attention**: for blocks l and m on one calibration batch, the mean over samples, heads and queries
-  of JS between their attention rows ``softmax(q kᵀ/√d)`` over keys (Xiao et al. 2019); per head too.
-- **features**: JS between the blocks' outputs read as distributions over channels (softmax over the
-  width of each token), averaged over tokens.
+- **attention**: for blocks l and m on one calibration batch, the mean over the real query rows r (samples ×
+  positions that are tokens) and heads h of JS between their attention rows ``softmax(q kᵀ/√d)`` over keys (Xiao
+  et al. 2019): D(l, m) = (1/H)·Σ_h (1/R)·Σ_r JS(P_l[r, h] ‖ P_m[r, h]); per head too.
+- **features**: JS between the blocks' outputs read as distributions over channels (softmax over the width of each
+  token), averaged over the same real rows.
+
+**Only real query rows count.** A padded position is a query too, and its row is whatever the library fills in
+(rows over the real keys, uniform rows, NaN rows under SDPA with left padding): it says nothing about the text, and
+counting it makes the divergence depend on the context length (a threshold in nats would move with it). A row counts
+when it is finite, the call's masks do not make its query padding (:func:`siclip.blocks.read_attention_rows`), and the
+caller's real-token mask (:func:`siclip.blocks.real_tokens`, set around a text pass; the ``attention_mask`` of a dict
+of inputs) keeps it. The report says how many rows were read.
 
 Blocks are recorded *per call* through forward hooks that keep the call's arguments, so a stack whose blocks share
 weights (the same module at several positions) is measured position by position, and each block's attention is read
-by its type's reader (:func:`siclip.blocks.read_attention`) under the masks it was called with: siclip's blocks,
-and the original blocks of transformers, timm and open_clip models (:func:`divergence_report` takes any model). Text
-blocks attend over token positions, the image encoder's attention blocks over the h·w positions of their feature
+by its type's reader under the masks it was called with: siclip's blocks, and the original blocks of transformers,
+timm and open_clip models (:func:`divergence_report` takes any model and the inputs it runs on; loading a model spec
+and reading calibration files are :mod:`siclip.interop`'s and :mod:`siclip.data`'s, composed by ``siclip divergence``).
+Text blocks attend over token positions, the image encoder's attention blocks over the h·w positions of their feature
 map (8×8 in MCi0 at 256 px).
 """
 
@@ -27,11 +36,16 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from siclip.blocks import SharingPlan, plan_sharing, read_attention
-from siclip.blocks.readers import ATTENTION_READERS, has_attention_reader
+from siclip.blocks import (
+    PreLNBlock, SASBlock, SASPBlock, SharingPlan, block_causality, plan_sharing, read_attention, read_attention_rows, real_tokens,
+)  # fmt: skip
+from siclip.blocks.readers import ATTENTION_READERS, current_real_tokens, has_attention_reader
 from siclip.blocks.sharing import adjacent_divergences
 
 from .figures import pyplot, save_figure
+
+FORMAT = "siclip-divergence-1"
+MASKED_CALLS = (PreLNBlock, SASBlock, SASPBlock)  # siclip's blocks whose call takes (x, key_padding_mask, causal)
 
 
 def js_divergence(p: Tensor, q: Tensor, dim: int = -1) -> Tensor:
@@ -44,24 +58,55 @@ def js_divergence(p: Tensor, q: Tensor, dim: int = -1) -> Tensor:
 
 @torch.no_grad()
 def attention_probabilities(block: nn.Module, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool | None = None) -> Tensor:
-    """``(batch, heads, tokens, tokens)`` softmax attention a siclip block computes on its input ``x``, called with
-    ``key_padding_mask`` (True = hidden) and ``causal`` (None: the block's default): hidden keys get probability 0.
-    Any other block: :func:`siclip.blocks.read_attention` with the call's own arguments."""
-    kwargs = {k: v for k, v in (("key_padding_mask", key_padding_mask), ("causal", causal)) if v is not None}
-    return read_attention(block, (x,), kwargs)
+    """``(batch, heads, tokens, tokens)`` softmax attention ``block`` computes on its input ``x`` alone, with
+    ``key_padding_mask`` (True = hidden) and ``causal`` (None: the block's own, :func:`siclip.blocks.block_causality`):
+    hidden keys get probability 0.
+
+    A siclip block takes the masks in its own call. Any other block is read on ``x`` and restricted to the visible
+    keys, P' = P·V / Σ_k P·V (a softmax restricted to a subset of keys is the renormalised softmax): a block that is
+    causal by itself (a CLIP text layer, GPT-2) stays causal; one that cannot tell whether it is (an open_clip residual
+    block serves both towers) is refused unless ``causal`` is given; ``causal=False`` for a causal block is refused."""
+    if isinstance(block, MASKED_CALLS):
+        kwargs = {k: v for k, v in (("key_padding_mask", key_padding_mask), ("causal", causal)) if v is not None}
+        return read_attention(block, (x,), kwargs)
+    own = block_causality(block)
+    if causal is None:
+        if own is None:
+            raise ValueError(f"a {type(block).__qualname__} does not say whether it attends causally (its model passes the mask on each "
+                             "call): pass causal=True or causal=False")  # fmt: skip
+        causal = own
+    elif own and not causal:
+        raise ValueError(f"a {type(block).__qualname__} attends causally by itself: its attention cannot be read with causal=False")
+    probs = read_attention(block, (x,), {})
+    tokens = probs.shape[-1]
+    visible = torch.ones(probs.shape[0], 1, tokens, tokens, dtype=torch.bool, device=probs.device)
+    if causal:
+        visible = visible & torch.ones(tokens, tokens, dtype=torch.bool, device=probs.device).tril()
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask[:, None, None, :].bool()
+    restricted = probs * visible
+    return restricted / restricted.sum(-1, keepdim=True)
 
 
-Call = tuple[nn.Module, tuple, dict, object]
+@dataclass
+class Call:
+    """One call of a block, as the host model made it: arguments, output, and the caller's real-token mask."""
+
+    block: nn.Module
+    args: tuple
+    kwargs: dict
+    output: object
+    tokens: Tensor | None = None  # (batch, tokens) True = a real token, from siclip.blocks.real_tokens
 
 
 @torch.no_grad()
 def record_blocks(blocks, run) -> list[Call]:
-    """``(block, args, kwargs, output)`` for every call of a block of ``blocks`` while ``run()`` executes, in order:
-    the call as the host model made it, masks included, so a reader can interpret it as the block did."""
+    """Every call of a block of ``blocks`` while ``run()`` executes, in order: the call as the host model made it,
+    masks included, so a reader can interpret it as the block did, and the real-token mask in force then."""
     calls: list[Call] = []
 
     def record(module, args, kwargs, out):
-        calls.append((module, args, dict(kwargs), out))
+        calls.append(Call(module, args, dict(kwargs), out, current_real_tokens()))
 
     handles = [m.register_forward_hook(record, with_kwargs=True) for m in {id(b): b for b in blocks}.values()]
     try:
@@ -78,25 +123,55 @@ def _token_features(output) -> Tensor:
     return y if y.dim() == 3 else rearrange(y, "b c h w -> b (h w) c")
 
 
+def real_rows(probs: Tensor, padded: Tensor | None, tokens: Tensor | None) -> Tensor:
+    """``(batch, queries)`` True for the query rows that count: finite in every head, not padding by the call's masks
+    (``padded``), and real by the caller's mask (``tokens``)."""
+    batch, _, queries, _ = probs.shape
+    rows = torch.isfinite(probs).all(-1).all(1)
+    if padded is not None:
+        rows = rows & ~padded.to(rows.device)
+    if tokens is not None:
+        if tuple(tokens.shape) != (batch, queries):
+            raise ValueError(f"the real-token mask {tuple(tokens.shape)} does not fit a block call on {batch} sequences of {queries} tokens")
+        rows = rows & tokens.to(rows.device)
+    return rows
+
+
+class NotCalled(ValueError):
+    """The run never called the blocks of a stack (it reads another tower)."""
+
+
 @torch.no_grad()
 def block_divergences(blocks, run) -> dict[str, Tensor]:
-    """Pairwise JS matrices over the block calls made by ``run()``.
+    """Pairwise JS matrices over the block calls made by ``run()``, over the query rows real in every call.
 
-    Returns ``attention`` (n, n), ``attention_per_head`` (n, n, heads) and ``features`` (n, n).
+    Returns ``attention`` (n, n), ``attention_per_head`` (n, n, heads), ``features`` (n, n), and ``rows`` (the
+    real query rows read, samples × positions) of ``rows_total``.
     """
     calls = record_blocks(blocks, run)
+    if not calls:
+        raise NotCalled("none of these blocks was called")
     if len(calls) < 2:
         raise ValueError("need at least two block calls to compare")
-    probs = [read_attention(block, args, kwargs).double() for block, args, kwargs, _ in calls]
-    feats = [torch.softmax(_token_features(y).double(), dim=-1) for _, _, _, y in calls]
+    reads = [read_attention_rows(c.block, c.args, c.kwargs) for c in calls]
+    shapes = {tuple(r.probs.shape) for r in reads}
+    if len(shapes) != 1:
+        raise ValueError(f"the calls of one stack read attention of different shapes {sorted(shapes)}")
+    rows = torch.stack([real_rows(r.probs, r.padded_queries, c.tokens) for r, c in zip(reads, calls)]).all(0)
+    if not bool(rows.any()):
+        raise ValueError("no query row is a real token in every call (every row is padding or not finite)")
+    # Each call's real rows as (rows, heads, keys), float64.
+    probs = [rearrange(r.probs.double(), "b h q k -> b q h k")[rows] for r in reads]
+    feats = [torch.softmax(_token_features(c.output).double(), dim=-1)[rows] for c in calls]
     n, heads = len(calls), probs[0].shape[1]
     per_head = torch.zeros(n, n, heads, dtype=torch.float64)
     features = torch.zeros(n, n, dtype=torch.float64)
     for i in range(n):
         for j in range(i + 1, n):
-            per_head[i, j] = per_head[j, i] = js_divergence(probs[i], probs[j]).mean(dim=(0, 2))
+            per_head[i, j] = per_head[j, i] = js_divergence(probs[i], probs[j]).mean(0)
             features[i, j] = features[j, i] = js_divergence(feats[i], feats[j]).mean()
-    return {"attention": per_head.mean(-1), "attention_per_head": per_head, "features": features}
+    return {"attention": per_head.mean(-1), "attention_per_head": per_head, "features": features, "rows": int(rows.sum()),
+            "rows_total": rows.numel()}  # fmt: skip
 
 
 def attention_block_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
@@ -115,12 +190,32 @@ def attention_block_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Mod
 
 
 @dataclass
+class PlanChoice:
+    """A sharing plan and what picked it: the strategy and its parameter (a threshold in nats, or a number of runs)."""
+
+    strategy: str
+    plan: SharingPlan
+    threshold: float | None = None
+    max_groups: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"strategy": self.strategy, "threshold": self.threshold, "max_groups": self.max_groups,
+                "groups": [list(g) for g in self.plan.groups]}  # fmt: skip
+
+
+def _plan_text(plan: SharingPlan) -> str:
+    return " ".join("[" + ",".join(map(str, g)) + "]" for g in plan.groups)
+
+
+@dataclass
 class DivergenceReport:
     """Divergences between the adjacent and all blocks of each stack of a model, and the sharing plans they give.
 
     ``groups[stack]`` holds ``blocks`` (names), ``attention`` and ``features`` (n × n JS matrices, nats),
-    ``plans`` (strategy → :class:`~siclip.blocks.SharingPlan`) and ``plan`` (the optimal partition into
-    ``max_groups`` runs of adjacent blocks, by attention JS)."""
+    ``attention_per_head``, ``rows`` (real query rows read) of ``rows_total``, ``plans`` (strategy →
+    :class:`PlanChoice`) and ``plan`` (the optimal partition into ``max_groups`` runs of adjacent blocks, by attention
+    JS). ``print(report)`` shows the tables; :meth:`save` writes ``divergence.json`` (one schema, :data:`FORMAT`) and
+    the heatmaps."""
 
     model: str
     groups: dict[str, dict] = field(default_factory=dict)
@@ -137,18 +232,36 @@ class DivergenceReport:
         return pd.DataFrame(rows, columns=["stack", "pair", "blocks", "attention", "features"])
 
     def __str__(self) -> str:
-        lines = [f"{self.model}: Jensen–Shannon divergence between adjacent blocks (nats; 0 = identical, ln 2 = disjoint)", "",
-                 "| stack | pair | attention | features |", "|---|---|---:|---:|"]  # fmt: skip
+        lines = [f"{self.model}: Jensen–Shannon divergence between adjacent blocks (nats; 0 = identical, ln 2 = disjoint), "
+                 "over the query rows that are real tokens", "", "| stack | blocks | query rows read |", "|---|---:|---:|"]  # fmt: skip
+        lines += [f"| {s} | {len(g['blocks'])} | {g['rows']} of {g['rows_total']} |" for s, g in self.groups.items()]
+        lines += ["", "| stack | pair | attention | features |", "|---|---|---:|---:|"]
         for _, r in self.table().iterrows():
             lines.append(f"| {r['stack']} | {r['pair']} | {r['attention']:.4f} | {r['features']:.4f} |")
-        lines += ["", "| stack | optimal plan |", "|---|---|"] + [f"| {s} | {g['plan']} |" for s, g in self.groups.items()]
+        lines += ["", "| stack | strategy | parameter | plan |", "|---|---|---|---|"]
+        for stack, g in self.groups.items():
+            for choice in g["plans"].values():
+                parameter = (f"threshold {choice.threshold:.4g} nats (the median adjacent divergence)" if choice.threshold is not None
+                             else f"{choice.max_groups} runs" if choice.max_groups is not None else "")  # fmt: skip
+                lines.append(f"| {stack} | {choice.strategy} | {parameter} | {_plan_text(choice.plan)} |")
         return "\n".join(lines)
 
+    def to_dict(self) -> dict:
+        """The report as plain data (:data:`FORMAT`): per stack its blocks, rows read, matrices and plans (lists of lists)."""
+        stacks = {}
+        for stack, g in self.groups.items():
+            stacks[stack] = {"blocks": list(g["blocks"]), "rows_read": g["rows"], "rows_total": g["rows_total"],
+                             "attention": g["attention"].tolist(), "attention_per_head": g["attention_per_head"].tolist(),
+                             "features": g["features"].tolist(), "plans": [c.to_dict() for c in g["plans"].values()],
+                             "optimal": [list(x) for x in g["plan"].groups]}  # fmt: skip
+        return {"format": FORMAT, "model": self.model, "unit": "nats", "stacks": stacks}
+
     def save(self, out_dir: str | Path) -> list[Path]:
-        """Heatmaps (``divergence_<stack>_<reading>.png``) and ``divergence.json`` (matrices, plans) in ``out_dir``."""
+        """Heatmaps (``divergence_<stack>_<reading>.png``) and ``divergence.json`` (:meth:`to_dict`, with the heatmaps'
+        names) in ``out_dir``; returns the paths written, the JSON last."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths, record = [], {"model": self.model, "stacks": {}}
+        paths = []
         for stack, g in self.groups.items():
             slug = stack.replace(".", "_") or "model"
             labels = [name.rsplit(".", 1)[-1] if name.rsplit(".", 1)[-1].isdigit() else name for name in g["blocks"]]
@@ -156,10 +269,11 @@ class DivergenceReport:
             for reading in ("attention", "features"):
                 title = f"{self.model}: {stack} ({reading})"
                 paths.append(plot_heatmap(g[reading], out / f"divergence_{slug}_{reading}.png", title, labels))
-            record["stacks"][stack] = {"blocks": g["blocks"], "attention": g["attention"].tolist(), "features": g["features"].tolist(),
-                                       "plans": {k: str(v) for k, v in g["plans"].items()}, "optimal": str(g["plan"])}  # fmt: skip
+        record = {**self.to_dict(), "heatmaps": [p.name for p in paths]}
         path = out / "divergence.json"
-        path.write_text(json.dumps(record, indent=1))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
         return [*paths, path]
 
 
@@ -167,6 +281,14 @@ def _runner(model: nn.Module, inputs):
     if callable(inputs) and not isinstance(inputs, (Tensor, nn.Module)):
         return inputs
     if isinstance(inputs, dict):
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:  # a tokenizer's mask: 1 for tokens, 0 for padding
+
+            def run():
+                with real_tokens(mask.bool()):
+                    return model(**inputs)
+
+            return run
         return lambda: model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return lambda: model(*inputs)
@@ -180,7 +302,8 @@ def divergence_report(model: nn.Module, inputs, *, max_groups: int | dict | None
     adjacent-pair table, its heatmaps (:meth:`DivergenceReport.save`) and its sharing plans: the optimal partition into
     ``max_groups`` runs (default half the blocks; a dict gives it per stack). Works on any model whose blocks have an
     attention reader: siclip's, and the original blocks of transformers, timm and open_clip models, read under the
-    causal and padding masks the model itself applies."""
+    causal and padding masks the model itself applies, over the query rows that are real tokens (a dict's
+    ``attention_mask``, or :func:`siclip.blocks.real_tokens` inside a function)."""
     groups = attention_block_groups(model)
     if not groups:
         raise ValueError(f"no block of {type(model).__name__} has an attention reader; readers exist for {', '.join(ATTENTION_READERS.known())}")
@@ -192,35 +315,33 @@ def divergence_report(model: nn.Module, inputs, *, max_groups: int | dict | None
         for stack, blocks in groups.items():
             if len(blocks) < 2:
                 continue
-            d = block_divergences([b for _, b in blocks], run)
+            try:
+                d = block_divergences([b for _, b in blocks], run)
+            except NotCalled:  # a stack the inputs do not reach (the image tower of a text-only run)
+                continue
             n = d["attention"].shape[0]
             if n != len(blocks):
                 raise ValueError(f"{stack}: {len(blocks)} blocks made {n} calls on these inputs; a block called twice cannot be placed")
             wanted = max_groups.get(stack) if isinstance(max_groups, dict) else max_groups
-            plans = sharing_plans(d["attention"], max_groups=wanted)
-            optimal = next(plan for key, plan in plans.items() if key.startswith("optimal"))
-            report.groups[stack] = {"blocks": [n for n, _ in blocks], **d, "plans": plans, "plan": optimal}
+            plans = plan_choices(d["attention"], max_groups=wanted)
+            report.groups[stack] = {"blocks": [n for n, _ in blocks], **d, "plans": plans, "plan": plans["optimal"].plan}
     finally:
         model.train(was_training)
     if not report.groups:
-        raise ValueError(f"every stack of {type(model).__name__} has a single block: there is nothing to compare")
+        raise ValueError(f"no stack of {type(model).__name__} with two or more blocks ran on these inputs: there is nothing to compare")
     return report
 
 
-def spec_divergences(spec: str, *, captions: list[str] | None = None, images: list | None = None, max_groups: int | None = None):
-    """``(model, run, report)`` for a model someone else wrote (``hf:DIR``, ``open_clip:ARCH:FILE``, ``timm:NAME:FILE``):
-    the model with its weights, ``run(m)`` calling a model of its architecture on the calibration ``captions`` and
-    ``images`` (through its own tokenizer and preprocessing), and :func:`divergence_report` on them."""
-    from siclip.interop.converted import calibration_run, load_original
-
-    model = load_original(spec)
-    run = calibration_run(spec, model, captions, images)
-    return model, run, divergence_report(model, lambda: run(model), max_groups=max_groups, name=spec)
-
-
 def text_divergences(model, ids: Tensor) -> dict[str, Tensor]:
-    """Divergences between the text transformer blocks of a CLIP model on a batch of token ids."""
-    return block_divergences(model.text.transformer, lambda: model.text(ids))
+    """Divergences between the text transformer blocks of a siclip CLIP on a batch of token ids, over the positions up
+    to each caption's end-of-text token (the largest id, as siclip's text encoder pools)."""
+    from siclip.data.tokenizer import real_token_mask
+
+    def run():
+        with real_tokens(real_token_mask(ids)):
+            model.text(ids)
+
+    return block_divergences(model.text.transformer, run)
 
 
 def calibration_images(source, count: int, preprocess) -> Tensor:
@@ -248,10 +369,16 @@ def adjacent_trajectory(snapshots: dict[int, nn.Module], ids: Tensor, images: Te
     """
     from siclip.models.siclip import attention_stage
 
+    from siclip.data.tokenizer import real_token_mask
+
+    def read_text(m):
+        with real_tokens(real_token_mask(ids)):
+            m.text(ids)
+
     rows = []
     for step, model in sorted(snapshots.items()):
         model.eval()
-        towers = {"text": (model.text.transformer, lambda m=model: m.text(ids)),
+        towers = {"text": (model.text.transformer, lambda m=model: read_text(m)),
                   "image": (attention_stage(model, converted=True)[1], lambda m=model: m.visual(images))}  # fmt: skip
         for tower, (blocks, run) in towers.items():
             if len(blocks) < 2:
@@ -286,18 +413,24 @@ def plot_trajectory(rows: list[dict], path: str | Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
-def sharing_plans(divergence: Tensor, *, max_groups: int | None = None) -> dict[str, SharingPlan]:
-    """The plan each strategy picks: none, adjacent pairs, threshold at the median adjacent divergence,
-    and the optimal partition into ``max_groups`` (default half the blocks) runs."""
+def plan_choices(divergence: Tensor, *, max_groups: int | None = None) -> dict[str, PlanChoice]:
+    """The plan each strategy picks, with its parameter: none, adjacent pairs, threshold at the median adjacent
+    divergence, and the optimal partition into ``max_groups`` (default half the blocks) runs."""
     n = divergence.shape[0]
     matrix = divergence.detach().cpu().numpy()
     threshold = float(sorted(adjacent_divergences(matrix))[(n - 2) // 2])
+    runs = max_groups or max(1, n // 2)
     return {
-        "none": plan_sharing("none", n),
-        "adjacent": plan_sharing("adjacent", n),
-        f"threshold (≤ {threshold:.3g})": plan_sharing("threshold", n, matrix, threshold=threshold),
-        f"optimal ({max_groups or max(1, n // 2)} groups)": plan_sharing("optimal", n, matrix, max_groups=max_groups or max(1, n // 2)),
+        "none": PlanChoice("none", plan_sharing("none", n)),
+        "adjacent": PlanChoice("adjacent", plan_sharing("adjacent", n)),
+        "threshold": PlanChoice("threshold", plan_sharing("threshold", n, matrix, threshold=threshold), threshold=threshold),
+        "optimal": PlanChoice("optimal", plan_sharing("optimal", n, matrix, max_groups=runs), max_groups=runs),
     }
+
+
+def sharing_plans(divergence: Tensor, *, max_groups: int | None = None) -> dict[str, SharingPlan]:
+    """:func:`plan_choices`' plans by strategy name."""
+    return {strategy: choice.plan for strategy, choice in plan_choices(divergence, max_groups=max_groups).items()}
 
 
 def plot_heatmap(matrix: Tensor, path: str | Path, title: str, labels: list[str] | None = None) -> Path:

@@ -10,7 +10,10 @@ convolutions count, so the two tools agree (tested).
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from fvcore.nn import FlopCountAnalysis
@@ -130,42 +133,181 @@ CPU_ATTENTION_FLOPS = {
 }
 
 
+class _AttributedFlops:
+    """``torch.utils.flop_counter.FlopCounterMode``'s counts (its registry, FLOPs = 2 × multiply-adds), each op
+    attributed to the modules that made it.
+
+    Forward ops belong to the modules whose ``forward`` is running. A backward op belongs to the modules that ran the
+    forward op whose gradient it computes: every autograd node is tagged, when the module that created it returns,
+    with the stack of modules then running (a module's pre-hook first tags what its inputs' graph already holds with its
+    callers), and the backward's current node (``torch._C._current_autograd_node()``) names its owners. So a module's
+    count is its forward and its own backward, and the top-level modules' counts add up to the total (with what ran
+    outside every module, the loss and code outside ``forward``, apart). (PyTorch's own module tracker attributes
+    backward by the order modules' backward hooks fire, which gave a two-layer MLP's last layer its forward alone.)"""
+
+    def __init__(self, model: nn.Module, custom_mapping: dict) -> None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False, custom_mapping=custom_mapping)
+        self.registry = counter.flop_registry
+        self.model, self.counter = model, counter
+        self.stack: list[str] = []
+        self.owners: dict = {}  # autograd node -> tuple of module paths
+        self.by_path: dict[str, int] = defaultdict(int)
+        self.total = 0
+        counter._count_flops = self._count  # the counter's dispatch mode, our attribution
+
+    def _count(self, func_packet, out, args, kwargs):
+        if func_packet in self.registry:
+            flops = int(self.registry[func_packet](*args, **kwargs, out_val=out))
+            node = torch._C._current_autograd_node()
+            for path in (self.owners.get(node, ()) if node is not None else self._owners()):
+                self.by_path[path] += flops
+            self.total += flops
+        return out
+
+    def _owners(self) -> frozenset[str]:
+        """The running modules' paths and their prefixes (a container that is never called, a ModuleList, owns what its
+        blocks do)."""
+        return frozenset(".".join(parts[:i]) for path in self.stack for parts in [path.split(".")] for i in range(1, len(parts) + 1))
+
+    def _tag(self, value) -> None:
+        """Tag the untagged autograd nodes behind ``value``'s tensors with the current module stack."""
+        owners = self._owners()
+        pending = [t.grad_fn for t in _tensors(value) if t.grad_fn is not None]
+        while pending:
+            node = pending.pop()
+            if node is None or node in self.owners:
+                continue
+            self.owners[node] = owners
+            pending.extend(next_node for next_node, _ in node.next_functions)
+
+    def __enter__(self):
+        names = {}
+        for name, module in self.model.named_modules():  # a shared module is counted under its first name
+            names.setdefault(id(module), name or type(self.model).__name__)
+
+        def before(module, args, kwargs):
+            self._tag((args, kwargs))
+            self.stack.append(names[id(module)])
+
+        def after(module, args, kwargs, output):
+            self._tag(output)
+            self.stack.pop()
+
+        self.handles = []
+        for module in {id(m): m for m in self.model.modules()}.values():
+            self.handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
+        self.counter.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            return self.counter.__exit__(*exc)
+        finally:
+            for handle in self.handles:
+                handle.remove()
+            self.owners.clear()
+
+
+def _tensors(value) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return [t for v in vars(value).values() for t in _tensors(v)] if hasattr(value, "__dict__") and not isinstance(value, nn.Module) else []
+
+
+OUTSIDE = "(outside its modules)"
+
+
 def module_flops(model: nn.Module, inputs, *, output=None, backward: bool = False) -> tuple[int, dict[str, int]]:
     """``(total FLOPs, FLOPs per top-level child)`` of ``model`` called on ``inputs`` (a tensor, a tuple of positional
-    arguments, a dict of keyword arguments, or a function that runs it), counted by PyTorch's ``FlopCounterMode`` at
-    the dispatcher (every matrix product, convolution and fused attention, FLOPs = 2 × multiply-adds). ``backward``:
-    forward and backward of the output ``output`` picks (:func:`pick_output`), as a training step runs them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+    arguments, a dict of keyword arguments, or a function that runs it), counted at the dispatcher with PyTorch's
+    ``FlopCounterMode`` registry (every matrix product, convolution and fused attention, FLOPs = 2 × multiply-adds),
+    each op attributed to the modules that made it (:class:`_AttributedFlops`). ``backward``: forward and backward of
+    the output ``output`` picks (:func:`pick_output`), as a training step runs them; a child's count is its forward and
+    its own backward. FLOPs made outside every child (the model's own code, a loss) are under :data:`OUTSIDE`, so the
+    entries add up to the total."""
+    with _AttributedFlops(model, CPU_ATTENTION_FLOPS) as counter:
         if backward:
             y = pick_output(_call(model, inputs), output)
             y.backward(torch.ones_like(y))
         else:
             with torch.no_grad():
                 _call(model, inputs)
-    counts = {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
-
-    def flops_of(path: str, module: nn.Module) -> int:
-        # A called module's count includes its children's; a container that is never called (a ModuleList) sums them.
-        key = f"{type(model).__name__}.{path}"
-        return counts[key] if key in counts else sum(flops_of(f"{path}.{n}", m) for n, m in module.named_children())
-
-    by_child = {name: flops_of(name, child) for name, child in model.named_children()}
-    return int(counter.get_total_flops()), {name: f for name, f in by_child.items() if f}
+    names = {id(m): n for n, m in model.named_modules()}
+    by_child = {name: counter.by_path.get(names[id(child)], 0) for name, child in model.named_children() if names.get(id(child)) == name}
+    by_child = {name: f for name, f in by_child.items() if f}
+    outside = counter.total - sum(by_child.values())
+    if outside:
+        by_child[OUTSIDE] = outside
+    return counter.total, by_child
 
 
-def model_report(model, inputs=None, *, output=None, backward: bool = False) -> dict:
-    """FLOPs and parameters.
+class ModelReport(Mapping):
+    """What :func:`model_report` measured, read like the dict it used to be (``report["gflops"]``), printed as a
+    table (``print(report)``), and saved as JSON (:meth:`save`)."""
+
+    def __init__(self, values: dict) -> None:
+        self.values = dict(values)
+
+    def __getitem__(self, key):
+        return self.values[key]
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __repr__(self) -> str:
+        return f"ModelReport({self.values!r})"
+
+    def __str__(self) -> str:
+        lines = ["| measure | value |", "|---|---:|"]
+        for key, value in self.values.items():
+            if isinstance(value, dict):
+                continue
+            shown = value if isinstance(value, (bool, str)) else f"{value:,}" if isinstance(value, int) else f"{value:.6g}"
+            lines.append(f"| {key} | {shown} |")
+        by_module = self.values.get("gflops_by_module")
+        if by_module:
+            total = self.values["gflops"]
+            lines += ["", "| module | GFLOPs | share |", "|---|---:|---:|"]
+            lines += [f"| {name} | {value:.6g} | {value / total:.1%} |" for name, value in by_module.items()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return dict(self.values)
+
+    def save(self, path: str | Path) -> Path:
+        """The report as JSON at ``path``, written atomically."""
+        from siclip.storage import write_text_atomic
+
+        return write_text_atomic(json.dumps(self.to_dict(), indent=1) + "\n", Path(path))
+
+
+def model_report(model, inputs=None, *, output=None, backward: bool = False) -> ModelReport:
+    """FLOPs and parameters, as a :class:`ModelReport` (a table when printed, JSON when saved, a dict when read).
 
     - ``model_report(clip)``: a siclip CLIP's per-image and per-caption GFLOPs and parameters (inference, batch 1).
     - ``model_report(any_module, inputs, output=..., backward=...)``: any module (a transformers, timm or open_clip
       model, converted or not) on the inputs it is called with (:func:`module_flops`): ``params`` (shared
       parameters once), ``trainable``, ``gflops`` (forward, or forward + backward of the picked output) and
-      ``gflops_by_module`` (per top-level child).
+      ``gflops_by_module`` (per top-level child, adding up to ``gflops``).
     """
     if inputs is None:
-        return _clip_report(model)
+        from siclip.models import CLIP
+
+        if not isinstance(model, CLIP):
+            raise TypeError(f"model_report(model) without inputs measures a siclip CLIP at batch 1; a {type(model).__name__} needs the inputs "
+                            "it is called with: model_report(model, inputs) (a tensor, a tuple, a dict of keyword arguments, or a "
+                            "function that runs it)")  # fmt: skip
+        return ModelReport(_clip_report(model))
     from siclip.blocks import count_parameters
 
     was_training = model.training
@@ -175,8 +317,8 @@ def model_report(model, inputs=None, *, output=None, backward: bool = False) -> 
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)
-    return {"model": type(model).__name__, "params": count_parameters(model), "trainable": count_parameters(model, trainable_only=True),
-            "gflops": total / 1e9, "gflops_by_module": {k: v / 1e9 for k, v in by_child.items()}}  # fmt: skip
+    return ModelReport({"model": type(model).__name__, "params": count_parameters(model), "trainable": count_parameters(model, trainable_only=True),
+                        "gflops": total / 1e9, "backward": backward, "gflops_by_module": {k: v / 1e9 for k, v in by_child.items()}})  # fmt: skip
 
 
 @torch.no_grad()

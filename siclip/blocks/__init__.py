@@ -17,7 +17,10 @@ from .mlp import Mlp, create_act
 from .norms import TokenBatchNorm, create_norm
 from .param_groups import no_weight_decay_names, param_groups_weight_decay
 from .pre_ln import LayerScale, PreLNBlock
-from .readers import read_attention, register_attention_reader, softmax_attention
+from .readers import (
+    AttentionRead, block_causality, read_attention, read_attention_rows, read_softmax, real_tokens, register_attention_reader,
+    register_block_causality, softmax_attention,
+)  # fmt: skip
 from .sas import SASBlock, SASPBlock, ShapedSelfAttention, ValueSkipInit
 from .shaped_attention import (
     ShapedAttention,
@@ -41,11 +44,12 @@ from .sharing import (
 from .spatial import Block2d, SASPBlock2d
 
 __all__ = [
-    "Attention", "Block2d", "BlockStack", "ConversionReport", "LayerScale", "Mlp", "PreLNBlock", "SASBlock",
+    "Attention", "AttentionRead", "Block2d", "BlockStack", "ConversionReport", "LayerScale", "Mlp", "PreLNBlock", "SASBlock",
     "SASPBlock", "SASPBlock2d", "SASPConversion", "ShapedAttention", "ShapedSelfAttention", "SharingPlan", "SharingReport",
     "TokenBatchNorm", "ValueSkipInit", "apply_sharing", "centred_values", "convert_block", "convert_to_sasp",
     "count_parameters", "create_act", "create_norm", "no_weight_decay_names", "param_groups_weight_decay",
     "plan_adjacent_pairs", "plan_all", "plan_none", "plan_optimal", "plan_sharing", "plan_threshold",
-    "read_attention", "register_attention_reader", "register_converter", "register_host_fixup", "sasp_from_parts", "shaped_attention",
+    "block_causality", "read_attention", "read_attention_rows", "read_softmax", "real_tokens", "register_attention_reader",
+    "register_block_causality", "register_converter", "register_host_fixup", "sasp_from_parts", "shaped_attention",
     "shaped_attention_matrix", "shaped_attention_reference", "softmax_attention", "xformers_status",
 ]  # fmt: skip

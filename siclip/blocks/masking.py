@@ -129,20 +129,48 @@ def decode_attention_mask(mask: Tensor | None, batch: int, tokens: int, causal: 
     row (causal) or the first (not) and checked on every query that is not itself padding (a padded query's row is
     free: libraries unmask it to avoid empty softmax rows). One library mask serves every block of a forward pass,
     so the last decoding is kept (the same tensor, unchanged, gives the same answer).
+
+    While an exporter traces (:func:`siclip.blocks.backends.traced_kernel`), the mask's values are symbols: nothing is
+    read off or checked. ``causal`` must then be given; a mask with a batch axis gives its padding (the last or first
+    row, as above) as a tensor, one without (the same for every sequence: causality only) none.
     """
     if mask is None:
         return bool(causal), None
+    if traced_kernel() is not None:
+        return _decode_traced(mask, batch, tokens, causal)
+    if mask.is_inference():  # no version counter to know it unchanged: decoded each time
+        return _decode(mask, batch, tokens, causal)
     key = (mask._version, causal, batch, tokens)
     ref, seen, result = _last_decoded
     if ref is not None and ref() is mask and seen == key:  # a weak reference: a freed mask's id may be reused
         return result
-    if mask.dim() == 2 and tuple(mask.shape) == (batch, tokens) and batch != tokens:
-        keep = mask if mask.dtype == torch.bool else mask > 0.5
-        result = (bool(causal), None if bool(keep.all()) else ~keep)
-    else:
-        result = _decode_square(mask, batch, tokens, causal)
+    result = _decode(mask, batch, tokens, causal)
     _last_decoded[:] = [weakref.ref(mask), key, result]
     return result
+
+
+def _decode(mask: Tensor, batch: int, tokens: int, causal: bool | None) -> tuple[bool, Tensor | None]:
+    if mask.dim() == 2 and tuple(mask.shape) == (batch, tokens) and batch != tokens:
+        keep = mask if mask.dtype == torch.bool else mask > 0.5
+        return bool(causal), None if bool(keep.all()) else ~keep
+    return _decode_square(mask, batch, tokens, causal)
+
+
+def _decode_traced(mask: Tensor, batch, tokens: int, causal: bool | None) -> tuple[bool, Tensor | None]:
+    """:func:`decode_attention_mask` without reading values (see there). The batch axis is a symbol: a mask whose
+    first axis is a plain number is one mask for every sequence."""
+    if causal is None:
+        raise NotImplementedError("an attention mask whose causality is unknown cannot be traced for export: the block must know whether "
+                                  "it is causal (a converted block learns it from its host model)")  # fmt: skip
+    visible = mask if mask.dtype == torch.bool else mask > _HIDDEN_BELOW
+    if visible.dim() == 4:
+        visible = visible[:, 0]
+    if isinstance(visible.shape[0], int) and (visible.dim() == 2 or visible.shape[0] == 1):  # shared by every sequence: causality only
+        return bool(causal), None
+    if visible.dim() == 2:  # (batch, tokens) keys to keep
+        return bool(causal), ~visible
+    visible = visible.reshape(batch, -1, tokens, tokens)[:, 0]  # (batch, T, T) or (batch·heads, T, T), heads repeated
+    return bool(causal), ~visible[:, -1 if causal else 0, :]
 
 
 def _decode_square(mask: Tensor, batch: int, tokens: int, causal: bool | None) -> tuple[bool, Tensor | None]:

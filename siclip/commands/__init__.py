@@ -20,11 +20,11 @@ from siclip import cli  # first: a Ctrl-C while the rest imports ends in one lin
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a CLIP (MobileCLIP, SiCLIP, a converted CLIP) on the embedded world or your data, then evaluate it"),
     "evaluate": ("evaluate", "zero-shot classification and retrieval of any model spec on your benchmarks (CLIP_benchmark JSON)"),
-    "convert": ("convert", "measure, convert to SAS-P, share and save a model you hold (hf:, open_clip:, timm:)"),
+    "convert": ("convert", "measure, convert to SAS-P, share and save any model (hf:, open_clip:, timm:, converted, siclip)"),
     "divergence": ("divergence", "Jensen–Shannon divergences between blocks, heatmaps and sharing plans"),
     "flops": ("flops", "parameters and FLOPs of every registered model"),
     "export": ("export", "export both encoders to ONNX, checked under ONNX Runtime against PyTorch"),
-    "caption": ("caption", "write synthetic captions into WebDataset shards"),
+    "caption": ("caption", "write synthetic captions (BLIP, GIT, CoCa, yours) into WebDataset shards or a CSV, resumably"),
     "cache-teacher": ("cache_teacher", "precompute a teacher's embeddings for distillation"),
     "import-mobileclip": ("import_mobileclip", "convert Apple's mobileclip_s0.pt into a siclip checkpoint"),
     "demo": ("demo", "the main job: a MobileCLIP-tiny teacher and its SiCLIP-tiny student, one table"),

@@ -1,61 +1,62 @@
-"""Jensen–Shannon divergences between a model's attention blocks, per tower, their heatmaps, and the sharing
-plans picked; or, with ``--preset``, the divergence between adjacent blocks of both towers through a training run.
+"""Jensen–Shannon divergences between the attention blocks of any model, per stack, their heatmaps and the sharing
+plans they give; or, with ``--preset``, the divergence between adjacent blocks of both towers through a training run.
 
-    python experiments/divergence_report.py --checkpoint runs/demo/model.pt [--captions 256] [--images 128] [--out runs/reports]
-    python experiments/divergence_report.py --model mobileclip_tiny        # an untrained model, for a look
-    python experiments/divergence_report.py --preset demo --snapshots 8 --out runs/divergence --run-dir runs/demo
-    python experiments/divergence_report.py --spec hf:models/clip --caption-file captions.txt --image-folder photos/ --out runs/reports
+    siclip divergence --model runs/digits/model.pt --calibration-captions captions.txt --calibration-images photos/
+    siclip divergence --model hf:models/clip --calibration-captions captions.txt --calibration-images photos/ --out runs/reports
+    siclip divergence --model clip_sasp.pt --calibration-captions captions.txt --calibration-images photos/   # a converted file
+    siclip divergence --model mobileclip_tiny          # an untrained model, on the embedded world, for a look
+    siclip divergence --preset demo --snapshots 8 --out runs/divergence --run-dir runs/demo
 
-``--spec`` reads a model someone else wrote (``hf:DIR``, ``open_clip:ARCH:FILE``, ``timm:NAME:FILE``): the divergence
-between the blocks of each of its stacks on your captions and images (through its own tokenizer and preprocessing,
-under its own causal and padding masks), before any conversion: the table, heatmaps, ``divergence.json`` and the
-optimal plan (``--max-groups`` runs per stack).
+--model: any model spec: a registered name, a siclip checkpoint (one trained on your data reads the captions through
+its own tokenizer), Apple's mobileclip_s0.pt, hf:DIR, open_clip:ARCH:FILE, timm:NAME:FILE, or a converted file.
+Its blocks are read on your captions and images (each through the model's own tokenizer and preprocessing, under its
+own causal and padding masks), over the query rows that are real tokens (padding is never counted); a siclip model
+without --calibration-captions/--calibration-images reads the embedded world's validation split.
 
-The calibration batches are ``--captions`` synthetic captions (text blocks) and ``--images`` images (the image
-encoder's attention blocks, over the positions of their feature map) of the embedded world's validation split.
-``--preset`` trains that preset of ``experiments/train.py`` in segments (exact resume), snapshots the model at
-``--snapshots`` evenly spaced steps (step 0 included) and writes ``trajectory.csv`` and ``trajectory.png``;
-rerunning continues where it stopped. With ``--run-dir runs/demo`` the run is the demo's teacher, which
-``experiments/demo.py`` then reuses.
+The report prints as tables (rows read per stack, adjacent pairs, each strategy's plan) and is saved in --out as
+divergence.json (one schema: per stack its blocks, rows read, matrices and plans as lists of lists) and heatmaps.
+
+--preset trains that preset of `siclip train` in segments (exact resume), snapshots the model at --snapshots evenly
+spaced steps (step 0 included) and writes trajectory.csv and trajectory.png; rerunning continues where it stopped.
+With --run-dir runs/demo the run is the demo's teacher, which `siclip demo` then reuses.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
 
-import pandas as pd
-
-from siclip.analysis.divergence import (
-    adjacent_trajectory, calibration_images, image_divergences, plot_heatmap, plot_trajectory, sharing_plans, text_divergences,
-)  # fmt: skip
-from siclip.data import EmbeddedConfig, EmbeddedSource, create_tokenizer
-from siclip.models import create_model, get_model_config, list_models, load_checkpoint
-from siclip.train.inputs import prepare_run
-from siclip.train.loop import build_data
-from siclip.train.malloc import keep_freed_memory
+from siclip.interop.calibration import MEASURABLE_HELP, check_measurable_spec
 from siclip.train.presets import PRESETS
-from siclip.train.snapshots import train_with_snapshots
 
-
+DEFAULT_COUNT = 64
+PRESET_COUNT = 256  # the trajectory's captions, as experiments/RESULTS.md measured it
 MAX_CALIBRATION = 4096  # captions and images held in memory at once, with every block's attention over them
 
 
-def trajectory(preset: str, snapshots: int, captions: int, images: int, out: Path, run_dir: Path) -> int:
+def trajectory(preset: str, snapshots: int, count: int, out: Path, run_dir: Path) -> int:
+    import pandas as pd
+
+    from siclip.analysis.divergence import adjacent_trajectory, calibration_images, plot_trajectory
+    from siclip.data import EmbeddedConfig, EmbeddedSource
+    from siclip.models import get_model_config, load_checkpoint
+    from siclip.train.inputs import prepare_run
+    from siclip.train.loop import build_data
+    from siclip.train.snapshots import train_with_snapshots
+
     config = dataclasses.replace(PRESETS[preset], out_dir=str(run_dir))
     model_config = get_model_config(config.model, **config.model_overrides)
     inputs = prepare_run(config, model_config)
     total = config.epochs * len(build_data(config, inputs, model_config.image.image_size, 0, 1))
     steps = sorted({round(total * k / (snapshots - 1)) for k in range(snapshots)})
     paths = train_with_snapshots(config, steps, progress=True)
-    val = EmbeddedSource(EmbeddedConfig(seed=config.data.seed, num_val=captions, image_size=model_config.image.image_size), "val")
-    ids = inputs.tokenizer([val.load(i).synthetic[0] for i in range(captions)])
-    batch = calibration_images(val, images, model_config.preprocess.at(model_config.image.image_size))
+    val = EmbeddedSource(EmbeddedConfig(seed=config.data.seed, num_val=count, image_size=model_config.image.image_size), "val")
+    ids = inputs.tokenizer([val.load(i).synthetic[0] for i in range(count)])
+    batch = calibration_images(val, min(count, 64), model_config.preprocess.at(model_config.image.image_size))
     rows = adjacent_trajectory({step: load_checkpoint(path) for step, path in paths.items()}, ids, batch)
     pd.DataFrame(rows).to_csv(out / "trajectory.csv", index=False)
     plot = plot_trajectory(rows, out / "trajectory.png", f"{config.model} ({preset}): JS divergence between adjacent blocks while training")
@@ -64,70 +65,100 @@ def trajectory(preset: str, snapshots: int, captions: int, images: int, out: Pat
     return 0
 
 
-def foreign_report(args) -> int:
-    from siclip.analysis.divergence import spec_divergences
-    from siclip.data.sources import read_image_folder
-    from siclip.train.evaluation import read_caption_file
+def report_of(spec: str, captions_file, images_dir, count: int, max_groups: int | None, apple_model: str):
+    """The divergence report of any model spec on the calibration inputs: the inputs read (:mod:`siclip.data`), the
+    model loaded with ``run`` over them (:mod:`siclip.interop`), its blocks measured (:mod:`siclip.analysis`)."""
+    from siclip.analysis.divergence import divergence_report
+    from siclip.data.calibration import calibration_inputs
+    from siclip.interop.calibration import load_for_calibration
 
-    with cli.user_input(NotImplementedError):  # a block siclip does not read (e.g. Post-LN): the user's model, not a bug
-        captions = read_caption_file(args.caption_file)[: args.captions] if args.caption_file else None
-        images = read_image_folder(args.image_folder, args.images) if args.image_folder else None
-        _, _, report = spec_divergences(args.spec, captions=captions, images=images, max_groups=args.max_groups)
-    print(report)
-    paths = report.save(args.out)
-    print(f"\nheatmaps and {paths[-1].name} written to {args.out}")
-    return 0
+    embedded = 64 if needs_no_files(spec) else None
+    captions, images, where = calibration_inputs(captions_file, images_dir, count, embedded_size=embedded)
+    loaded = load_for_calibration(spec, captions, images, apple_model=apple_model)
+    report = divergence_report(loaded.module, lambda: loaded.run(loaded.module), max_groups=max_groups, name=spec)
+    return loaded, report, where
+
+
+def needs_no_files(spec: str) -> bool:
+    """A siclip model (a registered name, a checkpoint, Apple's file) reads the embedded world when no calibration
+    file is given; another library's model, or one converted from it, reads only what the user gives."""
+    from siclip.interop.calibration import spec_kind
+    from siclip.interop.converted import is_converted_file
+
+    kind = spec_kind(spec)
+    return kind == "registered" or (kind == "file" and not is_converted_file(spec))
+
+
+def check_calibration_files(parser, args) -> None:
+    """Refuse, before any model loads, a model of another library without calibration files (the header of a converted
+    file says what it is; nothing is built)."""
+    if args.model is not None and args.calibration_captions is None and args.calibration_images is None and not needs_no_files(args.model):
+        parser.error(f"--model {args.model} is another library's model (or converted from one): give --calibration-captions FILE and/or "
+                     "--calibration-images DIR, what it reads (a CLIP both)")  # fmt: skip
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", type=cli.checked(check_measurable_spec), metavar="SPEC", help=f"the model to measure: {MEASURABLE_HELP}")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="divergences through a training run of this preset")
+    # Old spellings, kept working and out of the help: --checkpoint and --spec were --model.
+    source.add_argument("--checkpoint", "--spec", dest="model", type=cli.checked(check_measurable_spec), help=argparse.SUPPRESS)
+    parser.add_argument("--calibration-captions", type=cli.existing_file, metavar="FILE",
+                        help="calibration captions, one per line (default for a siclip model: the embedded world's)")  # fmt: skip
+    parser.add_argument("--calibration-images", type=cli.existing_dir, metavar="DIR",
+                        help="a folder of calibration images (default for a siclip model: the embedded world's)")  # fmt: skip
+    parser.add_argument("--calibration-count", type=cli.int_in_range(2, MAX_CALIBRATION), default=None, metavar="N",
+                        help=f"calibration captions and images to use ({DEFAULT_COUNT}; with --preset {PRESET_COUNT} captions, at most 64 "
+                        f"images; at most {MAX_CALIBRATION})")  # fmt: skip
+    parser.add_argument("--caption-file", dest="calibration_captions", type=cli.existing_file, help=argparse.SUPPRESS)
+    parser.add_argument("--image-folder", dest="calibration_images", type=cli.existing_dir, help=argparse.SUPPRESS)
+    parser.add_argument("--max-groups", type=cli.positive_int, metavar="N",
+                        help="with --model: runs of the optimal plan per stack (default half the blocks)")  # fmt: skip
+    parser.add_argument("--apple-model", default="mobileclip_s0",
+                        help="with --model FILE: the registered configuration a file in Apple's layout is built as (mobileclip_s0)")  # fmt: skip
+    parser.add_argument("--snapshots", type=cli.int_at_least(2), default=None,
+                        help="with --preset: snapshots, evenly spaced, step 0 included (8)")  # fmt: skip
+    parser.add_argument("--run-dir", type=Path,
+                        help="with --preset: the run's directory (default <out>/run); runs/demo makes it the demo's teacher")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("runs/reports"), metavar="PATH",
+                        help="folder for divergence.json and the heatmaps (runs/reports)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.model is None and args.preset is None:
+        parser.error("give --model SPEC (the model to measure) or --preset NAME (divergences through a training run)")
+    if args.preset is not None:
+        bad = [flag for flag, value in (("--calibration-captions", args.calibration_captions), ("--calibration-images", args.calibration_images),
+                                        ("--max-groups", args.max_groups)) if value is not None]  # fmt: skip
+        if bad:
+            parser.error(f"{', '.join(bad)}: not with --preset (a preset's run is measured on the embedded world's validation split)")
+    else:
+        bad = [flag for flag, value in (("--snapshots", args.snapshots), ("--run-dir", args.run_dir)) if value is not None]
+        if bad:
+            parser.error(f"{', '.join(bad)}: only with --preset")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out: {args.out} exists and is not a directory")
+    check_calibration_files(parser, args)
+    args.calibration_count = args.calibration_count or (PRESET_COUNT if args.preset else DEFAULT_COUNT)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=cli.existing_file, help="a siclip model checkpoint (model.pt)")
-    source.add_argument("--model", choices=list_models(), metavar="MODEL", help=f"an untrained model: {', '.join(list_models())}")
-    source.add_argument("--preset", choices=sorted(PRESETS), help="divergences through a training run of this preset")
-    source.add_argument("--spec", help="a transformers, open_clip or timm model: hf:DIR, open_clip:ARCH:FILE or timm:NAME:FILE")
-    parser.add_argument("--caption-file", type=cli.existing_file, help="with --spec: calibration captions, one per line")
-    parser.add_argument("--image-folder", type=cli.existing_dir, help="with --spec: a folder of calibration images")
-    parser.add_argument("--max-groups", type=cli.positive_int, help="with --spec: runs of the optimal plan per stack (default half the blocks)")
-    parser.add_argument("--snapshots", type=cli.int_at_least(2), default=8, help="with --preset: snapshots, evenly spaced, step 0 included (≥ 2)")
-    parser.add_argument("--run-dir", type=Path, help="with --preset: the run's directory (default <out>/run); runs/demo makes it the demo's teacher")
-    parser.add_argument("--captions", type=cli.int_in_range(2, MAX_CALIBRATION), default=256,
-                        help=f"calibration captions (256; at most {MAX_CALIBRATION})")
-    parser.add_argument("--images", type=cli.int_in_range(2, MAX_CALIBRATION), default=128, help=f"calibration images (128; at most {MAX_CALIBRATION})")
-    parser.add_argument("--out", type=Path, default=Path("runs/reports"))
-    args = parser.parse_args(argv)
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out: {args.out} exists and is not a directory")
+    args = parse(argv)
+    from siclip.train.malloc import keep_freed_memory
+
     keep_freed_memory()
-    if args.spec:
-        return foreign_report(args)
     if args.preset:
         run_dir = args.run_dir or args.out / "run"
         cli.on_interrupt(f"the run in {run_dir} and its snapshots are kept: run the same command again to continue")
         args.out.mkdir(parents=True, exist_ok=True)
-        return trajectory(args.preset, args.snapshots, args.captions, min(args.images, 64), args.out, run_dir)
-    with cli.user_input():
-        model = (load_checkpoint(args.checkpoint) if args.checkpoint else create_model(args.model)).eval()
-    name = model.config.name
-    tokenizer = create_tokenizer("embedded", context_length=model.config.text.context_length)
-    size = model.config.image.image_size
-    val = EmbeddedSource(EmbeddedConfig(num_val=max(args.captions, args.images), image_size=size), "val")
-    ids = tokenizer([val.load(i).synthetic[0] for i in range(args.captions)])
-    towers = {"text": text_divergences(model, ids), "image": image_divergences(model, calibration_images(val, args.images, model.preprocess))}
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"model": name, "captions": args.captions, "images": args.images}
-    for tower, divergences in towers.items():
-        report[tower] = {}
-        for kind in ("attention", "features"):
-            matrix = divergences[kind]
-            title = f"{name}: JS between {tower} blocks ({kind})"
-            path = plot_heatmap(matrix, args.out / f"divergence_{name}_{tower}_{kind}.png", title)
-            plans = {strategy: str(plan) for strategy, plan in sharing_plans(matrix).items()}
-            report[tower][kind] = {"matrix": matrix.tolist(), "heatmap": str(path), "plans": plans}
-            print(f"\n{kind} divergence (nats) between {tower} blocks:\n{matrix.numpy().round(5)}")
-            print("| strategy | plan |\n|---|---|\n" + "\n".join(f"| {s} | {p} |" for s, p in plans.items()))
-    (args.out / f"divergence_{name}.json").write_text(json.dumps(report, indent=1))
-    print(f"\nheatmaps and divergence_{name}.json written to {args.out}")
+        return trajectory(args.preset, args.snapshots or 8, args.calibration_count, args.out, run_dir)
+    with cli.user_input(NotImplementedError):  # a block siclip does not read (e.g. Post-LN): the user's model, not a bug
+        _, report, where = report_of(args.model, args.calibration_captions, args.calibration_images, args.calibration_count,
+                                     args.max_groups, args.apple_model)  # fmt: skip
+    print(f"calibration: {where}\n")
+    print(report)
+    paths = report.save(args.out)
+    print(f"\nwritten to {args.out}: {paths[-1].name} and {len(paths) - 1} heatmaps ({', '.join(p.name for p in paths[:-1])})")
     return 0
 
 

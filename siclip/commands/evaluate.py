@@ -1,7 +1,8 @@
 """Evaluate a model on your own benchmark sets (CLIP_benchmark's tasks and JSON layout).
 
-    python experiments/evaluate.py --model runs/mine/model.pt --zeroshot data/test --classnames classes.txt --out runs/mine/eval
-    python experiments/evaluate.py --model mobileclip_s0.pt --zeroshot test.csv --templates prompts.txt --retrieval val.csv
+    siclip evaluate --model runs/mine/model.pt --zeroshot data/test --classnames classes.txt --out runs/mine/eval
+    siclip evaluate --model mobileclip_s0.pt --zeroshot test.csv --templates prompts.txt --retrieval val.csv
+    siclip evaluate --model mobileclip_s0.pt --zeroshot imagenet/val --classnames imagenet1k --templates imagenet1k
 
 --model: a model spec: a siclip checkpoint (its tokenizer is saved in it), Apple's mobileclip_s0.pt (CLIP BPE),
          hf:DIR (a transformers CLIPModel or SiglipModel saved with its tokenizer and preprocessor_config.json), or
@@ -10,8 +11,11 @@
          own preprocessing (resize, crop, mean and std), every prompt through its tokenizer.
 --zeroshot: a folder with one subfolder per class, or a CSV/TSV with filepath,label columns.
 --classnames: one name per line or a JSON list, in class order; class folders named after their
-              classes match by name, other folders follow sorted folder order.
---templates: one prompt per line with a {} placeholder; CLIP's 80-template ensemble by default.
+              classes match by name, other folders follow sorted folder order. Or a standard set by name:
+              imagenet1k (CLIP's curated names; folders named by WordNet id n01440764 …, index or name), cifar10,
+              cifar100 (folders by index or name); any subset of the classes may be present.
+--templates: one prompt per line with a {} or {c} placeholder, or CLIP's sets by name: imagenet1k (80),
+             imagenet1k-simple (7), cifar (18); CLIP's 80-template ensemble by default.
 --retrieval: a CSV/TSV with filepath,title rows (one row per caption) or WebDataset shards.
 Writes {dataset}_{task}.json per task into --out and prints the metrics. A bad argument or input file ends in one line
 ``evaluate.py: error: …`` (status 2).
@@ -28,36 +32,31 @@ from siclip import cli  # first: a Ctrl-C while the rest imports ends in one lin
 import torch
 
 from siclip.eval import run_benchmarks
+from siclip.eval.named import CLASSNAME_SETS, TEMPLATE_SETS, classnames_spec, templates_spec
 from siclip.interop import check_model_spec, load_clip
 from siclip.train.malloc import keep_freed_memory
 
 
-def device(text: str) -> torch.device:
-    """``auto`` (CUDA when available) or a device torch knows and has."""
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"unknown device {text!r} (auto, cpu, cuda, cuda:1, …)") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {text}: no CUDA device is available here (use cpu)")
-    return chosen
+def resolved_device(text: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; any other (checked by :func:`siclip.cli.device`) as given."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if text == "auto" else torch.device(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=cli.checked(check_model_spec),
                         help="siclip checkpoint, Apple-layout mobileclip_s0.pt, hf:DIR, open_clip:ARCH:FILE or an exported directory")
-    parser.add_argument("--zeroshot", type=cli.existing_path, help="class-per-subfolder directory or filepath,label CSV/TSV")
-    parser.add_argument("--classnames", type=cli.existing_file, help="class names file (one per line or JSON list)")
-    parser.add_argument("--templates", type=cli.existing_file, help="prompt templates file, one per line with {}")
-    parser.add_argument("--retrieval", help="filepath,title CSV/TSV (several rows per image) or shards")
-    parser.add_argument("--out", help="directory for the JSON results")
-    parser.add_argument("--batch-size", type=cli.positive_int, default=256)
-    parser.add_argument("--device", type=cli.checked(device), default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda:1', …")
+    parser.add_argument("--zeroshot", type=cli.existing_path, help="class-per-subfolder directory or filepath,label CSV/TSV (default: none)")
+    parser.add_argument("--classnames", type=classnames_spec, metavar="FILE-or-NAME",
+                        help=f"class names file (one per line or JSON list) or a standard set: {', '.join(CLASSNAME_SETS)} (default: the folder names)")
+    parser.add_argument("--templates", type=templates_spec, metavar="FILE-or-NAME",
+                        help=f"prompt templates file, one per line with {{}} or {{c}}, or a set: {', '.join(TEMPLATE_SETS)} (default: CLIP's 80)")
+    parser.add_argument("--retrieval", help="filepath,title CSV/TSV (several rows per image) or shards (default: none)")
+    parser.add_argument("--out", help="directory for the JSON results (default: none, printed only)")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=256, help="images or prompts per forward (default: 256)")
+    parser.add_argument("--device", type=cli.device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--max-unknown-rate", type=cli.fraction, default=0.05,
-                        help="refuse prompts or captions whose tokens are more than this fraction <unk> (0.05)")
+                        help="refuse prompts or captions whose tokens are more than this fraction <unk> (default: 0.05)")
     args = parser.parse_args(argv)
     keep_freed_memory()
     if args.zeroshot is None and args.retrieval is None:
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                      else cli.NOTHING_SAVED)  # fmt: skip
     with cli.user_input():  # a missing file or a malformed benchmark is the user's to fix: say what and where
         loaded = load_clip(args.model)
-        model = loaded.model.to(args.device).eval()
+        model = loaded.model.to(resolved_device(args.device)).eval()
         records = run_benchmarks(model, loaded.tokenizer, model_name=model.name, zeroshot=args.zeroshot, classnames=args.classnames,
                                  templates=args.templates, retrieval_data=args.retrieval, out_dir=args.out, batch_size=args.batch_size,
                                  max_unknown_rate=args.max_unknown_rate)  # fmt: skip

@@ -1,8 +1,8 @@
-"""Captioners for :func:`~siclip.data.webdataset.recaption_shards`: callables from images to caption lists.
+"""Captioners for :mod:`siclip.data.captioning`: callables from images to caption lists.
 
 :class:`GroundTruthCaptioner` is the reference captioner for the embedded world: instead of looking at
 pixels it reads the scene behind each sample key, so its captions are exactly right. Real captioners
-(CoCa, BLIP, …) plug in the same way: ``captioner(images) -> list[list[str]]``.
+(BLIP, GIT, CoCa: :mod:`siclip.interop.captioners`) plug in the same way: ``captioner(images) -> list[list[str]]``.
 """
 
 from __future__ import annotations

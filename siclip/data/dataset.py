@@ -1,8 +1,9 @@
 """The map-style image–text dataset over any :class:`~siclip.data.sources.Source`, and its collate.
 
 Sample ``(epoch, index)`` draws everything random (caption choice, augmentation) from
-``numpy.random.default_rng([seed, epoch, index])``: the same sample whatever the worker, the batch
-size or a resume in between. A sample that cannot be used comes back as :class:`Skipped` and the
+``numpy.random.default_rng([seed, epoch, index])`` — the caption edits (EDA) from ``[seed, epoch, index, 1]`` and
+SLIP's two views from ``[seed, epoch, index, 2]``, so switching either on leaves the others' draws as they were —: the
+same sample whatever the worker, the batch size or a resume in between. A sample that cannot be used comes back as :class:`Skipped` and the
 collate function moves it out of the batch, so a bad file never crashes an epoch.
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .augment import eda, names_a_side
 from .sources import RawSample, SampleError, Source, decode_image
 from .transforms import AugmentConfig, augment
 
@@ -60,12 +62,17 @@ class ImageTextDataset(Dataset):
         seed: int = 0,
         teacher_cache=None,
         teacher_tokenizer=None,
+        text_augment: float = 0.0,
+        ssl_config: AugmentConfig | None = None,
     ) -> None:
         if not 0.0 <= p_synthetic <= 1.0:
             raise ValueError(f"p_synthetic must be in [0, 1], got {p_synthetic}")
+        if not 0.0 <= text_augment <= 1.0:
+            raise ValueError(f"text_augment must be in [0, 1], got {text_augment}")
         self.source, self.tokenizer = source, tokenizer
         self.augment_config, self.p_synthetic, self.seed = augment_config, p_synthetic, seed
         self.teacher_cache, self.teacher_tokenizer = teacher_cache, teacher_tokenizer
+        self.text_augment, self.ssl_config = text_augment, ssl_config
 
     def __len__(self) -> int:
         return len(self.source)
@@ -82,14 +89,20 @@ class ImageTextDataset(Dataset):
         except SampleError as err:
             return Skipped(index, err.key, err.reason)
         caption = raw.captions()[slot]
+        may_flip = not names_a_side(*raw.captions())
+        if self.text_augment:
+            caption = eda(caption, np.random.default_rng([self.seed, epoch, index, 1]), self.text_augment)
         sample = {
-            "image": augment(image, rng, self.augment_config),
+            "image": augment(image, rng, self.augment_config, may_flip=may_flip),
             "text": self.tokenizer(caption)[0],
             "caption": caption,
             "caption_index": slot,
             "key": key,
             "index": index,
         }
+        if self.ssl_config is not None:
+            views = np.random.default_rng([self.seed, epoch, index, 2])
+            sample["ssl_images"] = torch.stack([augment(image, views, self.ssl_config, may_flip=may_flip) for _ in range(2)])
         if self.teacher_cache is not None:
             sample["teacher_image"], sample["teacher_text"] = self.teacher_cache.lookup(key, slot)
         if self.teacher_tokenizer is not None:

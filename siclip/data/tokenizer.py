@@ -8,7 +8,10 @@
   :func:`create_tokenizer` ``("clip")`` works offline with no extra install.
 
 A tokenizer is saved with a model as plain data (:func:`tokenizer_spec`, :func:`tokenizer_from_spec`):
-a name, and for word tokenizers the word list; never a pickled object.
+a name, and for word tokenizers the word list; never a pickled object. A foreign library's tokenizer (a
+transformers tokenizer, open_clip's) describes itself (its ``spec()``: a transformers tokenizer's saved files,
+held as text inside the spec, so the spec needs no folder) and is rebuilt by its library's module in
+:mod:`siclip.interop` (:data:`FOREIGN_TOKENIZERS`).
 
 :func:`unknown_token_rate` measures how much of a caption set a tokenizer cannot represent:
 ``rate = #<unk> ids / #content ids`` (sot, eot and padding excluded); byte-level BPE has none.
@@ -239,13 +242,23 @@ def read_word_list(path: str | Path) -> list[str]:
     return read_string_list(path, "words")
 
 
+# Spec name → (the siclip.interop module that rebuilds it, the library it imports, that library's pip package).
+FOREIGN_TOKENIZERS = {"hf": ("siclip.interop.transformers", "transformers", "transformers"),
+                      "open_clip": ("siclip.interop.open_clip", "open_clip", "open_clip_torch")}  # fmt: skip
+
+
 def tokenizer_spec(tokenizer) -> dict:
-    """What rebuilds ``tokenizer``, as plain data for a checkpoint: name, context length, words or merges path."""
+    """What rebuilds ``tokenizer``, as plain data for a checkpoint: name, context length, words or the merges file's
+    absolute path (resolved when stored, so moving the working directory does not matter); a foreign tokenizer's own
+    ``spec()``."""
+    own = getattr(tokenizer, "spec", None)
+    if callable(own):
+        return own()
     spec = {"name": tokenizer.name, "context_length": tokenizer.context_length}
     if tokenizer.name == "words":
         spec["words"] = tokenizer.words[2:-2]
     if tokenizer.name == "clip" and tokenizer.merges_path is not None:
-        spec["vocab_path"] = tokenizer.merges_path
+        spec["vocab_path"] = str(Path(tokenizer.merges_path).resolve())
     return spec
 
 
@@ -253,6 +266,14 @@ def tokenizer_from_spec(spec: dict, where: str = "checkpoint"):
     """The tokenizer :func:`tokenizer_spec` described."""
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError(f"{where}: the saved tokenizer must be a dict with a 'name', got {type(spec).__name__}")
+    if spec["name"] in FOREIGN_TOKENIZERS:
+        import importlib
+
+        from siclip.errors import require
+
+        module, library, package = FOREIGN_TOKENIZERS[spec["name"]]
+        require(library, package, f"{where}'s {spec['name']} tokenizer")
+        return importlib.import_module(module).tokenizer_from_spec(spec, where)
     return create_tokenizer(spec["name"], vocab_path=spec.get("vocab_path"), context_length=spec.get("context_length"), words=spec.get("words"))
 
 
@@ -289,3 +310,23 @@ def tokenizer_for(text_config, spec: dict | None = None, where: str = "checkpoin
     if spec is not None:
         return tokenizer_from_spec(spec, where)
     return create_tokenizer(text_config.tokenizer, context_length=text_config.context_length)
+
+
+def real_token_mask(ids: Tensor, tokenizer=None) -> Tensor:
+    """``(n, L)`` True at the positions of ``ids`` that are tokens, False at padding: the tokenizer's own attention
+    mask when it has one (a transformers tokenizer's), else every position up to the first end-of-text token
+    (``tokenizer.eot_token_id``; without a tokenizer, the largest id, as siclip's and CLIP's text encoders pool).
+    A row without an end-of-text token is all tokens."""
+    mask = getattr(tokenizer, "attention_mask", None)
+    if callable(mask):
+        given = mask(ids)
+        if given is not None:
+            return given.bool()
+    positions = torch.arange(ids.shape[-1], device=ids.device)
+    eot_id = getattr(tokenizer, "eot_token_id", None)
+    if eot_id is None:
+        end = ids.argmax(-1)
+    else:
+        is_end = ids == eot_id
+        end = torch.where(is_end.any(-1), is_end.int().argmax(-1), torch.full_like(ids[:, 0], ids.shape[-1] - 1))
+    return positions[None, :] <= end[:, None]

@@ -7,7 +7,9 @@
 Training views: random resized crop and flip, with parameters drawn from a ``numpy.random.Generator`` the dataset
 derives from (seed, epoch, index), so a sample's view is the same whichever worker loads it and after a resume. The
 crop follows torchvision's ``RandomResizedCrop`` sampling (area fraction and log-uniform aspect ratio, ten tries,
-then a central fallback). The loader hands over uint8 crops; each model normalises them with its own mean and std
+then a central fallback). :func:`augment_policy` names three recipes: ``none`` (the evaluation view), ``clip`` (the
+crop, today's default) and ``strong`` (SimCLR's: a wide crop, flips, colour jitter, grayscale and blur,
+:mod:`siclip.data.augment`). The loader hands over uint8 crops; each model normalises them with its own mean and std
 (:func:`normalize_images`), so a teacher and a student that differ there see the same crop.
 """
 
@@ -22,9 +24,14 @@ from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
+from .augment import ColourConfig, colour_augment
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_MODES = ("shortest", "squash")
+# Where a centre crop of S from H starts, by library: torchvision's CenterCrop (open_clip's and Apple's pipelines)
+# round((H − S) / 2); transformers' image processors (H − S) // 2. They differ by one pixel when H − S is odd.
+CROP_ROUNDINGS = {"round": lambda extra: int(round(extra / 2.0)), "floor": lambda extra: extra // 2}
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -36,6 +43,10 @@ class Preprocess:
     torchvision ``Resize(resize)`` on a PIL image, then ``CenterCrop(size)``); ``"squash"`` scales both sides to
     ``resize`` (SigLIP's processor). ``resize`` None means ``size``. ``size`` None is a model configuration's
     form: the model's input size fills it in (:meth:`at`). MobileCLIP's pixels are in [0, 1]: mean 0, std 1.
+
+    ``crop_rounding``: where the centre crop starts, as the model's own library computes it (:data:`CROP_ROUNDINGS`):
+    ``"round"``, torchvision's ``round((H − S) / 2)`` (open_clip, Apple's MobileCLIP, siclip's own models, and every
+    record saved before the field existed), or ``"floor"``, transformers' ``(H − S) // 2`` (``hf:`` models).
     """
 
     size: int | None = None
@@ -44,8 +55,11 @@ class Preprocess:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    crop_rounding: str = "round"
 
     def __post_init__(self) -> None:
+        if self.crop_rounding not in CROP_ROUNDINGS:
+            raise ValueError(f"crop_rounding must be one of {sorted(CROP_ROUNDINGS)}, got {self.crop_rounding!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.interpolation not in INTERPOLATIONS:
@@ -83,7 +97,8 @@ def preprocess_image(image: np.ndarray, preprocess: Preprocess, *, normalize: bo
 
     Resizing runs in PIL, as torchvision does for PIL images (the pipelines models are released with), with
     torchvision's sizes: the short side becomes ``resize`` and the long one ``int(resize · long / short)``; the
-    crop starts at ``round((H − size) / 2)``.
+    crop starts at ``round((H − size) / 2)`` (torchvision) or ``(H − size) // 2`` (transformers), as
+    ``preprocess.crop_rounding`` says.
     """
     if preprocess.size is None:
         raise ValueError("this Preprocess has no size: take the model's, preprocess.at(image_size)")
@@ -103,14 +118,16 @@ def preprocess_image(image: np.ndarray, preprocess: Preprocess, *, normalize: bo
     pixels = np.asarray(pil)
     if size > min(target):  # torchvision pads a crop larger than the image; a model's view never needs it
         raise ValueError(f"crop {size} is larger than the resized image {target}: set resize ≥ size")
-    top, left = int(round((target[0] - size) / 2.0)), int(round((target[1] - size) / 2.0))
+    offset = CROP_ROUNDINGS[preprocess.crop_rounding]
+    top, left = offset(target[0] - size), offset(target[1] - size)
     crop = torch.from_numpy(pixels[top : top + size, left : left + size].copy()).permute(2, 0, 1).contiguous()  # PIL's array is read-only
     return normalize_images(crop, preprocess.mean, preprocess.std) if normalize else crop
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """``flip_p`` defaults to 0: the embedded world's captions name left and right."""
+    """``flip_p`` defaults to 0: the embedded world's captions name left and right (with it on, the dataset still
+    never flips a sample whose captions name a side). ``colour``: SimCLR's photometric steps after the crop, or None."""
 
     image_size: int = 64
     train: bool = True
@@ -122,6 +139,7 @@ class AugmentConfig:
     # False: return the uint8 crop and leave (x/255 − mean)/std to :func:`normalize_images` on the GPU,
     # which moves a quarter of the bytes between loader workers and to the device.
     normalize: bool = True
+    colour: ColourConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
@@ -186,11 +204,12 @@ def _resize(image: Tensor, size: int) -> Tensor:
     return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
-def augment(image: np.ndarray, rng: np.random.Generator | None, config: AugmentConfig) -> Tensor:
+def augment(image: np.ndarray, rng: np.random.Generator | None, config: AugmentConfig, *, may_flip: bool = True) -> Tensor:
     """A ``(3, size, size)`` float32 tensor (uint8 when ``config.normalize`` is False) from an ``(H, W, 3)`` uint8 image.
 
-    Training: random resized crop and flip from ``rng``; evaluation (``config.train=False``): resize
-    the short side and centre-crop, as CLIP's preprocessing does.
+    Training: random resized crop, flip (never when ``may_flip`` is False: a caption names a side) and the photometric
+    steps of ``config.colour``, all from ``rng``; evaluation (``config.train=False``): resize the short side and
+    centre-crop, as CLIP's preprocessing does.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got shape {image.shape} and dtype {image.dtype}")
@@ -202,7 +221,7 @@ def augment(image: np.ndarray, rng: np.random.Generator | None, config: AugmentC
         if rng is None:
             raise ValueError("training augmentation needs a random generator")
         top, left, h, w = random_resized_crop_box(height, width, rng, config.scale, config.ratio)
-        flip = rng.random() < config.flip_p
+        flip = rng.random() < config.flip_p and may_flip
     else:
         h = w = min(height, width)
         top, left = (height - h) // 2, (width - w) // 2
@@ -211,4 +230,28 @@ def augment(image: np.ndarray, rng: np.random.Generator | None, config: AugmentC
         x = x.flip(-1)
     # The uint8 result is channels-last; making it contiguous before the float conversion is 3× cheaper than after.
     x = x.contiguous()
+    if config.train and config.colour is not None:
+        x = colour_augment(x, rng, config.colour)
     return normalize_images(x, config.mean, config.std) if config.normalize else x
+
+
+AUGMENT_POLICIES = ("none", "clip", "strong")
+STRONG_CROP_SCALE = (0.08, 1.0)  # SimCLR's and SLIP's "wide" random resized crop
+
+
+def augment_policy(policy: str, image_size: int, *, scale: tuple[float, float] = (0.6, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                   normalize: bool = True) -> AugmentConfig:  # fmt: skip
+    """The training view of a named policy at ``image_size``:
+
+    - ``none``: the evaluation view (short side resized, centre crop), no randomness;
+    - ``clip``: random resized crop of area ``scale`` and aspect ``ratio``, no flip (the toolkit's default, unchanged);
+    - ``strong``: SimCLR's view — a wide crop (area 8–100 %, aspect ``ratio``), a flip with probability ½ where no
+      caption names a side, colour jitter, grayscale and blur (:class:`~siclip.data.augment.ColourConfig`).
+    """
+    if policy == "none":
+        return AugmentConfig(image_size, train=False, normalize=normalize)
+    if policy == "clip":
+        return AugmentConfig(image_size, scale=tuple(scale), ratio=tuple(ratio), normalize=normalize)
+    if policy == "strong":
+        return AugmentConfig(image_size, scale=STRONG_CROP_SCALE, ratio=tuple(ratio), flip_p=0.5, normalize=normalize, colour=ColourConfig())
+    raise ValueError(f"unknown augmentation policy {policy!r}; choose one of {AUGMENT_POLICIES}")

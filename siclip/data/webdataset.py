@@ -21,7 +21,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -254,77 +254,3 @@ def write_shards(
         _write_atomic_tar(path, members)
         paths.append(path)
     return paths
-
-
-Captioner = Callable[..., list[list[str]]]
-
-
-def _call_captioner(captioner: Captioner, images: list[np.ndarray], keys: list[str]) -> list[list[str]]:
-    import inspect
-
-    try:
-        takes_keys = "keys" in inspect.signature(captioner).parameters
-    except (TypeError, ValueError):
-        takes_keys = False
-    captions = captioner(images, keys=keys) if takes_keys else captioner(images)
-    if len(captions) != len(images) or not all(isinstance(c, list) for c in captions):
-        raise ValueError(f"a captioner must return one list of strings per image; got {len(captions)} for {len(images)}")
-    return captions
-
-
-def recaption_shards(
-    shards: str | Path | Sequence[str | Path],
-    captioner: Captioner,
-    *,
-    out_dir: str | Path | None = None,
-    batch_size: int = 64,
-    mode: str = "replace",
-    progress: bool = True,
-) -> dict[str, int]:
-    """Run ``captioner`` over every image of the shards and store its captions in the ``.json`` members.
-
-    ``captioner(images)`` (or ``captioner(images, keys=keys)``) maps a list of ``(H, W, 3)`` uint8
-    images to one list of captions each. ``mode`` ``"replace"`` or ``"append"`` to the existing
-    synthetic captions. Shards are rewritten atomically in place, or written to ``out_dir``.
-    Images that cannot be decoded keep their members unchanged and are counted.
-    """
-    if mode not in ("replace", "append"):
-        raise ValueError(f"mode must be 'replace' or 'append', got {mode!r}")
-    paths = expand_shards(shards)
-    stats = {"captioned": 0, "skipped": 0}
-    for path in tqdm(paths, desc="captioning shards", disable=not progress):
-        with tarfile.open(path, mode="r:") as tar:
-            members = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
-        order: list[str] = []
-        by_key: dict[str, dict[str, bytes]] = {}
-        for name, data in members:
-            key, ext = split_member_name(name)
-            if key not in by_key:
-                order.append(key)
-            by_key.setdefault(key, {})[ext] = data
-        images, keys = [], []
-        for key in order:
-            ext = next((e for e in IMAGE_EXTS if e in by_key[key]), None)
-            try:
-                images.append(decode_image(by_key[key][ext], key) if ext else None)
-            except SampleError:
-                images.append(None)
-            keys.append(key)
-        valid = [i for i, img in enumerate(images) if img is not None]
-        stats["skipped"] += len(images) - len(valid)
-        for start in range(0, len(valid), batch_size):
-            chunk = valid[start : start + batch_size]
-            captions = _call_captioner(captioner, [images[i] for i in chunk], [keys[i] for i in chunk])
-            for i, new in zip(chunk, captions):
-                files = by_key[keys[i]]
-                meta = json.loads(files["json"]) if "json" in files else {"key": keys[i]}
-                if isinstance(meta, list):
-                    meta = {"key": keys[i], "synthetic_captions": meta}
-                old = meta.get("synthetic_captions", []) if mode == "append" else []
-                meta["synthetic_captions"] = [*old, *new]
-                files["json"] = json.dumps(meta).encode("utf-8")
-                stats["captioned"] += 1
-        target = Path(out_dir) / path.name if out_dir is not None else path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic_tar(target, [(f"{k}.{ext}", data) for k in order for ext, data in by_key[k].items()])
-    return stats

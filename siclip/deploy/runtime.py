@@ -8,10 +8,13 @@ The directory holds ``image.onnx``, ``text.onnx`` and :data:`MANIFEST`, which sa
      "attention", "opset", "source", "check": {...}, "versions": {...}}
 
 Each encoder maps its input, ``pixels`` ``(batch, 3, S, S)`` float32 in the model's view or ``ids`` ``(batch, L)``
-int64, to unit-norm ``(batch, embed_dim)`` embeddings. Nothing in the manifest is executed: it is plain data,
-checked field by field against :data:`MANIFEST_FIELDS` (:mod:`siclip.schema`; bounded sizes, a finite and sane
-logit scale, the encoders' fixed file names, files inside the directory and no symbolic links), each file's SHA-256
-is checked before a session opens it, and each session's inputs and outputs against the manifest.
+int64, to unit-norm ``(batch, embed_dim)`` embeddings; the first axis is named ``batch`` in the files. An int8
+directory whose manifest says ``"activation_ranges": "per_sample"`` is run one sample per call (dynamic quantisation
+takes each activation's range over the whole call, so a batched call would make a sample's embedding depend on the
+others; :mod:`siclip.deploy.export`). Nothing in the manifest is executed: it is plain data, checked field by field
+against :data:`MANIFEST_FIELDS` (:mod:`siclip.schema`; bounded sizes, a finite and sane logit scale, the encoders'
+fixed file names, files inside the directory and no symbolic links), each file's SHA-256 is checked before a session
+opens it, and each session's inputs and outputs against the manifest.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from siclip.data.transforms import Preprocess
 from siclip.errors import require
 from siclip.models.loaded import LoadedClip
 from siclip.schema import (
-    MAX_CONTEXT, MAX_EMBED_DIM, MAX_LOGIT_SCALE, TOKENIZER_FIELDS, Field, FileRefused, check_fields, in_range, inside, list_of, nested,
-    one_of, preprocess_record,
+    EXPORTED_TOKENIZERS, MAX_CONTEXT, Check, MAX_EMBED_DIM, MAX_LOGIT_SCALE, Field, FileRefused, by_name, check_fields, in_range, inside, list_of,
+    nested, one_of, preprocess_record,
 )  # fmt: skip
 
 MANIFEST = "siclip_onnx.json"
@@ -74,6 +77,31 @@ def _encoder_fields(encoder: str) -> dict[str, Field]:
     }
 
 
+def _per_encoder(check: Check) -> Check:
+    """``{"image": number, "text": number}``, each finite and passing ``check``."""
+
+    def per_encoder(value: dict) -> str | None:
+        for encoder, number in value.items():
+            if encoder not in ENCODERS or isinstance(number, bool) or not isinstance(number, (int, float)):
+                return f"must map image and text to numbers, got {encoder!r}: {number!r}"
+            wrong = check(number)
+            if wrong:
+                return f"{encoder} {wrong}"
+        return None
+
+    return per_encoder
+
+
+# What the export checked (siclip.deploy.export): a float32 directory's errors against PyTorch, an int8 one's cosines
+# to the float32 embeddings, one sample per call; each under its bound.
+CHECK_FIELDS = {
+    "inputs": Field(str, lambda v: None if len(v) <= 1000 else "is longer than 1000 characters", required=False),
+    "max_relative_error": Field(dict, _per_encoder(in_range(0, 1e30)), required=False),
+    "min_cosine_to_float32": Field(dict, _per_encoder(in_range(-1.0, 1.0 + 1e-6)), required=False),
+    "bound": Field((int, float), in_range(0, 1), required=False),
+    "calls": Field(str, one_of("one sample per call"), required=False),
+}
+
 # siclip_onnx.json, field by field (siclip.schema); a new field is one more line.
 MANIFEST_FIELDS = {
     "format": Field(str, one_of(FORMAT)),
@@ -82,13 +110,15 @@ MANIFEST_FIELDS = {
     "logit_scale": Field((int, float), in_range(-MAX_LOGIT_SCALE, MAX_LOGIT_SCALE)),
     "precision": Field(str, one_of(*PRECISIONS)),
     "preprocess": Field(dict, preprocess_record),
-    "tokenizer": Field(dict, nested(TOKENIZER_FIELDS)),
+    "tokenizer": Field(dict, by_name(EXPORTED_TOKENIZERS)),  # siclip's, transformers' (its files in the directory), open_clip's
     "image": Field(dict, nested(_encoder_fields("image"))),
     "text": Field(dict, nested(_encoder_fields("text"))),
     "attention": Field(str, required=False),
     "opset": Field(int, in_range(*OPSETS), required=False),
     "source": Field(str, required=False),
-    "check": Field(dict, required=False),
+    "check": Field(dict, nested(CHECK_FIELDS), required=False),
+    "quantization": Field(str, lambda v: None if len(v) <= 300 else "is longer than 300 characters", required=False),
+    "activation_ranges": Field(str, one_of("per_sample"), required=False),  # int8: run one sample per call
     "versions": Field(dict, required=False),
 }
 
@@ -119,9 +149,10 @@ def read_manifest(directory: str | Path, *, check_files: bool = True) -> dict:
         if manifest[encoder]["input_shape"] != shape:
             raise FileRefused(f"{path}: {encoder}.input_shape {manifest[encoder]['input_shape']} does not match the preprocessing and "
                               f"tokenizer it records ({shape})")  # fmt: skip
-    vocab = manifest["tokenizer"].get("vocab_path")
-    if vocab is not None:
-        inside(directory, vocab, "tokenizer vocabulary")
+    for name in tokenizer_files(manifest["tokenizer"]):
+        if name in (MANIFEST, *FILES.values()):
+            raise FileRefused(f"{path}: the tokenizer names {name}, a file of the export itself")
+        inside(directory, name, "tokenizer file")
     for encoder in ENCODERS:
         entry = manifest[encoder]
         file = inside(directory, entry["file"], f"{encoder} encoder") if check_files else directory / entry["file"]
@@ -130,12 +161,33 @@ def read_manifest(directory: str | Path, *, check_files: bool = True) -> dict:
     return manifest
 
 
+def tokenizer_files(spec: dict) -> list[str]:
+    """The files of an exported directory its tokenizer spec names (plain names inside it): a vocabulary, or a
+    transformers tokenizer's saved files."""
+    if spec.get("name") == "hf":
+        return list(spec.get("files", []))
+    vocab = spec.get("vocab_path")
+    return [vocab] if isinstance(vocab, str) else []
+
+
 def tokenizer_of(directory: str | Path, manifest: dict):
-    """The tokenizer the manifest describes, a vocabulary it names read from inside the directory."""
-    spec = dict(manifest["tokenizer"])
-    if spec.get("vocab_path") is not None:
-        spec["vocab_path"] = str(inside(Path(directory), spec["vocab_path"], "tokenizer vocabulary"))
-    return tokenizer_from_spec(spec, where=str(Path(directory) / MANIFEST))
+    """The tokenizer the manifest describes, the files it names read from inside the directory (a transformers
+    tokenizer's files handed over as its spec holds them: text, or base64 for a binary one)."""
+    import base64
+
+    directory, spec = Path(directory), dict(manifest["tokenizer"])
+    if spec.get("name") == "hf":
+        files, binary = {}, {}
+        for name in tokenizer_files(spec):
+            data = inside(directory, name, "tokenizer file").read_bytes()
+            try:
+                files[name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                binary[name] = base64.b64encode(data).decode("ascii")
+        spec.update(files=files, binary_files=binary)
+    elif spec.get("vocab_path") is not None:
+        spec["vocab_path"] = str(inside(directory, spec["vocab_path"], "tokenizer vocabulary"))
+    return tokenizer_from_spec(spec, where=str(directory / MANIFEST))
 
 
 def check_session(session, encoder: str, manifest: dict, path: Path) -> None:
@@ -190,13 +242,19 @@ class OnnxClip(nn.Module):
             check_session(session, encoder, m, self.directory / m[encoder]["file"])
         self.preprocess = Preprocess.from_dict(m["preprocess"])
         self.embed_dim = int(m["embed_dim"])
+        self.per_sample = m.get("activation_ranges") == "per_sample"  # int8: each sample its own activation ranges
         self.name = f"{m['name']} (ONNX{'' if m['precision'] == 'float32' else ' ' + m['precision']})"
         self.register_buffer("anchor", torch.zeros((), dtype=torch.float32), persistent=False)
 
     def _run(self, encoder: str, inputs: Tensor) -> Tensor:
         torch_dtype, numpy_dtype = ENCODERS[encoder]
         array = inputs.detach().to("cpu", torch_dtype).numpy().astype(numpy_dtype, copy=False)
-        return torch.from_numpy(run_session(self.sessions[encoder], array)).to(inputs.device)
+        session = self.sessions[encoder]
+        if self.per_sample:
+            out = np.concatenate([run_session(session, array[i : i + 1]) for i in range(len(array))])
+        else:
+            out = run_session(session, array)
+        return torch.from_numpy(out).to(inputs.device)
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         return self._run("image", pixels)

@@ -3,9 +3,11 @@
 - Zero-shot classification (:func:`zero_shot_dataset`, :func:`zero_shot_classification`): images from
   a folder with one subfolder per class (named after its class, else classes in sorted folder order)
   or a CSV/TSV with ``filepath,label`` (a label is a class index or a class name); class names from a file (one per
-  line, or a JSON list, in class order); templates from a file (one per line, each with a ``{}``
-  placeholder), CLIP's 80-template ensemble by default. Reports top-1, top-5 (capped at the number of
-  classes) and per-class accuracy; ``mean_per_class_recall`` is their mean over the classes present.
+  line, or a JSON list, in class order) or a standard set by name (``imagenet1k``, ``cifar10``, ``cifar100``, whose
+  folders may be named by WordNet id, index or name, :mod:`siclip.eval.named`); templates from a file (one per line,
+  each with a ``{}`` or ``{c}`` placeholder) or CLIP's sets by name, CLIP's 80-template ensemble by default. Reports
+  top-1, top-5 (capped at the number of classes) and per-class accuracy; ``mean_per_class_recall`` is their mean over
+  the classes present.
 - Retrieval (:func:`retrieval_dataset`, :func:`retrieval`): a CSV/TSV whose rows repeat an image
   path once per caption (COCO style; the caption column and any extra caption columns count), or
   WebDataset shards whose samples carry their captions (``.txt`` and the ``.json`` list). Recall@1/5/10
@@ -32,9 +34,9 @@ from siclip.data.tokenizer import check_unknown_rate, read_string_list
 from siclip.storage import write_text_atomic
 
 from .metrics import per_class_accuracy, topk_accuracy
+from .named import CLASSNAME_SETS, TEMPLATE_SETS, BenchmarkClasses, builtin_classnames, builtin_templates, comparable
 from .run import retrieval_eval, zero_shot_logits
 from .templates import CLIP_TEMPLATES
-
 
 
 class ImageFileSource:
@@ -55,7 +57,11 @@ class ImageFileSource:
 
 
 def read_classnames(path: str | Path) -> list[str]:
-    """Class names in class order: a JSON list, or one per line."""
+    """Class names in class order: a JSON list, or one per line; or, when no such file exists, a standard set's
+    (``imagenet1k``, ``cifar10``, ``cifar100``: a :class:`~siclip.eval.named.BenchmarkClasses`, which also knows its
+    classes' folder names)."""
+    if not Path(path).exists() and str(path) in CLASSNAME_SETS:
+        return builtin_classnames(str(path))
     names = read_string_list(path, "class names")
     if not all(n.strip() for n in names):
         raise ValueError(f"{path}: expected a non-empty list of non-empty class names")
@@ -63,21 +69,21 @@ def read_classnames(path: str | Path) -> list[str]:
 
 
 def read_templates(path: str | Path | None) -> list[str]:
-    """Prompt templates, one per line with a ``{}`` placeholder; CLIP's ensemble when ``path`` is None."""
+    """Prompt templates, one per line, each with one placeholder for the class name, ``{}`` or CLIP_benchmark's
+    ``{c}`` (read as ``{}``); a prompt set of CLIP's by name (``imagenet1k``, ``imagenet1k-simple``, ``cifar``) when no
+    such file exists; CLIP's 80-template ensemble when ``path`` is None."""
     if path is None:
         return list(CLIP_TEMPLATES)
+    if not Path(path).exists() and str(path) in TEMPLATE_SETS:
+        return builtin_templates(str(path))
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"templates file not found: {path}")
+        raise FileNotFoundError(f"templates file not found: {path} (or a built-in set: {', '.join(TEMPLATE_SETS)})")
     templates = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    bad = [t for t in templates if t.count("{}") != 1]
+    bad = [t for t in templates if t.count("{}") + t.count("{c}") != 1]
     if not templates or bad:
-        raise ValueError(f"{path}: every template needs exactly one {{}} placeholder for the class name; wrong: {bad[:3]}")
-    return templates
-
-
-def _comparable(name: str) -> str:
-    return " ".join(name.replace("_", " ").split()).casefold()
+        raise ValueError(f"{path}: every template needs exactly one {{}} placeholder (or {{c}}) for the class name; wrong: {bad[:3]}")
+    return [t.replace("{c}", "{}") for t in templates]
 
 
 def folder_labels(root: Path, folders: Sequence[Path], names: Sequence[str]) -> list[int]:
@@ -88,11 +94,11 @@ def folder_labels(root: Path, folders: Sequence[Path], names: Sequence[str]) -> 
     A folder named after one class but placed, by that order, on another is refused: its every image
     would be scored against the wrong name.
     """
-    folder_names = [_comparable(f.name) for f in folders]
-    index = {_comparable(n): i for i, n in enumerate(names)}
+    folder_names = [comparable(f.name) for f in folders]
+    index = {comparable(n): i for i, n in enumerate(names)}
     if sorted(folder_names) == sorted(index) and len(index) == len(names):
         return [index[n] for n in folder_names]
-    given = [_comparable(n) for n in names]
+    given = [comparable(n) for n in names]
     clashes = [(f.name, names[i], names[index[n]]) for i, (f, n) in enumerate(zip(folders, folder_names)) if n in index and given[i] != n]
     if clashes:
         examples = "; ".join(f"folder {f!r} would be class {given!r}, not {own!r}" for f, given, own in clashes[:3])
@@ -128,6 +134,8 @@ def zero_shot_dataset(path: str | Path, classnames: Sequence[str] | None = None,
     :func:`folder_labels`.
     """
     path = Path(path)
+    if isinstance(classnames, BenchmarkClasses):
+        return _standard_dataset(path, classnames, image_key=image_key, label_key=label_key)
     if path.is_dir():
         folders = class_folders(path)
         names = list(classnames) if classnames is not None else [f.name.replace("_", " ") for f in folders]
@@ -146,12 +154,7 @@ def zero_shot_dataset(path: str | Path, classnames: Sequence[str] | None = None,
         raise FileNotFoundError(f"zero-shot data not found: {path} (a folder of class subfolders or a CSV/TSV)")
     if not is_table(path):
         raise ValueError(f"{path}: zero-shot data must be a folder or a .csv/.tsv table with columns {image_key},{label_key}")
-    header, rows = read_table(path, "\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
-    missing = [c for c in (image_key, label_key) if c not in header]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; the file has {header}")
-    column = {name: i for i, name in enumerate(header)}
-    raw_labels = [row[column[label_key]].strip() for row in rows]
+    files, keys, raw_labels = _labelled_rows(path, image_key, label_key)
     if all(label.isdigit() for label in raw_labels):
         labels = [int(label) for label in raw_labels]
         names = list(classnames) if classnames is not None else [str(i) for i in range(max(labels) + 1)]
@@ -165,8 +168,53 @@ def zero_shot_dataset(path: str | Path, classnames: Sequence[str] | None = None,
         if unknown:
             raise ValueError(f"{path}: labels {unknown[:5]} are not among the class names {names[:10]}")
         labels = [index[label] for label in raw_labels]
-    files = [path.parent / row[column[image_key]] for row in rows]
-    return ImageFileSource(files, [row[column[image_key]] for row in rows]), torch.tensor(labels), names
+    return ImageFileSource(files, keys), torch.tensor(labels), names
+
+
+def _labelled_rows(path: Path, image_key: str, label_key: str) -> tuple[list[Path], list[str], list[str]]:
+    """A ``filepath,label`` table's image files (relative to the table), their keys (the paths as written) and labels."""
+    header, rows = read_table(path, "\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
+    missing = [c for c in (image_key, label_key) if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; the file has {header}")
+    column = {name: i for i, name in enumerate(header)}
+    keys = [row[column[image_key]] for row in rows]
+    return [path.parent / key for key in keys], keys, [row[column[label_key]].strip() for row in rows]
+
+
+def _standard_dataset(path: Path, classes: BenchmarkClasses, *, image_key: str, label_key: str) -> tuple[ImageFileSource, torch.Tensor, list[str]]:
+    """A local copy of a standard set: each class folder (or label) names its class by id, index or name; any subset of
+    the classes may be there, and every class of the set stays a candidate."""
+    if path.is_dir():
+        folders = sorted(p for p in path.iterdir() if p.is_dir())
+        if not folders:
+            raise ValueError(f"{path}: expected one subfolder of images per class, found none")
+        found = [(folder, classes.index_of(folder.name)) for folder in folders]
+        unknown = [folder.name for folder, index in found if index is None]
+        if unknown:
+            raise ValueError(f"{path}: class folder(s) {unknown[:5]} are not classes of {classes.name}: {classes.describe()}")
+        seen: dict[int, str] = {}
+        for folder, index in found:
+            if index in seen:
+                raise ValueError(f"{path}: folders {seen[index]!r} and {folder.name!r} both name class {index} ({classes[index]!r}) "
+                                 f"of {classes.name}")  # fmt: skip
+            seen[index] = folder.name
+        files, labels = [], []
+        for folder, index in found:
+            images = image_files(folder)
+            if not images:
+                raise ValueError(f"{folder}: a class folder without images")
+            files += images
+            labels += [index] * len(images)
+        return ImageFileSource(files, [str(f.relative_to(path)) for f in files]), torch.tensor(labels), list(classes)
+    if not path.is_file() or not is_table(path):
+        raise FileNotFoundError(f"zero-shot data not found: {path} (a folder of class subfolders or a CSV/TSV)")
+    files, keys, raw_labels = _labelled_rows(path, image_key, label_key)
+    labels = [classes.index_of(label) for label in raw_labels]
+    unknown = sorted({raw for raw, label in zip(raw_labels, labels) if label is None})
+    if unknown:
+        raise ValueError(f"{path}: labels {unknown[:5]} are not classes of {classes.name}: {classes.describe()}")
+    return ImageFileSource(files, keys), torch.tensor(labels), list(classes)
 
 
 def retrieval_dataset(path: str | Path, *, image_key: str = "filepath", caption_key: str = "title",

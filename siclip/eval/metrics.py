@@ -11,18 +11,26 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from einops import rearrange
 from torch import Tensor
 from torch.nn import functional as F
 
 
 @torch.no_grad()
-def zero_shot_weights(encode_text: Callable[[list[str]], Tensor], classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
-    """``(classes, dim)`` unit-norm class embeddings from a template ensemble."""
+def zero_shot_weights(encode_text: Callable[[list[str]], Tensor], classnames: Sequence[str], templates: Sequence[str], *,
+                      prompts_per_call: int = 1024) -> Tensor:  # fmt: skip
+    """``(classes, dim)`` unit-norm class embeddings from a template ensemble: ``w_c = normalize(mean_t normalize(f(t(c))))``.
+
+    The prompts of as many whole classes as fit in ``prompts_per_call`` go to ``encode_text`` together (ImageNet's 1,000
+    classes are a few dozen calls, not 1,000)."""
+    classes_per_call = max(1, prompts_per_call // len(templates))
     weights = []
-    for name in classnames:
-        embeddings = F.normalize(encode_text([t.format(name) for t in templates]).float(), dim=-1)
-        weights.append(F.normalize(embeddings.mean(0), dim=-1))
-    return torch.stack(weights)
+    for start in range(0, len(classnames), classes_per_call):
+        names = classnames[start : start + classes_per_call]
+        embeddings = F.normalize(encode_text([t.format(name) for name in names for t in templates]).float(), dim=-1)
+        per_class = rearrange(embeddings, "(classes templates) dim -> classes templates dim", templates=len(templates))
+        weights.append(F.normalize(per_class.mean(dim=1), dim=-1))
+    return torch.cat(weights)
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5), *, per_item: bool = False) -> dict:

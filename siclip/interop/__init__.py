@@ -40,6 +40,10 @@ from siclip.blocks.registry import TypeRegistry
 from siclip.errors import require
 from siclip.models.loaded import LoadedClip
 
+from ._torchvision_standin import install as _lend_torchvision_standin
+
+_lend_torchvision_standin()  # timm and open_clip import where torchvision cannot (it warns once when it is used)
+
 # ``adapter(model, tokenizer=None) -> LoadedClip`` per model type (filled by the interop modules).
 ADAPTERS: TypeRegistry[Callable[..., "LoadedClip"]] = TypeRegistry("CLIP adapter")
 

@@ -1,10 +1,14 @@
 """A model someone else wrote, converted to SAS-P and shared, saved as data and rebuilt from it.
 
-The checkpoint (``format: siclip-converted-1``) holds no code: the spec the original came from, what rebuilds its
-architecture without its weights (a transformers class and config, an open_clip model config, a timm name and
-arguments), the names of the converted blocks, the conversion options, each stack's sharing plan and scope, the
-model's preprocessing, and the state dict. :func:`load_converted` builds the architecture, converts and shares the same
-blocks, and loads the weights strictly, so it reloads the same model (tested to 0 difference).
+The checkpoint (``format: siclip-converted-1``) holds no code: the spec the original came from (its paths made
+absolute when stored), what rebuilds its architecture without its weights (a transformers class and config, an
+open_clip model config, a timm name and arguments), the names of the converted blocks, the conversion options, each
+stack's sharing plan and scope, the model's preprocessing, its tokenizer (``tokenizer``: the tokenizer's spec as plain
+data, :func:`siclip.data.tokenizer.tokenizer_spec`; a transformers tokenizer's files held as text), and the state
+dict. :func:`load_converted` builds the architecture, converts and shares the same blocks, and loads the weights
+strictly, so it reloads the same model (tested to 0 difference); nothing outside the file is read, so moving or
+deleting the original's folder does not matter. (Files written before ``tokenizer`` existed read a transformers
+tokenizer from the original's folder, as they did.)
 
 Origins (the spec's scheme): ``hf:DIR``, ``open_clip:ARCH:FILE``, ``timm:NAME:FILE``. Each library's module in
 :mod:`siclip.interop` provides ``load_original(rest, spec)``, ``architecture_of(model)`` and
@@ -29,7 +33,9 @@ from siclip.blocks import SASPConversion, SharingPlan, apply_sharing, convert_to
 from siclip.blocks.backends import BACKENDS
 from siclip.data.transforms import Preprocess
 from siclip.errors import require
-from siclip.schema import Field, FileRefused, check_fields, finite_tensors, in_range, list_of, one_of, preprocess_record
+from siclip.schema import (
+    CONVERTED_TOKENIZERS, Field, FileRefused, by_name, check_fields, finite_tensors, in_range, list_of, one_of, or_none, preprocess_record,
+)  # fmt: skip
 from siclip.storage import CheckpointError, load_weights, save_atomic
 
 FORMAT = "siclip-converted-1"
@@ -98,7 +104,8 @@ CONVERTED_FIELDS = {
     "blocks": Field(list, list_of(str, 100_000)),
     "options": Field(dict, _options),
     "sharing": Field(dict, _sharing),
-    "preprocess": Field((dict, type(None)), lambda v: preprocess_record(v) if v is not None else None, required=False),
+    "preprocess": Field((dict, type(None)), or_none(preprocess_record), required=False),
+    "tokenizer": Field((dict, type(None)), or_none(by_name(CONVERTED_TOKENIZERS)), required=False),
     "state_dict": Field(dict, _state_dict),
 }
 
@@ -109,6 +116,21 @@ def load_original(spec: str) -> nn.Module:
     return importlib.import_module(module).load_original(rest, spec)
 
 
+def resolve_origin(spec: str) -> str:
+    """``spec`` with its paths absolute (a directory, a weights file, a JSON config), as a converted file stores it:
+    what it names stays named wherever the file or the working directory moves."""
+    scheme, sep, rest = spec.partition(":")
+    if not sep or scheme not in ORIGINS:
+        return spec
+    if scheme == "hf":
+        return f"hf:{Path(rest).resolve()}"
+    name, sep, weights = rest.rpartition(":")
+    if not sep:
+        return spec
+    name = str(Path(name).resolve()) if name.endswith(".json") else name
+    return f"{scheme}:{name}:{Path(weights).resolve()}"
+
+
 @dataclass
 class ConvertedRecipe:
     origin: str  # hf:DIR, open_clip:ARCH:FILE or timm:NAME:FILE
@@ -117,6 +139,7 @@ class ConvertedRecipe:
     options: dict = field(default_factory=lambda: dataclasses.asdict(SASPConversion()))
     sharing: dict = field(default_factory=dict)  # stack name -> {"groups": [[i, …], …], "scope": "block" | "attention"}
     preprocess: dict | None = None
+    tokenizer: dict | None = None  # the tokenizer's spec, plain data (None: an image model, or a file from before)
 
     def conversion(self) -> SASPConversion:
         return SASPConversion(**self.options)
@@ -145,8 +168,23 @@ def rebuild(recipe: ConvertedRecipe, where: str = "converted model") -> nn.Modul
 
 
 def save_converted(model: nn.Module, recipe: ConvertedRecipe, path: str | Path) -> Path:
-    """``model`` and its recipe, as data, written atomically (:func:`siclip.storage.save_atomic`)."""
-    return save_atomic({"format": FORMAT, **dataclasses.asdict(recipe), "state_dict": model.state_dict()}, path)
+    """``model`` and its recipe, as data, written atomically (:func:`siclip.storage.save_atomic`): the origin's paths
+    stored absolute (:func:`resolve_origin`), and the original's tokenizer and preprocessing filled in when the recipe
+    lacks them (read from the origin now, while it is there; a recipe whose transformers folder does not exist, a model
+    built in memory, is saved as it is), so the file needs nothing else later."""
+    complete = dataclasses.replace(recipe, origin=resolve_origin(recipe.origin))
+    scheme, _, rest = complete.origin.partition(":")
+    if scheme == "hf" and not Path(rest).is_dir():
+        return save_atomic({"format": FORMAT, **dataclasses.asdict(complete), "state_dict": model.state_dict()}, path)
+    if complete.tokenizer is None:
+        from siclip.data.tokenizer import tokenizer_spec
+
+        tokenizer = original_tokenizer(complete.origin, model)
+        complete.tokenizer = tokenizer_spec(tokenizer) if tokenizer is not None else None
+    if complete.preprocess is None:
+        preprocess = original_preprocess(complete.origin, model)
+        complete.preprocess = preprocess.to_dict() if preprocess is not None else None
+    return save_atomic({"format": FORMAT, **dataclasses.asdict(complete), "state_dict": model.state_dict()}, path)
 
 
 CONVERTED_HINT = "pass a file written by experiments/convert_model.py"
@@ -181,16 +219,57 @@ def load_converted(path: str | Path, payload: dict | None = None) -> tuple[nn.Mo
     return model.eval(), recipe
 
 
-def preprocess_of(recipe: ConvertedRecipe) -> Preprocess | None:
-    return Preprocess.from_dict(recipe.preprocess) if recipe.preprocess is not None else None
+def _older_origin(recipe: ConvertedRecipe, where: str, what: str) -> str:
+    """The origin a file from before it held its ``what`` reads it from: a transformers folder must be named by an
+    absolute path (files now store it so), or which folder is read would depend on the folder you run in (issue 32,
+    row 6: another tokenizer, silently)."""
+    scheme, _, rest = recipe.origin.partition(":")
+    if scheme == "hf" and not Path(rest).is_absolute():
+        raise FileRefused(f"{where} holds no {what} (it was converted before converted files carried theirs) and its origin "
+                          f"{recipe.origin} is a relative path, read from whatever folder you run in: convert the original again to "
+                          "write a self-contained file")  # fmt: skip
+    return recipe.origin
 
 
-def calibration_run(spec: str, model: nn.Module, captions: list[str] | None, images: list | None):
-    """``run(m)``, which runs a model of ``model``'s architecture (loaded from ``spec``; converted or not) on calibration
-    captions and/or images (uint8 arrays), each through the original's tokenizer and preprocessing: what divergences
-    and FLOPs are measured on, and what checks that a saved model reloads the same."""
+def preprocess_of(recipe: ConvertedRecipe, model: nn.Module | None = None, where: str = "converted model") -> Preprocess | None:
+    """The preprocessing a converted file holds; with ``model``, a file from before it held one reads its original's."""
+    if recipe.preprocess is not None:
+        return Preprocess.from_dict(recipe.preprocess)
+    return original_preprocess(_older_origin(recipe, where, "preprocessing"), model) if model is not None else None
+
+
+def tokenizer_of(recipe: ConvertedRecipe, model: nn.Module, where: str):
+    """The tokenizer a converted file holds; a file from before it held one reads its original's (its library's
+    :func:`original_tokenizer`: a transformers model's folder, an open_clip architecture's config)."""
+    from siclip.data.tokenizer import tokenizer_from_spec
+
+    if recipe.tokenizer is not None:
+        return tokenizer_from_spec(recipe.tokenizer, where)
+    origin = _older_origin(recipe, where, "tokenizer")
+    try:
+        return original_tokenizer(origin, model)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"{where} holds no tokenizer (it was converted before converted files carried theirs) and reads the "
+                                f"tokenizer of its original, {recipe.origin}, which cannot be loaded ({str(err).splitlines()[0]}); "
+                                "convert the original again to write a self-contained file") from None  # fmt: skip
+
+
+def original_tokenizer(spec: str, model: nn.Module):
+    """The tokenizer of the model ``spec`` names, when it reads text (None for an image model)."""
     module, rest = _library(spec)
-    return importlib.import_module(module).calibration_run(model, rest, captions, images)
+    return importlib.import_module(module).original_tokenizer(model, rest)
+
+
+def calibration_run(spec: str, model: nn.Module, captions: list[str] | None, images: list | None, *, tokenizer=None, preprocess=None):
+    """``run(m)``, which runs a model of ``model``'s architecture (loaded from ``spec``; converted or not) on calibration
+    captions and/or images (uint8 arrays), each through its tokenizer and preprocessing (default: the original's;
+    a converted file passes its own): what divergences and FLOPs are measured on, and what checks that a saved model
+    reloads the same. Text runs inside :func:`siclip.blocks.real_tokens`, so divergences read tokens, not padding."""
+    module, rest = _library(spec)
+    library = importlib.import_module(module)
+    tokenizer = library.original_tokenizer(model, rest) if tokenizer is None and captions else tokenizer
+    preprocess = library.original_preprocess(model, rest) if preprocess is None and images else preprocess
+    return library.calibration_run(model, tokenizer, preprocess, captions, images)
 
 
 def architecture_of(spec: str, model: nn.Module) -> dict:
@@ -269,11 +348,16 @@ def check_converted_file(path: str | Path) -> None:
 
 
 def load_converted_clip(path: str | Path):
-    """A converted CLIP file as :class:`~siclip.interop.LoadedClip` (a :class:`ConvertedClip` and the original's
-    tokenizer, which its origin provides: the transformers directory, the open_clip architecture)."""
+    """A converted CLIP file as :class:`~siclip.interop.LoadedClip`: a :class:`ConvertedClip` with the tokenizer and
+    preprocessing the file holds (:func:`tokenizer_of`)."""
     from . import LoadedClip
 
     model, recipe = load_converted(path)
-    module, rest = _library(recipe.origin)
-    loaded = importlib.import_module(module).adapt_converted(model, rest, recipe.origin, preprocess_of(recipe))
+    module, _ = _library(recipe.origin)
+    library = importlib.import_module(module)
+    if not hasattr(library, "adapt_converted"):
+        raise ValueError(f"{path}: a converted {type(model).__name__} from {recipe.origin} is not a CLIP (an image or text model alone)")
+    tokenizer = tokenizer_of(recipe, model, str(path))
+    preprocess = preprocess_of(recipe, model, str(path))
+    loaded = library.adapt_converted(model, tokenizer, preprocess, recipe.origin)
     return LoadedClip(ConvertedClip(loaded.model, recipe), loaded.tokenizer, str(path))

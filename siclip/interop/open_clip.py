@@ -22,15 +22,18 @@ from open_clip.transform import PreprocessCfg
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from open_clip.transformer import ResidualAttentionBlock
+from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
 
 from siclip.blocks import (
-    ConversionReport, SASPBlock, SASPConversion, register_attention_reader, register_converter, sasp_from_parts, softmax_attention,
+    AttentionRead, ConversionReport, SASPBlock, SASPConversion, read_softmax, register_attention_reader, register_block_causality,
+    register_converter, register_host_fixup, sasp_from_parts,
 )  # fmt: skip
 from siclip.blocks.masking import decode_attention_mask
+from siclip.blocks.token_dropout import TokenDropout, register_token_dropout, replace_slot
 from siclip.data.transforms import INTERPOLATIONS, RESIZE_MODES, Preprocess
 from siclip.interop import ADAPTERS
 from siclip.interop.safety import UnsafeModel, build_on_meta, check_shapes, looks_like_hub_name, read_json, scan_record
+from siclip.schema import MAX_CONTEXT, in_range, open_clip_tokenizer_kwargs
 from siclip.models.loaded import LoadedClip
 from siclip.storage import load_weights
 
@@ -38,11 +41,13 @@ from siclip.storage import load_weights
 
 
 class SASPOpenClipBlock(nn.Module):
-    """A SAS-P block with open_clip's residual-block call and layout."""
+    """A SAS-P block with open_clip's residual-block call and layout. ``causal``: whether its tower masks later tokens,
+    which the host model tells it after conversion (:func:`_tell_blocks_their_tower`; None: read from each call's mask,
+    which an exporter's trace cannot do)."""
 
-    def __init__(self, block: SASPBlock, batch_first: bool = True) -> None:
+    def __init__(self, block: SASPBlock, batch_first: bool = True, causal: bool | None = None) -> None:
         super().__init__()
-        self.sasp, self.batch_first = block, batch_first
+        self.sasp, self.batch_first, self.causal = block, batch_first, causal
 
     def get_weight_dtype(self) -> torch.dtype:
         return self.sasp.mlp.fc1.weight.dtype
@@ -51,7 +56,7 @@ class SASPOpenClipBlock(nn.Module):
         if k_x is not None or v_x is not None:
             raise NotImplementedError("a SAS-P block attends to its own input: cross-attention (k_x, v_x) was not converted")
         x = q_x if self.batch_first else q_x.transpose(0, 1)
-        causal, padding = decode_attention_mask(attn_mask, x.shape[0], x.shape[1])
+        causal, padding = decode_attention_mask(attn_mask, x.shape[0], x.shape[1], self.causal if attn_mask is not None else None)
         out = self.sasp(x, padding, causal)
         return out if self.batch_first else out.transpose(0, 1)
 
@@ -88,32 +93,63 @@ def _tokens_and_mask(args: tuple, kwargs: dict, batch_first: bool) -> tuple[Tens
 
 
 @register_attention_reader(ResidualAttentionBlock)
-def _read_residual_block(block: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+def _read_residual_block(block: nn.Module, args: tuple, kwargs: dict) -> AttentionRead:
     attn = block.attn
     x, mask = _tokens_and_mask(args, kwargs, attn.batch_first)
     q, k, _ = nn.functional.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     if mask is not None and mask.dim() == 3:  # (batch·heads, T, T) as open_clip builds padding masks
         mask = mask.view(x.shape[0], -1, *mask.shape[-2:])
-    return softmax_attention(q, k, attn.num_heads, attn_mask=mask)
+    return read_softmax(q, k, attn.num_heads, attn_mask=mask)
 
 
 @register_attention_reader(SASPOpenClipBlock)
-def _read_converted(block: SASPOpenClipBlock, args: tuple, kwargs: dict) -> Tensor:
+def _read_converted(block: SASPOpenClipBlock, args: tuple, kwargs: dict) -> AttentionRead:
     x, mask = _tokens_and_mask(args, kwargs, block.batch_first)
-    causal, padding = decode_attention_mask(mask, x.shape[0], x.shape[1])
+    causal, padding = decode_attention_mask(mask, x.shape[0], x.shape[1], block.causal if mask is not None else None)
     sasp = block.sasp
     h = sasp.norm(x)
-    return softmax_attention(sasp.attn.q(h), sasp.attn.k(h), sasp.num_heads, causal=causal, key_padding_mask=padding)
+    return read_softmax(sasp.attn.q(h), sasp.attn.k(h), sasp.num_heads, causal=causal, key_padding_mask=padding)
+
+
+# A residual block serves the causal text tower and the visual one alike; the tower passes the mask on each call, so
+# a block read on its own cannot tell (attention_probabilities then asks for causal=True or False).
+register_block_causality(ResidualAttentionBlock)(lambda block: None)
+register_block_causality(SASPOpenClipBlock)(lambda block: block.causal)
+
+
+def _set_causal(blocks: nn.Module, causal: bool) -> None:
+    for module in blocks.modules():
+        if isinstance(module, SASPOpenClipBlock):
+            module.causal = causal
+
+
+@register_host_fixup(open_clip.CLIP)
+def _tell_blocks_their_tower(model: nn.Module) -> None:
+    """After conversion, each converted block learns its tower's causality (the text tower's attn_mask, None when it
+    attends both ways; the visual tower never masks), so it needs no mask values to know it (an export traces)."""
+    _set_causal(model.transformer, getattr(model, "attn_mask", None) is not None)
+    _set_causal(model.visual, False)
+
+
+@register_host_fixup(TextTransformer)
+def _tell_text_blocks(tower: nn.Module) -> None:
+    _set_causal(tower.transformer, getattr(tower, "attn_mask", None) is not None)
+
+
+@register_host_fixup(VisionTransformer)
+def _tell_visual_blocks(tower: nn.Module) -> None:
+    _set_causal(tower, False)
 
 
 # ── CLIP adapter: teachers and evaluation, preprocessing ─────────────────────────────────────────────────────────
 
 
 class OpenClipTokenizer:
-    """open_clip's tokenizer with siclip's interface (``tokenizer(texts) -> (n, context_length)`` ids)."""
+    """open_clip's tokenizer with siclip's interface (``tokenizer(texts) -> (n, context_length)`` ids); ``kwargs`` the
+    arguments it was built with (an architecture's ``tokenizer_kwargs``), which :meth:`spec` records."""
 
-    def __init__(self, tokenizer, name: str) -> None:
-        self.tokenizer, self.name = tokenizer, f"open_clip:{name}"
+    def __init__(self, tokenizer, name: str, kwargs: dict | None = None) -> None:
+        self.tokenizer, self.name, self.kwargs = tokenizer, f"open_clip:{name}", dict(kwargs or {})
         self.context_length = tokenizer.context_length
         self.vocab_size = getattr(tokenizer, "vocab_size", None) or len(tokenizer.encoder)
         self.sot_token_id, self.eot_token_id = tokenizer.sot_token_id, tokenizer.eot_token_id
@@ -124,6 +160,47 @@ class OpenClipTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
+
+    def spec(self) -> dict:
+        """What rebuilds it (:func:`tokenizer_from_spec`): open_clip's CLIP BPE ``SimpleTokenizer``, its context length and
+        arguments; the BPE ships with open_clip, so no file is needed."""
+        if type(self.tokenizer).__name__ != "SimpleTokenizer":
+            raise ValueError(f"an open_clip {type(self.tokenizer).__name__} cannot be saved as data (siclip saves open_clip's SimpleTokenizer)")
+        return {"name": "open_clip", "tokenizer": "SimpleTokenizer", "context_length": self.context_length, "kwargs": self.kwargs}
+
+
+def tokenizer_from_spec(spec: dict, where: str = "checkpoint") -> OpenClipTokenizer:
+    """The tokenizer :meth:`OpenClipTokenizer.spec` described."""
+    if spec.get("tokenizer", "SimpleTokenizer") != "SimpleTokenizer" or not isinstance(spec.get("kwargs", {}), dict):
+        raise ValueError(f"{where}: the saved open_clip tokenizer must be a SimpleTokenizer with its keyword arguments, got {spec}")
+    return _simple_tokenizer(spec.get("context_length") or 77, spec.get("kwargs", {}), where)
+
+
+def _tokenizer_problem(context_length, kwargs) -> str | None:
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or in_range(1, MAX_CONTEXT)(context_length):
+        return f"the tokenizer's context_length must be an integer in [1, {MAX_CONTEXT}], got {context_length!r}"
+    if not isinstance(kwargs, dict):
+        return f"the tokenizer's arguments must be an object, got {type(kwargs).__name__}"
+    wrong = open_clip_tokenizer_kwargs(kwargs)
+    return f"the tokenizer's arguments {wrong}" if wrong else None
+
+
+def _simple_tokenizer(context_length: int, kwargs: dict, where: str = "open_clip model config") -> OpenClipTokenizer:
+    """open_clip's CLIP BPE tokenizer with the arguments a config or a saved spec gives, those checked first
+    (:func:`siclip.schema.open_clip_tokenizer_kwargs`: never a ``bpe_path`` read from anywhere, never a reduction that
+    downloads NLTK data)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    wrong = _tokenizer_problem(context_length, kwargs)
+    if wrong:
+        raise UnsafeModel(f"{where}: {wrong}")
+    return OpenClipTokenizer(SimpleTokenizer(context_length=context_length, **kwargs), "SimpleTokenizer", kwargs)
+
+
+def tokenizer_of_config(config: dict) -> OpenClipTokenizer:
+    """The tokenizer open_clip's ``get_tokenizer`` builds for a CLIP-BPE architecture's model config."""
+    text = config.get("text_cfg", {})
+    return _simple_tokenizer(text.get("context_length", 77), text.get("tokenizer_kwargs", {}))
 
 
 class OpenClip(nn.Module):
@@ -189,6 +266,9 @@ def check_config(config: dict, where: str) -> None:
             raise UnsafeModel(f"{where}: text_cfg.{key} = {text[key]!r}: this architecture's text {'tower' if key == 'hf_model_name' else 'tokenizer'} "
                               "comes from the Hugging Face hub, which siclip does not download; save the model with transformers and pass "
                               "hf:DIR, or use a CLIP-BPE architecture")  # fmt: skip
+    wrong = _tokenizer_problem(text.get("context_length", 77), text.get("tokenizer_kwargs", {}))
+    if wrong:
+        raise UnsafeModel(f"{where}: text_cfg: {wrong}")
     if vision.get("timm_model_pretrained"):
         raise UnsafeModel(f"{where}: vision_cfg.timm_model_pretrained asks timm to download weights; siclip downloads nothing")
     name = vision.get("timm_model_name")
@@ -229,8 +309,8 @@ def _constructor_args(config: dict) -> dict:
 
 def load_spec(rest: str, spec: str) -> LoadedClip:
     """``open_clip:ARCH:FILE``: architecture ``ARCH`` built with the weights in ``FILE`` (loaded as data, strictly)."""
-    model, arch = _load(rest, spec)
-    return adapt(model, OpenClipTokenizer(open_clip.get_tokenizer(arch), arch), spec=spec)
+    model, _ = _load(rest, spec)
+    return adapt(model, original_tokenizer(model, rest), spec=spec)
 
 
 def load_original(rest: str, spec: str) -> nn.Module:
@@ -284,24 +364,47 @@ def _load(rest: str, spec: str) -> tuple[nn.Module, str]:
     return model.eval(), arch
 
 
-def calibration_run(model: nn.Module, rest: str, captions: list[str] | None, images: list | None):
-    """``run(m)``: both towers of an open_clip CLIP of ``model``'s architecture on ``captions`` and ``images``."""
+def original_tokenizer(model: nn.Module, rest: str) -> OpenClipTokenizer:
+    """The tokenizer of the architecture the model was loaded as (its model config's)."""
+    return tokenizer_of_config(architecture_of(model)["config"])
+
+
+def calibration_run(model: nn.Module, tokenizer: OpenClipTokenizer, preprocess: Preprocess, captions: list[str] | None,
+                    images: list | None):  # fmt: skip
+    """``run(m)``: both towers of an open_clip CLIP of ``model``'s architecture on ``captions`` and ``images``; the text
+    tower inside :func:`siclip.blocks.real_tokens` (positions up to each caption's end-of-text token: open_clip's text
+    tower masks nothing but later tokens, so padding is known from the ids alone)."""
+    from siclip.blocks import real_tokens
+    from siclip.data.tokenizer import real_token_mask
     from siclip.data.transforms import preprocess_image
 
     if not captions or not images:
-        raise ValueError("a CLIP's divergences need both --captions and --images")
-    arch = architecture_of(model)["name"]
-    tokenizer = OpenClipTokenizer(open_clip.get_tokenizer(arch), arch)
-    ids, pixels = tokenizer(captions), torch.stack([preprocess_image(im, preprocess_of(model)) for im in images])
-    return lambda m: (nn.functional.normalize(m.encode_text(ids), dim=-1), nn.functional.normalize(m.encode_image(pixels), dim=-1))
+        raise ValueError("a CLIP's divergences need both calibration captions and calibration images")
+    ids, pixels = tokenizer(captions), torch.stack([preprocess_image(im, preprocess) for im in images])
+    tokens = real_token_mask(ids, tokenizer)
+
+    def run(m: nn.Module):
+        with real_tokens(tokens):
+            text = nn.functional.normalize(m.encode_text(ids), dim=-1)
+        return text, nn.functional.normalize(m.encode_image(pixels), dim=-1)
+
+    return run
 
 
 def original_preprocess(model: nn.Module, rest: str) -> Preprocess:
     return preprocess_of(model)
 
 
-def adapt_converted(model: nn.Module, rest: str, spec: str, preprocess: Preprocess | None) -> LoadedClip:
-    """A converted open_clip CLIP with its architecture's tokenizer."""
-    arch, _, _ = rest.rpartition(":")
-    arch, _ = _architecture(arch, spec)
-    return adapt(model, OpenClipTokenizer(open_clip.get_tokenizer(arch), arch), preprocess, spec)
+def adapt_converted(model: nn.Module, tokenizer: OpenClipTokenizer, preprocess: Preprocess | None, spec: str) -> LoadedClip:
+    """A converted open_clip CLIP with the tokenizer and preprocessing its file holds."""
+    return adapt(model, tokenizer, preprocess, spec)
+
+
+# ── FLIP token masking (siclip.blocks.token_dropout) ─────────────────────────────────────────────────────────────
+
+
+@register_token_dropout(VisionTransformer)
+def _vit_token_dropout(model: VisionTransformer, ratio: float) -> TokenDropout:
+    """open_clip's ViT drops tokens in ``patch_dropout`` (after the positional embedding, before ``ln_pre``), always
+    keeping its class token, as its own ``PatchDropout`` does."""
+    return replace_slot(model, "patch_dropout", ratio, 1)

@@ -24,11 +24,14 @@ import torch
 from torch import Tensor, nn
 from timm.layers import LayerScale
 from timm.layers.attention import Attention
-from timm.models.vision_transformer import Block, ParallelScalingBlock
+from timm.models.vision_transformer import Block, ParallelScalingBlock, VisionTransformer
 
-from siclip.blocks import ConversionReport, SASPBlock, SASPConversion, register_attention_reader, register_converter, sasp_from_parts
-from siclip.blocks import softmax_attention
+from siclip.blocks import (
+    AttentionRead, ConversionReport, SASPBlock, SASPConversion, read_softmax, register_attention_reader, register_block_causality,
+    register_converter, sasp_from_parts,
+)  # fmt: skip
 from siclip.blocks.masking import decode_attention_mask
+from siclip.blocks.token_dropout import TokenDropout, register_token_dropout, replace_slot
 from siclip.data.transforms import Preprocess
 from siclip.interop.safety import UnsafeModel, build_on_meta, scan_record
 from siclip.storage import load_weights
@@ -131,28 +134,32 @@ def _heads(q: Tensor, k: Tensor, q_norm: nn.Module, k_norm: nn.Module, heads: in
 
 
 @register_attention_reader(Block)
-def _read_block(block: Block, args: tuple, kwargs: dict) -> Tensor:
+def _read_block(block: Block, args: tuple, kwargs: dict) -> AttentionRead:
     attn, (mask, causal) = block.attn, _call(args, kwargs)
     q, k, _ = attn.qkv(block.norm1(args[0])).chunk(3, dim=-1)
     q, k = _heads(q, k, attn.q_norm, attn.k_norm, attn.num_heads)
-    return softmax_attention(q, k, attn.num_heads, scale=attn.scale, causal=causal, attn_mask=None if causal else mask)
+    return read_softmax(q, k, attn.num_heads, scale=attn.scale, causal=causal, attn_mask=None if causal else mask)
 
 
 @register_attention_reader(ParallelScalingBlock)
-def _read_parallel(block: ParallelScalingBlock, args: tuple, kwargs: dict) -> Tensor:
+def _read_parallel(block: ParallelScalingBlock, args: tuple, kwargs: dict) -> AttentionRead:
     mask, causal = _call(args, kwargs)
     _, q, k, _ = block.in_proj(block.in_norm(args[0])).split(block.in_split, dim=-1)
     q, k = _heads(q, k, block.q_norm, block.k_norm, block.num_heads)
-    return softmax_attention(q, k, block.num_heads, scale=block.scale, causal=causal, attn_mask=None if causal else mask)
+    return read_softmax(q, k, block.num_heads, scale=block.scale, causal=causal, attn_mask=None if causal else mask)
 
 
 @register_attention_reader(SASPTimmBlock)
-def _read_converted(block: SASPTimmBlock, args: tuple, kwargs: dict) -> Tensor:
+def _read_converted(block: SASPTimmBlock, args: tuple, kwargs: dict) -> AttentionRead:
     x, (mask, is_causal) = args[0], _call(args, kwargs)
     causal, padding = decode_attention_mask(mask, x.shape[0], x.shape[1], True if is_causal else None)
     sasp = block.sasp
     h = sasp.norm(x)
-    return softmax_attention(sasp.attn.q(h), sasp.attn.k(h), sasp.num_heads, causal=causal, key_padding_mask=padding)
+    return read_softmax(sasp.attn.q(h), sasp.attn.k(h), sasp.num_heads, causal=causal, key_padding_mask=padding)
+
+
+for _vision_block in (Block, ParallelScalingBlock, SASPTimmBlock):
+    register_block_causality(_vision_block)(lambda block: False)  # timm's Vision Transformers attend both ways unless a call says is_causal
 
 
 # ── original models and their architecture (siclip.interop.converted) ────────────────────────────────────────────
@@ -244,15 +251,29 @@ def preprocess_of(model: nn.Module) -> Preprocess:
                       mean=tuple(cfg.get("mean", (0.5,) * 3)), std=tuple(cfg.get("std", (0.5,) * 3)))  # fmt: skip
 
 
-def calibration_run(model: nn.Module, rest: str, captions: list[str] | None, images: list | None):
-    """``run(m)``: a timm image model of ``model``'s architecture on ``images`` in its own view (:func:`preprocess_of`)."""
+def original_tokenizer(model: nn.Module, rest: str) -> None:
+    return None  # an image model
+
+
+def calibration_run(model: nn.Module, tokenizer, preprocess: Preprocess, captions: list[str] | None, images: list | None):
+    """``run(m)``: a timm image model of ``model``'s architecture on ``images`` in its own view (``preprocess``)."""
     from siclip.data.transforms import preprocess_image
 
     if not images:
-        raise ValueError("a timm image model reads images: give --images")
-    pixels = torch.stack([preprocess_image(im, preprocess_of(model)) for im in images])
+        raise ValueError("a timm image model reads images: give calibration images")
+    pixels = torch.stack([preprocess_image(im, preprocess) for im in images])
     return lambda m: m(pixels)
 
 
 def original_preprocess(model: nn.Module, rest: str) -> Preprocess:
     return preprocess_of(model)
+
+
+# ── FLIP token masking (siclip.blocks.token_dropout) ─────────────────────────────────────────────────────────────
+
+
+@register_token_dropout(VisionTransformer)
+def _vit_token_dropout(model: VisionTransformer, ratio: float) -> TokenDropout:
+    """timm's ViT drops tokens in ``patch_drop`` (after ``_pos_embed``, before ``norm_pre`` and the blocks), keeping its
+    ``num_prefix_tokens`` (class and register tokens)."""
+    return replace_slot(model, "patch_drop", ratio, model.num_prefix_tokens)

@@ -20,16 +20,18 @@ from transformers.models.vit.modeling_vit import ViTLayer
 from transformers.utils import output_capturing
 
 from siclip.blocks import (
-    ConversionReport, SASPBlock, SASPConversion, register_attention_reader, register_converter, register_host_fixup, sasp_from_parts,
-    softmax_attention,
+    AttentionRead, ConversionReport, SASPBlock, SASPConversion, read_softmax, register_attention_reader, register_block_causality,
+    register_converter, register_host_fixup, sasp_from_parts,
 )  # fmt: skip
 from siclip.blocks.masking import decode_attention_mask
 from siclip.blocks.shaped_attention import shaped_attention_matrix
+from siclip.blocks.token_dropout import TokenDropout, check_ratio, register_token_dropout
 from siclip.data.transforms import CLIP_MEAN, CLIP_STD, Preprocess
 from siclip.interop import ADAPTERS
 from siclip.interop.safety import (
-    build_on_meta, check_attention, check_model_folder, check_shapes, foreign_failure, scan_record, weight_shapes,
+    UnsafeModel, build_on_meta, check_attention, check_model_folder, check_shapes, foreign_failure, scan_record, weight_shapes,
 )  # fmt: skip
+from siclip.schema import MAX_CONTEXT, data_file_name
 from siclip.models.loaded import LoadedClip
 
 # Post-LN layers (BERT and its kin): refused with the reason (see _refuse_post_ln).
@@ -175,7 +177,7 @@ def _convert_clip_layer(layer: nn.Module, options: SASPConversion) -> tuple[nn.M
     dropped = {(("self_attn.v_proj.weight", "self_attn.v_proj.bias"), "W_V = I"): (attn.v_proj.weight, attn.v_proj.bias),
                (("self_attn.out_proj.weight", "self_attn.out_proj.bias"), "W_P = I"): (attn.out_proj.weight, attn.out_proj.bias),
                (("layer_norm2.weight", "layer_norm2.bias"), "one shared pre-norm"): (layer.layer_norm2.weight, layer.layer_norm2.bias)}  # fmt: skip
-    return _wrap(layer, block, report, _encoder_forward, "self_attn", type(attn), dropped)
+    return _wrap(layer, block, report, _encoder_forward, "self_attn", type(attn), dropped, causal=_clip_text_layer(layer))
 
 
 @register_converter(ViTLayer)
@@ -247,47 +249,90 @@ def _after_conversion(model: nn.Module) -> None:
 
 # ── attention readers (divergence) ───────────────────────────────────────────────────────────────────────────────
 # Each reads softmax(QKᵀ·scale + M) from the call the host made: the 4-D mask it passed (causal and padding; bool or
-# additive), or, with none, the causality the call or the block implies (CLIP's text model says is_causal=True).
+# additive), or, with none, the causality the call or the block implies (CLIP's text model says is_causal=True; a text
+# layer read on its own is causal by its configuration, a CLIPTextConfig). Queries the mask makes padding are marked
+# (siclip.blocks.readers.AttentionRead): SDPA's boolean mask leaves a left-padded query no key, a NaN row.
 
 
 def _call_mask(args: tuple, kwargs: dict, position: int) -> Tensor | None:
     return args[position] if len(args) > position else kwargs.get("attention_mask")
 
 
+def _clip_text_layer(layer: nn.Module) -> bool:
+    """A CLIP text layer (causal: CLIP's text transformer always masks later tokens) rather than a vision one."""
+    return isinstance(getattr(getattr(layer, "self_attn", None), "config", None), transformers.CLIPTextConfig)
+
+
 @register_attention_reader(CLIPEncoderLayer)
 @register_attention_reader(SiglipEncoderLayer)
-def _read_clip_layer(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+def _read_clip_layer(layer: nn.Module, args: tuple, kwargs: dict) -> AttentionRead:
     attn, h = layer.self_attn, layer.layer_norm1(args[0])
-    return softmax_attention(attn.q_proj(h), attn.k_proj(h), attn.num_heads, scale=attn.scale, attn_mask=_call_mask(args, kwargs, 1),
-                             causal=bool(kwargs.get("is_causal", False)))  # fmt: skip
+    return read_softmax(attn.q_proj(h), attn.k_proj(h), attn.num_heads, scale=attn.scale, attn_mask=_call_mask(args, kwargs, 1),
+                        causal=bool(kwargs.get("is_causal", _clip_text_layer(layer))))  # fmt: skip
 
 
 @register_attention_reader(ViTLayer)
-def _read_vit_layer(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+def _read_vit_layer(layer: nn.Module, args: tuple, kwargs: dict) -> AttentionRead:
     attn, h = layer.attention, layer.layernorm_before(args[0])
-    return softmax_attention(attn.q_proj(h), attn.k_proj(h), attn.num_attention_heads, scale=attn.scaling,
-                             attn_mask=_call_mask(args, kwargs, 1))  # fmt: skip
+    return read_softmax(attn.q_proj(h), attn.k_proj(h), attn.num_attention_heads, scale=attn.scaling, attn_mask=_call_mask(args, kwargs, 1))
 
 
 @register_attention_reader(GPT2Block)
-def _read_gpt2_block(block: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+def _read_gpt2_block(block: nn.Module, args: tuple, kwargs: dict) -> AttentionRead:
     attn = block.attn
     q, k, _ = attn.c_attn(block.ln_1(args[0])).split(attn.split_size, dim=-1)
-    return softmax_attention(q, k, attn.num_heads, scale=attn.scaling, attn_mask=_call_mask(args, kwargs, 2), causal=True)
+    return read_softmax(q, k, attn.num_heads, scale=attn.scaling, attn_mask=_call_mask(args, kwargs, 2), causal=True)
 
 
 @register_attention_reader(_SASPLayer)
-def _read_converted(layer: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+def _read_converted(layer: nn.Module, args: tuple, kwargs: dict) -> AttentionRead:
     """A converted layer: the softmax term of its shaped attention, under the masks it decoded from the call."""
     x, block, gpt2 = args[0], layer.sasp, isinstance(layer, GPT2Block)  # GPT-2's call: (hidden_states, cache, attention_mask, …)
     causal = True if gpt2 else bool(kwargs.get("is_causal", layer.default_causal))
     mask = _call_mask(args, kwargs, 2 if gpt2 else 1)
     _, padding = decode_attention_mask(mask, x.shape[0], x.shape[1], causal)
     h = block.norm(x)
-    return softmax_attention(block.attn.q(h), block.attn.k(h), block.num_heads, causal=causal, key_padding_mask=padding)
+    return read_softmax(block.attn.q(h), block.attn.k(h), block.num_heads, causal=causal, key_padding_mask=padding)
+
+
+register_block_causality(CLIPEncoderLayer)(_clip_text_layer)
+register_block_causality(SiglipEncoderLayer)(lambda layer: False)  # SigLIP's text tower attends both ways
+register_block_causality(ViTLayer)(lambda layer: False)
+register_block_causality(GPT2Block)(lambda block: True)
+register_block_causality(_SASPLayer)(lambda layer: True if isinstance(layer, GPT2Block) else bool(layer.default_causal))
 
 
 # ── CLIP adapter: teachers and evaluation, preprocessing ─────────────────────────────────────────────────────────
+# ── FLIP token masking (siclip.blocks.token_dropout) ─────────────────────────────────────────────────────────────
+#
+# transformers' vision models have no token-dropout slot: their embeddings (patches + class token + positions) feed
+# the pre-norm and the encoder directly. The masker runs on the embeddings' output, through a forward hook, which is
+# where open_clip and timm drop tokens (after the positional embedding, before the first block). CLIP's and ViT's
+# pooling reads the class token (always kept), SigLIP's attention-pooling head reads whatever tokens remain.
+
+
+def _drop_tokens_hook(embeddings: nn.Module, args, output: Tensor) -> Tensor:
+    return embeddings.token_dropout(output)
+
+
+def _embeddings_token_dropout(num_prefix_tokens: int):
+    def install(embeddings: nn.Module, ratio: float) -> TokenDropout:
+        existing = getattr(embeddings, "token_dropout", None)
+        if isinstance(existing, TokenDropout):
+            existing.ratio = check_ratio(ratio)
+            return existing
+        embeddings.token_dropout = TokenDropout(ratio, num_prefix_tokens).train(embeddings.training)
+        embeddings.register_forward_hook(_drop_tokens_hook)
+        return embeddings.token_dropout
+
+    return install
+
+
+register_token_dropout(transformers.models.clip.modeling_clip.CLIPVisionEmbeddings)(_embeddings_token_dropout(1))
+register_token_dropout(transformers.models.vit.modeling_vit.ViTEmbeddings)(_embeddings_token_dropout(1))
+register_token_dropout(transformers.models.siglip.modeling_siglip.SiglipVisionEmbeddings)(_embeddings_token_dropout(0))
+
+
 CLIP_MODELS = {"clip": transformers.CLIPModel, "siglip": transformers.SiglipModel}
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as image processors store them
 
@@ -299,9 +344,10 @@ def _features(output) -> Tensor:
 
 class HFTokenizer:
     """A transformers tokenizer with siclip's interface: ``tokenizer(texts) -> (n, context_length)`` ids, padded to
-    the context length as the model was trained (``padding="max_length"``), plus ``encode`` for content ids."""
+    the context length as the model was trained (``padding="max_length"``; to the longest text when the model has no
+    fixed context, GPT-2's), plus ``encode`` for content ids, and :meth:`spec`, its files as plain data."""
 
-    def __init__(self, tokenizer, context_length: int) -> None:
+    def __init__(self, tokenizer, context_length: int | None) -> None:
         self.tokenizer, self.context_length = tokenizer, context_length
         self.name = f"hf:{type(tokenizer).__name__}"
         self.vocab_size = len(tokenizer)
@@ -313,8 +359,28 @@ class HFTokenizer:
 
     def __call__(self, texts, context_length: int | None = None) -> Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return self.tokenizer(texts, padding="max_length", truncation=True, max_length=context_length or self.context_length,
+        length = context_length or self.context_length
+        return self.tokenizer(texts, padding="max_length" if length else "longest", truncation=length is not None, max_length=length,
                               return_tensors="pt")["input_ids"]  # fmt: skip
+
+    def spec(self) -> dict:
+        """What rebuilds this tokenizer with no folder: the files ``save_pretrained`` writes, held as text (a binary
+        file, a SentencePiece model, base64 under ``binary_files``: the spec stays JSON), and the context length
+        (:func:`tokenizer_from_spec`)."""
+        import base64
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="siclip-tokenizer-") as folder:
+            self.tokenizer.save_pretrained(folder)
+            files, binary = {}, {}
+            for path in sorted(Path(folder).iterdir()):
+                data = path.read_bytes()
+                try:
+                    files[path.name] = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    binary[path.name] = base64.b64encode(data).decode("ascii")
+        return {"name": "hf", "class": type(self.tokenizer).__name__, "context_length": self.context_length, "files": files,
+                "binary_files": binary}  # fmt: skip
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -332,6 +398,45 @@ class HFTokenizer:
             after = (ends.cumsum(-1) - ends) > 0  # strictly after the first end-of-text token
             return (~after).long()
         return (ids != self.pad_token_id).long()
+
+
+def tokenizer_from_spec(spec: dict, where: str = "checkpoint") -> HFTokenizer:
+    """The tokenizer :meth:`HFTokenizer.spec` described: its files written to a temporary folder and read by
+    ``AutoTokenizer`` (local files only; no code from the files is run: their JSON is checked as a model folder's is,
+    :func:`siclip.interop.safety.scan_record`, and ``trust_remote_code`` is off), wrapped with its context length."""
+    import base64
+    import binascii
+    import tempfile
+
+    files, binary = spec.get("files"), spec.get("binary_files", {})
+    well_formed = isinstance(files, dict) and files and isinstance(binary, dict)
+    if not well_formed or not all(isinstance(v, str) for v in (*files.values(), *binary.values())):
+        raise ValueError(f"{where}: the saved transformers tokenizer must hold its files (name → text), got {type(files).__name__}")
+    context = spec.get("context_length")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= MAX_CONTEXT):
+        raise UnsafeModel(f"{where}: the saved tokenizer's context_length must be an integer in [1, {MAX_CONTEXT}], got {context!r}")
+    with tempfile.TemporaryDirectory(prefix="siclip-tokenizer-") as folder:
+        for name, data in [*files.items(), *binary.items()]:
+            wrong = data_file_name(name)
+            if wrong:
+                raise UnsafeModel(f"{where}: the saved tokenizer's file {name!r} {wrong}")
+            try:
+                content = base64.b64decode(data, validate=True) if name in binary else data.encode("utf-8")
+            except binascii.Error:
+                raise ValueError(f"{where}: the saved tokenizer's file {name!r} is not base64") from None
+            if name.endswith(".json") and name not in binary:
+                try:
+                    record = json.loads(content)
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+                    raise ValueError(f"{where}: the saved tokenizer's {name} is not JSON ({type(err).__name__})") from None
+                scan_record(record, f"{where}: tokenizer file {name}", bounded=False)  # names no code of its own
+            (Path(folder) / name).write_bytes(content)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **LOCAL_ONLY)
+        except _LOAD_ERRORS as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ValueError(f"{where}: the saved transformers tokenizer cannot be rebuilt ({first})") from None
+    return HFTokenizer(tokenizer, context)
 
 
 class HFClip(nn.Module):
@@ -356,15 +461,17 @@ class HFClip(nn.Module):
 
 def default_preprocess(model: nn.Module) -> Preprocess:
     """The image processor's defaults for ``model`` when no ``preprocessor_config.json`` says otherwise: CLIP's
-    (bicubic short side, centre crop, OpenAI's mean and std), SigLIP's (bicubic squash to the input size, mean = std = ½)."""
+    (bicubic short side, centre crop, OpenAI's mean and std), SigLIP's (bicubic squash to the input size, mean = std = ½);
+    crops start where transformers' processors start them, ``(H − S) // 2``."""
     size = getattr(model.config, "vision_config", model.config).image_size
     if model.config.model_type.startswith("siglip"):
-        return Preprocess(size=size, resize_mode="squash", interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
-    return Preprocess(size=size, interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD)
+        return Preprocess(size=size, resize_mode="squash", interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3, crop_rounding="floor")
+    return Preprocess(size=size, interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD, crop_rounding="floor")
 
 
 def preprocess_from_file(path: Path) -> Preprocess:
-    """A ``preprocessor_config.json`` (``CLIPImageProcessor``, ``SiglipImageProcessor``) as siclip's Preprocess."""
+    """A ``preprocessor_config.json`` (``CLIPImageProcessor``, ``SiglipImageProcessor``) as siclip's Preprocess, with
+    transformers' crop arithmetic (``(H − S) // 2``, :data:`siclip.data.transforms.CROP_ROUNDINGS`)."""
     try:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -391,7 +498,7 @@ def preprocess_from_file(path: Path) -> Preprocess:
     normalize = cfg.get("do_normalize", True)
     return Preprocess(size=out, resize=resize, resize_mode=mode, interpolation=_RESAMPLE[cfg.get("resample", 3)],
                       mean=tuple(cfg.get("image_mean", CLIP_MEAN)) if normalize else (0.0,) * 3,
-                      std=tuple(cfg.get("image_std", CLIP_STD)) if normalize else (1.0,) * 3)  # fmt: skip
+                      std=tuple(cfg.get("image_std", CLIP_STD)) if normalize else (1.0,) * 3, crop_rounding="floor")  # fmt: skip
 
 
 def _context_length(model: nn.Module) -> int:
@@ -470,6 +577,27 @@ def load_spec(directory: str, spec: str) -> LoadedClip:
     return adapt(model, tokenizer, preprocess, spec)
 
 
+def load_image_to_text(directory: str | Path, spec: str) -> tuple[nn.Module, object]:
+    """``(model, processor)`` of an image-to-text model saved in ``directory`` (BLIP, GIT, BLIP-2, …: a captioner,
+    :mod:`siclip.interop.captioners`), through the same checks as every transformers load: the folder's JSON names no
+    code and a model type transformers ships, a tokenizer is there, the weights are readable and fit the config, the
+    size is counted on the meta device; local files only, no remote code."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as known
+
+    path = Path(directory)
+    declared = check_folder(path, spec)
+    if declared["model_type"] not in known:
+        raise ValueError(f"{spec}: a {declared['model_type']!r} model is not an image-to-text model transformers knows "
+                         f"(BLIP, GIT, BLIP-2, …: {', '.join(sorted(known)[:12])}, …)")  # fmt: skip
+    config = _config(path, spec)
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(path, **LOCAL_ONLY)
+        model_class = transformers.AutoModelForImageTextToText._model_mapping[type(config)]
+    except (*_LOAD_ERRORS, KeyError) as err:
+        raise foreign_failure(f"{spec}: {path}", err) from None
+    return _pretrained(model_class, path, spec, config), processor
+
+
 # ── original models and their architecture (siclip.interop.converted) ────────────────────────────────────────────
 
 
@@ -530,51 +658,74 @@ def _directory_preprocess(path: Path, model: nn.Module) -> Preprocess:
     return preprocess_from_file(processor) if processor.is_file() else default_preprocess(model)
 
 
-def calibration_run(model: nn.Module, rest: str, captions: list[str] | None, images: list | None):
+def _reads_images(model: nn.Module) -> bool:
+    return getattr(getattr(model.config, "vision_config", model.config), "image_size", None) is not None
+
+
+def _reads_text(model: nn.Module) -> bool:
+    return isinstance(model, tuple(CLIP_MODELS.values())) or not _reads_images(model)
+
+
+def original_tokenizer(model: nn.Module, rest: str) -> HFTokenizer | None:
+    """The tokenizer saved beside the model in its directory, for a model that reads text (None for a vision model):
+    a CLIP's padded to its context length, any other's to the longest caption."""
+    if not _reads_text(model):
+        return None
+    path = Path(rest)
+    tokenizer = _tokenizer(path, f"hf:{rest}")  # the folder checked first (siclip.interop.safety)
+    return HFTokenizer(tokenizer, _context_length(model) if isinstance(model, tuple(CLIP_MODELS.values())) else None)
+
+
+def calibration_run(model: nn.Module, tokenizer: HFTokenizer | None, preprocess: Preprocess | None, captions: list[str] | None,
+                    images: list | None):  # fmt: skip
     """``run(m)``: a model of ``model``'s architecture on the calibration inputs, for divergences and FLOPs: a CLIP on
-    both (its tokenizer and preprocessing from its directory), a vision model on ``images``, a text model on
-    ``captions`` (its tokenizer from its directory)."""
+    both (through ``tokenizer`` and ``preprocess``), a vision model on ``images``, a text model on ``captions``. Text
+    runs inside :func:`siclip.blocks.real_tokens` with the tokenizer's attention mask, so divergences read the
+    captions' tokens, never their padding."""
+    from siclip.blocks import real_tokens
+    from siclip.data.tokenizer import real_token_mask
     from siclip.data.transforms import preprocess_image
 
-    path = Path(rest)
-    vision_config = getattr(model.config, "vision_config", model.config)
     if isinstance(model, tuple(CLIP_MODELS.values())):
         if not captions or not images:
-            raise ValueError("a CLIP's divergences need both --captions and --images")
-        tokenizer, pre = _tokenizer(path, f"hf:{rest}"), _directory_preprocess(path, model)
-        clip = adapt(model, tokenizer, pre).model
-        ids, pixels = clip.tokenizer(captions), torch.stack([preprocess_image(im, pre) for im in images])
+            raise ValueError("a CLIP's divergences need both calibration captions and calibration images")
+        ids, pixels = tokenizer(captions), torch.stack([preprocess_image(im, preprocess) for im in images])
+        tokens = real_token_mask(ids, tokenizer)
 
         def run_clip(m: nn.Module):
-            clip = adapt(m, tokenizer, pre).model
-            return clip.encode_text(ids), clip.encode_image(pixels)
+            clip = adapt(m, tokenizer, preprocess).model
+            with real_tokens(tokens):
+                text = clip.encode_text(ids)
+            return text, clip.encode_image(pixels)
 
         return run_clip
-    if getattr(vision_config, "image_size", None) is not None:
+    if _reads_images(model):
         if not images:
-            raise ValueError(f"a {type(model).__name__} reads images: give --images")
-        pixels = torch.stack([preprocess_image(im, _directory_preprocess(path, model)) for im in images])
+            raise ValueError(f"a {type(model).__name__} reads images: give calibration images")
+        pixels = torch.stack([preprocess_image(im, preprocess) for im in images])
         return lambda m: m(pixel_values=pixels)
     if not captions:
-        raise ValueError(f"a {type(model).__name__} reads text: give --captions")
-    tokenizer = _tokenizer(path, f"hf:{rest}")
-    if tokenizer.pad_token is None:  # GPT-2's tokenizer has none: pad with end-of-text, masked out
-        tokenizer.pad_token = tokenizer.eos_token
-    inputs = dict(tokenizer(captions, padding=True, truncation=True, return_tensors="pt"))
+        raise ValueError(f"a {type(model).__name__} reads text: give calibration captions")
+    raw = tokenizer.tokenizer
+    if raw.pad_token is None:  # GPT-2's tokenizer has none: pad with end-of-text, masked out
+        raw.pad_token = raw.eos_token
+    inputs = dict(raw(captions, padding=True, truncation=True, return_tensors="pt"))
     if hasattr(model.config, "use_cache"):
         inputs["use_cache"] = False  # a converted GPT-2 keeps no cache
-    return lambda m: m(**inputs)
+
+    def run_text(m: nn.Module):
+        with real_tokens(inputs["attention_mask"].bool()):
+            return m(**inputs)
+
+    return run_text
 
 
 def original_preprocess(model: nn.Module, rest: str) -> Preprocess | None:
-    vision_config = getattr(model.config, "vision_config", model.config)
-    return _directory_preprocess(Path(rest), model) if getattr(vision_config, "image_size", None) is not None else None
+    return _directory_preprocess(Path(rest), model) if _reads_images(model) else None
 
 
-def adapt_converted(model: nn.Module, rest: str, spec: str, preprocess: Preprocess | None) -> LoadedClip:
-    """A converted CLIP/SigLIP with the tokenizer of its original's directory."""
+def adapt_converted(model: nn.Module, tokenizer: HFTokenizer, preprocess: Preprocess, spec: str) -> LoadedClip:
+    """A converted CLIP/SigLIP with the tokenizer and preprocessing its file holds."""
     if not isinstance(model, tuple(CLIP_MODELS.values())):
         raise ValueError(f"{spec}: a converted {type(model).__name__} is not a CLIP (CLIPModel or SiglipModel)")
-    path = Path(rest)
-    tokenizer = _tokenizer(path, f"the converted model reads the tokenizer of its original, {spec}")
-    return adapt(model, tokenizer, preprocess or _directory_preprocess(path, model), spec)
+    return adapt(model, tokenizer, preprocess, spec)

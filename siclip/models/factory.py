@@ -100,7 +100,16 @@ def checkpoint_model(payload, path: str | Path) -> CLIP:
         warnings.warn(f"{path} was saved before models carried their preprocessing: it loads with CLIP's mean and std "
                       "(the normalisation every siclip model was trained and evaluated with until then)", stacklevel=3)  # fmt: skip
     try:
-        model = create_model(ModelConfig.from_dict(payload["config"]))
+        config = ModelConfig.from_dict(payload["config"])
+        divergence = payload.get("sharing_divergence")  # the divergences a measured plan (threshold, optimal) was chosen from
+        if divergence is not None and config.siclip is not None:
+            import numpy as np
+
+            model = CLIP(config)
+            to_siclip(model, config.siclip, divergence={t: np.asarray(d, dtype=np.float64) for t, d in divergence.items()},
+                      freeze=False, inherited=False)  # fmt: skip
+        else:
+            model = create_model(config)
         fuse_towers(model, payload.get("fused_towers", []))  # rebuild the fused layout, then load its weights
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a config or weights this code cannot build

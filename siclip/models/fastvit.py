@@ -17,8 +17,11 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from siclip.blocks import Attention, ConversionReport, SASPBlock2d, SASPConversion, register_attention_reader, register_converter
+from siclip.blocks import (
+    Attention, ConversionReport, SASPBlock2d, SASPConversion, register_attention_reader, register_block_causality, register_converter,
+)  # fmt: skip
 from siclip.blocks.readers import softmax_attention
+from siclip.blocks.token_dropout import register_token_dropout
 
 from .mobileone import MobileOneBlock, ReparamLargeKernelConv, conv_bn
 from .reparam import depthwise_conv_args, identity_kernel, make_conv
@@ -118,6 +121,11 @@ class AttentionBlock(nn.Module):
         tokens = self.token_mixer(rearrange(self.norm(x), "b c h w -> b (h w) c"))
         x = x + self.layer_scale_1 * rearrange(tokens, "b (h w) c -> b c h w", h=height)
         return x + self.layer_scale_2 * self.convffn(x)
+
+
+@register_block_causality(AttentionBlock)
+def _not_causal(block: AttentionBlock) -> bool:
+    return False  # attention over a map's positions
 
 
 @register_attention_reader(AttentionBlock)
@@ -271,3 +279,25 @@ class MCi(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"images must be (batch, 3, height, width), got shape {tuple(x.shape)}")
         return run_stages(self.stages(), x, checkpointing=self.grad_checkpointing)
+
+
+@register_token_dropout(MCi)
+def refuse_token_dropout(tower: MCi, ratio: float):
+    """FLIP's masking is refused on MCi, with the reason: its tokens never leave the grid.
+
+    The attention stage is convolutional around its attention: a RepCPE depthwise 7×7 convolution before it, and in
+    every attention block a BatchNorm2d over the map and a ConvFFN whose depthwise 7×7 convolution mixes neighbours;
+    after it a depthwise 3×3 expansion with squeeze-excite. Applying the CPE on the full grid and then dropping tokens
+    leaves those convolutions no grid. Zero-filling the dropped positions instead would put zeros into BatchNorm's
+    batch statistics and let every convolution spread them — a different function from the one evaluated unmasked —
+    and a sound version (masked convolutions and masked BatchNorm, as ConvMAE) would save little: the attention
+    blocks are 14.5 % of MCi0's FLOPs at 256 px (token mixing alone 6.0 %; PyTorch's counter), so masking half their
+    tokens saves at most 7 % of the tower's forward, against FLIP's 2× on a ViT. An MCi with no attention stage (a pure
+    CNN tower) has no tokens to drop at all.
+    """
+    if "attention" not in tower.config.token_mixers:
+        raise ValueError("token masking (FLIP) drops a ViT's patch tokens; this image tower is convolutional throughout (no attention "
+                         "stage, no tokens): use a ViT image tower")  # fmt: skip
+    raise ValueError("token masking (FLIP) is refused for MobileCLIP's MCi image tower: its attention stage mixes tokens by "
+                     "convolutions and BatchNorm over the full grid, which dropping tokens breaks, and masking its attention "
+                     "blocks (14.5 % of MCi0's FLOPs) would save at most 7 %; use a ViT image tower")  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from siclip.data import EmbeddedConfig
+from siclip.data.calibration import read_caption_file  # noqa: F401  (moved to siclip.data; importable here as before)
 
 from .config import TrainConfig
 
@@ -55,12 +56,3 @@ def check_evaluation_inputs(config: TrainConfig, tokenizer) -> None:
                            f"{config.eval_retrieval} (retrieval captions)")  # fmt: skip
 
 
-def read_caption_file(path: str | Path) -> list[str]:
-    """Captions, one per line (blank lines skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"captions file not found: {path}")
-    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not texts:
-        raise ValueError(f"{path}: no captions (expected one per line)")
-    return texts

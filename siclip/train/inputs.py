@@ -2,8 +2,9 @@
 the data and the model.
 
 Which tokenizer (first that applies): ``config.data.tokenizer``; the teacher's (the tokenizer saved in
-its checkpoint, or the one its configuration names), since the teacher reads the student's token ids;
-the one the student's configuration names. ``"words"`` builds a word vocabulary from the training
+its checkpoint, or the one its configuration names; a transformers or open_clip teacher's own, ``hf:DIR`` or
+``open_clip:ARCH:FILE``), since the teacher reads the student's token ids; the one the student's configuration
+names. ``"words"`` builds a word vocabulary from the training
 captions (:func:`~siclip.data.tokenizer.build_word_vocabulary`) and saves it in ``out_dir/tokenizer.json``
 (and with the model), so a resumed run and the evaluation use the same one.
 
@@ -42,6 +43,7 @@ class RunInputs:
     unknown_rate: float
     teacher_tokenizer: object | None = None  # the teacher's own, when it does not read the student's ids
     student: object | None = None  # a student that exists before the run (a converted CLIP file), else built by build_task
+    distiller: object | None = None  # a separate distillation teacher (config.distill_teacher); None: ``teacher`` distils
 
 
 def open_training_source(config: TrainConfig, image_size: int):
@@ -76,14 +78,18 @@ def first_batches(config: TrainConfig, size: int) -> list[int]:
     return order[: config.data.tokenizer_check_samples].tolist()
 
 
-def resolve_tokenizer(config: TrainConfig, model_config: ModelConfig, source, teacher, teacher_spec: dict | None, *, resume: bool = False):
-    """The run's tokenizer (see the module docstring for the order of choice)."""
+def resolve_tokenizer(config: TrainConfig, model_config: ModelConfig, source, teacher, teacher_spec: dict | None, *, resume: bool = False,
+                      foreign_teacher=None):  # fmt: skip
+    """The run's tokenizer (see the module docstring for the order of choice); ``foreign_teacher`` a loaded teacher that
+    is not a siclip CLIP (:class:`~siclip.models.loaded.LoadedClip`), whose own tokenizer is then the default."""
     data, context = config.data, model_config.text.context_length
     saved = Path(config.out_dir) / "tokenizer.json"
     if resume and saved.is_file():
         return tokenizer_from_spec(json.loads(saved.read_text()), str(saved))
     if data.tokenizer is None and teacher is not None:
         return tokenizer_for(teacher.config.text, teacher_spec, str(config.teacher))
+    if data.tokenizer is None and foreign_teacher is not None:
+        return foreign_teacher.tokenizer
     name = data.tokenizer or model_config.text.tokenizer
     if name == "words" and data.vocab_path is None:
         limit = len(source) if data.vocab_samples is None else min(len(source), data.vocab_samples)
@@ -94,13 +100,15 @@ def resolve_tokenizer(config: TrainConfig, model_config: ModelConfig, source, te
 
 def vocabulary_follows(model_config: ModelConfig, tokenizer) -> ModelConfig:
     """A model built from scratch embeds the tokenizer's ids: its vocabulary becomes the tokenizer's when the
-    tokenizer is not the one its configuration names (or does not fit it)."""
+    tokenizer is not the one its configuration names (or does not fit it), and its context the tokenizer's when the
+    tokenizer pads to a longer one (a teacher's tokenizer pads to its own context length)."""
     text = model_config.text
-    if tokenizer.name == text.tokenizer and tokenizer.vocab_size <= text.vocab_size:
+    context = max(getattr(tokenizer, "context_length", None) or 0, text.context_length)
+    if tokenizer.name == text.tokenizer and tokenizer.vocab_size <= text.vocab_size and context == text.context_length:
         return model_config
     from dataclasses import replace
 
-    return replace(model_config, text=replace(text, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer.name))
+    return replace(model_config, text=replace(text, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer.name, context_length=context))
 
 
 def settled_model_config(model_config: ModelConfig, tokenizer, teacher) -> ModelConfig:
@@ -133,21 +141,27 @@ def check_tokenizer(tokenizer, student_config: ModelConfig, teacher, teacher_spe
         raise ValueError(f"tokenizer {tokenizer.name!r} ({tokenizer.vocab_size} ids) does not fit model {student_config.name!r}: " + "; ".join(problems))
 
 
-def load_teacher(config: TrainConfig, model_config: ModelConfig | None):
-    """The teacher a run names (any model spec, :func:`siclip.interop.load_clip`), or None; a SiCLIP student asked to
-    inherit weights from a teacher that is not a siclip MobileCLIP is refused (there are no weights to map)."""
-    if config.teacher is None:
-        return None
-    loaded = load_clip(config.teacher, apple_model=config.teacher_model)
+def load_intact(spec: str, flag: str, apple_model: str):
+    """The model ``spec`` names (:func:`siclip.interop.load_clip`), refused when a weight holds NaN or Inf."""
+    loaded = load_clip(spec, apple_model=apple_model)
     model = loaded.model  # siclip's CLIP or an adapter module holding the foreign model
     bad = []
     if isinstance(model, torch.nn.Module):  # buffers may hold -inf by design (attention masks), never NaN
         bad = nonfinite_names(model.named_parameters())
         bad += [name for name, b in model.named_buffers() if b.is_floating_point() and bool(torch.isnan(b).any())]
     if bad:  # else the first step reports the student's copies of them, and the file is never named
-        raise ValueError(f"--teacher {config.teacher} holds NaN or Inf in {', '.join(bad[:5])}"
+        raise ValueError(f"{flag} {spec} holds NaN or Inf in {', '.join(bad[:5])}"
                          f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}: a student cannot inherit from it or "
                          "distil from it; pass an intact teacher file")  # fmt: skip
+    return loaded
+
+
+def load_teacher(config: TrainConfig, model_config: ModelConfig | None):
+    """The teacher a run names (any model spec, :func:`siclip.interop.load_clip`), or None; a SiCLIP student asked to
+    inherit weights from a teacher that is not a siclip MobileCLIP is refused (there are no weights to map)."""
+    if config.teacher is None:
+        return None
+    loaded = load_intact(config.teacher, "--teacher", config.teacher_model)
     if not loaded.is_siclip and model_config is not None and model_config.siclip is not None and config.inherit:
         raise ValueError(f"--teacher {config.teacher}: a SiCLIP student inherits weights (WI) only from a siclip MobileCLIP teacher "
                          f"(a siclip checkpoint or Apple's mobileclip_s0.pt), not from a {type(loaded.model).__name__}; pass "
@@ -174,16 +188,20 @@ def prepare_run(config: TrainConfig, model_config: ModelConfig | None, *, resume
                              f"not {asked}: leave --image-size out or pass {size}")  # fmt: skip
         model_config = settled_model_config(model_config, None, teacher)
     source = open_training_source(config, model_config.image.image_size)
-    tokenizer = resolve_tokenizer(config, model_config, source, teacher, teacher_spec, resume=resume)
+    foreign = loaded if loaded is not None and not loaded.is_siclip else None
+    tokenizer = resolve_tokenizer(config, model_config, source, teacher, teacher_spec, resume=resume, foreign_teacher=foreign)
     student_config = teacher.config if inherits else settled_model_config(model_config, tokenizer, teacher)
     check_tokenizer(tokenizer, student_config, teacher, teacher_spec, str(config.teacher), inherits=inherits)
     rate = check_unknown_rate(tokenizer, training_captions(source, first_batches(config, len(source)), config.data.p_synthetic),
                               config.data.max_unknown_rate, config.data.source)  # fmt: skip
     check_evaluation_inputs(config, tokenizer)
+    distiller = load_intact(config.distill_teacher, "--distill-teacher", config.teacher_model) if config.distill_teacher else None
+    distils = distiller if distiller is not None else loaded
     teacher_tokenizer = None
-    if loaded is not None and tokenizer_spec_or_none(loaded.tokenizer) != tokenizer_spec_or_none(tokenizer):
-        teacher_tokenizer = loaded.tokenizer  # the teacher reads its own ids of the same captions
-    return RunInputs(source, tokenizer, loaded.model if loaded is not None else None, rate, teacher_tokenizer)
+    if distils is not None and tokenizer_spec_or_none(distils.tokenizer) != tokenizer_spec_or_none(tokenizer):
+        teacher_tokenizer = distils.tokenizer  # the teacher reads its own ids of the same captions
+    return RunInputs(source, tokenizer, loaded.model if loaded is not None else None, rate, teacher_tokenizer,
+                     distiller=distiller.model if distiller is not None else None)
 
 
 def save_tokenizer(config: TrainConfig, tokenizer) -> Path:
@@ -199,18 +217,21 @@ def tokenizer_spec_or_none(tokenizer) -> dict | None:
 def prepare_converted_run(config: TrainConfig) -> RunInputs:
     """A transformers or open_clip CLIP converted to SAS-P (``experiments/convert_model.py``) as the student: it reads
     its original's tokenizer and preprocessing, and a teacher (typically that original) distils into it."""
-    from siclip.interop.converted import load_converted_clip
+    from siclip.interop.converted import load_converted_clip, resolve_origin
 
     student = load_converted_clip(config.model)
     if config.data.tokenizer is not None:
         raise ValueError(f"--tokenizer: {config.model} reads its original's tokenizer ({student.tokenizer.name}); leave --tokenizer out")
     if config.model_overrides.get("image", {}).get("image_size") not in (None, student.model.preprocess.size):
         raise ValueError(f"{config.model} takes {student.model.preprocess.size} px images: leave --image-size out")
+    if config.distill_teacher is not None:
+        raise ValueError(f"--distill-teacher: {config.model} inherits nothing from a teacher; give the model to distil from as --teacher")
     loaded = load_teacher(config, None)
     source = open_training_source(config, student.model.preprocess.size)
     rate = check_unknown_rate(student.tokenizer, training_captions(source, first_batches(config, len(source)), config.data.p_synthetic),
                               config.data.max_unknown_rate, config.data.source)  # fmt: skip
     check_evaluation_inputs(config, student.tokenizer)
     # The teacher reads the student's ids when it is the original the student was converted from (the same tokenizer).
-    teacher_tokenizer = loaded.tokenizer if loaded is not None and loaded.spec != student.model.recipe.origin else None
+    original = loaded is not None and resolve_origin(loaded.spec) == resolve_origin(student.model.recipe.origin)
+    teacher_tokenizer = loaded.tokenizer if loaded is not None and not original else None
     return RunInputs(source, student.tokenizer, loaded.model if loaded is not None else None, rate, teacher_tokenizer, student.model)

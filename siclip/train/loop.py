@@ -24,7 +24,9 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from siclip.data import AugmentConfig, EpochSampler, ImageTextDataset, ImageTextLoader
+from siclip.blocks.token_dropout import enable_token_dropout
+from siclip.data import EpochSampler, ImageTextDataset, ImageTextLoader, augment_policy
+from siclip.data.augment import kornia_library
 from siclip.data.tokenizer import tokenizer_spec
 from siclip.distill import FrozenTeacher, SiCLIPObjective
 from siclip.errors import user_input
@@ -34,12 +36,13 @@ from siclip.models import (
     save_checkpoint,
 )  # fmt: skip
 
-from .config import TrainConfig
+from .config import TrainConfig, save_config
 from .evaluation import evaluate_run, read_caption_file
 from .guard import NonFiniteLoss, PeerLost, StopSignals, TrainingInterrupted, flatten_tensors, nonfinite_names
 from .inputs import RunInputs, prepare_run, save_tokenizer, settled_model_config, training_captions
 from .resume import check_run_directory, clear_run_directory, reconcile_resumed_config
 from .state import CheckpointError, MetricsLogger, RunLock, load_training_checkpoint, rng_state, save_atomic, set_rng_state
+from .strategies import check_strategies, masked_steps
 from .step import (
     backward_and_step, check_tower_names, channels_last_on, create_optimizer, forward_terms, to_device, trains_on_one_sample,
 )  # fmt: skip
@@ -82,11 +85,19 @@ def tower_schedules(optimizer, warmup: int, total: int, frozen_steps: dict) -> l
 
 
 def build_data(config: TrainConfig, inputs: RunInputs, image_size: int, rank: int, world: int) -> ImageTextLoader:
+    """The run's loader: the ``data.augment`` policy's views (uint8 crops), ``data.text_augment``'s caption edits, and
+    with SLIP (``objective.ssl_scale > 0``) two views of each image augmented as SimCLR's (the ``strong`` policy)."""
     data = config.data
     # uint8 crops: a quarter of the bytes between workers and to the device, and each model normalises them its own way
-    augment_config = AugmentConfig(image_size, scale=tuple(data.crop_scale), ratio=tuple(data.crop_ratio), normalize=False)
+    augment_config = augment_policy(data.augment, image_size, scale=tuple(data.crop_scale), ratio=tuple(data.crop_ratio), normalize=False)
+    ssl_config = augment_policy("strong", image_size, ratio=tuple(data.crop_ratio), normalize=False) if config.objective.ssl_scale > 0 else None
+    if augment_config.colour is not None or ssl_config is not None:
+        try:
+            kornia_library()
+        except ImportError as err:  # the user's choice of strategy needs it: a refusal before the first step
+            raise ValueError(str(err)) from None
     dataset = ImageTextDataset(inputs.source, inputs.tokenizer, augment_config=augment_config, p_synthetic=data.p_synthetic, seed=config.seed,
-                               teacher_tokenizer=inputs.teacher_tokenizer)  # fmt: skip
+                               teacher_tokenizer=inputs.teacher_tokenizer, text_augment=data.text_augment, ssl_config=ssl_config)  # fmt: skip
     return ImageTextLoader(dataset, data.batch_size, num_workers=data.workers, seed=config.seed, rank=rank, world_size=world,
                            max_skip_fraction=data.max_skip_fraction, group_size=2 if data.shape_twins else 1)  # fmt: skip
 
@@ -98,14 +109,15 @@ def build_task(config: TrainConfig, inputs: RunInputs | None = None) -> Training
     """
     model_config = student_model_config(config)
     inputs = inputs if inputs is not None else prepare_run(config, model_config)
-    teacher_model = inputs.teacher
+    teacher_model = inputs.teacher  # the model a SiCLIP student inherits from
+    distiller = inputs.distiller if inputs.distiller is not None else teacher_model  # the model it distils from
     if inputs.student is not None:  # a converted CLIP file: it inherited its original's weights when it was converted
         student = inputs.student
         if config.model_overrides.get("siclip", {}).get("freeze", "inherited") == "inherited":
             student.train_only_converted()
-        teacher = FrozenTeacher(teacher_model) if teacher_model is not None and config.objective.needs_teacher else None
-        objective = SiCLIPObjective(student.embed_dim, teacher_model.embed_dim if teacher_model is not None else None, config.objective)
-        return TrainingTask(student, objective, teacher)
+        teacher = FrozenTeacher(distiller) if distiller is not None and config.objective.needs_teacher else None
+        objective = SiCLIPObjective(student.embed_dim, distiller.embed_dim if distiller is not None else None, config.objective)
+        return TrainingTask(student, objective, teacher, token_dropout=_token_dropout(student, config))
     siclip_teacher = teacher_model if isinstance(teacher_model, CLIP) else None  # one a student can inherit from
     model_config = settled_model_config(model_config, inputs.tokenizer, siclip_teacher)
     inherited: frozenset[str] = frozenset()
@@ -123,11 +135,17 @@ def build_task(config: TrainConfig, inputs: RunInputs | None = None) -> Training
         fuse_frozen_towers(student)
     if config.grad_checkpointing:
         student.set_grad_checkpointing(True)
-    needs_teacher = teacher_model is not None and config.objective.needs_teacher
-    teacher = FrozenTeacher(teacher_model, reparameterize=config.fuse_frozen_towers) if needs_teacher else None
-    teacher_dim = teacher_model.embed_dim if teacher_model is not None else None
+    needs_teacher = distiller is not None and config.objective.needs_teacher
+    teacher = FrozenTeacher(distiller, reparameterize=config.fuse_frozen_towers) if needs_teacher else None
+    teacher_dim = distiller.embed_dim if distiller is not None else None
     objective = SiCLIPObjective(student.config.embed_dim, teacher_dim, config.objective)
-    return TrainingTask(student, objective, teacher, inherited=inherited)
+    return TrainingTask(student, objective, teacher, inherited=inherited, token_dropout=_token_dropout(student, config))
+
+
+def _token_dropout(student, config: TrainConfig) -> list:
+    """FLIP: the maskers put in the student's image tower at ``config.mask_ratio`` (a ValueError says why a tower
+    cannot take them); none at ratio 0."""
+    return enable_token_dropout(student, config.mask_ratio) if config.mask_ratio > 0 else []
 
 
 def student_model_config(config: TrainConfig):
@@ -196,6 +214,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             )
         if resume and overwrite:
             raise ValueError("resume continues the run in out_dir and overwrite starts it over: choose one")
+        check_strategies(config)
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     owns_group = distributed and not dist.is_initialized()
     if owns_group:
@@ -279,6 +298,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
         clear_run_directory(out_dir, resume=resume, overwrite=overwrite)
         if inputs.student is None:  # a converted CLIP reads its original's tokenizer, which its file names
             save_tokenizer(config, tokenizer)
+        save_config(config)
     model = torch.nn.parallel.DistributedDataParallel(task) if distributed else task
     model = torch.compile(model) if config.compile else model
     boundary = StepBoundary(task, loader) if rank == 0 else None  # only rank 0 writes checkpoints
@@ -318,6 +338,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
     stop = total_steps if max_steps is None else min(total_steps, max_steps)
     bar = tqdm(total=total_steps, initial=step, desc=f"train {config.model}", disable=not progress or rank != 0)
     pm_on = getattr(task.objective, "pair_matching", None) is not None
+    masked_until = masked_steps(config, total_steps)  # FLIP: the steps after it tune unmasked
     started = time.perf_counter()
     task.train()
     one_sample_trains = trains_on_one_sample(student, student.preprocess.size, device)
@@ -329,6 +350,8 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
                     continue
                 t0 = time.perf_counter()
                 batch = to_device(batch, device, channels_last=channels_last)
+                if task.token_dropout:
+                    task.set_masking(step < masked_until)
                 try:
                     terms = forward_terms(model, batch, bf16=use_bf16)
                 except NonFiniteInput as err:  # features went non-finite before any loss could be computed
