@@ -16,6 +16,9 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import Tensor, nn
 
+from siclip.blocks.flop_count import CPU_ATTENTION_FLOPS, flop_counter  # noqa: F401 (CPU_ATTENTION_FLOPS: re-exported)
+
+
 def _shape(value) -> list[int]:
     return value.type().sizes()
 
@@ -111,33 +114,12 @@ def pick_output(output, pick=None) -> Tensor:
     return next(v for v in values if isinstance(v, Tensor))
 
 
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-# PyTorch's counter knows the CUDA attention kernels but not the CPU flash kernel SDPA takes here: counted the same way.
-CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
-}
-
-
 def module_flops(model: nn.Module, inputs, *, output=None, backward: bool = False) -> tuple[int, dict[str, int]]:
     """``(total FLOPs, FLOPs per top-level child)`` of ``model`` called on ``inputs`` (a tensor, a tuple of positional
     arguments, a dict of keyword arguments, or a function that runs it), counted by PyTorch's ``FlopCounterMode`` at
     the dispatcher (every matrix product, convolution and fused attention, FLOPs = 2 × multiply-adds). ``backward``:
     forward and backward of the output ``output`` picks (:func:`pick_output`), as a training step runs them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+    with flop_counter() as counter:
         if backward:
             y = pick_output(_call(model, inputs), output)
             y.backward(torch.ones_like(y))
@@ -155,17 +137,37 @@ def module_flops(model: nn.Module, inputs, *, output=None, backward: bool = Fals
     return int(counter.get_total_flops()), {name: f for name, f in by_child.items() if f}
 
 
-def model_report(model, inputs=None, *, output=None, backward: bool = False) -> dict:
+def clip_train_step_flops(model, batch: int = 2) -> float:
+    """FLOPs of one CLIP-loss training step of a siclip CLIP on ``batch`` random pairs at its input size: forward and
+    backward of both towers and of the loss, counted as a compute budget counts a run's step
+    (:func:`siclip.train.budget.measure_step_flops`; the model's buffers and gradients are left as they were)."""
+    from siclip.distill import ObjectiveConfig, SiCLIPObjective
+    from siclip.train.budget import measure_step_flops
+    from siclip.train.task import TrainingTask
+
+    images, ids = clip_inputs(model, batch)
+    pairs = {"image": (images * 255).to(torch.uint8), "text": ids, "size": batch}
+    objective = SiCLIPObjective(model.embed_dim, None, ObjectiveConfig(feature=0, relation=0, interactive=0, pair_matching=0))
+    return measure_step_flops(TrainingTask(model, objective), [pairs], device=torch.device("cpu"))
+
+
+def model_report(model, inputs=None, *, output=None, backward: bool = False, train_batch: int | None = None) -> dict:
     """FLOPs and parameters.
 
-    - ``model_report(clip)``: a siclip CLIP's per-image and per-caption GFLOPs and parameters (inference, batch 1).
+    - ``model_report(clip)``: a siclip CLIP's per-image and per-caption GFLOPs and parameters (inference, batch 1);
+      with ``train_batch=B`` also ``gflops_train_step``, one CLIP-loss training step at batch B (forward and backward,
+      :func:`clip_train_step_flops`), and ``gflops_train_pair``, that ÷ B.
     - ``model_report(any_module, inputs, output=..., backward=...)``: any module (a transformers, timm or open_clip
       model, converted or not) on the inputs it is called with (:func:`module_flops`): ``params`` (shared
       parameters once), ``trainable``, ``gflops`` (forward, or forward + backward of the picked output) and
       ``gflops_by_module`` (per top-level child).
     """
     if inputs is None:
-        return _clip_report(model)
+        report = _clip_report(model)
+        if train_batch is not None:
+            step = clip_train_step_flops(model, train_batch) / 1e9
+            report |= {"train_batch": train_batch, "gflops_train_step": step, "gflops_train_pair": step / train_batch}
+        return report
     from siclip.blocks import count_parameters
 
     was_training = model.training
