@@ -6,6 +6,9 @@
     python experiments/train.py --model siclip_s0 --teacher mobileclip_s0.pt --data data/shards --wikd --out runs/s0
     python experiments/train.py --data train.csv --synthetic-keys syn0,syn1 --tokenizer words \
         --eval-zeroshot data/test --classnames classes.txt --templates prompts.txt --out runs/mine
+    python experiments/train.py --model clip_vit_tiny --budget-tflops 50 --out runs/vit    # a ViT tower, 50 TFLOPs of training
+    python experiments/train.py --image-tower timm:resnet18 --budget-tflops 50 --out runs/r18   # any timm model as the image tower
+    python experiments/train.py --caption-noise 0.5 --subset runs/kept/kept_indices.json ...  # a noisy world, the pairs siclip filter kept
     python experiments/train.py ... --resume                            # continue exactly where it stopped
     python experiments/train.py ... --overwrite                         # start over in a directory holding a run
 
@@ -40,6 +43,7 @@ from siclip.data.tabular import is_table
 from siclip.distill import ObjectiveConfig
 from siclip.interop import check_model_spec
 from siclip.models import list_models
+from siclip.models.towers import TOWER_PRESETS, tower_preset
 from siclip.train import TrainConfig, train
 from siclip.train.malloc import keep_freed_memory
 from siclip.train.presets import PRESETS
@@ -79,6 +83,15 @@ def model_name(text: str) -> str:
     if text in list_models() or Path(text).is_file():
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is neither a registered model ({', '.join(list_models())}) nor a converted model file")
+
+
+def image_tower(text: str) -> str:
+    """A tower preset (siclip.models.towers.TOWER_PRESETS) or timm:NAME."""
+    try:
+        tower_preset(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def out_dir(text: str) -> str:
@@ -133,16 +146,28 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--log-every", type=cli.positive_int, help="steps between metrics.csv rows")
     parser.add_argument("--max-skip-fraction", type=cli.fraction, help="stop when an epoch skips more than this fraction of its samples")
     parser.add_argument("--dist-timeout", type=cli.positive_float, help="seconds a rank waits for the others before the run fails")
+    # ── image towers, compute budgets, data quality (issue 30) ──
+    parser.add_argument("--image-tower", type=image_tower,
+                        help=f"replace the model's image tower: {', '.join(sorted(TOWER_PRESETS))}, or timm:NAME (any timm image model, "
+                        "projected to the embedding); --image-size still applies (default: the model's own tower)")  # fmt: skip
+    parser.add_argument("--budget-tflops", type=cli.positive_float,
+                        help="train for this many TFLOPs: the steps are set from one measured training step (forward + backward "
+                        "of student, teacher, every loss term); --epochs is then ignored (default: epochs decide)")  # fmt: skip
+    parser.add_argument("--budget-measure-steps", type=cli.positive_int, help="batches the step cost is averaged over (1)")
+    parser.add_argument("--caption-noise", type=cli.fraction, help="embedded world: fraction of pairs given another scene's captions (0)")
+    parser.add_argument("--subset", type=cli.existing_file, help="train on the samples a JSON index list names (siclip filter's kept_indices.json)")
+    # ── end of issue 30's flags ──
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     args = parser.parse_args(argv)
     config = PRESETS[args.preset] if args.preset else TrainConfig()
     top = {k: getattr(args, k) for k in ("model", "teacher", "inherit", "teacher_model", "out_dir", "epochs", "lr", "evaluate", "eval_zeroshot", "eval_classnames",
            "eval_templates", "eval_retrieval", "eval_embedded", "calibration_captions_file", "checkpoint_every", "log_every", "dist_timeout",
-           "tower_lr_scale", "tower_frozen_steps")
+           "tower_lr_scale", "tower_frozen_steps", "image_tower", "budget_tflops", "budget_measure_steps")
            if getattr(args, k) is not None}  # fmt: skip
     data = {k: getattr(args, k) for k in ("source", "num_train", "batch_size", "workers", "p_synthetic", "tokenizer", "vocab_path",
-            "max_unknown_rate", "image_key", "caption_key", "synthetic_keys", "max_skip_fraction", "shape_twins", "crop_scale", "crop_ratio")
+            "max_unknown_rate", "image_key", "caption_key", "synthetic_keys", "max_skip_fraction", "shape_twins", "crop_scale", "crop_ratio",
+            "caption_noise", "subset")
             if getattr(args, k) is not None}  # fmt: skip
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --out and --overwrite deletes it: choose one")
@@ -157,6 +182,8 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
         parser.error(f"--crop-scale / --crop-ratio: {err}")
     if args.shape_twins and (args.source or config.data.source) != "embedded":
         parser.error(f"--shape-twins pairs scenes of the embedded world; the training data is {args.source!r}")
+    if args.caption_noise and (args.source or config.data.source) != "embedded":
+        parser.error(f"--caption-noise misaligns pairs of the embedded world; the training data is {args.source!r}")
     flags = {k: True for k in ("compile", "fuse_frozen_towers", "grad_checkpointing") if getattr(args, k)}
     overrides = config.model_overrides
     if args.image_size is not None:

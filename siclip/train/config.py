@@ -29,6 +29,9 @@ class DataConfig:
     caption_key: str = "title"
     synthetic_keys: tuple[str, ...] = ()  # CSV/TSV synthetic caption columns (or one column holding a JSON list)
     max_skip_fraction: float | None = 0.5  # an epoch skipping more of its samples stops the run (an empty one always does)
+    # ── data quality (issue 30) ──
+    caption_noise: float = 0.0  # embedded world only: this fraction of training pairs carries another scene's captions (EmbeddedConfig.caption_noise)
+    subset: str | None = None  # a JSON list of sample indices (siclip filter's kept_indices.json): train on those samples only
 
 
 @dataclass
@@ -78,3 +81,11 @@ class TrainConfig:
     calibration_captions_file: str | None = None  # one caption per line; None: captions of the training data
     device: str = "auto"
     dist_timeout: float = 1800.0  # seconds a rank waits for the others in a collective before the run fails
+    # ── image towers and compute budgets (issue 30) ──
+    # A tower preset that replaces the model's image tower (siclip.models.towers): "cnn_tiny", "vit_tiny", "vit_small",
+    # "mci_tiny", or "timm:NAME" (any timm model); model_overrides["image"] then adjusts it (e.g. {"image_size": 96}).
+    image_tower: str | None = None
+    # Train for this many TFLOPs (siclip.train.budget): the steps are set from the measured forward + backward FLOPs of
+    # one training step of this run (student, teacher, every loss term, extra views, masking); epochs then follow.
+    budget_tflops: float | None = None
+    budget_measure_steps: int = 1  # batches the step cost is averaged over (1 is exact when every step costs the same)
