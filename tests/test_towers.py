@@ -214,3 +214,19 @@ def test_a_vit_siclip_student_inherits_its_vit_teacher(tmp_path):
     with pytest.raises(ValueError, match="convert only the text tower"):
         create_model("clip_vit_tiny", image={"block": "sasp"}, siclip={})
     assert create_model("clip_cnn_tiny", siclip={"convert": ["text"]}).text.transformer[0].__class__.__name__ == "SASPBlock"
+
+
+def test_the_train_command_takes_towers_budgets_noise_and_subsets(tmp_path, capsys):
+    pytest.importorskip("timm")
+    from siclip.commands.train import parse
+
+    (tmp_path / "kept.json").write_text("[0, 2]")
+    config, _ = parse(["--image-tower", "timm:resnet18", "--budget-tflops", "2.5", "--budget-measure-steps", "2", "--caption-noise", "0.5",
+                       "--subset", str(tmp_path / "kept.json"), "--out", str(tmp_path / "run")])  # fmt: skip
+    assert (config.image_tower, config.budget_tflops, config.budget_measure_steps) == ("timm:resnet18", 2.5, 2)
+    assert (config.data.caption_noise, config.data.subset) == (0.5, str(tmp_path / "kept.json"))
+    for argv, named in ((["--image-tower", "vit_huge"], "unknown image tower"), (["--image-tower", "timm:no_such_net"], "unknown timm model"), (["--budget-tflops", "1", "--epochs", "2"], "not both"),
+                        (["--caption-noise", "0.5", "--data", str(tmp_path / "kept.json")], "misaligns pairs of the embedded world")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse([*argv, "--out", str(tmp_path / "run")])
+        assert named in capsys.readouterr().err

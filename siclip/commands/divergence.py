@@ -35,9 +35,9 @@ from siclip.analysis.divergence import (
     adjacent_trajectory, calibration_images, image_divergences, plot_heatmap, plot_trajectory, sharing_plans, text_divergences,
 )  # fmt: skip
 from siclip.data import EmbeddedConfig, EmbeddedSource, create_tokenizer
-from siclip.models import create_model, get_model_config, list_models, load_checkpoint
+from siclip.models import create_model, list_models, load_checkpoint
 from siclip.train.inputs import prepare_run
-from siclip.train.loop import build_data
+from siclip.train.loop import build_data, student_model_config
 from siclip.train.malloc import keep_freed_memory
 from siclip.train.presets import PRESETS
 from siclip.train.snapshots import train_with_snapshots
@@ -45,7 +45,7 @@ from siclip.train.snapshots import train_with_snapshots
 
 def trajectory(preset: str, snapshots: int, captions: int, images: int, out: Path, run_dir: Path) -> int:
     config = dataclasses.replace(PRESETS[preset], out_dir=str(run_dir))
-    model_config = get_model_config(config.model, **config.model_overrides)
+    model_config = student_model_config(config)  # the preset's model, image tower and overrides
     inputs = prepare_run(config, model_config)
     total = config.epochs * len(build_data(config, inputs, model_config.image.image_size, 0, 1))
     steps = sorted({round(total * k / (snapshots - 1)) for k in range(snapshots)})

@@ -43,7 +43,7 @@ from siclip.data.tabular import is_table
 from siclip.distill import ObjectiveConfig
 from siclip.interop import check_model_spec
 from siclip.models import list_models
-from siclip.models.towers import TOWER_PRESETS, tower_preset
+from siclip.models.towers import TOWER_PRESETS, family_preprocess, image_config_from_dict, tower_preset
 from siclip.train import TrainConfig, train
 from siclip.train.malloc import keep_freed_memory
 from siclip.train.presets import PRESETS
@@ -86,10 +86,10 @@ def model_name(text: str) -> str:
 
 
 def image_tower(text: str) -> str:
-    """A tower preset (siclip.models.towers.TOWER_PRESETS) or timm:NAME."""
+    """A tower preset (siclip.models.towers.TOWER_PRESETS) or timm:NAME of a model timm knows (checked before anything loads)."""
     try:
-        tower_preset(text)
-    except ValueError as err:
+        family_preprocess(image_config_from_dict(tower_preset(text)))  # a timm tower: its library and model name
+    except (ValueError, ImportError) as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
 
@@ -152,7 +152,7 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
                         "projected to the embedding); --image-size still applies (default: the model's own tower)")  # fmt: skip
     parser.add_argument("--budget-tflops", type=cli.positive_float,
                         help="train for this many TFLOPs: the steps are set from one measured training step (forward + backward "
-                        "of student, teacher, every loss term); --epochs is then ignored (default: epochs decide)")  # fmt: skip
+                        "of student, teacher, every loss term), epochs following from them (default: --epochs decides)")  # fmt: skip
     parser.add_argument("--budget-measure-steps", type=cli.positive_int, help="batches the step cost is averaged over (1)")
     parser.add_argument("--caption-noise", type=cli.fraction, help="embedded world: fraction of pairs given another scene's captions (0)")
     parser.add_argument("--subset", type=cli.existing_file, help="train on the samples a JSON index list names (siclip filter's kept_indices.json)")
@@ -182,6 +182,8 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
         parser.error(f"--crop-scale / --crop-ratio: {err}")
     if args.shape_twins and (args.source or config.data.source) != "embedded":
         parser.error(f"--shape-twins pairs scenes of the embedded world; the training data is {args.source!r}")
+    if args.budget_tflops is not None and args.epochs is not None:
+        parser.error("--budget-tflops sets the number of steps (epochs follow from it): give it or --epochs, not both")
     if args.caption_noise and (args.source or config.data.source) != "embedded":
         parser.error(f"--caption-noise misaligns pairs of the embedded world; the training data is {args.source!r}")
     flags = {k: True for k in ("compile", "fuse_frozen_towers", "grad_checkpointing") if getattr(args, k)}

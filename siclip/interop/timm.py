@@ -276,9 +276,13 @@ class TimmImageTower(nn.Module):
 
 def tower_preprocess(config: TimmTowerConfig) -> Preprocess:
     """The pixels timm's ``pretrained_cfg`` of the model gives (mean, std, interpolation), size-free as a model config's."""
+    if not timm.is_model(config.model_name):
+        raise ValueError(f"timm image tower: unknown timm model {config.model_name!r} (timm.list_models() names them)")
     cfg = get_pretrained_cfg(config.model_name)
-    if cfg is None:
-        raise ValueError(f"timm image tower: unknown timm model {config.model_name!r}")
+    if cfg is None:  # a model with no pretrained configuration: timm's defaults (ImageNet's mean and std, bicubic)
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        return Preprocess(interpolation="bicubic", mean=tuple(IMAGENET_DEFAULT_MEAN), std=tuple(IMAGENET_DEFAULT_STD))
     interpolation = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic") else "bicubic"
     return Preprocess(interpolation=interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std))
 

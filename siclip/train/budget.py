@@ -31,14 +31,15 @@ from .step import forward_terms, to_device
 
 
 def first_batches(loader, count: int) -> list[dict]:
-    """The first ``count`` batches of epoch 0 as ``loader`` would hand them out on this rank, built from its dataset
-    without advancing it (skipped samples left out, as the loader leaves them out)."""
+    """The first ``count`` batches of epoch 0 as ``loader`` would hand them out on this rank, built from its dataset with
+    its collate function without advancing it (skipped samples left out, as the loader leaves them out)."""
     order = loader.sampler.order(0)
     size = loader.batch_size
+    collate = getattr(loader.loader, "collate_fn", None) or collate_samples
     batches = []
     for b in range(min(count, len(order) // size)):
-        batch = collate_samples([loader.dataset[(0, int(i))] for i in order[b * size : (b + 1) * size]])
-        batch.pop("skipped")
+        batch = collate([loader.dataset[(0, int(i))] for i in order[b * size : (b + 1) * size]])
+        batch.pop("skipped", None)
         if batch["size"]:
             batches.append(batch)
     if not batches:
