@@ -55,7 +55,7 @@ from typing import Callable
 
 from siclip.errors import Interrupted, RunFailed, UserError, exit_status, user_input
 
-__all__ = ["Interrupted", "RunFailed", "UserError", "checked", "existing_dir", "existing_file", "existing_path", "fraction", "int_at_least",
+__all__ = ["Interrupted", "RunFailed", "UserError", "checked", "existing_dir", "existing_file", "existing_path", "finite_float", "fraction", "int_at_least",
            "non_negative_int", "on_interrupt", "positive_float", "positive_int", "run", "script_name", "user_input"]  # fmt: skip
 
 NOTHING_SAVED = "nothing was saved: run the command again"
@@ -99,6 +99,11 @@ def _float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: any finite float."""
+    return _float(text)
 
 
 def positive_float(text: str) -> float:

@@ -127,6 +127,10 @@ def test_filtering_the_noisy_world_measures_precision_and_trains_on_the_kept_sub
     shards = ShardSource(out / "shards")  # the kept samples as shards, each with its score and noise flag
     assert len(shards) == 8 and all("clip_score" in shards.load(i).meta for i in range(8))
     assert [shards.load(i).meta["noisy"] for i in range(8)] == [bool(i in noisy) for i in kept]
+    again = tmp_path / "again"  # shards in, shards out: the noise flags travel in the shards' json members
+    assert main(["--model", str(spec), "--data", str(out / "shards"), "--keep-fraction", "0.5", "--out", str(again)]) == 0
+    twice = json.loads((again / "filter.json").read_text())
+    assert twice["kept"] == 4 and twice["noise"]["noisy_scored"] == sum(bool(i in noisy) for i in kept) and len(ShardSource(again / "shards")) == 4
     config = TrainConfig(data=DataConfig(num_train=16, caption_noise=0.5, subset=str(out / "kept_indices.json")))
     source = open_training_source(config, 32)
     assert len(source) == 8 and [source.load(j).key for j in range(8)] == [f"train-{i:08d}" for i in kept]

@@ -31,6 +31,7 @@ from pathlib import Path
 from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
 
 from siclip.commands.evaluate import device
+from siclip.commands.train import data_spec
 from siclip.data import EmbeddedConfig, open_source
 from siclip.data.quality import MANIFEST, noise_report, score_pairs, select_pairs, write_csv_subset, write_indices
 from siclip.data.sources import SubsetSource
@@ -39,21 +40,6 @@ from siclip.interop import check_model_spec
 from siclip.storage import write_text_atomic
 
 OUTPUTS = ("scores.csv", "kept_indices.json", "kept.csv", "kept.tsv", "filter.json", "shards", "cache")
-
-
-def data_spec(text: str) -> str:
-    """``embedded``, an existing CSV/TSV, or shards (a directory, glob or brace range, which the reader checks)."""
-    return cli.existing_file(text) if is_table(text) else text
-
-
-def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -65,7 +51,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="output directory (see above)")
     rule = parser.add_mutually_exclusive_group(required=True)
     rule.add_argument("--keep-fraction", type=cli.fraction, help="keep the best round(F·n) of the n scored pairs")
-    rule.add_argument("--threshold", type=finite_float, help="keep every pair whose cosine is at least T")
+    rule.add_argument("--threshold", type=cli.finite_float, help="keep every pair whose cosine is at least T")
     parser.add_argument("--batch-size", type=cli.positive_int, default=64, help="pairs per forward pass (64)")
     parser.add_argument("--chunk-size", type=cli.positive_int, default=512, help="pairs per cached chunk of scores (512)")
     parser.add_argument("--device", type=cli.checked(device), default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda:1', … (auto)")
