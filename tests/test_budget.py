@@ -97,6 +97,8 @@ BUDGET_CASES = {
     "clip-hybrid": {},
     "clip-cnn": {"image_tower": "cnn_tiny"},
     "clip-vit": {"image_tower": "vit_tiny"},
+    "clip-timm": {"model_overrides": {**TINY, "image": {"family": "timm", "model_name": "test_vit", "image_size": 32,
+                                                        "kwargs": {"img_size": 32, "patch_size": 8}}}},  # fmt: skip
     "wikd-student": {"model": "siclip_tiny", "teacher": "TEACHER", "objective": ObjectiveConfig()},
 }
 
@@ -106,6 +108,8 @@ def test_a_budget_lands_within_two_percent_of_its_flops(tmp_path, monkeypatch, c
     """Every step the loop runs costs exactly the measured F (counted independently, over the first steps of the run), and
     the steps planned, round(B / F), spend the budget B to within 2 %."""
     fields = dict(BUDGET_CASES[case])
+    if "model_overrides" in fields and fields["model_overrides"]["image"].get("family") == "timm":
+        pytest.importorskip("timm")
     if fields.get("teacher") == "TEACHER":
         fields["teacher"] = str(save_checkpoint(create_model("mobileclip_tiny", **TINY), tmp_path / "teacher.pt"))
     budget = 0.1e12

@@ -146,7 +146,8 @@ def test_the_command_refuses_bad_input_in_one_line_before_any_model_loads(tmp_pa
     run = subprocess.run([sys.executable, "-m", "siclip", "filter", "--model", str(spec), "--data", "embedded", "--keep-fraction", "1.5",
                           "--out", str(tmp_path / "out")], capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 2 and "--keep-fraction" in run.stderr.strip().splitlines()[-1] and not (tmp_path / "out").exists()
-    script = __import__("pathlib").Path(__file__).parents[1] / "experiments" / "filter_data.py"
-    run = subprocess.run([sys.executable, str(script), "--model", str(spec), "--data", str(tmp_path / "pairs.csv"),
-                          "--threshold", "0.2", "--out", str(tmp_path / "out")], capture_output=True, text=True)  # fmt: skip
-    assert run.returncode == 2 and "pairs.csv" in run.stderr.strip().splitlines()[-1]
+    from siclip.commands.filter import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--model", str(spec), "--data", str(tmp_path / "pairs.csv"), "--threshold", "0.2", "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2 and not (tmp_path / "out").exists()
