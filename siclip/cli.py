@@ -59,9 +59,9 @@ from typing import Callable
 
 from siclip.errors import Interrupted, RunFailed, UserError, exit_status, user_input
 
-__all__ = ["Interrupted", "RunFailed", "UserError", "checked", "device", "existing_dir", "existing_file", "existing_path", "float_in_range",
-           "fraction", "int_at_least", "int_in_range", "non_negative_float", "non_negative_int", "on_interrupt", "positive_float", "positive_int",
-           "run", "script_name", "user_input"]  # fmt: skip
+__all__ = ["Interrupted", "RunFailed", "UserError", "checked", "device", "existing_dir", "existing_file", "existing_path", "finite_float",
+           "float_in_range", "fraction", "int_at_least", "int_in_range", "non_negative_float", "non_negative_int", "on_interrupt", "positive_float",
+           "positive_int", "resolved_device", "run", "script_name", "user_input"]  # fmt: skip
 
 NOTHING_SAVED = "nothing was saved: run the command again"
 _hint: str | Callable[[], str] = NOTHING_SAVED
@@ -119,6 +119,11 @@ def _float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: any finite float."""
+    return _float(text)
 
 
 def positive_float(text: str) -> float:
@@ -182,6 +187,13 @@ def existing_dir(text: str) -> str:
 def existing_path(text: str) -> str:
     """An argparse type: a readable file or a directory (returned as given)."""
     return existing_dir(text) if Path(text).is_dir() else existing_file(text)
+
+
+def resolved_device(text: str):
+    """The ``torch.device`` a :func:`device`-checked argument names: ``auto`` is CUDA when available, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if text == "auto" else torch.device(text)
 
 
 def device(text: str) -> str:

@@ -19,6 +19,9 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import Tensor, nn
 
+from siclip.blocks.flop_count import CPU_ATTENTION_FLOPS
+
+
 def _shape(value) -> list[int]:
     return value.type().sizes()
 
@@ -112,25 +115,6 @@ def pick_output(output, pick=None) -> Tensor:
         return output[0]
     values = output.values() if isinstance(output, dict) else vars(output).values()
     return next(v for v in values if isinstance(v, Tensor))
-
-
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-# PyTorch's counter knows the CUDA attention kernels but not the CPU flash kernel SDPA takes here: counted the same way.
-CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
-}
 
 
 class _AttributedFlops:
@@ -291,10 +275,26 @@ class ModelReport(Mapping):
         return write_text_atomic(json.dumps(self.to_dict(), indent=1) + "\n", Path(path))
 
 
-def model_report(model, inputs=None, *, output=None, backward: bool = False) -> ModelReport:
+def clip_train_step_flops(model, batch: int = 2) -> float:
+    """FLOPs of one CLIP-loss training step of a siclip CLIP on ``batch`` random pairs at its input size: forward and
+    backward of both towers and of the loss, counted as a compute budget counts a run's step
+    (:func:`siclip.train.budget.measure_step_flops`; the model's buffers and gradients are left as they were)."""
+    from siclip.distill import ObjectiveConfig, SiCLIPObjective
+    from siclip.train.budget import measure_step_flops
+    from siclip.train.task import TrainingTask
+
+    images, ids = clip_inputs(model, batch)
+    pairs = {"image": (images * 255).to(torch.uint8), "text": ids, "size": batch}
+    objective = SiCLIPObjective(model.embed_dim, None, ObjectiveConfig(feature=0, relation=0, interactive=0, pair_matching=0))
+    return measure_step_flops(TrainingTask(model, objective), [pairs], device=torch.device("cpu"))
+
+
+def model_report(model, inputs=None, *, output=None, backward: bool = False, train_batch: int | None = None) -> ModelReport:
     """FLOPs and parameters, as a :class:`ModelReport` (a table when printed, JSON when saved, a dict when read).
 
-    - ``model_report(clip)``: a siclip CLIP's per-image and per-caption GFLOPs and parameters (inference, batch 1).
+    - ``model_report(clip)``: a siclip CLIP's per-image and per-caption GFLOPs and parameters (inference, batch 1);
+      with ``train_batch=B`` also ``gflops_train_step``, one CLIP-loss training step at batch B (forward and backward,
+      :func:`clip_train_step_flops`), and ``gflops_train_pair``, that ÷ B.
     - ``model_report(any_module, inputs, output=..., backward=...)``: any module (a transformers, timm or open_clip
       model, converted or not) on the inputs it is called with (:func:`module_flops`): ``params`` (shared
       parameters once), ``trainable``, ``gflops`` (forward, or forward + backward of the picked output) and
@@ -307,7 +307,11 @@ def model_report(model, inputs=None, *, output=None, backward: bool = False) -> 
             raise TypeError(f"model_report(model) without inputs measures a siclip CLIP at batch 1; a {type(model).__name__} needs the inputs "
                             "it is called with: model_report(model, inputs) (a tensor, a tuple, a dict of keyword arguments, or a "
                             "function that runs it)")  # fmt: skip
-        return ModelReport(_clip_report(model))
+        report = _clip_report(model)
+        if train_batch is not None:
+            step = clip_train_step_flops(model, train_batch) / 1e9
+            report |= {"train_batch": train_batch, "gflops_train_step": step, "gflops_train_pair": step / train_batch}
+        return ModelReport(report)
     from siclip.blocks import count_parameters
 
     was_training = model.training

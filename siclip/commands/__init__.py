@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache-teacher": ("cache_teacher", "precompute a teacher's embeddings for distillation"),
     "import-mobileclip": ("import_mobileclip", "convert Apple's mobileclip_s0.pt into a siclip checkpoint"),
     "demo": ("demo", "the main job: a MobileCLIP-tiny teacher and its SiCLIP-tiny student, one table"),
+    "filter": ("filter", "score every image–text pair with a CLIP and keep the best (DataComp's CLIP-score filter)"),
 }
 STUDIES: dict[str, tuple[str, str]] = {
     "ablation": ("ablation", "SiCLIP's ablation: one factor at a time, 3 seeds, intervals and plots"),

@@ -49,7 +49,7 @@ def trajectory(preset: str, snapshots: int, count: int, out: Path, run_dir: Path
     from siclip.train.snapshots import train_with_snapshots
 
     config = dataclasses.replace(PRESETS[preset], out_dir=str(run_dir))
-    model_config = get_model_config(config.model, **config.model_overrides)
+    model_config = student_model_config(config)  # the preset's model, image tower and overrides
     inputs = prepare_run(config, model_config)
     total = config.epochs * len(build_data(config, inputs, model_config.image.image_size, 0, 1))
     steps = sorted({round(total * k / (snapshots - 1)) for k in range(snapshots)})

@@ -37,11 +37,6 @@ from siclip.interop import check_model_spec, load_clip
 from siclip.train.malloc import keep_freed_memory
 
 
-def resolved_device(text: str) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; any other (checked by :func:`siclip.cli.device`) as given."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if text == "auto" else torch.device(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=cli.checked(check_model_spec),
@@ -68,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                      else cli.NOTHING_SAVED)  # fmt: skip
     with cli.user_input():  # a missing file or a malformed benchmark is the user's to fix: say what and where
         loaded = load_clip(args.model)
-        model = loaded.model.to(resolved_device(args.device)).eval()
+        model = loaded.model.to(cli.resolved_device(args.device)).eval()
         records = run_benchmarks(model, loaded.tokenizer, model_name=model.name, zeroshot=args.zeroshot, classnames=args.classnames,
                                  templates=args.templates, retrieval_data=args.retrieval, out_dir=args.out, batch_size=args.batch_size,
                                  max_unknown_rate=args.max_unknown_rate)  # fmt: skip

@@ -1,6 +1,7 @@
-"""FLOPs and parameters of every registered model (inference form, one image at its size, one caption).
+"""FLOPs and parameters of every registered model (inference form, one image at its size, one caption), and the
+FLOPs of one CLIP-loss training step (train-time form, forward and backward, per pair at --train-batch).
 
-    python experiments/flops_report.py [--out runs/reports]
+    python experiments/flops_report.py [--out runs/reports] [--train-batch 2]
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ from siclip.models import create_model, list_models, reparameterize_model
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/reports"))
+    parser.add_argument("--out", type=Path, default=Path("runs/reports"), help="output directory (runs/reports)")
+    parser.add_argument("--train-batch", type=cli.int_at_least(2), default=2,
+                        help="pairs of the measured training step; its FLOPs are reported per pair too (2)")
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out: {args.out} exists and is not a directory")
-    rows = [model_report(reparameterize_model(create_model(name).eval())) for name in list_models()]
+    rows = [model_report(reparameterize_model(create_model(name).eval()))
+            | {k: v for k, v in model_report(create_model(name), train_batch=args.train_batch).items() if "train" in k}
+            for name in list_models()]  # fmt: skip
     table = to_markdown(rows)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

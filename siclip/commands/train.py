@@ -9,6 +9,9 @@
     siclip train --config runs/s0/config.json --out runs/s0_again     # a run's saved config reproduces it
     siclip train --preset paper-s0 --set data.batch_size=768 --set objective.pm_mining=sampled --print-config
     siclip train --slip --augment strong --text-augment 0.1 --out runs/slip   # training strategies (below)
+    siclip train --model clip_vit_tiny --budget-tflops 50 --out runs/vit          # a ViT tower, 50 TFLOPs of training
+    siclip train --image-tower timm:resnet18 --budget-tflops 50 --out runs/r18    # any timm model as the image tower
+    siclip train --caption-noise 0.5 --subset runs/kept/kept_indices.json ...    # a noisy world, the pairs siclip filter kept
     siclip train ... --resume                                    # continue exactly where it stopped
     siclip train ... --overwrite                                 # start over in a directory holding a run
 
@@ -60,6 +63,7 @@ from siclip.eval.named import classnames_spec, templates_spec
 from siclip.interop import check_model_spec
 from siclip.models import list_models
 from siclip.settings import Resolver, SettingError, parse_value, render
+from siclip.models.towers import TOWER_PRESETS, family_preprocess, image_config_from_dict, tower_preset
 from siclip.train import TrainConfig, train
 from siclip.train.malloc import keep_freed_memory
 from siclip.train.presets import PRESETS
@@ -99,6 +103,15 @@ def model_name(text: str) -> str:
     if text in list_models() or Path(text).is_file():
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is neither a registered model ({', '.join(list_models())}) nor a converted model file")
+
+
+def image_tower(text: str) -> str:
+    """A tower preset (siclip.models.towers.TOWER_PRESETS) or timm:NAME of a model timm knows (checked before anything loads)."""
+    try:
+        family_preprocess(image_config_from_dict(tower_preset(text)))  # a timm tower: its library and model name
+    except (ValueError, ImportError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def out_dir(text: str) -> str:
@@ -198,6 +211,18 @@ FLAGS: dict[str, list[Flag]] = {
              choices=list(AUGMENT_POLICIES)),
         flag("--text-augment", "data.text_augment", "EDA on the captions: random deletion or swap of words at this rate", cli.fraction,
              metavar="RATE"),
+    ],
+    "image towers, compute budgets and data quality (Scaling (Down) CLIP)": [
+        flag("--image-tower", "image_tower", f"replace the model's image tower: {', '.join(sorted(TOWER_PRESETS))}, or timm:NAME (any timm "
+             "image model, projected to the embedding); --image-size still applies", image_tower, metavar="TOWER"),
+        flag("--budget-tflops", "budget_tflops", "train for this many TFLOPs: the steps are set from one measured training step "
+             "(forward + backward of student, teacher, every loss term), the epochs following from them", cli.positive_float,
+             metavar="TFLOPS"),
+        flag("--budget-measure-steps", "budget_measure_steps", "batches the step cost is averaged over", cli.positive_int, metavar="N"),
+        flag("--caption-noise", "data.caption_noise", "embedded world: fraction of training pairs given another scene's captions",
+             cli.fraction, metavar="P"),
+        flag("--subset", "data.subset", "train on the samples a JSON index list names (siclip filter's kept_indices.json)",
+             cli.existing_file, metavar="FILE"),
     ],
     "optimiser and schedule": [
         flag("--epochs", "epochs", "passes over the data", cli.positive_int, metavar="N"),
@@ -310,6 +335,8 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
         named["model_overrides.image.image_size"] = args.image_size
     if args.mask_padding:
         named["model_overrides.text.mask_padding"] = True
+    if args.budget_tflops is not None and args.epochs is not None:
+        raise SettingError("--budget-tflops sets the number of steps (the epochs follow from it): give it or --epochs, not both")
     config = RESOLVER.apply(config, named, "the command line", check=False)
     config = RESOLVER.normalized(config)
     check_together(config)
@@ -334,6 +361,8 @@ def check_together(config: TrainConfig) -> None:
                            "give mask_ratio (--mask-ratio) too")  # fmt: skip
     if config.unmasked_steps and config.unmasked_fraction:
         raise SettingError("give unmasked_steps (--unmasked-steps) or unmasked_fraction (--unmasked-fraction), not both")
+    if config.data.caption_noise and config.data.source != "embedded":
+        raise SettingError(f"data.caption_noise (--caption-noise) misaligns pairs of the embedded world; the training data is {config.data.source!r}")
     if config.data.shape_twins and config.data.source != "embedded":
         raise SettingError(f"data.shape_twins (--shape-twins) pairs scenes of the embedded world; the training data is {config.data.source!r}")
 

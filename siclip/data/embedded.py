@@ -2,6 +2,14 @@
 
 Each split draws its scenes from its own stream ``[seed, stream, index]``, so splits never share an
 image; captions come from a separate stream, so changing caption settings leaves the images alone.
+
+**A noisy world** (``caption_noise = f``, training split only): exactly ``k = round(f·N)`` of the ``N`` training pairs,
+chosen by a permutation seeded by ``[seed, noise stream]``, carry the captions (raw and synthetic) of another training
+scene instead of their own, as web alt-text belongs to another picture. The chosen pairs pass their captions round a
+cycle (pair ``c_i`` takes the captions of ``c_{i+1 mod k}``), so the captions themselves are those of the clean world,
+only misaligned. Each sample says whether it is noisy (``meta["noisy"]``, and ``meta["caption_of"]``, the scene whose
+captions it carries); :meth:`EmbeddedSource.noisy_indices` lists them, so a quality filter's precision can be measured.
+This is apart from the raw captions' own failure modes (:class:`~siclip.data.captions.RawCaptionConfig`), which stay.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from .world import SHAPES, Scene, render_scene, sample_scene
 STREAMS = {"train": 0, "val": 1, "test": 2, "zeroshot": 3}
 _CAPTION_STREAM = 1000  # caption rngs live apart from scene rngs
 _TWIN_STREAM = 3000
+_NOISE_STREAM = 4000
 
 
 def shape_twin(scene: Scene, rng: np.random.Generator, scene_id: int) -> Scene:
@@ -51,6 +60,11 @@ class EmbeddedConfig:
     # every negative in a batch is told apart by colour or position and a small model never learns
     # shape (experiments/RESULTS.md, "What limits the demo").
     shape_twins: bool = False
+    caption_noise: float = 0.0  # fraction of training pairs whose captions belong to another scene (module docstring)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.caption_noise <= 1.0:
+            raise ValueError(f"caption_noise must be a fraction in [0, 1], got {self.caption_noise}")
 
     def size(self, split: str) -> int:
         sizes = {"train": self.num_train, "val": self.num_val, "test": self.num_test}
@@ -72,6 +86,7 @@ class EmbeddedSource:
     def __init__(self, config: EmbeddedConfig = EmbeddedConfig(), split: str = "train") -> None:
         self._len = config.size(split)  # validates the split name
         self.config, self.split, self.stream = config, split, STREAMS[split]
+        self._donors: dict[int, int] | None = None
 
     def __len__(self) -> int:
         return self._len
@@ -94,19 +109,46 @@ class EmbeddedSource:
             raise ValueError("labels exist for the 'zeroshot' split only")
         return index % len(zero_shot_classes())
 
-    def load(self, index: int) -> RawSample:
+    def _captions(self, index: int, scene: Scene) -> tuple[str, str, list[str]]:
+        """``(raw caption, its kind, synthetic captions)`` of scene ``index`` as the clean world describes it."""
         cfg = self.config
-        scene = self.scene(index)
         rng = np.random.default_rng([cfg.seed, _CAPTION_STREAM + self.stream, index])
         offset = 1 + int(rng.integers(max(1, self._len - 1)))
         raw, kind = raw_caption(scene, rng, cfg.raw, lambda: self.scene((index + offset) % self._len))
-        synthetic = synthetic_captions(scene, rng, cfg.num_synthetic)
+        return raw, kind, synthetic_captions(scene, rng, cfg.num_synthetic)
+
+    def caption_donors(self) -> dict[int, int]:
+        """``{noisy index: the index whose captions it carries}``; empty without ``caption_noise`` or outside the
+        training split (see the module docstring for the selection)."""
+        if self._donors is None:
+            count = round(self.config.caption_noise * self._len) if self.split == "train" else 0
+            chosen = np.random.default_rng([self.config.seed, _NOISE_STREAM]).permutation(self._len)[:count].tolist()
+            if count == 1:  # a cycle of one would be its own donor: take the next scene's captions
+                self._donors = {chosen[0]: (chosen[0] + 1) % self._len}
+            else:
+                self._donors = {c: chosen[(i + 1) % count] for i, c in enumerate(chosen)}
+        return self._donors
+
+    def noisy_indices(self) -> np.ndarray:
+        """The sorted indices of the pairs whose captions belong to another scene."""
+        return np.array(sorted(self.caption_donors()), dtype=np.int64)
+
+    def is_noisy(self, index: int) -> bool:
+        return index in self.caption_donors()
+
+    def load(self, index: int) -> RawSample:
+        scene = self.scene(index)
+        donor = self.caption_donors().get(index)
+        raw, kind, synthetic = self._captions(index, scene) if donor is None else self._captions(donor, self.scene(donor))
+        meta = {"raw_kind": kind, "objects": [(o.colour, o.shape) for o in scene.objects], "noisy": donor is not None}
+        if donor is not None:
+            meta["caption_of"] = donor
         return RawSample(
             key=f"{self.split}-{index:08d}",
-            image=render_scene(scene, cfg.image_size),
+            image=render_scene(scene, self.config.image_size),
             raw_caption=raw,
             synthetic=synthetic,
-            meta={"raw_kind": kind, "objects": [(o.colour, o.shape) for o in scene.objects]},
+            meta=meta,
         )
 
 

@@ -13,7 +13,7 @@ import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -46,6 +46,32 @@ class Source(Protocol):
     def __len__(self) -> int: ...
 
     def load(self, index: int) -> RawSample: ...
+
+
+class SubsetSource:
+    """The samples ``indices`` of ``source`` (in that order) as a source, each sample's ``meta`` updated with
+    ``extra_meta[j]`` for its position ``j`` (e.g. its CLIP score)."""
+
+    def __init__(self, source: Source, indices: Sequence[int], extra_meta: Sequence[dict] | None = None) -> None:
+        self.source, self.indices = source, [int(i) for i in indices]
+        bad = [i for i in self.indices if not 0 <= i < len(source)]
+        if bad:
+            raise ValueError(f"subset indices {bad[:5]} out of range for a source of {len(source)} samples")
+        self.extra_meta = extra_meta
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> RawSample:
+        sample = self.source.load(self.indices[index])
+        if self.extra_meta is not None:
+            sample.meta = {**sample.meta, **self.extra_meta[index]}
+        return sample
+
+    @property
+    def problems(self) -> list:
+        """What the underlying source found unreadable (the loader's skip report lists it)."""
+        return list(getattr(self.source, "problems", []))
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:

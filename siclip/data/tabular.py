@@ -40,6 +40,7 @@ class CsvSource:
         column = {name: i for i, name in enumerate(header)}
         self.root = Path(root) if root is not None else self.path.parent
         self.columns = {name: [row[i] for row in rows] for name, i in column.items()}
+        self.image_key = image_key
         self.image_paths = self.columns[image_key]
         self.raw = self.columns[caption_key] if caption_key else [None] * len(rows)
         self.synthetic = [[row[column[k]] for k in synthetic_keys] for row in rows]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -48,6 +49,29 @@ def encode_on(device: torch.device, encode, inputs: Tensor, kind: str, dtype: to
     if device.type != "cpu" or len(inputs) <= chunk:
         return encode(inputs)
     return torch.cat([encode(part) for part in inputs.split(chunk)])
+
+
+def image_encoder(model) -> Callable[[list], Tensor]:
+    """``encode(images)``: unit-norm embeddings of ``(H, W, 3)`` uint8 images in the model's own evaluation view
+    (``model.preprocess``), computed on the model's device and returned on the CPU."""
+    device, dtype, view = _device(model), _dtype(model), model.preprocess
+
+    @torch.no_grad()
+    def encode(images: list) -> Tensor:
+        return encode_on(device, model.encode_image, torch.stack([preprocess_image(image, view) for image in images]), "image", dtype).float().cpu()
+
+    return encode
+
+
+def text_encoder(model, tokenizer) -> Callable[[list[str]], Tensor]:
+    """``encode(texts)``: unit-norm embeddings of captions through the model's own tokenizer, returned on the CPU."""
+    device = _device(model)
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> Tensor:
+        return encode_on(device, model.encode_text, tokenizer(texts), "text").float().cpu()
+
+    return encode
 
 
 @torch.no_grad()

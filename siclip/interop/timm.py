@@ -1,6 +1,8 @@
-"""timm in siclip: block converters and attention readers for its Vision Transformer blocks.
+"""timm in siclip: block converters and attention readers for its Vision Transformer blocks, and any timm image model
+as a CLIP's image tower.
 
-Imported by siclip's registries the first time they meet a timm object (never by siclip otherwise).
+Imported by siclip's registries the first time they meet a timm object or a ``timm`` image tower (never by siclip
+otherwise).
 
 - ``Block`` (pre-norm, sequential): ``X + ls₁·Attn(norm1 X)``, ``+ ls₂·Mlp(norm2 ·)``. Inherited: norm1, W_Q, W_K (the
   ``qkv`` rows) and their biases, the Mlp, ls₂ folded into fc2. Dropped: W_V, W_P (``attn.proj``), norm2, ls₁.
@@ -23,6 +25,7 @@ import timm
 import torch
 from torch import Tensor, nn
 from timm.layers import LayerScale
+from timm.models import get_pretrained_cfg
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, ParallelScalingBlock, VisionTransformer
 
@@ -34,6 +37,7 @@ from siclip.blocks.masking import decode_attention_mask
 from siclip.blocks.token_dropout import TokenDropout, register_token_dropout, replace_slot
 from siclip.data.transforms import Preprocess
 from siclip.interop.safety import UnsafeModel, build_on_meta, scan_record
+from siclip.models.towers import TimmTowerConfig, register_image_family
 from siclip.storage import load_weights
 
 # ── block converters (SAS-P) ─────────────────────────────────────────────────────────────────────────────────────
@@ -277,3 +281,59 @@ def _vit_token_dropout(model: VisionTransformer, ratio: float) -> TokenDropout:
     """timm's ViT drops tokens in ``patch_drop`` (after ``_pos_embed``, before ``norm_pre`` and the blocks), keeping its
     ``num_prefix_tokens`` (class and register tokens)."""
     return replace_slot(model, "patch_drop", ratio, model.num_prefix_tokens)
+# ── any timm image model as a CLIP's image tower (siclip.models.towers, family "timm") ──────────────────────────────
+
+
+def _create_trunk(config: TimmTowerConfig) -> nn.Module:
+    """timm's ``config.model_name`` with no classifier (``num_classes=0``: its pooled features), nothing downloaded; built
+    for ``config.image_size`` when its constructor takes ``img_size`` (ViTs), else as it is (convolutional models)."""
+    kwargs = {"num_classes": 0, **({"global_pool": config.pool} if config.pool is not None else {}), **config.kwargs}
+    try:
+        return timm.create_model(config.model_name, pretrained=False, **({"img_size": config.image_size} | kwargs))
+    except TypeError as err:
+        if "img_size" not in str(err) or "img_size" in config.kwargs:
+            raise ValueError(f"timm image tower {config.model_name!r} {config.kwargs}: {err}") from None
+    except RuntimeError as err:  # timm's "Unknown model"
+        raise ValueError(f"timm image tower: {err}") from None
+    return timm.create_model(config.model_name, pretrained=False, **kwargs)
+
+
+class TimmImageTower(nn.Module):
+    """``(batch, 3, S, S)`` in the model's own normalisation → ``(batch, embed_dim)``: the timm model's pooled features
+    ``trunk(x)`` (``num_classes=0``), then ``proj``, a linear map to the embedding (open_clip's ``TimmModel`` with
+    ``proj="linear"``)."""
+
+    def __init__(self, config: TimmTowerConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.trunk = _create_trunk(config)
+        width = getattr(self.trunk, "head_hidden_size", None) or self.trunk.num_features  # the pooled (pre-logits) width
+        self.proj = nn.Linear(width, embed_dim, bias=config.proj_bias)
+        nn.init.normal_(self.proj.weight, std=width**-0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable or getattr(self.trunk, "grad_checkpointing", False):
+            self.trunk.set_grad_checkpointing(enable)
+
+    def forward(self, images: Tensor) -> Tensor:
+        features = self.trunk(images)
+        if features.dim() != 2:
+            raise ValueError(f"timm model {self.config.model_name!r} gives features of shape {tuple(features.shape)} with num_classes=0, "
+                             "not (batch, features): choose a pool (TimmTowerConfig.pool, e.g. 'avg')")  # fmt: skip
+        return self.proj(features)
+
+
+def tower_preprocess(config: TimmTowerConfig) -> Preprocess:
+    """The pixels timm's ``pretrained_cfg`` of the model gives (mean, std, interpolation), size-free as a model config's."""
+    if not timm.is_model(config.model_name):
+        raise ValueError(f"timm image tower: unknown timm model {config.model_name!r} (timm.list_models() names them)")
+    cfg = get_pretrained_cfg(config.model_name)
+    if cfg is None:  # a model with no pretrained configuration: timm's defaults (ImageNet's mean and std, bicubic)
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        return Preprocess(interpolation="bicubic", mean=tuple(IMAGENET_DEFAULT_MEAN), std=tuple(IMAGENET_DEFAULT_STD))
+    interpolation = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic") else "bicubic"
+    return Preprocess(interpolation=interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std))
+
+
+register_image_family("timm", TimmTowerConfig, TimmImageTower, tower_preprocess)

@@ -18,9 +18,11 @@ from torch.nn import functional as F
 
 from siclip.data.transforms import Preprocess
 
-from .fastvit import MCi, ImageConfig
+from .fastvit import ImageConfig
 from .stages import freeze_batchnorm_statistics
 from .text import MCt, TextConfig
+from .towers import TimmTowerConfig, build_image_tower, family_preprocess, image_config_from_dict
+from .vit import ViTConfig
 
 MAX_LOGIT_SCALE = math.log(100.0)  # bound of the logit_scale parameter s (exp(s) ≤ 100)
 
@@ -63,7 +65,7 @@ class SiCLIPConfig:
 class ModelConfig:
     name: str = "mobileclip_s0"
     embed_dim: int = 512
-    image: ImageConfig = field(default_factory=ImageConfig)
+    image: ImageConfig | ViTConfig | TimmTowerConfig = field(default_factory=ImageConfig)  # by family (siclip.models.towers)
     text: TextConfig = field(default_factory=TextConfig)
     siclip: SiCLIPConfig | None = None
     # The model's pixels (size-free: the image tower's input size fills it in). Configurations written before
@@ -83,13 +85,18 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config field(s) {unknown}; expected {sorted(known)}")
         siclip = data.get("siclip")
+        image = image_config_from_dict(data.get("image", {}))
+        if "preprocess" in data:
+            preprocess = Preprocess.from_dict(data["preprocess"])
+        else:  # a tower with pixels of its own (a timm model's), else CLIP's
+            preprocess = family_preprocess(image) or Preprocess()
         return cls(
             name=data.get("name", "custom"),
             embed_dim=data.get("embed_dim", 512),
-            image=ImageConfig(**tuples(data.get("image", {}))),
+            image=image,
             text=TextConfig(**tuples(data.get("text", {}))),
             siclip=SiCLIPConfig(**tuples(siclip)) if siclip is not None else None,
-            preprocess=Preprocess.from_dict(data.get("preprocess", {})),
+            preprocess=preprocess,
         )
 
 
@@ -100,12 +107,13 @@ class CLIPOutput(NamedTuple):
 
 
 class CLIP(nn.Module):
-    """MobileCLIP (and SiCLIP, its converted form): ``visual``, ``text`` and ``logit_scale``."""
+    """MobileCLIP (and SiCLIP, its converted form): ``visual``, ``text`` and ``logit_scale``. The image tower is the
+    one ``config.image``'s family builds (:mod:`siclip.models.towers`): MCi, the pure CNN, a ViT or a timm model."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.visual = MCi(config.image, config.embed_dim)
+        self.visual = build_image_tower(config.image, config.embed_dim)
         self.text = MCt(config.text, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 

@@ -14,6 +14,7 @@ from siclip.storage import CheckpointError, load_weights, save_atomic
 
 from .clip import CLIP, ModelConfig
 from .siclip import fuse_towers, to_siclip
+from .towers import tower_preset
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _REGISTRY: dict[str, ModelConfig] = {}
@@ -36,18 +37,38 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _switches_family(image: dict, value) -> bool:
+    """Whether an ``image`` override names another tower: a preset's name, or a section whose ``family`` differs."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, dict) and "family" in value and value["family"] != image.get("family", "mci")
+
+
 def get_model_config(name: str, **overrides) -> ModelConfig:
-    """The registered configuration ``name`` with ``overrides`` (a dict updates a nested section)."""
+    """The registered configuration ``name`` with ``overrides`` (a dict updates a nested section).
+
+    ``image`` may name another tower: a preset (``"vit_tiny"``, ``"cnn_tiny"``, ``"timm:resnet18"``;
+    :data:`~siclip.models.towers.TOWER_PRESETS`) or a section with another ``family``; it then replaces the image
+    section (that family's defaults fill the rest) and the model takes that tower's pixels (a timm model's own)."""
     if name not in list_models():
         raise ValueError(f"unknown model {name!r}; registered models: {list_models()}")
     data = _REGISTRY[name].to_dict()
     for key, value in overrides.items():
         if key not in data:
             raise ValueError(f"unknown model config field {key!r}; fields: {sorted(data)}")
-        if isinstance(value, dict) and isinstance(data[key], dict):
+        if key == "image" and _switches_family(data["image"], value):
+            # Another tower (a preset's name, or a section of another family): its own defaults, and its own pixels
+            # unless the overrides give some.
+            data["image"] = tower_preset(value) if isinstance(value, str) else dict(value)
+            if "preprocess" not in overrides:
+                data.pop("preprocess", None)
+        elif isinstance(value, dict) and isinstance(data[key], dict):
             unknown = set(value) - set(data[key])
             if unknown:
                 raise ValueError(f"unknown {key} config field(s) {sorted(unknown)}; fields: {sorted(data[key])}")
+            if key == "image" and value.get("model_name", data[key].get("model_name")) != data[key].get("model_name"):
+                if "preprocess" not in overrides:  # another timm model: its own pixels
+                    data.pop("preprocess", None)
             data[key] = {**data[key], **value}
         elif isinstance(value, dict) and key == "siclip":  # a MobileCLIP config made into a student
             from dataclasses import asdict

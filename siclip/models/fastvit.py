@@ -30,7 +30,8 @@ from .stages import run_stages
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """MCi0 by default: depths [2, 6, 10, 2], widths [64, 128, 256, 512], attention in the last stage."""
+    """MCi0 by default: depths [2, 6, 10, 2], widths [64, 128, 256, 512], attention in the last stage. With no
+    ``"attention"`` token mixer it is the pure-CNN tower: the stem, RepMixer stages and the head, no RepCPE."""
 
     layers: tuple[int, ...] = (2, 6, 10, 2)
     dims: tuple[int, ...] = (64, 128, 256, 512)
@@ -44,6 +45,7 @@ class ImageConfig:
     pos_kernel: int = 7
     cls_ratio: float = 2.0
     layer_scale_init: float = 1e-5
+    family: str = "mci"  # siclip.models.towers: every token mixer "repmixer" makes this the pure-CNN tower
 
 
 class ConvFFN(nn.Module):

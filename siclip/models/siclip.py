@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from siclip.blocks import SASPBlock2d, SASPConversion, apply_sharing, convert_to_sasp, count_parameters, plan_sharing
+from siclip.blocks import PreLNBlock, SASPBlock, SASPBlock2d, SASPConversion, apply_sharing, convert_to_sasp, count_parameters, plan_sharing
 
 from .clip import CLIP, SiCLIPConfig
 from .fastvit import AttentionBlock
@@ -71,8 +71,20 @@ TOWERS = ("text", "image")
 def attention_stage(model: CLIP, *, converted: bool = False) -> tuple[str, nn.Sequential]:
     """The qualified name and blocks of the image encoder's attention stage (``visual.network.7`` in MCi0).
 
-    Only MCi attention blocks count, unless ``converted`` admits their SAS-P form too.
+    Only MCi attention blocks count, unless ``converted`` admits their SAS-P form too. A ViT tower's stack is its
+    transformer blocks (``visual.blocks``: Pre-LN blocks, or SAS-P ones when ``converted``); a pure-CNN or timm tower
+    has none to convert.
     """
+    if hasattr(model.visual, "attention_blocks"):
+        name, blocks = model.visual.attention_blocks()
+        kinds = (PreLNBlock, SASPBlock) if converted else (PreLNBlock,)
+        if not all(isinstance(b, kinds) for b in blocks):
+            raise ValueError(f"the ViT image tower's blocks are {type(blocks[0]).__name__}s, not Pre-LN blocks a SiCLIP student "
+                             "converts: build it with block 'pre_ln', or convert only the text tower (siclip convert ['text'])")  # fmt: skip
+        return f"visual.{name}", blocks
+    if not hasattr(model.visual, "network"):
+        raise ValueError(f"the {model.config.image.family} image tower has no attention stage a SiCLIP student converts: "
+                         "convert only the text tower (siclip convert ['text'])")  # fmt: skip
     kinds = (AttentionBlock, SASPBlock2d) if converted else (AttentionBlock,)
     found = [
         (i, stage) for i, stage in enumerate(model.visual.network)
@@ -81,7 +93,8 @@ def attention_stage(model: CLIP, *, converted: bool = False) -> tuple[str, nn.Se
     if len(found) != 1:
         raise ValueError(
             f"converting the image encoder needs exactly one stage of MCi attention blocks, found {len(found)} "
-            f"(token mixers {model.visual.config.token_mixers}; is it converted already?)"
+            f"(token mixers {model.visual.config.token_mixers}; is it converted already? A pure-CNN tower has none: "
+            "convert only the text tower, siclip convert ['text'])"
         )
     index, blocks = found[0]
     return f"visual.network.{index}", blocks

@@ -41,6 +41,9 @@ class DataConfig:
     # ── training strategies (Scaling (Down) CLIP): CLIP+Data Augmentation ──
     augment: Literal["none", "clip", "strong"] = "clip"  # image policy (siclip.data.augment_policy): "none", "clip" (crop_scale/crop_ratio) or "strong" (SimCLR's)
     text_augment: float = 0.0  # EDA's random deletion / swap rate α on each caption (0: off)
+    # ── data quality (issue 30) ──
+    caption_noise: float = 0.0  # embedded world only: this fraction of training pairs carries another scene's captions (EmbeddedConfig.caption_noise)
+    subset: str | None = None  # a JSON list of sample indices (siclip filter's kept_indices.json): train on those samples only
 
 
 @dataclass
@@ -97,6 +100,14 @@ class TrainConfig:
     mask_ratio: float = 0.0  # FLIP: fraction of image patch tokens dropped in training (0.5, 0.75); a ViT image tower only
     unmasked_steps: int = 0  # FLIP's unmasked tuning: the run's last steps train without masking
     unmasked_fraction: float = 0.0  # … or the last fraction of its steps (give one of the two)
+    # ── image towers and compute budgets (issue 30) ──
+    # A tower preset that replaces the model's image tower (siclip.models.towers): "cnn_tiny", "vit_tiny", "vit_small",
+    # "mci_tiny", or "timm:NAME" (any timm model); model_overrides["image"] then adjusts it (e.g. {"image_size": 96}).
+    image_tower: str | None = None
+    # Train for this many TFLOPs (siclip.train.budget): the steps are set from the measured forward + backward FLOPs of
+    # one training step of this run (student, teacher, every loss term, extra views, masking); epochs then follow.
+    budget_tflops: float | None = None
+    budget_measure_steps: int = 1  # batches the step cost is averaged over (1 is exact when every step costs the same)
 
 
 def save_config(config: TrainConfig) -> Path:

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from siclip.data import EmbeddedConfig, EpochSampler, SampleError, open_source
+from siclip.data.quality import read_indices
+from siclip.data.sources import SubsetSource
 from siclip.data.tokenizer import build_word_vocabulary, check_unknown_rate, create_tokenizer, tokenizer_for, tokenizer_from_spec, tokenizer_spec
 from siclip.interop import load_clip
 from siclip.models import ModelConfig
@@ -51,9 +53,16 @@ def open_training_source(config: TrainConfig, image_size: int):
     csv = {"image_key": data.image_key, "caption_key": data.caption_key, "synthetic_keys": list(data.synthetic_keys)}
     if data.shape_twins and data.source != "embedded":
         raise ValueError(f"shape_twins is a property of the embedded world; the training data is {data.source!r}")
+    if data.caption_noise and data.source != "embedded":
+        raise ValueError(f"caption_noise misaligns pairs of the embedded world; the training data is {data.source!r}")
     embedded = EmbeddedConfig(seed=data.seed, num_train=data.num_train, image_size=image_size, shape_twins=data.shape_twins,
-                              num_synthetic=data.num_synthetic)
-    return open_source(data.source, embedded, **csv)
+                              num_synthetic=data.num_synthetic, caption_noise=data.caption_noise)
+    source = open_source(data.source, embedded, **csv)
+    if data.subset is not None:  # a kept subset (siclip filter), or any list of samples
+        if data.shape_twins:
+            raise ValueError("shape_twins batches scenes with their twins, which a subset of the world would separate: choose one")
+        source = SubsetSource(source, read_indices(data.subset, len(source)))
+    return source
 
 
 def training_captions(source, indices, p_synthetic: float = 0.5) -> list[str]:
@@ -182,6 +191,10 @@ def prepare_run(config: TrainConfig, model_config: ModelConfig | None, *, resume
     teacher_spec = loaded.tokenizer_spec if loaded is not None else None
     inherits = teacher is not None and model_config.siclip is not None and config.inherit
     if inherits:
+        if model_config.image.family != teacher.config.image.family:
+            raise ValueError(f"the SiCLIP student inherits (WI) {config.teacher}, whose image tower is a {teacher.config.image.family} "
+                             f"tower, and becomes a copy of it, not the {model_config.image.family} tower asked for: leave the image "
+                             "tower out, or pass --no-inherit to train that student from scratch and distil from the teacher")  # fmt: skip
         asked, size = config.model_overrides.get("image", {}).get("image_size"), teacher.config.image.image_size
         if asked is not None and asked != size:
             raise ValueError(f"the student inherits {config.teacher}, which takes {size} px images, "

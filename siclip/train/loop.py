@@ -38,6 +38,7 @@ from siclip.models import (
 
 from .config import TrainConfig, save_config
 from .evaluation import evaluate_run, read_caption_file
+from .budget import budget_steps, first_batches, measure_step_flops
 from .guard import NonFiniteLoss, PeerLost, StopSignals, TrainingInterrupted, flatten_tensors, nonfinite_names
 from .inputs import RunInputs, prepare_run, save_tokenizer, settled_model_config, training_captions
 from .resume import check_run_directory, clear_run_directory, reconcile_resumed_config
@@ -149,7 +150,7 @@ def _token_dropout(student, config: TrainConfig) -> list:
 
 
 def student_model_config(config: TrainConfig):
-    """The student's registered configuration with the run's overrides, or None when ``config.model`` is a converted
+    """The student's registered configuration with the run's image tower and overrides, or None when ``config.model`` is a converted
     CLIP file (a transformers or open_clip model converted by ``experiments/convert_model.py``)."""
     from siclip.interop.converted import check_converted_file, is_converted_file
 
@@ -157,7 +158,15 @@ def student_model_config(config: TrainConfig):
         if is_converted_file(config.model):
             return None
         check_converted_file(config.model)  # a file that is no converted model: say why, not that the name is unknown
-    return get_model_config(config.model, **config.model_overrides)
+    overrides = dict(config.model_overrides)
+    if config.image_tower is not None:  # the tower preset first, the run's image overrides on top of it
+        from siclip.models.towers import tower_preset
+
+        image = overrides.get("image", {})
+        if not isinstance(image, dict):
+            raise ValueError(f"image_tower {config.image_tower!r} and model_overrides['image'] = {image!r}: give the tower once")
+        overrides["image"] = {**tower_preset(config.image_tower), **image}
+    return get_model_config(config.model, **overrides)
 
 
 def calibration_divergence(model, config: TrainConfig, inputs: RunInputs):
@@ -268,7 +277,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
         task = build_task(config, inputs).to(device)
         loader = build_data(config, inputs, task.student.preprocess.size, rank, world)
         total_steps = config.epochs * len(loader)
-        if total_steps == 0:
+        if len(loader) == 0 or total_steps == 0:
             raise ValueError(f"{config.epochs} epoch(s) of {len(inputs.source)} samples in batches of {config.data.batch_size}"
                              f"{f' over {world} ranks' if world > 1 else ''} make no training step: give more samples, "
                              "a smaller batch or more epochs")  # fmt: skip
@@ -276,12 +285,17 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
     channels_last = channels_last_on(device, config.channels_last)
     if channels_last:
         task.to(memory_format=torch.channels_last)
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    budget = None
+    if config.budget_tflops is not None:  # the budget sets the steps (siclip.train.budget); epochs follow from them
+        with user_input():
+            budget = compute_budget(config, task, loader, state, device=device, bf16=use_bf16, channels_last=channels_last, world=world)
+        total_steps = budget["total_steps"]
     student, tokenizer = task.student, inputs.tokenizer
     optimizer = create_optimizer(task, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps,
                                  tower_lr_scale=config.tower_lr_scale, inherited=task.inherited_parameters(),
                                  inherited_lr_scale=config.inherited_lr_scale)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tower_schedules(optimizer, config.warmup_steps, total_steps, config.tower_frozen_steps))
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
 
     step, saved_step, pm_skipped, single_skipped = 0, None, 0, 0
     last: dict[str, float] = {}
@@ -312,7 +326,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
             payload = {"task": task.trainable_state(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "loader": loader_state, "rng": rng, "step": step, "last_terms": last,
                        "pm_skipped_steps": pm_skipped, "single_sample_batches": single_skipped,
-                       "config": dataclasses.asdict(config)}  # fmt: skip
+                       "config": dataclasses.asdict(config), **({"budget": budget} if budget is not None else {})}  # fmt: skip
             bad = nonfinite_names(flatten_tensors({"task": payload["task"], "optimizer": payload["optimizer"]["state"]}))
             if bad:  # a checkpoint is only ever a state worth resuming from
                 raise NonFiniteLoss(f"{_listed(bad)} non-finite after step {step}; not saved. {_last_good(saved_step, checkpoint_path)}")
@@ -384,7 +398,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
                     save_state()
                 if interrupted:
                     name = signal.Signals(signals.received or signal.SIGTERM).name
-                    logger.summary(_summary(config, student, step, total_steps, started, last, pm_skipped, single_skipped, loader) | {"interrupted": name})
+                    logger.summary(_summary(config, student, step, total_steps, started, last, pm_skipped, single_skipped, loader, budget) | {"interrupted": name})
                     raise TrainingInterrupted(signals.received or signal.SIGTERM,
                                               f"{name} at step {step}: state saved to {checkpoint_path}; continue with --resume")  # fmt: skip
                 if boundary is not None:
@@ -403,7 +417,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
     if single_skipped:
         warnings.warn(f"{single_skipped} batch(es) left with one sample after skipped samples were not trained on: the student's "
                       "BatchNorm cannot normalise a single value per channel at this image size", stacklevel=2)  # fmt: skip
-    summary = _summary(config, student, step, total_steps, started, last, pm_skipped, single_skipped, loader)
+    summary = _summary(config, student, step, total_steps, started, last, pm_skipped, single_skipped, loader, budget)
     if step >= total_steps and rank == 0:
         if hasattr(student, "recipe"):  # a converted CLIP keeps its format (its tokenizer is its original's)
             student.save(out_dir / "model.pt")
@@ -461,11 +475,34 @@ class StepBoundary:
 
 
 def _summary(config: TrainConfig, student, step: int, total_steps: int, started: float, last: dict, pm_skipped: int,
-             single_skipped: int, loader: ImageTextLoader) -> dict:  # fmt: skip
-    return {"model": config.model, "steps": step, "total_steps": total_steps, "seconds": time.perf_counter() - started,
-            "final_loss": last, "pm_skipped_steps": pm_skipped, "single_sample_batches": single_skipped, "skipped_samples": loader.skipped_total,
-            "parameters": count_parameters_by_group(student), "sharing": _sharing_groups(student),
-            "config": dataclasses.asdict(config)}  # fmt: skip
+             single_skipped: int, loader: ImageTextLoader, budget: dict | None = None) -> dict:  # fmt: skip
+    """The run's summary; with a compute budget also ``flops_per_step`` (all ranks), ``flops_spent`` (steps × that),
+    ``budget_flops`` and ``epochs_run`` (steps ÷ batches per epoch)."""
+    summary = {"model": config.model, "steps": step, "total_steps": total_steps, "seconds": time.perf_counter() - started,
+               "final_loss": last, "pm_skipped_steps": pm_skipped, "single_sample_batches": single_skipped, "skipped_samples": loader.skipped_total,
+               "parameters": count_parameters_by_group(student), "sharing": _sharing_groups(student),
+               "config": dataclasses.asdict(config)}  # fmt: skip
+    if budget is not None:
+        summary |= {"flops_per_step": budget["flops_per_step"], "flops_spent": step * budget["flops_per_step"],
+                    "budget_flops": budget["budget_flops"], "epochs_run": step / len(loader)}  # fmt: skip
+    return summary
+
+
+def compute_budget(config: TrainConfig, task: TrainingTask, loader: ImageTextLoader, state: dict | None, *, device: torch.device,
+                   bf16: bool, channels_last: bool, world: int) -> dict:  # fmt: skip
+    """``{"flops_per_step", "budget_flops", "total_steps"}`` of a run with ``config.budget_tflops``
+    (:mod:`siclip.train.budget`): the step cost measured on the run's first batches, or, on a resume, the one its
+    checkpoint recorded (so the schedule is the one the run started with)."""
+    if config.budget_measure_steps < 1:
+        raise ValueError(f"budget_measure_steps must be at least 1, got {config.budget_measure_steps}")
+    saved = (state or {}).get("budget")
+    if saved is not None:
+        per_step = float(saved["flops_per_step"])
+    else:
+        batches = first_batches(loader, config.budget_measure_steps)
+        per_step = world * measure_step_flops(task, batches, device=device, bf16=bf16, channels_last=channels_last)
+    budget_flops = config.budget_tflops * 1e12
+    return {"flops_per_step": per_step, "budget_flops": budget_flops, "total_steps": budget_steps(budget_flops, per_step)}
 
 
 def _listed(names: list[str], limit: int = 5) -> str:

@@ -18,9 +18,10 @@ from .config import TrainConfig
 RUN_FILES = ("checkpoint.pt", "metrics.csv", "summary.json", "model.pt")
 # The optimiser's hyper-parameters live in its state: a resumed run uses the checkpoint's values.
 OPTIMIZER_FIELDS = ("lr", "weight_decay", "betas", "eps")
-# Settings that change neither the weights nor the schedule, free to differ on a resume.
+# Settings that change neither the weights nor the schedule, free to differ on a resume (a resumed budget reuses the
+# checkpoint's measurement of a step, whatever budget_measure_steps now says).
 FREE_ON_RESUME = {"out_dir", "log_every", "checkpoint_every", "evaluate", "eval_zero_shot_per_class", "eval_retrieval_images",
-                  "device", "dist_timeout", "compile", "data.workers", "data.max_skip_fraction"}  # fmt: skip
+                  "device", "dist_timeout", "compile", "data.workers", "data.max_skip_fraction", "budget_measure_steps"}  # fmt: skip
 
 
 def _run_files(out_dir: Path) -> list[str]:
