@@ -571,8 +571,8 @@ def bad_arguments(work: Path) -> list[Refusal]:
         ("caption_shards", [str(out), "--num-captions", "0"], "--num-captions"),
         ("caption_shards", [str(out), "--captioner", "nocolon"], "--captioner"),
         ("caption_shards", [str(out), "--captioner", "no_such_module_x:f"], "no_such_module_x"),
-        ("convert_model", ["--model", "hf:/no/such/dir", "--out", str(out / "c.pt"), "--calibration-count", "1"], "--calibration-count"),
-        ("convert_model", ["--model", "hf:/no/such/dir", "--out", str(out / "c.pt"), "--calibration-captions", str(f["missing"])],
+        ("convert_model", ["--model", str(f["model"]), "--out", str(out / "c.pt"), "--calibration-count", "1"], "--calibration-count"),
+        ("convert_model", ["--model", str(f["model"]), "--out", str(out / "c.pt"), "--calibration-captions", str(f["missing"])],
          "--calibration-captions"),
     ]  # fmt: skip
     cases += [Refusal(script, argv, (named,), out=out) for script, argv, named in others]
