@@ -305,8 +305,9 @@ def markdown(cells: list[Cell], timed: bool) -> str:
 
 
 def write_out(path: Path, header: dict, cells: list[Cell], loader_rows: list[dict]) -> None:
-    """``.csv``: one row per cell; anything else: JSON with the run's settings, the cells and the loader rows."""
+    """``.csv``: one row per cell; ``.json``: the run's settings, the cells and the loader rows."""
     rows = [dataclasses.asdict(c) | {"loss_terms": " ".join(c.loss_terms)} for c in cells]
+    rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in rows]  # nothing measured: empty
     if path.suffix.lower() == ".csv":
         import io
 
@@ -316,8 +317,7 @@ def write_out(path: Path, header: dict, cells: list[Cell], loader_rows: list[dic
         writer.writerows(rows)
         write_text_atomic(buffer.getvalue(), path)
     else:
-        nan_free = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in rows]
-        write_text_atomic(json.dumps({**header, "cells": nan_free, "loaders": loader_rows}, indent=2) + "\n", path)
+        write_text_atomic(json.dumps({**header, "cells": rows, "loaders": loader_rows}, indent=2) + "\n", path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,12 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=Sizes.rounds, help=f"interleaved timing rounds ({Sizes.rounds})")
     parser.add_argument("--flops-only", action="store_true", help="build, step once and count every cell; no timing (off)")
     parser.add_argument("--smoke", action="store_true", help="tiny towers, batch 4, 2 rounds: checks the script, measures nothing (off)")
-    parser.add_argument("--out", type=Path, metavar="PATH", help="also write the cells: .csv (one row per cell) or .json (default: none)")
+    parser.add_argument("--out", type=Path, metavar="PATH", help="also write the cells: .csv (one row per cell) or .json (with the settings and loaders; default: none)")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.batch_size < 2 or args.rounds < 2 or args.image_size < 16 or args.image_size % 8:
         parser.error("--threads ≥ 1, --batch-size ≥ 2, --rounds ≥ 2 and --image-size a multiple of 8 (the ViTs' patch), at least 16")
-    if args.out is not None and args.out.is_dir():
-        parser.error(f"--out {args.out} is a folder: give a .json or .csv file")
+    if args.out is not None and (args.out.is_dir() or args.out.suffix.lower() not in (".json", ".csv")):
+        parser.error(f"--out {args.out}: give a .json or .csv file")
     keep_freed_memory()
     torch.set_num_threads(args.threads)
     sizes = SMOKE if args.smoke else Sizes(image_size=args.image_size, batch=args.batch_size, rounds=args.rounds)
