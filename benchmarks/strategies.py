@@ -220,7 +220,8 @@ class Cell:
 
 
 def build_cell(config: TrainConfig):
-    """``(task, loader, batch, step)`` of ``config``'s run (a ValueError: refused), ``step()`` one optimiser step on the batch."""
+    """``(task, loader, batch, step, last)`` of ``config``'s run (a ValueError: refused): ``step()`` is one optimiser step
+    on the loader's first batch, ``last`` its loss terms."""
     check_strategies(config)
     torch.manual_seed(config.seed)
     inputs = prepare_run(config, student_model_config(config))
