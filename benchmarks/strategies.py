@@ -1,6 +1,6 @@
 """Training strategies × image towers (issue 30): does each combination train, what a step costs, how fast it runs.
 
-    python benchmarks/strategies.py [--threads 2] [--batch-size 32] [--image-size 64] [--rounds 20] [--out strategies.json]
+    python benchmarks/strategies.py [--threads 2] [--batch-size 32] [--image-size 64] [--rounds 30] [--out strategies.json]
     python benchmarks/strategies.py --flops-only       # every cell built, stepped once and counted: no timing
     python benchmarks/strategies.py --smoke            # tiny towers, batch 4, 2 rounds (the test suite runs this): measures nothing
 
@@ -107,7 +107,7 @@ class Sizes:
 
     image_size: int = 64
     batch: int = 32
-    rounds: int = 20
+    rounds: int = 30
     warmup: int = 2
     mci: dict = dataclasses.field(default_factory=dict)  # MobileCLIP-tiny's and the CNN tower's stages
     vit: dict = dataclasses.field(default_factory=dict)  # ViT-tiny: the registered preset (width 96, 6 blocks, 3 heads, patch 8)
