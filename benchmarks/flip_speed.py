@@ -3,19 +3,19 @@
     python benchmarks/flip_speed.py [--threads 2] [--batch 32] [--rounds 30] [--ratio 0.5]
     python benchmarks/flip_speed.py --smoke          # a tiny tower, 3 rounds (the test suite runs this): measures nothing
 
-The tower is ViT-tiny (DeiT-Ti's shape: width 192, 12 Pre-LN blocks of 3 heads, MLP 768, patches of 16 at 224 px:
-196 patch tokens and a class token), random weights, float32, training mode. Masked at r it keeps ⌊196·(1 − r)⌋
+The tower is siclip's own registered ViT (``clip_vit_tiny``'s image tower, :mod:`siclip.models.vit`) at DeiT-Ti's
+shape, which overrides the preset's embedded-world size: width 192, 12 Pre-LN blocks of 3 heads, MLP 768 (ratio 4),
+patches of 16 at 224 px, so 196 patch tokens and a class token; random weights, float32, training mode. Masked at r it keeps ⌊196·(1 − r)⌋
 patches and the class token (FLIP's ``TokenDropout`` in its ``patch_dropout`` slot), so its FLOPs fall to about
 (1 − r) of the unmasked tower's (the patch embedding still sees every patch): the FLOP ratio bounds the speedup near 2×
 at 0.5. The whole training step is one optimiser step of a CLIP with this image tower and MobileCLIP-tiny's text
-tower (``TrainingTask``: the CLIP loss, backward, gradient clipping, AdamW), batch ``--batch``.
+tower (``TrainingTask``: the CLIP loss, backward, gradient clipping, AdamW), batch ``--batch``. Masking is the project's
+own FLIP path, what ``siclip train --mask-ratio`` runs: ``enable_token_dropout`` on the model, its maskers handed to
+the ``TrainingTask``.
 
 Both are timed round-robin in one run (``time_interleaved``); each speedup is the geometric mean of per-round ratios
 with a 95 % bootstrap interval (``paired_speedup``), and the tower's target (≥ 1.6×) counts as met when the whole
 interval clears it. The FLOP ratios come from PyTorch's counter on one call of each (forward and backward).
-
-The tower is the test suite's ViT built from siclip's blocks (``tests/helpers.py``: ``MinimalViT``, ``clip_with_vit``)
-until siclip registers ViT image towers of its own; it has the same ``patch_dropout`` slot those will have.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import sys
-from pathlib import Path
 
 import torch
 
@@ -32,22 +30,21 @@ from siclip.analysis.benchmark import device_name, forward_backward_step, paired
 from siclip.analysis.train_step import step_flops
 from siclip.blocks.token_dropout import enable_token_dropout
 from siclip.distill import ObjectiveConfig, SiCLIPObjective
+from siclip.models import create_model
 from siclip.train import TrainingTask
 from siclip.train.malloc import keep_freed_memory
 from siclip.train.step import backward_and_step, create_optimizer, forward_terms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import clip_with_vit  # noqa: E402  (the ViT tower, see the module docstring)
-
-VIT_TINY = dict(image_size=224, patch=16, dim=192, depth=12, heads=3)
-SMOKE = dict(image_size=32, patch=8, dim=32, depth=2, heads=2)
+MODEL = "clip_vit_tiny"  # siclip's ViT image tower beside MobileCLIP-tiny's text tower
+VIT_TINY = {"image": {"image_size": 224, "patch_size": 16, "width": 192, "layers": 12, "heads": 3, "mlp_ratio": 4.0}}  # DeiT-Ti
+SMOKE = {"image": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2}, "text": {"layers": 1}}
 TOWER_TARGET = 1.6
 
 
-def tasks(shape: dict, ratio: float) -> dict[str, TrainingTask]:
-    """The same CLIP (ViT image tower) as an unmasked and a masked training task."""
+def tasks(overrides: dict, ratio: float) -> dict[str, TrainingTask]:
+    """The same CLIP (``clip_vit_tiny`` with ``overrides``) as an unmasked and a masked training task."""
     torch.manual_seed(0)
-    student = clip_with_vit(**shape)
+    student = create_model(MODEL, **overrides)
     objective = ObjectiveConfig(feature=0, relation=0, interactive=0, pair_matching=0)
     out = {}
     for name, r in (("unmasked", 0.0), ("masked", ratio)):
@@ -67,9 +64,9 @@ def training_step(task: TrainingTask, batch: dict):
     return step
 
 
-def compare(shape: dict, batch_size: int, ratio: float, rounds: int, warmup: int) -> list[dict]:
-    pair = tasks(shape, ratio)
-    size = shape["image_size"]
+def compare(overrides: dict, batch_size: int, ratio: float, rounds: int, warmup: int) -> list[dict]:
+    pair = tasks(overrides, ratio)
+    size = overrides["image"]["image_size"]
     pixels = torch.randn(batch_size, 3, size, size)
     context = pair["unmasked"].student.config.text.context_length
     batch = {"image": torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8),
@@ -104,10 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--threads ≥ 1, --batch ≥ 2, --rounds ≥ 2 and 0 < --ratio < 1")
     keep_freed_memory()
     torch.set_num_threads(args.threads)
-    shape, batch, rounds, warmup = (SMOKE, 4, 3, 1) if args.smoke else (VIT_TINY, args.batch, args.rounds, 3)
+    overrides, batch, rounds, warmup = (SMOKE, 4, 3, 1) if args.smoke else (VIT_TINY, args.batch, args.rounds, 3)
     print(f"{datetime.date.today()}, {device_name('cpu')}, torch {torch.__version__}, batch {batch}, {rounds} rounds, "
-          f"{'smoke' if args.smoke else 'ViT-tiny'} image tower at {shape['image_size']} px, mask ratio {args.ratio}, float32\n")  # fmt: skip
-    print(to_markdown(compare(shape, batch, args.ratio, rounds, warmup)))
+          f"{'smoke' if args.smoke else 'ViT-tiny (DeiT-Ti)'} image tower {overrides['image']}, mask ratio {args.ratio}, float32\n")  # fmt: skip
+    print(to_markdown(compare(overrides, batch, args.ratio, rounds, warmup)))
 
 
 if __name__ == "__main__":

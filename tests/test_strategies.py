@@ -472,3 +472,38 @@ def test_flip_speed_benchmark_smoke():
                           cwd=ROOT, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| image tower forward + backward |" in done.stdout and "| training step |" in done.stdout and "≥ 1.6×" in done.stdout
+
+
+@pytest.mark.slow  # twenty training runs assembled as the loop assembles them (a transformers CLIP built and converted among them), each stepped, counted and timed: about 10 s of one core
+def test_strategies_benchmark_smoke(tmp_path, capsys, monkeypatch):
+    """``benchmarks/strategies.py --smoke``: every strategy × tower cell trains a step through the loop's own assembly or is
+    refused with the project's reason, its FLOPs counted (SLIP above CLIP, FLIP below it, augmentation equal) and timed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("strategies_benchmark", ROOT / "benchmarks" / "strategies.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, benchmark)  # its dataclasses look their module up there
+    spec.loader.exec_module(benchmark)
+    assert benchmark.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "cells.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| | MobileCLIP-tiny (hybrid) | CNN tower | ViT-tiny | converted transformers ViT |" in table and "| SLIP | yes, " in table
+    saved = json.loads((tmp_path / "cells.json").read_text())
+    assert (saved["batch"], saved["image_size"], saved["rounds"]) == (4, 32, 2)
+    cells = {(c["strategy"], c["tower"]): c for c in saved["cells"]}
+    assert len(cells) == 20
+    refused = {key for key, c in cells.items() if c["works"] != "yes"}
+    assert refused == {("FLIP 0.5", "MobileCLIP-tiny (hybrid)"), ("FLIP 0.5", "CNN tower")}
+    assert "refused for MobileCLIP's MCi image tower" in cells["FLIP 0.5", "MobileCLIP-tiny (hybrid)"]["error"]
+    assert "convolutional throughout" in cells["FLIP 0.5", "CNN tower"]["error"]
+    for key, cell in cells.items():
+        if key not in refused:
+            assert cell["gflops_per_step"] > 0 and 0 < cell["images_per_s"] < math.inf, key
+    for tower in ("MobileCLIP-tiny (hybrid)", "CNN tower", "ViT-tiny", "converted transformers ViT"):
+        flops = {strategy: cells[strategy, tower]["gflops_per_step"] for strategy in ("CLIP", "SLIP", "FLIP 0.5", "CLIP+DA (strong)")}
+        assert flops["SLIP"] > flops["CLIP"] == flops["CLIP+DA (strong)"]  # two more views through the tower; augmentation costs no model FLOPs
+        if flops["FLIP 0.5"] is not None:
+            assert flops["FLIP 0.5"] < flops["CLIP"]
+        assert set(cells["SLIP", tower]["loss_terms"].split()) == {"clip", "ssl", "total"}
+        student = set(cells["+ WIKD and PM (SiCLIP student)", tower]["loss_terms"].split())
+        assert student == {"clip", "feature", "relation", "interactive", "pair_matching", "total"}, tower
+    assert [row["rows"] for row in saved["loaders"]] == ["CLIP", "SLIP", "CLIP+DA (strong)"]
