@@ -210,7 +210,7 @@ def test_export_and_convert_refuse_their_destinations_before_any_model_loads(tmp
         ("caption", [str(shards), "--out-dir", str(captioned)], f"--out {captioned} already holds {shard.name}"),  # its old spelling
         ("import-mobileclip", [str(tiny), str(tiny)], "OUT"),  # over its own source
         ("import-mobileclip", [str(tiny), str(weights)], f"OUT {weights} is a file it did not write"),
-        ("cache-teacher", ["--teacher", str(tiny), "--data", "embedded", "--num-train", "1e12", "--out", str(tmp_path / "cache")], "--num-train"),
+        ("cache-teacher", ["--teacher", str(tiny), "--data", "embedded", "--num-train", "1000000000000", "--out", str(tmp_path / "cache")], "--num-train: must be at most 10,000,000"),
     ]
     for command, argv, named in cases:
         status, err = _command(monkeypatch, capsys, command, argv)
