@@ -10,7 +10,7 @@ from siclip.blocks.flop_count import TotalFlops, flop_counter
 from siclip.distill import ObjectiveConfig, SiCLIPObjective
 from siclip.models import create_model, load_checkpoint, save_checkpoint
 from siclip.train import DataConfig, TrainConfig, train
-from siclip.train.budget import budget_steps, measure_step_flops
+from siclip.train.budget import budget_steps, measure_step_flops, phase_flops, phased_budget_steps
 from siclip.train.step import forward_terms
 from siclip.train.task import TrainingTask
 
@@ -91,8 +91,7 @@ class StepCounter:
 
 
 # One case per strategy and tower: TrainConfig fields (a teacher checkpoint is put where the value is "TEACHER").
-# SLIP and FLIP add their own rows here once their TrainConfig fields exist (extra views and masking are part of the
-# task's forward, which the budget measures).
+# SLIP's extra views, FLIP's masking and CLIP+DA's views are part of the task's forward, which the budget measures.
 BUDGET_CASES = {
     "clip-hybrid": {},
     "clip-cnn": {"image_tower": "cnn_tiny"},
@@ -100,6 +99,9 @@ BUDGET_CASES = {
     "clip-timm": {"model_overrides": {**TINY, "image": {"family": "timm", "model_name": "test_vit", "image_size": 32,
                                                         "kwargs": {"img_size": 32, "patch_size": 8}}}},  # fmt: skip
     "wikd-student": {"model": "siclip_tiny", "teacher": "TEACHER", "objective": ObjectiveConfig()},
+    "slip-hybrid": {"objective": ObjectiveConfig(feature=0, relation=0, interactive=0, pair_matching=0, ssl_scale=1.0)},
+    "flip-vit": {"image_tower": "vit_tiny", "mask_ratio": 0.5},
+    "clip-da-cnn": {"image_tower": "cnn_tiny", "data": DataConfig(num_train=32, batch_size=8, augment="strong", text_augment=0.1)},
 }
 
 
@@ -137,3 +139,38 @@ def test_a_budgeted_run_spends_its_budget_and_resumes_bit_for_bit(tmp_path, monk
     assert resumed["steps"] == 9 and resumed["flops_spent"] == straight["flops_spent"] == spent
     a, b = (load_checkpoint(tmp_path / name / "model.pt").state_dict() for name in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_phased_steps_are_the_count_whose_cost_comes_nearest_the_budget(seed):
+    """FLIP's unmasked tail makes the last steps dearer: the planned T is, among every T up to a bound, the one whose
+    cost (T − u(T))·F_m + u(T)·F_u is nearest B (a brute-force reference), for a fixed tail and a fractional one."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(200):
+        masked, unmasked = rng.uniform(1, 10), rng.uniform(1, 20)
+        tail = rng.choice([lambda total, n=rng.randint(0, 30): max(0, total - n),
+                           lambda total, f=rng.random(): total - math.ceil(f * total)])  # fmt: skip
+        budget = rng.uniform(0.5, 400) * masked
+
+        def cost(total):
+            return phase_flops(total, tail(total), masked, unmasked)
+
+        nearest = min(range(1, 2000), key=lambda total: (abs(cost(total) - budget), total))
+        assert phased_budget_steps(budget, masked, unmasked, tail) == nearest
+    assert phase_flops(10, 7, 2.0, 5.0) == 7 * 2.0 + 3 * 5.0 and phase_flops(5, 7, 2.0, 5.0) == 10.0
+
+
+def test_a_flip_run_with_unmasked_tuning_spends_its_budget(tmp_path, monkeypatch):
+    """Masked steps and the dearer unmasked tail, each counted as it runs: the whole run lands within 2 % of B and the
+    summary's flops_spent is what ran."""
+    fields = dict(image_tower="vit_tiny", mask_ratio=0.5, unmasked_fraction=0.4)
+    measured = train(_config(tmp_path, "cost", budget_tflops=1.0, **fields), max_steps=0, progress=False)
+    masked, unmasked = measured["flops_per_step"], measured["flops_per_unmasked_step"]
+    assert unmasked > masked  # half the patch tokens dropped: a masked step is cheaper (the text tower's cost is the same)
+    budget = 6.1 * masked + 4 * unmasked  # 10 steps: 6 masked, 4 unmasked (⌈0.4 · 10⌉), and a tenth of a step over
+    counter = StepCounter(monkeypatch)
+    summary = train(_config(tmp_path, "run", budget_tflops=budget / 1e12, **fields), progress=False)
+    assert counter.steps == summary["steps"] == summary["total_steps"] == 10
+    assert counter.total == pytest.approx(summary["flops_spent"], rel=1e-12) and abs(counter.total - budget) <= 0.02 * budget

@@ -2,6 +2,10 @@
 
     F = FLOPs of one training step, measured      steps = max(1, round(B / (F · ranks)))      spent = steps · F · ranks
 
+FLIP's unmasked tuning makes the last steps dearer: with ``F_m`` a masked and ``F_u`` an unmasked step and ``u(T)`` the
+unmasked tail of a ``T``-step run, ``cost(T) = (T − u(T)) · F_m + u(T) · F_u`` and the steps are the ``T`` whose cost
+comes nearest ``B`` (:func:`phased_budget_steps`; ``cost`` rises by ``F_m`` or ``F_u`` with each step, so a search finds it).
+
 ``F`` is what PyTorch's FLOP formulas count (:class:`siclip.blocks.flop_count.TotalFlops`, equal to ``FlopCounterMode``'s
 total: 2 × multiply-adds of matrix products, convolutions and attention) over the forward and backward of the run's own :class:`TrainingTask` on
 its own first batch: the student, the frozen teacher's forward, every loss term, and whatever else the task's forward
@@ -88,3 +92,26 @@ def budget_steps(budget_flops: float, flops_per_step: float) -> int:
     if flops_per_step <= 0:
         raise ValueError("a training step measured at 0 FLOPs: the budget cannot set a number of steps")
     return max(1, round(budget_flops / flops_per_step))
+
+
+def phase_flops(steps: int, masked_steps: int, masked_flops: float, unmasked_flops: float) -> float:
+    """FLOPs of a run's first ``steps`` steps when its first ``masked_steps`` are masked: ``min(steps, M) · F_m +
+    max(0, steps − M) · F_u``."""
+    masked = min(steps, masked_steps)
+    return masked * masked_flops + (steps - masked) * unmasked_flops
+
+
+def phased_budget_steps(budget_flops: float, masked_flops: float, unmasked_flops: float, masked_steps_of) -> int:
+    """The step count ``T ≥ 1`` whose cost ``phase_flops(T, masked_steps_of(T), F_m, F_u)`` comes nearest the budget
+    (on a tie the smaller).
+    ``masked_steps_of(T)``: how many of ``T`` steps are masked (:func:`siclip.train.strategies.masked_steps`)."""
+    budget_steps(budget_flops, min(masked_flops, unmasked_flops))  # the same checks of B and F
+
+    def cost(steps: int) -> float:
+        return phase_flops(steps, masked_steps_of(steps), masked_flops, unmasked_flops)
+
+    low, high = 1, max(2, math.ceil(budget_flops / min(masked_flops, unmasked_flops)) + 1)  # cost(high) > B
+    while high - low > 1:  # the largest T with cost(T) ≤ B (or 1)
+        middle = (low + high) // 2
+        low, high = (middle, high) if cost(middle) <= budget_flops else (low, middle)
+    return min((low, low + 1), key=lambda steps: (abs(cost(steps) - budget_flops), steps))

@@ -38,7 +38,7 @@ from siclip.models import (
 
 from .config import TrainConfig, save_config
 from .evaluation import evaluate_run, read_caption_file
-from .budget import budget_steps, first_batches, measure_step_flops
+from .budget import first_batches, measure_step_flops, phase_flops, phased_budget_steps
 from .guard import NonFiniteLoss, PeerLost, StopSignals, TrainingInterrupted, flatten_tensors, nonfinite_names
 from .inputs import RunInputs, prepare_run, save_tokenizer, settled_model_config, training_captions
 from .resume import check_run_directory, clear_run_directory, reconcile_resumed_config
@@ -483,8 +483,12 @@ def _summary(config: TrainConfig, student, step: int, total_steps: int, started:
                "parameters": count_parameters_by_group(student), "sharing": _sharing_groups(student),
                "config": dataclasses.asdict(config)}  # fmt: skip
     if budget is not None:
-        summary |= {"flops_per_step": budget["flops_per_step"], "flops_spent": step * budget["flops_per_step"],
-                    "budget_flops": budget["budget_flops"], "epochs_run": step / len(loader)}  # fmt: skip
+        unmasked = budget.get("flops_per_unmasked_step", budget["flops_per_step"])
+        spent = phase_flops(step, masked_steps(config, total_steps) if config.mask_ratio else step, budget["flops_per_step"], unmasked)
+        summary |= {"flops_per_step": budget["flops_per_step"], "flops_spent": spent, "budget_flops": budget["budget_flops"],
+                    "epochs_run": step / len(loader)}  # fmt: skip
+        if unmasked != budget["flops_per_step"]:
+            summary["flops_per_unmasked_step"] = unmasked
     return summary
 
 
@@ -492,17 +496,30 @@ def compute_budget(config: TrainConfig, task: TrainingTask, loader: ImageTextLoa
                    bf16: bool, channels_last: bool, world: int) -> dict:  # fmt: skip
     """``{"flops_per_step", "budget_flops", "total_steps"}`` of a run with ``config.budget_tflops``
     (:mod:`siclip.train.budget`): the step cost measured on the run's first batches, or, on a resume, the one its
-    checkpoint recorded (so the schedule is the one the run started with)."""
+    checkpoint recorded (so the schedule is the one the run started with). A FLIP run that ends unmasked also measures
+    an unmasked step (``flops_per_unmasked_step``; ``flops_per_step`` is then the masked one) and plans its steps with
+    both costs (:func:`siclip.train.budget.phased_budget_steps`)."""
     if config.budget_measure_steps < 1:
         raise ValueError(f"budget_measure_steps must be at least 1, got {config.budget_measure_steps}")
+    tuned = bool(task.token_dropout) and bool(config.unmasked_steps or config.unmasked_fraction)
     saved = (state or {}).get("budget")
     if saved is not None:
         per_step = float(saved["flops_per_step"])
+        unmasked = float(saved.get("flops_per_unmasked_step", per_step))
     else:
         batches = first_batches(loader, config.budget_measure_steps)
         per_step = world * measure_step_flops(task, batches, device=device, bf16=bf16, channels_last=channels_last)
+        unmasked = per_step
+        if tuned:
+            task.set_masking(False)
+            try:
+                unmasked = world * measure_step_flops(task, batches, device=device, bf16=bf16, channels_last=channels_last)
+            finally:
+                task.set_masking(True)
     budget_flops = config.budget_tflops * 1e12
-    return {"flops_per_step": per_step, "budget_flops": budget_flops, "total_steps": budget_steps(budget_flops, per_step)}
+    steps = phased_budget_steps(budget_flops, per_step, unmasked, lambda total: masked_steps(config, total) if tuned else total)
+    return {"flops_per_step": per_step, "budget_flops": budget_flops, "total_steps": steps,
+            **({"flops_per_unmasked_step": unmasked} if tuned else {})}
 
 
 def _listed(names: list[str], limit: int = 5) -> str:
