@@ -515,6 +515,13 @@ def _differences_md(number: int, r: dict) -> str:
 PLOTTED = {"zeroshot_top1": "zero-shot top-1 (%)", "image_to_text_R@1": "image→text R@1 (%)", "text_to_image_R@1": "text→image R@1 (%)"}
 
 
+def _band(ax, x, line: pd.DataFrame, metric: str, color) -> None:
+    """The 95 % interval as a band between points, and as error bars (visible where a line has a single point)."""
+    low, mean, high = (100 * line[f"{metric}{s}"].to_numpy() for s in ("_low", "", "_high"))
+    ax.fill_between(x, low, high, color=color, alpha=0.15)
+    ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="none", ecolor=color, capsize=3, alpha=0.7)
+
+
 def plot_compute(rows: pd.DataFrame, flops: dict[str, float], path: Path) -> Path:
     """Claims 3 and 5: accuracy against the training TFLOPs spent (log scale), one line per strategy, 95 % bands."""
     plt = pyplot()
@@ -525,7 +532,7 @@ def plot_compute(rows: pd.DataFrame, flops: dict[str, float], path: Path) -> Pat
             if line.empty:
                 continue
             (drawn,) = ax.plot(line["x"], 100 * line[metric], marker="o", label=strategy)
-            ax.fill_between(line["x"], 100 * line[f"{metric}_low"], 100 * line[f"{metric}_high"], color=drawn.get_color(), alpha=0.15)
+            _band(ax, line["x"], line, metric, drawn.get_color())
         ax.set_xscale("log")
         ax.set_xlabel("training compute (TFLOPs, log scale)")
         ax.set_ylabel(label)
@@ -550,7 +557,7 @@ def plot_sizes(rows: pd.DataFrame, path: Path) -> Path:
             line = line.assign(n=line["row"].str.rsplit("N=", n=1).str[1].str.replace(",", "").astype(int)).sort_values("n")
             ns |= set(line["n"])
             (drawn,) = ax.plot(line["n"], 100 * line[metric], marker="o", label=name)
-            ax.fill_between(line["n"], 100 * line[f"{metric}_low"], 100 * line[f"{metric}_high"], color=drawn.get_color(), alpha=0.15)
+            _band(ax, line["n"], line, metric, drawn.get_color())
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(ns), [f"{n:,}" for n in sorted(ns)])
         ax.set_xlabel("training pairs N (log scale), equal compute")
