@@ -46,9 +46,8 @@ class ObjectiveConfig:
     ssl_temperature: float = 0.1  # NT-Xent's τ (SLIP, SimCLR)
     ssl_hidden: int | None = None  # SLIP head's hidden width; None: sized to the tower (siclip.distill.ssl.slip_head_sizes)
     ssl_out: int | None = None  # SLIP head's output width; None: sized to the tower
-    # The distillation weights (λ1, λ2, λ3) through a run: "constant", or "linear": × (1 − step / steps), fading the
-    # teacher out by the last step (the scaling-down study's remedy for a teacher that hurts; SiCLIPObjective.distill_factor)
-    distill_schedule: Literal["constant", "linear"] = "constant"
+    # The scaling-down study's remedy for a teacher that hurts (SiCLIPObjective.distill_factor, set by the loop)
+    distill_schedule: Literal["constant", "linear"] = "constant"  # λ1, λ2, λ3 through a run: constant, or linear: × (1 − step / steps), 0 at the end
 
     def __post_init__(self) -> None:
         if self.ssl_scale < 0:
