@@ -102,10 +102,10 @@ class ScalingDownPreset:
 
 
 PRESETS = {
-    # CI: every claim's cells, one seed's few steps each, 16 evaluation items a split.
+    # CI: every claim's cells, a few steps each (a ViT-tiny step at 32 px and batch 16 costs ~0.01 TFLOPs), 16 retrieval images.
     "smoke": ScalingDownPreset(AblationPreset(teacher_samples=64, teacher_epochs=1, student_samples=0, student_epochs=0, seeds=2,
                                               eval_per_class=1, eval_images=16, batch=16, warmup_steps=1, image_size=32),
-                               budgets=(0.0005, 0.001), sizes=(32, 64), budget=0.001, n=64, kd_steps=2, student_batch=16,
+                               budgets=(0.02, 0.04), sizes=(32, 64), budget=0.04, n=64, kd_steps=2, student_batch=16,
                                wide={"embed_dim": 64, "image": {"dims": [8, 16, 32, 64]}, "text": {"width": 64, "heads": 2}}),
     # A quiet 2-core CPU, about 2 h 50 min estimated at the 0.08 TFLOP/s a MobileCLIP-tiny step runs at (RESULTS.md, "Cost
     # of a step"): the ablation's teacher (640 steps at 96 px, 41 TF) and a 1.5× wider one (~90 TF), 104 student runs of
