@@ -285,7 +285,13 @@ def run_and_evaluate(config: TrainConfig, p: AblationPreset) -> dict:
     if not (out / "outcomes.npz").exists():
         train_or_continue(config, progress=False)
         model = student_from_checkpoint(config).eval()  # model.pt cannot rebuild a plan chosen by divergence
-        tokenizer = tokenizer_for(model.config.text)  # the model's own (the embedded world's words for the tiny models)
-        world = EmbeddedConfig(seed=TEACHER_WORLD, zero_shot_per_class=p.eval_per_class, num_test=p.eval_images)
-        save_outcomes(evaluate_embedded(model, tokenizer, world, retrieval_images=p.eval_images, per_item=True), out / "outcomes.npz")
+        evaluate_on_shared_items(model, p, out / "outcomes.npz")
     return json.loads((out / "summary.json").read_text())
+
+
+def evaluate_on_shared_items(model, p: AblationPreset, path: Path) -> Path:
+    """Per-item outcomes of ``model`` on the shared items (world 0's held-out zero-shot and retrieval splits, the preset's
+    sizes), saved to ``path``; the model's own tokenizer (the embedded world's words for the tiny models)."""
+    world = EmbeddedConfig(seed=TEACHER_WORLD, zero_shot_per_class=p.eval_per_class, num_test=p.eval_images)
+    outcomes = evaluate_embedded(model.eval(), tokenizer_for(model.config.text), world, retrieval_images=p.eval_images, per_item=True)
+    return save_outcomes(outcomes, path)

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 STUDIES: dict[str, tuple[str, str]] = {
     "ablation": ("ablation", "SiCLIP's ablation: one factor at a time, 3 seeds, intervals and plots"),
     "data-scale": ("data_scale", "when distillation pays: the method ladder across training-set sizes"),
+    "scaling-down": ("scaling_down", "Scaling (Down) CLIP's claims at equal compute, SiCLIP beside them, teacher quality"),
 }
 
 

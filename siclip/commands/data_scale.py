@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from siclip.analysis.ablation import load_outcomes, run_and_evaluate, student_co
 from siclip.analysis.data_scale import (
     GRID_COMPARISONS, OPEN_COMPARISONS, PRESETS, cells, markdown_by_size, plot_scale, preset_record, run_name, tables_by_size,
 )  # fmt: skip
+from siclip.analysis.study import open_study
 from siclip.train.malloc import keep_freed_memory
 
 TEACHER = "teacher (MobileCLIP-tiny)"
@@ -50,19 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         preset = dataclasses.replace(preset, base=dataclasses.replace(preset.base, seeds=args.seeds))
     p = preset.base
     out = args.out or Path(f"runs/data_scale_{args.preset}")
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out: {out} exists and is not a directory")
     cli.on_interrupt(f"finished runs in {out} are kept and the interrupted one keeps its checkpoint: run the same command again to continue")
-    record = json.dumps(preset_record(args.preset, preset), indent=1)
-    if (out / "preset.json").is_file() and _without_seeds((out / "preset.json").read_text()) != _without_seeds(record):
-        # its finished runs belong to another study (more or fewer seeds is the same study: each seed's runs are the same)
-        raise cli.UserError(f"{out} holds a study of another preset ({out / 'preset.json'}): choose another --out")
+    # more or fewer seeds is the same study (each seed's runs are the same); another preset's runs are not
+    open_study(out, preset_record(args.preset, preset), report=args.report)
     teacher_dir = out / "teacher"
     if args.report and not (teacher_dir / "outcomes.npz").is_file():
         raise cli.UserError(f"{out} has no finished teacher yet ({teacher_dir / 'outcomes.npz'}): nothing to report")
-    if not args.report:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "preset.json").write_text(record)
     started = time.perf_counter()
 
     summary = run_and_evaluate(teacher_config(p, teacher_dir, args.workers), p)  # read only, once finished
@@ -93,12 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     print(f"{time.perf_counter() - started:.0f} s; data_scale.md, data_scale.csv, differences.csv, data_scale.png in {out}")
     return 0
-
-
-def _without_seeds(record: str) -> dict:
-    preset = json.loads(record)
-    preset["base"].pop("seeds", None)
-    return preset
 
 
 if __name__ == "__main__":

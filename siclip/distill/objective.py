@@ -46,6 +46,8 @@ class ObjectiveConfig:
     ssl_temperature: float = 0.1  # NT-Xent's τ (SLIP, SimCLR)
     ssl_hidden: int | None = None  # SLIP head's hidden width; None: sized to the tower (siclip.distill.ssl.slip_head_sizes)
     ssl_out: int | None = None  # SLIP head's output width; None: sized to the tower
+    # The scaling-down study's remedy for a teacher that hurts (SiCLIPObjective.distill_factor, set by the loop)
+    distill_schedule: Literal["constant", "linear"] = "constant"  # λ1, λ2, λ3 through a run: constant, or linear: × (1 − step / steps), 0 at the end
 
     def __post_init__(self) -> None:
         if self.ssl_scale < 0:
@@ -67,6 +69,8 @@ class SiCLIPObjective(nn.Module):
     def __init__(self, student_dim: int, teacher_dim: int | None = None, config: ObjectiveConfig = ObjectiveConfig()) -> None:
         super().__init__()
         self.config = config
+        # the distillation weights' factor at this step (1 unless distill_schedule fades them; the loop sets it)
+        self.distill_factor = 1.0
         self.clip = ClipLoss(local_loss=config.local_loss)
         wider = teacher_dim is not None and teacher_dim != student_dim
         needs_map = config.feature > 0 or (config.interactive > 0 and wider)
@@ -107,8 +111,9 @@ class SiCLIPObjective(nn.Module):
             terms["pair_matching"] = self._pair_matching(image, text)
         if views is not None:
             terms["ssl"] = self._self_supervised(*views)
-        weights = {"clip": cfg.clip, "feature": cfg.feature, "relation": cfg.relation,
-                   "interactive": cfg.interactive, "pair_matching": cfg.pair_matching, "ssl": cfg.ssl_scale}  # fmt: skip
+        kd = self.distill_factor
+        weights = {"clip": cfg.clip, "feature": kd * cfg.feature, "relation": kd * cfg.relation,
+                   "interactive": kd * cfg.interactive, "pair_matching": cfg.pair_matching, "ssl": cfg.ssl_scale}  # fmt: skip
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
         return terms
 

@@ -366,6 +366,8 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
                 batch = to_device(batch, device, channels_last=channels_last)
                 if task.token_dropout:
                     task.set_masking(step < masked_until)
+                if task.objective.config.distill_schedule == "linear":  # the teacher fades out: λ × (1 − step / steps)
+                    task.objective.distill_factor = 1.0 - step / total_steps
                 try:
                     terms = forward_terms(model, batch, bf16=use_bf16)
                 except NonFiniteInput as err:  # features went non-finite before any loss could be computed
