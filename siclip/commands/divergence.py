@@ -45,7 +45,7 @@ def trajectory(preset: str, snapshots: int, count: int, out: Path, run_dir: Path
     from siclip.data import EmbeddedConfig, EmbeddedSource
     from siclip.models import get_model_config, load_checkpoint
     from siclip.train.inputs import prepare_run
-    from siclip.train.loop import build_data
+    from siclip.train.loop import build_data, student_model_config
     from siclip.train.snapshots import train_with_snapshots
 
     config = dataclasses.replace(PRESETS[preset], out_dir=str(run_dir))

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out: {args.out} exists and is not a directory")
-    rows = [model_report(reparameterize_model(create_model(name).eval()))
+    rows = [model_report(reparameterize_model(create_model(name).eval())).to_dict()
             | {k: v for k, v in model_report(create_model(name), train_batch=args.train_batch).items() if "train" in k}
             for name in list_models()]  # fmt: skip
     table = to_markdown(rows)

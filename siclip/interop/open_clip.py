@@ -300,6 +300,9 @@ def _architecture(arch: str, spec: str) -> tuple[str, dict]:
 
 
 def _model_class(config: dict) -> type:
+    """The class open_clip's ``create_model`` builds for ``config``: CoCa where it names a multimodal decoder."""
+    if "multimodal_cfg" in config:
+        return open_clip.CoCa
     return open_clip.CustomTextCLIP if config.get("custom_text", False) or "hf_model_name" in config.get("text_cfg", {}) else open_clip.CLIP
 
 
