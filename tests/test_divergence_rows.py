@@ -105,7 +105,8 @@ def test_causal_text_counts_real_rows_only_whatever_the_padding(family, attn, se
         ids, mask = padded_ids(LENGTHS, context, seed=seed)
         reports[context] = divergence_report(model, {"input_ids": ids, "attention_mask": mask, **extra}).groups[stack]
     assert reports[16]["rows"] == reports[9]["rows"] == sum(LENGTHS) and reports[16]["rows_total"] == 16 * len(LENGTHS)
-    torch.testing.assert_close(reports[16]["attention"], reports[9]["attention"], rtol=0, atol=1e-12)
+    # the same rows in float32 attention: a different context changes the kernels' reduction order, nothing more
+    torch.testing.assert_close(reports[16]["attention"], reports[9]["attention"], rtol=1e-6, atol=1e-9)
     ids, mask = padded_ids(LENGTHS, 16, seed=seed)
     alone = [own_attentions(model, ids[r : r + 1, :n]) for r, n in enumerate(LENGTHS)]
     # transformers' eager attention takes its softmax in float32: agreement to its precision
