@@ -85,15 +85,15 @@ SKIP: dict[str, str] = {
 # added where the command lacks them. Keyed by the command; "siclip train on the embedded world" applies to a
 # `siclip train` without --data (or with --data embedded), whose default is 2,000 samples and a 1,000-item evaluation.
 SMOKE_VALUES: dict[str, dict[str, str]] = {
-    "siclip train": {"--epochs": "1", "--batch-size": "32", "--budget-tflops": "0.02", "--num-train": "64"},
+    "siclip train": {"--epochs": "1", "--batch-size": "16", "--budget-tflops": "0.01", "--num-train": "64"},
     "siclip filter": {"--num-train": "64"},
     "siclip caption": {"--num-captions": "2"},
 }
 SMOKE_ADDED: dict[str, list[tuple[str, str | None]]] = {
-    "siclip train": [("--batch-size", "32")],
+    "siclip train": [("--batch-size", "16")],
     # The embedded world's evaluation (100 classes × its templates, 1,000 images) is most of a smoke run's time: the
     # runs on your data (data/train.csv) evaluate on data/test, these do not.
-    "siclip train on the embedded world": [("--num-train", "32"), ("--epochs", "1"), ("--no-eval", None)],
+    "siclip train on the embedded world": [("--num-train", "16"), ("--epochs", "1"), ("--no-eval", None)],
     "siclip caption": [("--max-new-tokens", "4")],
     "siclip cache-teacher": [("--num-train", "32")],
     "python benchmarks/cpu_inference.py": [("--smoke", None), ("--batch", "1")],
