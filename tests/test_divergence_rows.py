@@ -229,3 +229,28 @@ def test_a_block_read_alone_applies_its_own_causal_mask_or_refuses(seed):
     causal = attention_probabilities(block, x, causal=True)
     mask = torch.zeros(7, 7, dtype=torch.float64).masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(causal, read_attention(block, (x,), {"attn_mask": mask}), rtol=0, atol=1e-12)
+
+
+def test_a_clip_model_called_on_captions_and_images_reads_each_tower_as_alone(seed):
+    """A CLIPModel called with ``input_ids``, ``attention_mask`` and ``pixel_values`` at once: the tokenizer's mask is
+    the text tower's; the image tower's calls (17 tokens) are read whole, as when the images run alone (it raised "the
+    real-token mask (3, 16) does not fit a block call on 3 sequences of 17 tokens")."""
+    torch.manual_seed(seed % 1000)
+    cfg = transformers.CLIPConfig(
+        text_config={"vocab_size": 64, "hidden_size": D, "intermediate_size": 2 * D, "num_hidden_layers": LAYERS, "num_attention_heads": H,
+                     "max_position_embeddings": 16, "eos_token_id": 63, "bos_token_id": 62, "pad_token_id": 0},
+        vision_config={"hidden_size": D, "intermediate_size": 2 * D, "num_hidden_layers": LAYERS, "num_attention_heads": H, "image_size": 16,
+                       "patch_size": 4},
+        projection_dim=16)  # fmt: skip
+    cfg._attn_implementation = "eager"
+    model = randomize_(transformers.CLIPModel(cfg), 0.3).double().eval()
+    ids, mask = padded_ids(LENGTHS, 16, seed=seed)
+    pixels = torch.randn(len(LENGTHS), 3, 16, 16, dtype=torch.float64)
+    both = divergence_report(model, {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}).groups
+    text = divergence_report(model.text_model, {"input_ids": ids, "attention_mask": mask}).groups["encoder.layers"]
+    image = divergence_report(model.vision_model, pixels).groups["encoder.layers"]
+    (text_key,) = [k for k in both if k.startswith("text_model")]
+    (image_key,) = [k for k in both if k.startswith("vision_model")]
+    assert both[text_key]["rows"] == sum(LENGTHS) and both[image_key]["rows"] == len(LENGTHS) * 17
+    torch.testing.assert_close(both[text_key]["attention"], text["attention"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(both[image_key]["attention"], image["attention"], rtol=1e-9, atol=1e-12)

@@ -28,6 +28,8 @@ map (8×8 in MCi0 at 256 px).
 
 from __future__ import annotations
 
+import contextvars
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +101,11 @@ class Call:
     tokens: Tensor | None = None  # (batch, tokens) True = a real token, from siclip.blocks.real_tokens
 
 
+# Set while a dict of both ``input_ids`` / ``attention_mask`` and ``pixel_values`` runs: the mask then applies to the
+# block calls shaped like it (the text tower's) and not to the image tower's, whose calls have their own token count.
+_TEXT_MASK_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("siclip_text_mask_only", default=False)
+
+
 @torch.no_grad()
 def record_blocks(blocks, run) -> list[Call]:
     """Every call of a block of ``blocks`` while ``run()`` executes, in order: the call as the host model made it,
@@ -106,7 +113,10 @@ def record_blocks(blocks, run) -> list[Call]:
     calls: list[Call] = []
 
     def record(module, args, kwargs, out):
-        calls.append(Call(module, args, dict(kwargs), out, current_real_tokens()))
+        tokens = current_real_tokens()
+        if tokens is not None and _TEXT_MASK_ONLY.get() and tuple(tokens.shape) != tuple(_token_features(out).shape[:2]):
+            tokens = None  # a two-tower call: the tokenizer's mask is the text tower's; an image tower's calls have their own shape
+        calls.append(Call(module, args, dict(kwargs), out, tokens))
 
     handles = [m.register_forward_hook(record, with_kwargs=True) for m in {id(b): b for b in blocks}.values()]
     try:
@@ -283,10 +293,15 @@ def _runner(model: nn.Module, inputs):
     if isinstance(inputs, dict):
         mask = inputs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() == 2:  # a tokenizer's mask: 1 for tokens, 0 for padding
+            both_towers = "pixel_values" in inputs  # a CLIPModel called on captions and images at once
 
             def run():
-                with real_tokens(mask.bool()):
-                    return model(**inputs)
+                flag = _TEXT_MASK_ONLY.set(both_towers)
+                try:
+                    with real_tokens(mask.bool()):
+                        return model(**inputs)
+                finally:
+                    _TEXT_MASK_ONLY.reset(flag)
 
             return run
         return lambda: model(**inputs)
