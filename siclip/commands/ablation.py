@@ -33,12 +33,18 @@ from siclip.analysis.ablation import (
 from siclip.train.malloc import keep_freed_memory
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip ablation``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--out", type=Path, default=None, help="default runs/ablation_<preset>")
-    parser.add_argument("--workers", type=cli.non_negative_int, default=0)
-    parser.add_argument("--seeds", type=cli.positive_int, help="override the preset's number of seeds")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke", help="the study's sizes (default: smoke)")
+    parser.add_argument("--out", type=Path, default=None, help="the study folder (default: runs/ablation_<preset>)")
+    parser.add_argument("--workers", type=cli.non_negative_int, default=0, metavar="N", help="data loader processes (default: 0)")
+    parser.add_argument("--seeds", type=cli.positive_int, metavar="N", help="training seeds per row (default: the preset's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
     p = PRESETS[args.preset]

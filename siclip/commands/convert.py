@@ -49,7 +49,8 @@ DEFAULT_COUNT = 64
 STRATEGIES = ("none", "adjacent", "optimal", "threshold")
 
 
-def parse(argv):
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip convert``'s arguments (the vocabulary test reads this parser without running anything)."""
     from siclip.blocks import SASPConversion
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,9 +63,10 @@ def parse(argv):
     parser.add_argument("--calibration-images", type=cli.existing_dir, metavar="DIR", help="a folder of calibration images")
     parser.add_argument("--calibration-count", type=cli.int_in_range(2, MAX_CALIBRATION), default=None, metavar="N",
                         help=f"calibration captions and images to use ({DEFAULT_COUNT}; at most {MAX_CALIBRATION})")  # fmt: skip
-    parser.add_argument("--captions", dest="calibration_captions", type=cli.existing_file, help=argparse.SUPPRESS)  # old spellings
-    parser.add_argument("--images", dest="calibration_images", type=cli.existing_dir, help=argparse.SUPPRESS)
-    parser.add_argument("--count", dest="calibration_count", type=cli.int_in_range(2, MAX_CALIBRATION), help=argparse.SUPPRESS)
+    # Old spellings: --captions, --images and --count here, --caption-file and --image-folder in siclip divergence.
+    cli.add_renamed(parser, "--captions", "--caption-file", new="--calibration-captions", dest="calibration_captions", type=cli.existing_file)
+    cli.add_renamed(parser, "--images", "--image-folder", new="--calibration-images", dest="calibration_images", type=cli.existing_dir)
+    cli.add_renamed(parser, "--count", new="--calibration-count", dest="calibration_count", type=cli.int_in_range(2, MAX_CALIBRATION))
     parser.add_argument("--stacks", nargs="+", help="the stacks to convert, by name (as the divergence table prints them); default all")
     parser.add_argument("--sharing", choices=STRATEGIES, default="none", help="the sharing plan of the converted stacks (none)")
     parser.add_argument("--max-groups", type=cli.positive_int, metavar="N", help="--sharing optimal: runs per stack (default half its blocks)")
@@ -77,6 +79,12 @@ def parse(argv):
     parser.add_argument("--apple-model", default="mobileclip_s0",
                         help="a file in Apple's layout is built as this registered configuration (mobileclip_s0)")  # fmt: skip
     parser.add_argument("--report", type=Path, metavar="DIR", help="folder for heatmaps and divergence.json (default: <out>_report)")
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The checked arguments: each refusal one line, before any model loads."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.model is not None and args.legacy_model is not None:
         parser.error("give the model once: --model SPEC")

@@ -36,13 +36,19 @@ from siclip.train.malloc import keep_freed_memory
 TEACHER = "teacher (MobileCLIP-tiny)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip data-scale``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--out", type=Path, default=None, help="default runs/data_scale_<preset>")
-    parser.add_argument("--workers", type=cli.non_negative_int, default=0, help="loader worker processes")
-    parser.add_argument("--seeds", type=cli.positive_int, help="override the preset's number of seeds")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke", help="the study's sizes (default: smoke)")
+    parser.add_argument("--out", type=Path, default=None, help="the study folder (default: runs/data_scale_<preset>)")
+    parser.add_argument("--workers", type=cli.non_negative_int, default=0, metavar="N", help="data loader processes (default: 0)")
+    parser.add_argument("--seeds", type=cli.positive_int, metavar="N", help="training seeds per cell (default: the preset's)")
     parser.add_argument("--report", action="store_true", help="tables and figure from the runs finished so far; trains nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
     preset = PRESETS[args.preset]

@@ -97,13 +97,14 @@ def check_calibration_files(parser, args) -> None:
                      "--calibration-images DIR, what it reads (a CLIP both)")  # fmt: skip
 
 
-def parse(argv):
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip divergence``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", type=cli.checked(check_measurable_spec), metavar="SPEC", help=f"the model to measure: {MEASURABLE_HELP}")
     source.add_argument("--preset", choices=sorted(PRESETS), help="divergences through a training run of this preset")
     # Old spellings, kept working and out of the help: --checkpoint and --spec were --model.
-    source.add_argument("--checkpoint", "--spec", dest="model", type=cli.checked(check_measurable_spec), help=argparse.SUPPRESS)
+    cli.add_renamed(source, "--checkpoint", "--spec", new="--model", dest="model", type=cli.checked(check_measurable_spec))
     parser.add_argument("--calibration-captions", type=cli.existing_file, metavar="FILE",
                         help="calibration captions, one per line (default for a siclip model: the embedded world's)")  # fmt: skip
     parser.add_argument("--calibration-images", type=cli.existing_dir, metavar="DIR",
@@ -111,8 +112,10 @@ def parse(argv):
     parser.add_argument("--calibration-count", type=cli.int_in_range(2, MAX_CALIBRATION), default=None, metavar="N",
                         help=f"calibration captions and images to use ({DEFAULT_COUNT}; with --preset {PRESET_COUNT} captions, at most 64 "
                         f"images; at most {MAX_CALIBRATION})")  # fmt: skip
-    parser.add_argument("--caption-file", dest="calibration_captions", type=cli.existing_file, help=argparse.SUPPRESS)
-    parser.add_argument("--image-folder", dest="calibration_images", type=cli.existing_dir, help=argparse.SUPPRESS)
+    # Old spellings: --caption-file and --image-folder here, --captions, --images and --count in siclip convert.
+    cli.add_renamed(parser, "--caption-file", "--captions", new="--calibration-captions", dest="calibration_captions", type=cli.existing_file)
+    cli.add_renamed(parser, "--image-folder", "--images", new="--calibration-images", dest="calibration_images", type=cli.existing_dir)
+    cli.add_renamed(parser, "--count", new="--calibration-count", dest="calibration_count", type=cli.int_in_range(2, MAX_CALIBRATION))
     parser.add_argument("--max-groups", type=cli.positive_int, metavar="N",
                         help="with --model: runs of the optimal plan per stack (default half the blocks)")  # fmt: skip
     parser.add_argument("--apple-model", default="mobileclip_s0",
@@ -123,6 +126,12 @@ def parse(argv):
                         help="with --preset: the run's directory (default <out>/run); runs/demo makes it the demo's teacher")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("runs/reports"), metavar="PATH",
                         help="folder for divergence.json and the heatmaps (runs/reports)")  # fmt: skip
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The checked arguments: each refusal one line, before any model loads."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.model is None and args.preset is None:
         parser.error("give --model SPEC (the model to measure) or --preset NAME (divergences through a training run)")

@@ -37,7 +37,8 @@ from siclip.interop import check_model_spec, load_clip
 from siclip.train.malloc import keep_freed_memory
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip evaluate``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=cli.checked(check_model_spec),
                         help="siclip checkpoint, Apple-layout mobileclip_s0.pt, hf:DIR, open_clip:ARCH:FILE or an exported directory")
@@ -52,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", type=cli.device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--max-unknown-rate", type=cli.fraction, default=0.05,
                         help="refuse prompts or captions whose tokens are more than this fraction <unk> (default: 0.05)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
     if args.zeroshot is None and args.retrieval is None:

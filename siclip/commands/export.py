@@ -38,7 +38,8 @@ from siclip.storage import check_output
 from siclip.train.malloc import keep_freed_memory
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip export``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=cli.checked(check_model_spec), metavar="SPEC",
                         help="the model to export: a siclip checkpoint, Apple's mobileclip_s0.pt, a converted file, hf:DIR or "
@@ -49,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=cli.int_in_range(*OPSETS), default=DEFAULT_OPSET,
                         help=f"ONNX opset, {OPSETS[0]} to {OPSETS[1]} ({DEFAULT_OPSET}: the Attention op)")
     parser.add_argument("--quantize", choices=["int8"], help="also write OUT/int8/ (ONNX Runtime dynamic quantisation)")
-    parser.add_argument("--apple-model", default="mobileclip_s0", help="registered configuration a file in Apple's layout is built as")
+    parser.add_argument("--apple-model", default="mobileclip_s0", help="registered configuration a file in Apple's layout is built as (default: mobileclip_s0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     with cli.user_input():  # before any model loads: a destination it may not write is refused now, not after the export
         check_output(args.out, ours=written_by_export, overwrite=args.overwrite, inputs=spec_files(args.model))

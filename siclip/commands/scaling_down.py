@@ -48,15 +48,22 @@ def claim_numbers(text: str) -> tuple[int, ...]:
     return numbers
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip study scaling-down``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke", help="the study's sizes (smoke)")
-    parser.add_argument("--out", type=Path, default=None, help="the study folder (runs/scaling_down_<preset>)")
-    parser.add_argument("--claims", type=claim_numbers, default=ALL_CLAIMS, help="run only these claims' cells, e.g. 1,3,6 (all)")
-    parser.add_argument("--seeds", type=cli.positive_int, help="training seeds per cell (the preset's: 3, smoke 2)")
-    parser.add_argument("--workers", type=cli.non_negative_int, default=0, help="loader worker processes (0)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke", help="the study's sizes (default: smoke)")
+    parser.add_argument("--out", type=Path, default=None, help="the study folder (default: runs/scaling_down_<preset>)")
+    parser.add_argument("--claims", type=claim_numbers, default=ALL_CLAIMS, metavar="K,…",
+                        help="run only these claims' cells, e.g. 1,3,6 (default: all, 1,2,3,4,5,6)")
+    parser.add_argument("--seeds", type=cli.positive_int, metavar="N", help="training seeds per cell (default: the preset's: 3, smoke 2)")
+    parser.add_argument("--workers", type=cli.non_negative_int, default=0, metavar="N", help="data loader processes (default: 0)")
     parser.add_argument("--report", action="store_true", help="tables, verdicts and figures from the runs finished so far; trains nothing")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed arguments."""
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

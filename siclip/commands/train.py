@@ -169,7 +169,8 @@ FLAGS: dict[str, list[Flag]] = {
              "inherits from --teacher", MODEL_SPEC, metavar="SPEC"),
         flag("--inherit", "inherit", "a SiCLIP student inherits the teacher's weights (WI); --no-inherit: from scratch, the "
              "teacher only distils", **SWITCH),
-        flag("--teacher-model", "teacher_model", "config an Apple-layout teacher file is built as", choices=list_models(), metavar="MODEL"),
+        flag("--apple-model", "teacher_model", "the registered configuration a --teacher file in Apple's layout is built as",
+             choices=list_models(), metavar="MODEL", aliases=("--teacher-model",)),
     ],
     "objective": [
         flag("--lambda-clip", "objective.clip", "weight of the CLIP contrastive loss", cli.non_negative_float, metavar="W"),
@@ -310,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
             options = {**row.options, **({"type": row.type} if row.type is not None else {})}
             group.add_argument(*row.names, dest=row.key, default=None, help=f"{row.help}{shown} (default: {_default(row.key)})".replace("%", "%%"),
                                **options)  # fmt: skip
-            for alias in row.aliases:
-                group.add_argument(alias, dest=row.key, default=None, help=argparse.SUPPRESS, **options)
+            if row.aliases:
+                cli.add_renamed(group, *row.aliases, new=row.names[0], dest=row.key, **options)
     run = parser.add_argument_group("continuing")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (default: off)")
     run.add_argument("--overwrite", action="store_true",
