@@ -82,6 +82,9 @@ def test_old_flag_spellings_and_refusals_in_one_line(tmp_path, capsys, monkeypat
     (tmp_path / "bad.yaml").write_text("data:\n  batch_sise: 4\n")
     for argv, line in [(["--config", str(tmp_path / "bad.yaml")], f"{tmp_path / 'bad.yaml'}: unknown setting 'data.batch_sise' (did you mean data.batch_size?)"),
                        (["--accumulation", "4"], "accumulation 4: gradient accumulation would split each batch's contrastive negatives"),
+                       (["--wikd", "--model", "siclip_tiny", "--out", str(tmp_path / "run")],
+                        "the objective distils from a teacher (objective.feature/relation/interactive > 0, as --wikd sets) and none was given: "
+                        "pass --teacher SPEC"),
                        (["--set", "lr=0"], "--set: lr: must be greater than 0, got 0"),
                        (["--set", "objective.pm_form=plane"], "--set: objective.pm_form: expected one of hyperplane, cosine")]:  # fmt: skip
         assert cli.run(command.main, argv) == 2

@@ -253,6 +253,37 @@ def test_messages_in_the_commands_name_only_real_flags(parsers):
     assert not bad, f"messages naming flags their command does not have: {bad}"
 
 
+# Modules below the commands whose messages reach the user through these commands: a flag they name must be one every
+# such command has (a hint of siclip.eval is read by evaluate and train alike).
+SPOKEN_THROUGH = {
+    "siclip/eval/benchmarks.py": ("evaluate", "train"),
+    "siclip/data/tokenizer.py": ("train",),
+    "siclip/data/loader.py": ("train",),
+    "siclip/data/captioning.py": ("caption",),
+    "siclip/data/quality.py": ("filter",),
+    "siclip/data/calibration.py": ("divergence", "convert"),
+    "siclip/settings.py": ("train",),
+    "siclip/train/inputs.py": ("train",),
+    "siclip/train/task.py": ("train",),
+    "siclip/train/loop.py": ("train",),
+    "siclip/train/resume.py": ("train",),
+    "siclip/train/state.py": ("train",),
+    "siclip/train/guard.py": ("train",),
+    "siclip/analysis/study.py": ("data-scale", "scaling-down"),
+    "siclip/deploy/export.py": ("export",),
+}
+
+
+@pytest.mark.parametrize("module", sorted(SPOKEN_THROUGH))
+def test_messages_below_the_commands_name_only_real_flags(parsers, module):
+    known = {name: flags_of(p) for name, p in parsers.items()}
+    speakers = SPOKEN_THROUGH[module]
+    shared = set.intersection(*(known[name] for name in speakers))
+    own = " and ".join(speakers)
+    found = [flag for text in string_literals(ROOT / module) for flag in misnamed_flags(text, own, {**known, own: shared})]
+    assert not found, f"{module}: messages naming flags its commands do not have: {sorted(set(found))}"
+
+
 def test_the_checker_catches_a_flag_that_is_not_there():
     known = {"train": {"--teacher", "--wikd"}, "evaluate": {"--model"}}
     assert misnamed_flags("pass --teacher SPEC", "train", known) == []

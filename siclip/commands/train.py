@@ -388,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(render(config))
         return 0
+    if config.objective.needs_teacher and config.teacher is None and config.distill_teacher is None:  # a preset may leave it to you
+        raise SettingError("the objective distils from a teacher (objective.feature/relation/interactive > 0, as --wikd sets) and none "
+                           "was given: pass --teacher SPEC")  # fmt: skip
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, once
         print(f"configuration ({describe_sources(args)}), saved in {Path(config.out_dir) / 'config.json'}:")
         print(render(config, indent="  "), flush=True)

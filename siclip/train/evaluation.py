@@ -49,7 +49,8 @@ def check_evaluation_inputs(config: TrainConfig, tokenizer) -> None:
         names = read_classnames(config.eval_classnames) if config.eval_classnames is not None else None
         templates = read_templates(config.eval_templates)
         _, _, names = zero_shot_dataset(config.eval_zeroshot, names)
-        check_prompts(tokenizer, names, templates, config.data.max_unknown_rate, f"{config.eval_zeroshot} (zero-shot prompts)")
+        check_prompts(tokenizer, names, templates, config.data.max_unknown_rate, f"{config.eval_zeroshot} (zero-shot prompts)",
+                      folder_names=config.eval_classnames is None)  # fmt: skip
     if config.eval_retrieval is not None:
         _, captions = retrieval_dataset(config.eval_retrieval)
         check_unknown_rate(tokenizer, [c for caps in captions for c in caps], config.data.max_unknown_rate,
