@@ -269,6 +269,7 @@ SPOKEN_THROUGH = {
     "siclip/train/resume.py": ("train",),
     "siclip/train/state.py": ("train",),
     "siclip/train/guard.py": ("train",),
+    "siclip/train/evaluation.py": ("train",),
     "siclip/analysis/study.py": ("data-scale", "scaling-down"),
     "siclip/deploy/export.py": ("export",),
 }

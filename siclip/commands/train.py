@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {v:.3f}" for k, v in summary["final_loss"].items()))  # fmt: skip
     if summary["skipped_samples"]:
         print(f"skipped samples: {summary['skipped_samples']} (their keys are in the log above)")
-    print(f"parameters: {summary['parameters']}")
+    print("parameters: " + ", ".join(f"{group} {count:,}" for group, count in summary["parameters"].items()))
     if summary.get("eval"):
         print("\n| metric | value |\n|---|---|")
         for name, value in summary["eval"].items():

@@ -110,6 +110,36 @@ class TrainConfig:
     budget_measure_steps: int = 1  # batches the step cost is averaged over (1 is exact when every step costs the same)
 
 
+EMBEDDED_ONLY = ("num_train", "num_synthetic", "seed", "shape_twins", "caption_noise")  # DataConfig fields of the embedded world
+TABLE_ONLY = ("image_key", "caption_key", "synthetic_keys")  # DataConfig fields a CSV/TSV is read by
+TEACHER_ONLY = ("teacher", "distill_teacher", "teacher_model", "inherit", "inherited_lr_scale")  # TrainConfig fields of a teacher
+
+
+def applied_settings(config: TrainConfig, source=None) -> dict:
+    """The settings that applied to this run, as its summary.json records them: every field of ``config`` except
+    those that had no effect (the embedded world's on other data, a table's columns on other data, a teacher's
+    fields when none was given), and ``data`` what was read: ``samples`` trained on (``len(source)``), and for a
+    table its ``rows`` and the ``columns`` used. config.json keeps every field (it is what ``--config`` reads back)."""
+    from siclip.data.tabular import is_table
+
+    settings = dataclasses.asdict(config)
+    data = settings["data"]
+    embedded, table = config.data.source == "embedded", is_table(config.data.source)
+    for key in (() if embedded else EMBEDDED_ONLY) + (() if table else TABLE_ONLY):
+        data.pop(key)
+    if config.teacher is None and config.distill_teacher is None:
+        for key in TEACHER_ONLY:
+            settings.pop(key)
+    if source is not None:
+        data["samples"] = len(source)
+        whole = getattr(source, "source", source)  # a subset's table
+        if table:
+            data["rows"] = len(whole)
+            data["columns"] = {"image": config.data.image_key, "caption": config.data.caption_key,
+                               "synthetic": list(config.data.synthetic_keys)}  # fmt: skip
+    return settings
+
+
 def save_config(config: TrainConfig) -> Path:
     """``out_dir/config.json``: every setting of the run, which ``siclip train --config`` reads back."""
     return write_text_atomic(json.dumps(dataclasses.asdict(config), indent=2) + "\n", Path(config.out_dir) / "config.json")

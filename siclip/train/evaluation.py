@@ -21,6 +21,13 @@ def wants_embedded_eval(config: TrainConfig) -> bool:
     return config.data.source == "embedded" and config.eval_zeroshot is None and config.eval_retrieval is None
 
 
+def nothing_evaluated(config: TrainConfig) -> str:
+    """What a run whose evaluation measured nothing says of it (in summary.json's ``eval_note`` and on stdout):
+    training on the user's data with no benchmark named evaluates nothing, and that is said, not left as ``{}``."""
+    return (f"nothing was evaluated: the run trained on {config.data.source} and named no benchmark; give --zeroshot and/or "
+            "--retrieval (or --eval-embedded for the embedded world's) to evaluate the model")  # fmt: skip
+
+
 def evaluate_run(student, tokenizer, config: TrainConfig) -> dict[str, float]:
     from siclip.eval import benchmark_record, evaluate_embedded, headline, run_benchmarks, write_record
 
