@@ -1,8 +1,8 @@
 """Precompute a teacher's embeddings for a dataset once, so distillation can skip the teacher.
 
-    python experiments/cache_teacher.py --teacher mobileclip_s0.pt --data data/shards --tokenizer clip \
+    siclip cache-teacher --teacher mobileclip_s0.pt --data data/shards --tokenizer clip \
         --vocab-path bpe_simple_vocab_16e6.txt.gz --out data/shards/teacher_cache
-    python experiments/cache_teacher.py --teacher runs/teacher/model.pt --data embedded --out cache/
+    siclip cache-teacher --teacher runs/teacher/model.pt --data embedded --out cache/
 
 ``--teacher`` is any model spec: Apple's ``mobileclip_s0.pt``, a checkpoint of this package, ``hf:DIR`` or
 ``open_clip:ARCH:FILE``; ``--data`` a shard directory/pattern, a ``.csv``/``.tsv`` file, or ``embedded`` (the

@@ -39,6 +39,7 @@ from siclip.data.captioning import MANIFEST, CaptionSettings, caption_table, rec
 from siclip.data.embedded import EmbeddedConfig
 from siclip.data.tabular import is_table
 from siclip.storage import check_output, refuse_special
+from siclip.wording import count
 
 
 def load_captioner(spec: str, settings: CaptionSettings, world_seed: int = 0, device: str = "auto"):
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             stats = recaption_shards(args.data, captioner, out_dir=args.out, batch_size=args.batch_size, mode=args.mode, record=record,
                                      overwrite=args.overwrite, seed=args.seed)  # fmt: skip
     unit = "chunk(s)" if table else "shard(s)"
-    print(f"captioned {stats['captioned']} images, skipped {stats['skipped']} undecodable ones"
+    print(f"captioned {count(stats['captioned'], 'image')}, skipped {stats['skipped']} undecodable ones"
           + (f", dropped {stats['empty']} empty captions" if stats["empty"] else "")
           + (f"; {stats['units_done_before']} {unit} were done before" if stats["units_done_before"] else ""))  # fmt: skip
     if table:

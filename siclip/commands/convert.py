@@ -23,7 +23,8 @@ student that inherits its weights (the paper's recipe), saved as a siclip checkp
 3. Prints the divergence table, what was inherited, dropped and added, and parameters and FLOPs before and after.
 4. Saves the converted model (data, no code; a converted file carries its tokenizer and preprocessing, so the
    original's folder is not needed again) and checks that it reloads to the same outputs; a model whose outputs are
-   NaN or Inf on your inputs is not saved. Heatmaps and divergence.json go to --report (default: next to --out).
+   NaN or Inf on your inputs is not saved. Heatmaps, divergence.md and divergence.json go to --report (default: next
+   to --out).
 
 --out is checked before anything loads: an earlier file convert wrote is replaced (atomically), any other file only
 with --overwrite, never the model's own files or a device. --calibration-count is at most 4096, --beta-ff in (0, 100].
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         done = convert(args, loaded, divergence, plans)
     print("\nsharing: " + "; ".join(f"{s}: {[list(g) for g in p.groups]} ({done['scopes'][s]})" for s, p in plans.items()))
     print(f"\nsaved {args.out}; it reloads to the same model (max |Δ| of the outputs on your inputs: {done['difference']:.1e})")
-    print(f"divergence heatmaps and divergence.json in {report_dir}")
+    print(f"divergence tables (divergence.md), divergence.json and heatmaps in {report_dir}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """The main job: a MobileCLIP-tiny teacher, its SiCLIP-tiny student (WI + WIKD + PM), one table comparing them.
 
-    python experiments/demo.py                 # CPU, under 10 minutes on 2 cores (runs/demo, runs/demo_student)
-    python experiments/demo.py --out runs/x    # elsewhere; an interrupted demo resumes where it stopped
+    siclip demo                  # CPU, under 10 minutes on 2 cores (runs/demo, runs/demo_student)
+    siclip demo --out runs/x     # elsewhere; an interrupted demo resumes where it stopped
 
 Both models are evaluated on the same items of the embedded world (zero-shot over its 100 classes,
 retrieval on held-out images); inference throughput is timed interleaved, both models reparameterised,
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out: {args.out} exists and is not a directory")
     keep_freed_memory()
-    again = f"run the demo again (make demo, or python experiments/demo.py --out {shlex.quote(str(args.out))}) to continue where it stopped"
+    again = f"run the demo again (make demo, or siclip demo --out {shlex.quote(str(args.out))}) to continue where it stopped"
     cli.on_interrupt(f"the runs in {args.out} keep their checkpoints: {again}")
     started = time.perf_counter()
     teacher_config, student_config = PRESETS["demo"], PRESETS["demo-student"]

@@ -14,7 +14,8 @@ own causal and padding masks), over the query rows that are real tokens (padding
 without --calibration-captions/--calibration-images reads the embedded world's validation split.
 
 The report prints as tables (rows read per stack, adjacent pairs, each strategy's plan) and is saved in --out as
-divergence.json (one schema: per stack its blocks, rows read, matrices and plans as lists of lists) and heatmaps.
+divergence.md (the same tables), divergence.json (one schema: per stack its blocks, rows read, matrices and plans as
+lists of lists, each plan's strategy and threshold as fields) and heatmaps.
 
 --preset trains that preset of `siclip train` in segments (exact resume), snapshots the model at --snapshots evenly
 spaced steps (step 0 included) and writes trajectory.csv and trajectory.png; rerunning continues where it stopped.
@@ -32,6 +33,7 @@ from siclip import cli  # first: a Ctrl-C while the rest imports ends in one lin
 
 from siclip.interop.calibration import MEASURABLE_HELP, check_measurable_spec
 from siclip.train.presets import PRESETS
+from siclip.wording import count
 
 DEFAULT_COUNT = 64
 PRESET_COUNT = 256  # the trajectory's captions, as experiments/RESULTS.md measured it
@@ -166,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                                      args.max_groups, args.apple_model)  # fmt: skip
     print(f"calibration: {where}\n")
     print(report)
-    paths = report.save(args.out)
-    print(f"\nwritten to {args.out}: {paths[-1].name} and {len(paths) - 1} heatmaps ({', '.join(p.name for p in paths[:-1])})")
+    *heatmaps, tables, record = report.save(args.out)
+    print(f"\nwritten to {args.out}: {record.name}, {tables.name} (these tables) and {count(len(heatmaps), 'heatmap')} "
+          f"({', '.join(p.name for p in heatmaps)})")  # fmt: skip
     return 0
 
 

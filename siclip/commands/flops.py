@@ -1,7 +1,7 @@
 """FLOPs and parameters of every registered model (inference form, one image at its size, one caption), and the
 FLOPs of one CLIP-loss training step (train-time form, forward and backward, per pair at --train-batch).
 
-    python experiments/flops_report.py [--out runs/reports] [--train-batch 2]
+    siclip flops [--out runs/reports] [--train-batch 2]
 """
 
 from __future__ import annotations

@@ -68,6 +68,7 @@ from siclip.train import TrainConfig, train
 from siclip.train.malloc import keep_freed_memory
 from siclip.train.presets import PRESETS
 from siclip.train.step import check_tower_names
+from siclip.wording import count
 
 
 def tower_values(kind):
@@ -398,11 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(config.out_dir) / "checkpoint.pt"
     cli.on_interrupt(lambda: f"the checkpoint {checkpoint} is kept: continue with --resume" if checkpoint.exists() else cli.NOTHING_SAVED)
     summary = train(config, resume=args.resume, overwrite=args.overwrite)
-    print(f"\n{config.model}: {summary['steps']} steps in {summary['seconds']:.0f} s, final loss "
+    print(f"\n{config.model}: {count(summary['steps'], 'step')} in {summary['seconds']:.0f} s, final loss "
           + ", ".join(f"{k} {v:.3f}" for k, v in summary["final_loss"].items()))  # fmt: skip
     if summary["skipped_samples"]:
         print(f"skipped samples: {summary['skipped_samples']} (their keys are in the log above)")
-    print("parameters: " + ", ".join(f"{group} {count:,}" for group, count in summary["parameters"].items()))
+    print("parameters: " + ", ".join(f"{group} {n:,}" for group, n in summary["parameters"].items()))
     if summary.get("eval"):
         print("\n| metric | value |\n|---|---|")
         for name, value in summary["eval"].items():
