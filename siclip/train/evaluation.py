@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from siclip.data import EmbeddedConfig
-from siclip.data.calibration import read_caption_file  # noqa: F401  (moved to siclip.data; importable here as before)
 
 from .config import TrainConfig
 

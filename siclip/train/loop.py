@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from siclip.blocks.token_dropout import enable_token_dropout
 from siclip.data import EpochSampler, ImageTextDataset, ImageTextLoader, augment_policy
 from siclip.data.augment import kornia_library
+from siclip.data.calibration import read_caption_file  # the user's calibration captions: a reader of user inputs, in siclip.data
 from siclip.data.tokenizer import tokenizer_spec
 from siclip.distill import FrozenTeacher, SiCLIPObjective
 from siclip.errors import user_input
@@ -37,7 +38,7 @@ from siclip.models import (
 )  # fmt: skip
 
 from .config import TrainConfig, applied_settings, save_config
-from .evaluation import evaluate_run, nothing_evaluated, read_caption_file
+from .evaluation import evaluate_run, nothing_evaluated
 from .budget import first_batches, measure_step_flops, phase_flops, phased_budget_steps
 from .guard import NonFiniteLoss, PeerLost, StopSignals, TrainingInterrupted, flatten_tensors, nonfinite_names
 from .inputs import RunInputs, prepare_run, save_tokenizer, settled_model_config, training_captions
