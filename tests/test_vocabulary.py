@@ -153,6 +153,19 @@ def test_the_same_setting_has_the_same_flag_everywhere(parsers):
     assert all(len(m) == 1 for m in meaning.values()), {f: m for f, m in meaning.items() if len(m) > 1}
 
 
+def test_a_flag_is_a_switch_everywhere_or_takes_a_value_everywhere(parsers):
+    """``--report`` is a switch of the studies; a command whose --report took a folder would read the same words
+    another way."""
+    kinds: dict[str, dict[str, list[str]]] = {}
+    for name, parser in parsers.items():
+        for action in filter(shown, options(parser)):
+            kind = "switch" if action.nargs == 0 else "value"
+            for flag in action.option_strings:
+                kinds.setdefault(flag, {}).setdefault(kind, []).append(name)
+    mixed = {flag: used for flag, used in kinds.items() if len(used) > 1}
+    assert not mixed, f"flags that are a switch in one command and take a value in another: {mixed}"
+
+
 def test_hidden_aliases_store_into_a_shown_option(parsers):
     for name, parser in parsers.items():
         dests = {a.dest for a in options(parser) if shown(a)}
@@ -304,3 +317,22 @@ def test_siclip_help_lists_every_command():
     assert _listed(top) == {*COMMANDS, "study"}
     studies = subprocess.run([*command, "study", "--help"], capture_output=True, text=True, check=True).stdout
     assert _listed(studies) == set(STUDIES)
+
+
+def test_old_positional_forms_still_parse_and_say_so(tmp_path, capsys):
+    from siclip.commands import caption, import_mobileclip
+
+    weights = tmp_path / "mobileclip_s0.pt"
+    weights.write_bytes(b"")
+    args = import_mobileclip.parse([str(weights), str(tmp_path / "out.pt"), "--model", "mobileclip_tiny"])
+    assert (args.model, args.out, args.apple_model) == (str(weights), str(tmp_path / "out.pt"), "mobileclip_tiny")
+    err = capsys.readouterr().err
+    assert "--model NAME is now --apple-model NAME" in err and "SOURCE OUT are now --model SOURCE --out OUT" in err
+    new = import_mobileclip.parse(["--model", str(weights), "--out", str(tmp_path / "out.pt")])
+    assert (new.model, new.apple_model) == (str(weights), "mobileclip_s0") and capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        import_mobileclip.parse(["--out", str(tmp_path / "out.pt")])
+    assert "the following arguments are required: --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        caption.main([])
+    assert "the following arguments are required: --data" in capsys.readouterr().err

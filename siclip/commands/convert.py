@@ -23,8 +23,8 @@ student that inherits its weights (the paper's recipe), saved as a siclip checkp
 3. Prints the divergence table, what was inherited, dropped and added, and parameters and FLOPs before and after.
 4. Saves the converted model (data, no code; a converted file carries its tokenizer and preprocessing, so the
    original's folder is not needed again) and checks that it reloads to the same outputs; a model whose outputs are
-   NaN or Inf on your inputs is not saved. Heatmaps, divergence.md and divergence.json go to --report (default: next
-   to --out).
+   NaN or Inf on your inputs is not saved. Heatmaps, divergence.md and divergence.json go to --report-dir (default:
+   next to --out).
 
 --out is checked before anything loads: an earlier file convert wrote is replaced (atomically), any other file only
 with --overwrite, never the model's own files or a device. --calibration-count is at most 4096, --beta-ff in (0, 100].
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zero-query", action="store_true", help="W_Q = 0: each attention starts as the identity")
     parser.add_argument("--apple-model", default="mobileclip_s0",
                         help="a file in Apple's layout is built as this registered configuration (mobileclip_s0)")  # fmt: skip
-    parser.add_argument("--report", type=Path, metavar="DIR", help="folder for heatmaps and divergence.json (default: <out>_report)")
+    parser.add_argument("--report-dir", type=Path, metavar="DIR",
+                        help="folder for the divergence tables, divergence.json and heatmaps (default: <out>_report)")
+    cli.add_renamed(parser, "--report", new="--report-dir", dest="report_dir", type=Path)  # --report is the studies' switch
     return parser
 
 
@@ -108,8 +110,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
     # Before anything loads: never over a file convert did not write, its own input, or a device.
     check_output(args.out, kind="file", ours=written_by_convert, overwrite=args.overwrite, inputs=spec_files(args.model))
-    if args.report is not None and args.report.exists() and not args.report.is_dir():
-        parser.error(f"--report: {args.report} exists and is not a directory")
+    if args.report_dir is not None and args.report_dir.exists() and not args.report_dir.is_dir():
+        parser.error(f"--report-dir: {args.report_dir} exists and is not a directory")
     from .divergence import check_calibration_files
 
     check_calibration_files(parser, args)
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                                               args.max_groups, args.apple_model)  # fmt: skip
     print(f"calibration: {where}\n")
     print(divergence)
-    report_dir = args.report or args.out.with_name(args.out.stem + "_report")
+    report_dir = args.report_dir or args.out.with_name(args.out.stem + "_report")
     divergence.save(report_dir)
     stacks = args.stacks or list(divergence.groups)
     unknown = sorted(set(stacks) - set(divergence.groups))
