@@ -166,6 +166,14 @@ def test_a_flag_is_a_switch_everywhere_or_takes_a_value_everywhere(parsers):
     assert not mixed, f"flags that are a switch in one command and take a value in another: {mixed}"
 
 
+def test_examples_keep_their_line_breaks(parsers):
+    """An example continued with a backslash keeps it: a lone ``\\`` at a docstring's line end joins the lines, and
+    the example prints as one line with a run of spaces inside ("photos/         --sharing")."""
+    joined = {name: [line for line in (p.description or "").splitlines() if re.search(r"[^\s#]\s{3,}--", line.split("#")[0])]
+              for name, p in parsers.items()}  # fmt: skip
+    assert not any(joined.values()), {name: lines for name, lines in joined.items() if lines}
+
+
 def test_hidden_aliases_store_into_a_shown_option(parsers):
     for name, parser in parsers.items():
         dests = {a.dest for a in options(parser) if shown(a)}

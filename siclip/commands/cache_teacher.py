@@ -1,6 +1,6 @@
 """Precompute a teacher's embeddings for a dataset once, so distillation can skip the teacher.
 
-    siclip cache-teacher --teacher mobileclip_s0.pt --data data/shards --tokenizer clip \
+    siclip cache-teacher --teacher mobileclip_s0.pt --data data/shards --tokenizer clip \\
         --vocab-path bpe_simple_vocab_16e6.txt.gz --out data/shards/teacher_cache
     siclip cache-teacher --teacher runs/teacher/model.pt --data embedded --out cache/
 

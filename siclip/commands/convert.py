@@ -2,7 +2,7 @@
 share weights by a plan, and save a checkpoint that reloads to the same model.
 
     siclip convert --model hf:models/clip-vit-b32 --calibration-captions captions.txt --calibration-images photos/ --out converted.pt
-    siclip convert --model open_clip:ViT-B-32:weights.pt --calibration-captions captions.txt --calibration-images photos/ \
+    siclip convert --model open_clip:ViT-B-32:weights.pt --calibration-captions captions.txt --calibration-images photos/ \\
         --sharing optimal --max-groups 6 --out converted.pt
     siclip convert --model timm:vit_small_patch16_224:vit_s16.pt --calibration-images photos/ --sharing adjacent --out vit.pt
     siclip convert --model runs/digits/model.pt --calibration-captions captions.txt --calibration-images photos/ --out siclip.pt
