@@ -51,15 +51,22 @@ def test_a_csv_run_records_its_rows_and_columns_and_no_teacher(table, tmp_path, 
     status, stdout, err = run_train(tiny(table, out), monkeypatch, capsys)
     assert status == 0, err
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"] == {"source": str(table), "samples": ROWS, "rows": ROWS,
+                               "columns": {"image": "filepath", "caption": "title", "synthetic": ["syn0", "syn1"]}}  # fmt: skip
     data = summary["config"]["data"]
-    assert data["rows"] == ROWS and data["samples"] == ROWS
-    assert data["columns"] == {"image": "filepath", "caption": "title", "synthetic": ["syn0", "syn1"]}
+    assert data["synthetic_keys"] == ["syn0", "syn1"]
     for embedded_only in ("num_train", "num_synthetic", "seed", "shape_twins", "caption_noise"):
         assert embedded_only not in data, embedded_only
     for teacher_field in ("teacher", "teacher_model", "distill_teacher", "inherit", "inherited_lr_scale"):
         assert teacher_field not in summary["config"], teacher_field
     # config.json keeps every field: it is what --config reads back to reproduce the run
     assert json.loads((out / "config.json").read_text())["teacher_model"] == "mobileclip_s0"
+    # and summary.json still reads back as the run's settings (the fields left out had no effect)
+    from siclip.commands.train import parse
+
+    again, _ = parse(["--config", str(out / "summary.json")])
+    written, _ = parse(["--config", str(out / "config.json")])
+    assert again == written
     # the lock is gone once the run has finished
     assert not (out / ".lock").exists()
     # trained on a CSV with no benchmark named: the evaluation measured nothing, and says so
@@ -78,8 +85,9 @@ def test_an_embedded_run_records_the_world_and_a_teacher_run_its_teacher(tmp_pat
     assert status == 0, err
     config = json.loads((out / "summary.json").read_text())["config"]
     assert config["teacher"] == str(teacher) and config["teacher_model"] == "mobileclip_s0"
-    assert config["data"]["num_train"] == 8 and config["data"]["samples"] == 8
-    for table_only in ("image_key", "caption_key", "synthetic_keys", "rows", "columns"):
+    summary = json.loads((out / "summary.json").read_text())
+    assert config["data"]["num_train"] == 8 and summary["data"] == {"source": "embedded", "samples": 8}
+    for table_only in ("image_key", "caption_key", "synthetic_keys"):
         assert table_only not in config["data"], table_only
     assert not (out / ".lock").exists()
 

@@ -115,11 +115,11 @@ TABLE_ONLY = ("image_key", "caption_key", "synthetic_keys")  # DataConfig fields
 TEACHER_ONLY = ("teacher", "distill_teacher", "teacher_model", "inherit", "inherited_lr_scale")  # TrainConfig fields of a teacher
 
 
-def applied_settings(config: TrainConfig, source=None) -> dict:
-    """The settings that applied to this run, as its summary.json records them: every field of ``config`` except
-    those that had no effect (the embedded world's on other data, a table's columns on other data, a teacher's
-    fields when none was given), and ``data`` what was read: ``samples`` trained on (``len(source)``), and for a
-    table its ``rows`` and the ``columns`` used. config.json keeps every field (it is what ``--config`` reads back)."""
+def applied_settings(config: TrainConfig) -> dict:
+    """The settings that applied to this run, as its summary.json records them under ``config``: every field of
+    ``config`` except those that had no effect (the embedded world's on other data, a table's columns on other data,
+    a teacher's fields when none was given). Still settings only, so ``--config summary.json`` reads them back (the
+    fields left out take their defaults, which had no effect either); config.json keeps every field."""
     from siclip.data.tabular import is_table
 
     settings = dataclasses.asdict(config)
@@ -130,14 +130,20 @@ def applied_settings(config: TrainConfig, source=None) -> dict:
     if config.teacher is None and config.distill_teacher is None:
         for key in TEACHER_ONLY:
             settings.pop(key)
-    if source is not None:
-        data["samples"] = len(source)
-        whole = getattr(source, "source", source)  # a subset's table
-        if table:
-            data["rows"] = len(whole)
-            data["columns"] = {"image": config.data.image_key, "caption": config.data.caption_key,
-                               "synthetic": list(config.data.synthetic_keys)}  # fmt: skip
     return settings
+
+
+def data_read(config: TrainConfig, source) -> dict:
+    """What the run read, as summary.json records it under ``data``: the ``samples`` it trained on (``len(source)``,
+    after any subset), and for a CSV/TSV its ``rows`` and the ``columns`` read (image, raw caption, synthetic)."""
+    from siclip.data.tabular import is_table
+
+    read = {"source": config.data.source, "samples": len(source)}
+    if is_table(config.data.source):
+        whole = getattr(source, "source", source)  # the table a subset was drawn from
+        read |= {"rows": len(whole), "columns": {"image": config.data.image_key, "caption": config.data.caption_key,
+                                                  "synthetic": list(config.data.synthetic_keys)}}  # fmt: skip
+    return read
 
 
 def save_config(config: TrainConfig) -> Path:

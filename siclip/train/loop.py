@@ -37,7 +37,7 @@ from siclip.models import (
     save_checkpoint,
 )  # fmt: skip
 
-from .config import TrainConfig, applied_settings, save_config
+from .config import TrainConfig, applied_settings, data_read, save_config
 from .evaluation import evaluate_run, nothing_evaluated
 from .budget import first_batches, measure_step_flops, phase_flops, phased_budget_steps
 from .guard import NonFiniteLoss, PeerLost, StopSignals, TrainingInterrupted, flatten_tensors, nonfinite_names
@@ -275,7 +275,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
 
     with user_input():  # what the run reads, checked before its first step
         inputs = prepare_run(config, student_model_config(config), resume=resume)
-        settings = applied_settings(config, inputs.source)  # what summary.json records: the settings that applied
+        settings = {"config": applied_settings(config), "data": data_read(config, inputs.source)}  # what summary.json records
         task = build_task(config, inputs).to(device)
         loader = build_data(config, inputs, task.student.preprocess.size, rank, world)
         total_steps = config.epochs * len(loader)
@@ -484,12 +484,13 @@ class StepBoundary:
 def _summary(config: TrainConfig, settings: dict, student, step: int, total_steps: int, started: float, last: dict, pm_skipped: int,
              single_skipped: int, loader: ImageTextLoader, budget: dict | None = None) -> dict:  # fmt: skip
     """The run's summary; with a compute budget also ``flops_per_step`` (all ranks), ``flops_spent`` (steps × that),
-    ``budget_flops`` and ``epochs_run`` (steps ÷ batches per epoch). ``settings``: what applied to the run
-    (:func:`siclip.train.config.applied_settings`), not every field of ``config``."""
+    ``budget_flops`` and ``epochs_run`` (steps ÷ batches per epoch). ``settings``: ``config``, the settings that
+    applied (:func:`siclip.train.config.applied_settings`, not every field), and ``data``, what was read
+    (:func:`siclip.train.config.data_read`)."""
     summary = {"model": config.model, "steps": step, "total_steps": total_steps, "seconds": time.perf_counter() - started,
                "final_loss": last, "pm_skipped_steps": pm_skipped, "single_sample_batches": single_skipped, "skipped_samples": loader.skipped_total,
                "parameters": count_parameters_by_group(student), "sharing": _sharing_groups(student),
-               "config": settings}  # fmt: skip
+               **settings}  # fmt: skip
     if budget is not None:
         unmasked = budget.get("flops_per_unmasked_step", budget["flops_per_step"])
         spent = phase_flops(step, masked_steps(config, total_steps) if config.mask_ratio else step, budget["flops_per_step"], unmasked)
