@@ -566,11 +566,11 @@ def bad_arguments(work: Path) -> list[Refusal]:
         ("divergence_report", ["--preset", "demo", "--snapshots", "1", "--out", str(out)], "--snapshots"),
         ("divergence_report", ["--model", str(f["missing"]), "--out", str(out)], "--model"),
         ("divergence_report", ["--model", "mobileclip_tiny", "--calibration-count", "0", "--out", str(out)], "--calibration-count"),
-        ("flops_report", ["--out", str(f["names"])], "--out"), ("import_mobileclip", [str(f["missing"]), str(out)], "source"),
-        ("import_mobileclip", [str(f["model"]), str(out), "--model", "siclip_s0"], "--model"),
-        ("caption_shards", [str(out), "--num-captions", "0"], "--num-captions"),
-        ("caption_shards", [str(out), "--captioner", "nocolon"], "--captioner"),
-        ("caption_shards", [str(out), "--captioner", "no_such_module_x:f"], "no_such_module_x"),
+        ("flops_report", ["--out", str(f["names"])], "--out"), ("import_mobileclip", ["--model", str(f["missing"]), "--out", str(out)], "--model"),
+        ("import_mobileclip", ["--model", str(f["model"]), "--out", str(out), "--apple-model", "siclip_s0"], "--apple-model"),
+        ("caption_shards", ["--data", str(out), "--num-captions", "0"], "--num-captions"),
+        ("caption_shards", ["--data", str(out), "--captioner", "nocolon"], "--captioner"),
+        ("caption_shards", ["--data", str(out), "--captioner", "no_such_module_x:f"], "no_such_module_x"),
         ("convert_model", ["--model", str(f["model"]), "--out", str(out / "c.pt"), "--calibration-count", "1"], "--calibration-count"),
         ("convert_model", ["--model", str(f["model"]), "--out", str(out / "c.pt"), "--calibration-captions", str(f["missing"])],
          "--calibration-captions"),
@@ -635,7 +635,7 @@ def bad_files(work: Path) -> list:
             Refusal("train", ["--num-train", "32", "--batch-size", "16", "--resume", "--out", str(run_dir)], (str(run_dir / "checkpoint.pt"),),
                     marker=marker),  # fmt: skip
             Refusal("evaluate", ["--model", str(evil), "--zeroshot", str(f["test"])], (str(evil),), marker=marker),
-            Refusal("import_mobileclip", [str(evil), str(out / "m.pt")], (str(evil),), marker=marker),
+            Refusal("import_mobileclip", ["--model", str(evil), "--out", str(out / "m.pt")], (str(evil),), marker=marker),
             Refusal("divergence_report", ["--model", str(evil), "--out", str(out)], (str(evil),), marker=marker),
             Refusal("cache_teacher", ["--teacher", str(evil), "--data", "embedded", "--out", str(out)], (str(evil),), marker=marker),
         ]
@@ -649,7 +649,7 @@ def bad_files(work: Path) -> list:
         path.write_bytes(data)
         cases += [Refusal("train", ["--teacher", str(path), "--model", "siclip_tiny", "--out", str(work / "out_junk")], (str(path),)),
                   Refusal("evaluate", ["--model", str(path), "--zeroshot", str(f["test"])], (str(path),))]
-    cases.append(Refusal("import_mobileclip", [str(f["model"]), str(work / "out_junk" / "m.pt")], (str(f["model"]), "Apple")))
+    cases.append(Refusal("import_mobileclip", ["--model", str(f["model"]), "--out", str(work / "out_junk" / "m.pt")], (str(f["model"]), "Apple")))
     return cases
 
 

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     files = write_user_files(out / "data", image_size, samples, per_class=1 if args.smoke else 5, retrieval_images=16 if args.smoke else 500)
     written = time.perf_counter() - started
-    command = [sys.executable, str(ROOT / "experiments/train.py"), "--model", student, "--teacher", str(apple), "--teacher-model", teacher_model,
+    command = [sys.executable, str(ROOT / "experiments/train.py"), "--model", student, "--teacher", str(apple), "--apple-model", teacher_model,
                "--wikd", "--data", str(files["shards"]), "--epochs", str(epochs), "--batch-size", str(batch), "--workers", str(workers),
                "--out", str(out / "run"), "--zeroshot", str(files["zeroshot"]), "--classnames", str(files["classnames"]),
                "--templates", str(files["templates"]), "--retrieval", str(files["retrieval"])]  # fmt: skip

@@ -59,9 +59,9 @@ from typing import Callable
 
 from siclip.errors import Interrupted, RunFailed, UserError, exit_status, user_input
 
-__all__ = ["Interrupted", "RunFailed", "UserError", "checked", "device", "existing_dir", "existing_file", "existing_path", "finite_float",
+__all__ = ["Interrupted", "RunFailed", "UserError", "add_renamed", "checked", "device", "existing_dir", "existing_file", "existing_path", "finite_float",
            "float_in_range", "fraction", "int_at_least", "int_in_range", "non_negative_float", "non_negative_int", "on_interrupt", "positive_float",
-           "positive_int", "resolved_device", "run", "script_name", "user_input"]  # fmt: skip
+           "positive_int", "renamed", "resolved_device", "run", "script_name", "user_input"]  # fmt: skip
 
 NOTHING_SAVED = "nothing was saved: run the command again"
 _hint: str | Callable[[], str] = NOTHING_SAVED
@@ -226,6 +226,26 @@ def checked(check: Callable[[str], object]) -> Callable[[str], object]:
 
     parse.__name__ = getattr(check, "__name__", "value")
     return parse
+
+
+# Renamed flags.
+
+
+def renamed(new: str) -> type[argparse.Action]:
+    """An argparse action for an old spelling of ``new``: it stores the value as ``new`` does and says once, on stderr,
+    that the spelling changed, so a script keeps working for one release and its author learns the new name."""
+
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"{parser.prog}: note: {option_string} is now {new}; the old spelling goes in the next release", file=sys.stderr, flush=True)
+            setattr(namespace, self.dest, values)
+
+    return Renamed
+
+
+def add_renamed(parser, *old: str, new: str, dest: str, **options) -> None:
+    """Keep ``old`` spellings of the flag ``new`` working, out of the help (``options``: its type, nargs…)."""
+    parser.add_argument(*old, dest=dest, action=renamed(new), help=argparse.SUPPRESS, default=options.pop("default", None), **options)
 
 
 # Ending.

@@ -141,7 +141,7 @@ def test_a_transformers_blip_captions_shards_end_to_end_and_they_train(tmp_path,
     blip = save_hf_blip(tmp_path / "blip")
     shards = _shards(tmp_path, count=8)
     monkeypatch.setattr(sys, "argv", ["siclip caption"])
-    argv = [str(shards[0].parent), "--captioner", f"hf:{blip}", "--num-captions", "3", "--max-new-tokens", "6", "--batch-size", "3",
+    argv = ["--data", str(shards[0].parent), "--captioner", f"hf:{blip}", "--num-captions", "3", "--max-new-tokens", "6", "--batch-size", "3",
             "--seed", "5", "--device", "cpu", "--out", str(tmp_path / "syn")]  # fmt: skip
     assert cli.run(caption.main, argv) == 0, capsys.readouterr().err
     assert "captioned 8 images" in capsys.readouterr().out
@@ -177,13 +177,13 @@ def test_an_open_clip_coca_captions_a_table_end_to_end_and_it_trains(tmp_path, c
         running &= tokens[:, step + 1] != greedy.eot
     table = _table(tmp_path)
     monkeypatch.setattr(sys, "argv", ["siclip caption"])
-    argv = [str(table), "--captioner", spec, "--num-captions", "2", "--max-new-tokens", "5", "--chunk-rows", "4", "--device", "cpu",
+    argv = ["--data", str(table), "--captioner", spec, "--num-captions", "2", "--max-new-tokens", "5", "--chunk-rows", "4", "--device", "cpu",
             "--out", str(tmp_path / "syn.csv")]  # fmt: skip
     assert cli.run(caption.main, argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "captioned 7 images, skipped 1 undecodable" in out and "--synthetic-keys synthetic_captions" in out
     rows = CsvSource(tmp_path / "syn.csv", synthetic_keys=["synthetic_captions"])
     assert all(1 <= len(rows.load(i).synthetic) <= 2 for i in range(7))
-    assert cli.run(caption.main, [str(table), "--captioner", "open_clip:ViT-B-32:nope.pt", "--out", str(tmp_path / "x.csv")]) == 2
+    assert cli.run(caption.main, ["--data", str(table), "--captioner", "open_clip:ViT-B-32:nope.pt", "--out", str(tmp_path / "x.csv")]) == 2
     assert "weights file nope.pt not found" in capsys.readouterr().err
     _train_one_step(["--data", str(tmp_path / "syn.csv"), "--synthetic-keys", "synthetic_captions", "--max-skip-fraction", "0.5"], tmp_path, capsys)

@@ -210,7 +210,7 @@ def test_augmentation_is_seeded_and_well_formed(seed):
 
 def test_recaption_script_writes_ground_truth_captions(shards):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "caption_shards.py"), str(shards[0].parent), "--num-captions", "3"],
+        [sys.executable, str(ROOT / "experiments" / "caption_shards.py"), "--data", str(shards[0].parent), "--num-captions", "3"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "captioned 60 images" in result.stdout

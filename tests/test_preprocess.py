@@ -207,6 +207,7 @@ def test_evaluate_refuses_prompts_the_tokenizer_cannot_read(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 2 and "maps" in done.stderr and "% of the prompt tokens to <unk>" in done.stderr, done.stderr
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+    assert "the folder names (no --classnames was given)" in done.stderr and "--tokenizer" not in done.stderr  # evaluate has none
     (tmp_path / "t.txt").write_text("{}\n")
     ok = subprocess.run(command + ["--templates", str(tmp_path / "t.txt")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr

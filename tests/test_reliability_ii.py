@@ -287,10 +287,11 @@ BAD_SCRIPT_ARGUMENTS = [
     ("divergence_report", ["--model", "mobileclip_tiny", "--calibration-count", "0", "--out", "{out}"], "--calibration-count"),
     ("divergence_report", ["--model", "mobileclip_tiny", "--snapshots", "3", "--out", "{out}"], "--snapshots"),
     ("convert_model", ["--model", "mobileclip_tiny", "--out", "{out}", "--sharing", "threshold"], "--threshold"),
-    ("flops_report", ["--out", "{model}"], "--out"), ("import_mobileclip", ["{missing}", "{out}"], "source"),
-    ("import_mobileclip", ["{model}", "{out}", "--model", "siclip_s0"], "--model"),
-    ("caption_shards", ["{out}", "--num-captions", "0"], "--num-captions"), ("caption_shards", ["{out}", "--captioner", "nocolon"], "--captioner"),
-    ("caption_shards", ["{out}", "--captioner", "no_such_module_x:f"], "no_such_module_x"),
+    ("flops_report", ["--out", "{model}"], "--out"), ("import_mobileclip", ["--model", "{missing}", "--out", "{out}"], "--model"),
+    ("import_mobileclip", ["--model", "{model}", "--out", "{out}", "--apple-model", "siclip_s0"], "--apple-model"),
+    ("caption_shards", ["--data", "{out}", "--num-captions", "0"], "--num-captions"),
+    ("caption_shards", ["--data", "{out}", "--captioner", "nocolon"], "--captioner"),
+    ("caption_shards", ["--data", "{out}", "--captioner", "no_such_module_x:f"], "no_such_module_x"),
 ]  # fmt: skip
 
 
@@ -473,9 +474,9 @@ def test_files_that_are_no_weights_are_refused_in_one_message(tmp_path, content,
 
 
 @pytest.mark.parametrize("script, argv", [
-    ("import_mobileclip", ["{evil}", "{out}"]), ("divergence_report", ["--model", "{evil}", "--out", "{out}"]),
+    ("import_mobileclip", ["--model", "{evil}", "--out", "{out}"]), ("divergence_report", ["--model", "{evil}", "--out", "{out}"]),
     ("cache_teacher", ["--teacher", "{evil}", "--data", "embedded", "--out", "{out}"]), ("evaluate", ["--model", "{evil}", "--zeroshot", "{test}"]),
-    ("train", ["--teacher", "{evil}", "--model", "siclip_tiny", "--out", "{out}"]), ("import_mobileclip", ["{junk}", "{out}"]),
+    ("train", ["--teacher", "{evil}", "--model", "siclip_tiny", "--out", "{out}"]), ("import_mobileclip", ["--model", "{junk}", "--out", "{out}"]),
     ("train", ["--teacher", "{junk}", "--model", "siclip_tiny", "--out", "{out}"]),
 ])  # fmt: skip
 def test_every_script_refuses_a_bad_weights_file_in_one_line(tmp_path, monkeypatch, capsys, script, argv):

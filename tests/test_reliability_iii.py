@@ -206,10 +206,9 @@ def test_export_and_convert_refuse_their_destinations_before_any_model_loads(tmp
     captioned.mkdir()
     (captioned / shard.name).write_bytes(b"someone else's shard")
     cases += [
-        ("caption", [str(shards), "--out", str(captioned)], f"--out {captioned} already holds {shard.name}"),  # the same names
-        ("caption", [str(shards), "--out-dir", str(captioned)], f"--out {captioned} already holds {shard.name}"),  # its old spelling
-        ("import-mobileclip", [str(tiny), str(tiny)], "OUT"),  # over its own source
-        ("import-mobileclip", [str(tiny), str(weights)], f"OUT {weights} is a file it did not write"),
+        ("caption", ["--data", str(shards), "--out", str(captioned)], f"--out {captioned} already holds {shard.name}"),  # the same names
+        ("import-mobileclip", ["--model", str(tiny), "--out", str(tiny)], "--out"),  # over its own source
+        ("import-mobileclip", ["--model", str(tiny), "--out", str(weights)], f"--out {weights} is a file it did not write"),
         ("cache-teacher", ["--teacher", str(tiny), "--data", "embedded", "--num-train", "1000000000000", "--out", str(tmp_path / "cache")], "--num-train: must be at most 10,000,000"),
     ]
     for command, argv, named in cases:

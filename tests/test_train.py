@@ -80,7 +80,7 @@ def test_schedule_and_refusals(tmp_path):
     assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
     with pytest.raises(ValueError, match="contrastive negatives"):
         train(_config(tmp_path, "acc", accumulation=2), progress=False)
-    with pytest.raises(ValueError, match="distils from a teacher .* but none was given"):
+    with pytest.raises(ValueError, match="distils from a teacher .*: pass --teacher SPEC"):
         train(_config(tmp_path, "noteacher", objective=ObjectiveConfig()), progress=False)
 
 

@@ -75,10 +75,16 @@ def test_help_shows_every_named_flag_with_its_default_and_every_setting(capsys):
 def test_old_flag_spellings_and_refusals_in_one_line(tmp_path, capsys, monkeypatch):
     config, _ = command.parse(["--eval-zeroshot", str(tmp_path), "--eval-retrieval", "embedded", "--classnames", "cifar10"])
     assert (config.eval_zeroshot, config.eval_retrieval, config.eval_classnames) == (str(tmp_path), "embedded", "cifar10")
+    notes = capsys.readouterr().err.splitlines()  # each old spelling says its new one, once
+    assert [line.split(": note: ")[1] for line in notes] == [f"--eval-{name} is now --{name}; the old spelling goes in the next release"
+                                                             for name in ("zeroshot", "retrieval")]  # fmt: skip
     monkeypatch.setattr("sys.argv", ["siclip train"])
     (tmp_path / "bad.yaml").write_text("data:\n  batch_sise: 4\n")
     for argv, line in [(["--config", str(tmp_path / "bad.yaml")], f"{tmp_path / 'bad.yaml'}: unknown setting 'data.batch_sise' (did you mean data.batch_size?)"),
                        (["--accumulation", "4"], "accumulation 4: gradient accumulation would split each batch's contrastive negatives"),
+                       (["--wikd", "--model", "siclip_tiny", "--out", str(tmp_path / "run")],
+                        "the objective distils from a teacher (objective.feature/relation/interactive > 0, as --wikd sets) and none was given: "
+                        "pass --teacher SPEC"),
                        (["--set", "lr=0"], "--set: lr: must be greater than 0, got 0"),
                        (["--set", "objective.pm_form=plane"], "--set: objective.pm_form: expected one of hyperplane, cosine")]:  # fmt: skip
         assert cli.run(command.main, argv) == 2

@@ -72,7 +72,7 @@ def test_broken_apple_file_names_keys_as_in_the_file(apple_file, tmp_path):
 def test_import_mobileclip_cli_converts_to_a_siclip_checkpoint(apple_file, tmp_path):
     path, reference = apple_file
     out = tmp_path / "s0.pt"
-    run = subprocess.run([sys.executable, "experiments/import_mobileclip.py", str(path), str(out)], cwd=ROOT, capture_output=True,
+    run = subprocess.run([sys.executable, "experiments/import_mobileclip.py", "--model", str(path), "--out", str(out)], cwd=ROOT, capture_output=True,
                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr
     converted = load_checkpoint(out)

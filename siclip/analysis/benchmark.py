@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from siclip.analysis.stats import Estimate, estimate
 from siclip.blocks import PreLNBlock, SASPBlock, count_parameters, shaped_attention
 from siclip.blocks.backends import triton_runs_on
+from siclip.wording import count
 
 BLOCKS: dict[str, Callable[..., nn.Module]] = {"pre_ln": PreLNBlock, "sasp": SASPBlock}
 # What the block tables time: a name for each (block kind, shaped-attention backend). "sasp" combines α/β/γ
@@ -270,7 +271,7 @@ def device_name(device: str | torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{platform.processor() or platform.machine()} CPU, {count(torch.get_num_threads(), 'thread')}"
 
 
 def loader_throughput(loader, *, batches: int | None = None, warmup: int = 2) -> dict:

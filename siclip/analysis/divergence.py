@@ -43,6 +43,7 @@ from siclip.blocks import (
 )  # fmt: skip
 from siclip.blocks.readers import ATTENTION_READERS, current_real_tokens, has_attention_reader
 from siclip.blocks.sharing import adjacent_divergences
+from siclip.wording import count
 
 from .figures import pyplot, save_figure
 
@@ -224,8 +225,8 @@ class DivergenceReport:
     ``groups[stack]`` holds ``blocks`` (names), ``attention`` and ``features`` (n × n JS matrices, nats),
     ``attention_per_head``, ``rows`` (real query rows read) of ``rows_total``, ``plans`` (strategy →
     :class:`PlanChoice`) and ``plan`` (the optimal partition into ``max_groups`` runs of adjacent blocks, by attention
-    JS). ``print(report)`` shows the tables; :meth:`save` writes ``divergence.json`` (one schema, :data:`FORMAT`) and
-    the heatmaps."""
+    JS). ``print(report)`` shows the tables; :meth:`save` writes them (``divergence.md``), ``divergence.json`` (one
+    schema, :data:`FORMAT`) and the heatmaps."""
 
     model: str
     groups: dict[str, dict] = field(default_factory=dict)
@@ -252,7 +253,7 @@ class DivergenceReport:
         for stack, g in self.groups.items():
             for choice in g["plans"].values():
                 parameter = (f"threshold {choice.threshold:.4g} nats (the median adjacent divergence)" if choice.threshold is not None
-                             else f"{choice.max_groups} runs" if choice.max_groups is not None else "")  # fmt: skip
+                             else count(choice.max_groups, "run") if choice.max_groups is not None else "")  # fmt: skip
                 lines.append(f"| {stack} | {choice.strategy} | {parameter} | {_plan_text(choice.plan)} |")
         return "\n".join(lines)
 
@@ -267,8 +268,9 @@ class DivergenceReport:
         return {"format": FORMAT, "model": self.model, "unit": "nats", "stacks": stacks}
 
     def save(self, out_dir: str | Path) -> list[Path]:
-        """Heatmaps (``divergence_<stack>_<reading>.png``) and ``divergence.json`` (:meth:`to_dict`, with the heatmaps'
-        names) in ``out_dir``; returns the paths written, the JSON last."""
+        """Heatmaps (``divergence_<stack>_<reading>.png``), the tables ``print(report)`` shows (``divergence.md``) and
+        ``divergence.json`` (:meth:`to_dict`, with the heatmaps' names) in ``out_dir``; returns the paths written: the
+        heatmaps, then the tables, the JSON last."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -279,12 +281,11 @@ class DivergenceReport:
             for reading in ("attention", "features"):
                 title = f"{self.model}: {stack} ({reading})"
                 paths.append(plot_heatmap(g[reading], out / f"divergence_{slug}_{reading}.png", title, labels))
+        from siclip.storage import write_text_atomic
+
         record = {**self.to_dict(), "heatmaps": [p.name for p in paths]}
-        path = out / "divergence.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(path)
-        return [*paths, path]
+        tables = write_text_atomic(str(self) + "\n", out / "divergence.md")
+        return [*paths, tables, write_text_atomic(json.dumps(record, indent=1), out / "divergence.json")]
 
 
 def _runner(model: nn.Module, inputs):

@@ -28,6 +28,8 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from siclip import wording
+
 from .masking import resolve_block_masks
 from .pre_ln import LayerScale, PreLNBlock
 from .registry import TypeRegistry
@@ -87,7 +89,7 @@ class ConversionReport:
 
     def __str__(self) -> str:
         return (
-            f"converted {len(self.modules)} blocks: inherited {self.count('inherited'):,}, "
+            f"converted {wording.count(len(self.modules), 'block')}: inherited {self.count('inherited'):,}, "
             f"dropped {self.count('dropped'):,}, new {self.count('new'):,} elements"
         )
 

@@ -1,8 +1,8 @@
 """SiCLIP's ablation on the embedded world, over seeds, with intervals and paired differences.
 
-    python experiments/ablation.py --preset smoke     # CI: a few steps per run, checks every stage's outputs
-    python experiments/ablation.py --preset cpu       # 2 CPU cores, about 60 minutes
-    python experiments/ablation.py --preset gpu --workers 12   # one H100 (16 host cores), about 10 minutes
+    siclip study ablation --preset smoke     # CI: a few steps per run, checks every stage's outputs
+    siclip study ablation --preset cpu       # 2 CPU cores, about 60 minutes
+    siclip study ablation --preset gpu --workers 12   # one H100 (16 host cores), about 10 minutes
 
 1. Train a MobileCLIP-tiny teacher on world 0 (synthetic and raw captions, as the demo's teacher).
 2. Train SiCLIP-tiny students on world 1, one factor at a time around "+WIKD+PM, synthetic captions, adjacent
@@ -31,14 +31,21 @@ from siclip.analysis.ablation import (
     teacher_config, write_tables,
 )  # fmt: skip
 from siclip.train.malloc import keep_freed_memory
+from siclip.wording import count
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip ablation``'s arguments (the vocabulary test reads this parser without running anything)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke", help="the study's sizes (default: smoke)")
+    parser.add_argument("--out", type=Path, default=None, help="the study folder (default: runs/ablation_<preset>)")
+    parser.add_argument("--workers", type=cli.non_negative_int, default=0, metavar="N", help="data loader processes (default: 0)")
+    parser.add_argument("--seeds", type=cli.positive_int, metavar="N", help="training seeds per row (default: the preset's)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--out", type=Path, default=None, help="default runs/ablation_<preset>")
-    parser.add_argument("--workers", type=cli.non_negative_int, default=0)
-    parser.add_argument("--seeds", type=cli.positive_int, help="override the preset's number of seeds")
+    parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
     p = PRESETS[args.preset]
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_dir = out / "teacher"
     summary = run_and_evaluate(teacher_config(p, teacher_dir, args.workers), p)
     top1 = load_outcomes(teacher_dir / "outcomes.npz")["zeroshot_top1"].mean()
-    print(f"teacher: zero-shot top-1 {100 * top1:.1f} % after {summary['steps']} steps ({summary['seconds']:.0f} s)", flush=True)
+    print(f"teacher: zero-shot top-1 {100 * top1:.1f} % after {count(summary['steps'], 'step')} ({summary['seconds']:.0f} s)", flush=True)
     runs, parameters, skipped = {"teacher (MobileCLIP-tiny)": [teacher_dir]}, {"teacher (MobileCLIP-tiny)": summary["parameters"]}, {}
     for row in ROWS:
         runs[row.name] = []
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             runs[row.name].append(run_dir)
             parameters[row.name] = summary["parameters"]
-            print(f"{row.name} seed {seed}: {summary['steps']} steps ({summary['seconds']:.0f} s)", flush=True)
+            print(f"{row.name} seed {seed}: {count(summary['steps'], 'step')} ({summary['seconds']:.0f} s)", flush=True)
     rows, differences = summarize(runs, parameters)
     md = write_tables(rows, differences, out)
     plot_curves({f"{r} seed 0": dirs[0] for r, dirs in runs.items() if dirs}, out / "curves.png")

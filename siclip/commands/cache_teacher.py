@@ -1,8 +1,8 @@
 """Precompute a teacher's embeddings for a dataset once, so distillation can skip the teacher.
 
-    python experiments/cache_teacher.py --teacher mobileclip_s0.pt --data data/shards --tokenizer clip \
+    siclip cache-teacher --teacher mobileclip_s0.pt --data data/shards --tokenizer clip \\
         --vocab-path bpe_simple_vocab_16e6.txt.gz --out data/shards/teacher_cache
-    python experiments/cache_teacher.py --teacher runs/teacher/model.pt --data embedded --out cache/
+    siclip cache-teacher --teacher runs/teacher/model.pt --data embedded --out cache/
 
 ``--teacher`` is any model spec: Apple's ``mobileclip_s0.pt``, a checkpoint of this package, ``hf:DIR`` or
 ``open_clip:ARCH:FILE``; ``--data`` a shard directory/pattern, a ``.csv``/``.tsv`` file, or ``embedded`` (the
@@ -43,19 +43,28 @@ def data_files(spec: str) -> list[str]:
         return []
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip cache-teacher``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, type=cli.checked(check_model_spec),
-                        help="model spec: a checkpoint, Apple's mobileclip_s0.pt, hf:DIR or open_clip:ARCH:FILE")
-    parser.add_argument("--data", required=True)
+                        metavar="SPEC", help="model spec: a checkpoint, Apple's mobileclip_s0.pt, hf:DIR or open_clip:ARCH:FILE")
+    parser.add_argument("--data", required=True, metavar="SRC",
+                        help="'embedded' (the embedded world's training split), a shard directory/pattern or a .csv/.tsv")
     parser.add_argument("--out", type=Path, required=True, help="the cache folder (an earlier cache there is replaced)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out even when it holds files a cache did not write (never implied)")
-    parser.add_argument("--tokenizer", choices=["embedded", "clip", "words"], help="default: the one saved with the teacher, else its config's")
-    parser.add_argument("--vocab-path", type=cli.existing_file)
+    parser.add_argument("--tokenizer", choices=["embedded", "clip", "words"],
+                        help="a siclip teacher's tokenizer (default: the one saved with the teacher, else its config's)")
+    parser.add_argument("--vocab-path", type=cli.existing_file, metavar="FILE",
+                        help="CLIP merges file, or a word list for --tokenizer words (default: the tokenizer's own)")
     parser.add_argument("--num-train", type=cli.int_in_range(1, MAX_SPLIT), default=10_000,
                         help=f"size of the embedded split (10000; at most {MAX_SPLIT:,})")
-    parser.add_argument("--batch-size", type=cli.positive_int, default=256)
-    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    parser.add_argument("--batch-size", type=cli.positive_int, default=256, metavar="N", help="pairs per teacher forward (default: 256)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="precision of the stored embeddings (default: float16)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     inputs = [*spec_files(args.teacher), *data_files(args.data)]
     check_output(args.out, ours=is_teacher_cache, overwrite=args.overwrite, inputs=inputs)  # before the teacher loads

@@ -1,10 +1,10 @@
 """Write synthetic captions into WebDataset shards or a CSV/TSV table (CC12M → CC12M-SYN), resumably.
 
-    siclip caption data/shards --captioner hf:models/blip-base --num-captions 5 --out data/shards_syn
-    siclip caption data/shards --captioner open_clip:coca_ViT-L-14:coca_vit_l14.pt --temperature 0 --num-captions 1
-    siclip caption train.csv --captioner hf:models/git-base --out train_syn.csv       # adds a synthetic_captions column
-    siclip caption data/shards --captioner ground-truth                                # embedded-world shards only
-    siclip caption data/shards --captioner mypkg.captioners:coca --batch-size 64       # any callable of yours
+    siclip caption --data data/shards --captioner hf:models/blip-base --num-captions 5 --out data/shards_syn
+    siclip caption --data data/shards --captioner open_clip:coca_ViT-L-14:coca_vit_l14.pt --temperature 0 --num-captions 1
+    siclip caption --data train.csv --captioner hf:models/git-base --out train_syn.csv   # adds a synthetic_captions column
+    siclip caption --data data/shards --captioner ground-truth                            # embedded-world shards only
+    siclip caption --data data/shards --captioner mypkg.captioners:coca --batch-size 64   # any callable of yours
 
 --captioner:
   hf:DIR               any transformers image-to-text model saved in DIR with its processor (BLIP, GIT, BLIP-2, …);
@@ -17,7 +17,7 @@ Sampling (hf:, open_clip:): --num-captions per image, --temperature (0: greedy, 
 --seed (each batch's seed derives from it, the shard and the batch: a shard captioned again gets the same captions).
 
 Shards are rewritten in place, or written to --out (a folder); a table goes to --out (a new .csv/.tsv: the same rows
-and a column, --column, holding each row's captions as a JSON list; train with --synthetic-keys COLUMN). Each shard (or
+and a column, --column, holding each row's captions as a JSON list: siclip train --synthetic-keys COLUMN). Each shard (or
 chunk of rows) is written whole and recorded in captions.json beside the output with the captioner and its settings: run
 the same command again after a stop and it continues; a different captioner or setting is refused, and so are shards
 or a table at --out that this captioning did not write (--overwrite starts over, replacing what is there; never
@@ -39,6 +39,7 @@ from siclip.data.captioning import MANIFEST, CaptionSettings, caption_table, rec
 from siclip.data.embedded import EmbeddedConfig
 from siclip.data.tabular import is_table
 from siclip.storage import check_output, refuse_special
+from siclip.wording import count
 
 
 def load_captioner(spec: str, settings: CaptionSettings, world_seed: int = 0, device: str = "auto"):
@@ -83,12 +84,13 @@ def check_shard_destination(data: str, out_dir: Path, record: dict, overwrite: b
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", metavar="SRC", help="shards (a directory, glob, brace range or .tar) or a .csv/.tsv table")
+    parser.add_argument("--data", metavar="SRC", help="shards (a directory, glob, brace range or .tar) or a .csv/.tsv table (required)")
+    parser.add_argument("legacy_data", nargs="?", help=argparse.SUPPRESS)  # the old positional SRC
     parser.add_argument("--captioner", default="ground-truth", metavar="SPEC",
                         help="hf:DIR, open_clip:ARCH:FILE, ground-truth or module:attribute (default: ground-truth)")
     parser.add_argument("--out", type=Path, metavar="PATH",
                         help="shards: a folder for the captioned shards (default: rewrite them in place); a table: the new table (required)")
-    parser.add_argument("--out-dir", dest="out", type=Path, help=argparse.SUPPRESS)  # the old spelling
+    cli.add_renamed(parser, "--out-dir", new="--out", dest="out", type=Path)
     parser.add_argument("--num-captions", type=cli.positive_int, default=5, metavar="N", help="captions per image (default: 5)")
     parser.add_argument("--temperature", type=cli.non_negative_float, default=1.0, metavar="T",
                         help="sampling temperature; 0: greedy decoding, one caption per image (default: 1.0)")
@@ -115,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.legacy_data is not None:
+        if args.data is not None:
+            parser.error("give the data once: --data SRC")
+        print(f"{parser.prog}: note: the positional SRC is now --data SRC; the old form goes in the next release", file=sys.stderr)
+        args.data = args.legacy_data
+    if args.data is None:
+        parser.error("the following arguments are required: --data")
     table = is_table(args.data)
     if table and args.out is None:
         parser.error(f"--out: a table is not rewritten in place; name the captioned table to write (e.g. {Path(args.data).stem}_captioned.csv)")
@@ -146,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             stats = recaption_shards(args.data, captioner, out_dir=args.out, batch_size=args.batch_size, mode=args.mode, record=record,
                                      overwrite=args.overwrite, seed=args.seed)  # fmt: skip
     unit = "chunk(s)" if table else "shard(s)"
-    print(f"captioned {stats['captioned']} images, skipped {stats['skipped']} undecodable ones"
+    print(f"captioned {count(stats['captioned'], 'image')}, skipped {stats['skipped']} undecodable ones"
           + (f", dropped {stats['empty']} empty captions" if stats["empty"] else "")
           + (f"; {stats['units_done_before']} {unit} were done before" if stats["units_done_before"] else ""))  # fmt: skip
     if table:
-        print(f"wrote {args.out}: train with --data {args.out} --synthetic-keys {args.column}")
+        print(f"wrote {args.out}: train with siclip train --data {args.out} --synthetic-keys {args.column}")
     return 0
 
 

@@ -2,7 +2,7 @@
 share weights by a plan, and save a checkpoint that reloads to the same model.
 
     siclip convert --model hf:models/clip-vit-b32 --calibration-captions captions.txt --calibration-images photos/ --out converted.pt
-    siclip convert --model open_clip:ViT-B-32:weights.pt --calibration-captions captions.txt --calibration-images photos/ \
+    siclip convert --model open_clip:ViT-B-32:weights.pt --calibration-captions captions.txt --calibration-images photos/ \\
         --sharing optimal --max-groups 6 --out converted.pt
     siclip convert --model timm:vit_small_patch16_224:vit_s16.pt --calibration-images photos/ --sharing adjacent --out vit.pt
     siclip convert --model runs/digits/model.pt --calibration-captions captions.txt --calibration-images photos/ --out siclip.pt
@@ -23,7 +23,8 @@ student that inherits its weights (the paper's recipe), saved as a siclip checkp
 3. Prints the divergence table, what was inherited, dropped and added, and parameters and FLOPs before and after.
 4. Saves the converted model (data, no code; a converted file carries its tokenizer and preprocessing, so the
    original's folder is not needed again) and checks that it reloads to the same outputs; a model whose outputs are
-   NaN or Inf on your inputs is not saved. Heatmaps and divergence.json go to --report (default: next to --out).
+   NaN or Inf on your inputs is not saved. Heatmaps, divergence.md and divergence.json go to --report-dir (default:
+   next to --out).
 
 --out is checked before anything loads: an earlier file convert wrote is replaced (atomically), any other file only
 with --overwrite, never the model's own files or a device. --calibration-count is at most 4096, --beta-ff in (0, 100].
@@ -49,7 +50,8 @@ DEFAULT_COUNT = 64
 STRATEGIES = ("none", "adjacent", "optimal", "threshold")
 
 
-def parse(argv):
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip convert``'s arguments (the vocabulary test reads this parser without running anything)."""
     from siclip.blocks import SASPConversion
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,9 +64,10 @@ def parse(argv):
     parser.add_argument("--calibration-images", type=cli.existing_dir, metavar="DIR", help="a folder of calibration images")
     parser.add_argument("--calibration-count", type=cli.int_in_range(2, MAX_CALIBRATION), default=None, metavar="N",
                         help=f"calibration captions and images to use ({DEFAULT_COUNT}; at most {MAX_CALIBRATION})")  # fmt: skip
-    parser.add_argument("--captions", dest="calibration_captions", type=cli.existing_file, help=argparse.SUPPRESS)  # old spellings
-    parser.add_argument("--images", dest="calibration_images", type=cli.existing_dir, help=argparse.SUPPRESS)
-    parser.add_argument("--count", dest="calibration_count", type=cli.int_in_range(2, MAX_CALIBRATION), help=argparse.SUPPRESS)
+    # Old spellings: --captions, --images and --count here, --caption-file and --image-folder in siclip divergence.
+    cli.add_renamed(parser, "--captions", "--caption-file", new="--calibration-captions", dest="calibration_captions", type=cli.existing_file)
+    cli.add_renamed(parser, "--images", "--image-folder", new="--calibration-images", dest="calibration_images", type=cli.existing_dir)
+    cli.add_renamed(parser, "--count", new="--calibration-count", dest="calibration_count", type=cli.int_in_range(2, MAX_CALIBRATION))
     parser.add_argument("--stacks", nargs="+", help="the stacks to convert, by name (as the divergence table prints them); default all")
     parser.add_argument("--sharing", choices=STRATEGIES, default="none", help="the sharing plan of the converted stacks (none)")
     parser.add_argument("--max-groups", type=cli.positive_int, metavar="N", help="--sharing optimal: runs per stack (default half its blocks)")
@@ -76,11 +79,20 @@ def parse(argv):
     parser.add_argument("--zero-query", action="store_true", help="W_Q = 0: each attention starts as the identity")
     parser.add_argument("--apple-model", default="mobileclip_s0",
                         help="a file in Apple's layout is built as this registered configuration (mobileclip_s0)")  # fmt: skip
-    parser.add_argument("--report", type=Path, metavar="DIR", help="folder for heatmaps and divergence.json (default: <out>_report)")
+    parser.add_argument("--report-dir", type=Path, metavar="DIR",
+                        help="folder for the divergence tables, divergence.json and heatmaps (default: <out>_report)")
+    cli.add_renamed(parser, "--report", new="--report-dir", dest="report_dir", type=Path)  # --report is the studies' switch
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The checked arguments: each refusal one line, before any model loads."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.model is not None and args.legacy_model is not None:
         parser.error("give the model once: --model SPEC")
     if args.legacy_model is not None:
+        print(f"{parser.prog}: note: the positional SPEC is now --model SPEC; the old form goes in the next release", file=sys.stderr)
         try:
             args.model = check_measurable_spec(args.legacy_model)
         except (OSError, ValueError) as err:
@@ -98,8 +110,8 @@ def parse(argv):
 
     # Before anything loads: never over a file convert did not write, its own input, or a device.
     check_output(args.out, kind="file", ours=written_by_convert, overwrite=args.overwrite, inputs=spec_files(args.model))
-    if args.report is not None and args.report.exists() and not args.report.is_dir():
-        parser.error(f"--report: {args.report} exists and is not a directory")
+    if args.report_dir is not None and args.report_dir.exists() and not args.report_dir.is_dir():
+        parser.error(f"--report-dir: {args.report_dir} exists and is not a directory")
     from .divergence import check_calibration_files
 
     check_calibration_files(parser, args)
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                                               args.max_groups, args.apple_model)  # fmt: skip
     print(f"calibration: {where}\n")
     print(divergence)
-    report_dir = args.report or args.out.with_name(args.out.stem + "_report")
+    report_dir = args.report_dir or args.out.with_name(args.out.stem + "_report")
     divergence.save(report_dir)
     stacks = args.stacks or list(divergence.groups)
     unknown = sorted(set(stacks) - set(divergence.groups))
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         done = convert(args, loaded, divergence, plans)
     print("\nsharing: " + "; ".join(f"{s}: {[list(g) for g in p.groups]} ({done['scopes'][s]})" for s, p in plans.items()))
     print(f"\nsaved {args.out}; it reloads to the same model (max |Δ| of the outputs on your inputs: {done['difference']:.1e})")
-    print(f"divergence heatmaps and divergence.json in {report_dir}")
+    print(f"divergence tables (divergence.md), divergence.json and heatmaps in {report_dir}")
     return 0
 
 

@@ -1,9 +1,9 @@
 """When distillation pays: baseline, KD only, +WI, +WIKD, +WIKD+PM across student training-set sizes.
 
-    python experiments/data_scale.py --preset smoke     # CI: every cell, a few steps each
-    python experiments/data_scale.py --preset cpu       # 2 CPU cores (see experiments/RESULTS.md for its time)
-    python experiments/data_scale.py --preset gpu --workers 12   # one H100 (16 host cores), about 10 minutes
-    python experiments/data_scale.py --preset cpu --report       # tables and figure from the runs finished so far
+    siclip study data-scale --preset smoke     # CI: every cell, a few steps each
+    siclip study data-scale --preset cpu       # 2 CPU cores (see experiments/RESULTS.md for its time)
+    siclip study data-scale --preset gpu --workers 12   # one H100 (16 host cores), about 10 minutes
+    siclip study data-scale --preset cpu --report       # tables and figure from the runs finished so far
 
 1. Train a MobileCLIP-tiny teacher on world 0 (the ablation's teacher).
 2. Train SiCLIP-tiny students on N pairs of world 1 for every N of the preset, all for the same number of steps,
@@ -32,17 +32,24 @@ from siclip.analysis.data_scale import (
 )  # fmt: skip
 from siclip.analysis.study import open_study
 from siclip.train.malloc import keep_freed_memory
+from siclip.wording import count
 
 TEACHER = "teacher (MobileCLIP-tiny)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip data-scale``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--out", type=Path, default=None, help="default runs/data_scale_<preset>")
-    parser.add_argument("--workers", type=cli.non_negative_int, default=0, help="loader worker processes")
-    parser.add_argument("--seeds", type=cli.positive_int, help="override the preset's number of seeds")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke", help="the study's sizes (default: smoke)")
+    parser.add_argument("--out", type=Path, default=None, help="the study folder (default: runs/data_scale_<preset>)")
+    parser.add_argument("--workers", type=cli.non_negative_int, default=0, metavar="N", help="data loader processes (default: 0)")
+    parser.add_argument("--seeds", type=cli.positive_int, metavar="N", help="training seeds per cell (default: the preset's)")
     parser.add_argument("--report", action="store_true", help="tables and figure from the runs finished so far; trains nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
     preset = PRESETS[args.preset]
@@ -60,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = run_and_evaluate(teacher_config(p, teacher_dir, args.workers), p)  # read only, once finished
     print(f"teacher: zero-shot top-1 {100 * load_outcomes(teacher_dir / 'outcomes.npz')['zeroshot_top1'].mean():.1f} % "
-          f"after {summary['steps']} steps ({summary['seconds']:.0f} s)", flush=True)  # fmt: skip
+          f"after {count(summary['steps'], 'step')} ({summary['seconds']:.0f} s)", flush=True)  # fmt: skip
     runs: dict[int, dict[str, list[Path]]] = {n: {} for n in preset.sizes}
     parameters: dict[str, dict] = {TEACHER: summary["parameters"]}
     for n, row in cells(preset):
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             done = run_and_evaluate(config, p)
             runs[n][row.name].append(run_dir)
             parameters[row.name] = done["parameters"]
-            print(f"N={n} {row.name} seed {seed}: {done['steps']} steps ({done['seconds']:.0f} s)", flush=True)
+            print(f"N={n} {row.name} seed {seed}: {count(done['steps'], 'step')} ({done['seconds']:.0f} s)", flush=True)
 
     frames = {n: summarize({TEACHER: [teacher_dir], **by_row}, parameters, comparisons=GRID_COMPARISONS + OPEN_COMPARISONS)
               for n, by_row in runs.items() if any(by_row.values())}  # fmt: skip

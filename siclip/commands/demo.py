@@ -1,7 +1,7 @@
 """The main job: a MobileCLIP-tiny teacher, its SiCLIP-tiny student (WI + WIKD + PM), one table comparing them.
 
-    python experiments/demo.py                 # CPU, under 10 minutes on 2 cores (runs/demo, runs/demo_student)
-    python experiments/demo.py --out runs/x    # elsewhere; an interrupted demo resumes where it stopped
+    siclip demo                  # CPU, under 10 minutes on 2 cores (runs/demo, runs/demo_student)
+    siclip demo --out runs/x     # elsewhere; an interrupted demo resumes where it stopped
 
 Both models are evaluated on the same items of the embedded world (zero-shot over its 100 classes,
 retrieval on held-out images); inference throughput is timed interleaved, both models reparameterised,
@@ -42,16 +42,22 @@ def inference_rates(models: dict, *, batch: int = 64, rounds: int = 5) -> dict[s
     return {name: {"images/s": image[name], "texts/s": text[name]} for name in fused}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip demo``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs"), help="parent of the teacher's and the student's run directories")
-    parser.add_argument("--workers", type=cli.non_negative_int, default=0)
-    parser.add_argument("--timing-rounds", type=cli.positive_int, default=5, help="interleaved rounds of the inference timing (median)")
+    parser.add_argument("--out", type=Path, default=Path("runs"), help="parent of the teacher's and the student's run directories (default: runs)")
+    parser.add_argument("--workers", type=cli.non_negative_int, default=0, metavar="N", help="data loader processes of both runs (default: 0)")
+    parser.add_argument("--timing-rounds", type=cli.positive_int, default=5, help="interleaved rounds of the inference timing, their median reported (default: 5)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out: {args.out} exists and is not a directory")
     keep_freed_memory()
-    again = f"run the demo again (make demo, or python experiments/demo.py --out {shlex.quote(str(args.out))}) to continue where it stopped"
+    again = f"run the demo again (make demo, or siclip demo --out {shlex.quote(str(args.out))}) to continue where it stopped"
     cli.on_interrupt(f"the runs in {args.out} keep their checkpoints: {again}")
     started = time.perf_counter()
     teacher_config, student_config = PRESETS["demo"], PRESETS["demo-student"]

@@ -14,7 +14,8 @@ own causal and padding masks), over the query rows that are real tokens (padding
 without --calibration-captions/--calibration-images reads the embedded world's validation split.
 
 The report prints as tables (rows read per stack, adjacent pairs, each strategy's plan) and is saved in --out as
-divergence.json (one schema: per stack its blocks, rows read, matrices and plans as lists of lists) and heatmaps.
+divergence.md (the same tables), divergence.json (one schema: per stack its blocks, rows read, matrices and plans as
+lists of lists, each plan's strategy and threshold as fields) and heatmaps.
 
 --preset trains that preset of `siclip train` in segments (exact resume), snapshots the model at --snapshots evenly
 spaced steps (step 0 included) and writes trajectory.csv and trajectory.png; rerunning continues where it stopped.
@@ -32,6 +33,7 @@ from siclip import cli  # first: a Ctrl-C while the rest imports ends in one lin
 
 from siclip.interop.calibration import MEASURABLE_HELP, check_measurable_spec
 from siclip.train.presets import PRESETS
+from siclip.wording import count
 
 DEFAULT_COUNT = 64
 PRESET_COUNT = 256  # the trajectory's captions, as experiments/RESULTS.md measured it
@@ -97,13 +99,14 @@ def check_calibration_files(parser, args) -> None:
                      "--calibration-images DIR, what it reads (a CLIP both)")  # fmt: skip
 
 
-def parse(argv):
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip divergence``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", type=cli.checked(check_measurable_spec), metavar="SPEC", help=f"the model to measure: {MEASURABLE_HELP}")
     source.add_argument("--preset", choices=sorted(PRESETS), help="divergences through a training run of this preset")
     # Old spellings, kept working and out of the help: --checkpoint and --spec were --model.
-    source.add_argument("--checkpoint", "--spec", dest="model", type=cli.checked(check_measurable_spec), help=argparse.SUPPRESS)
+    cli.add_renamed(source, "--checkpoint", "--spec", new="--model", dest="model", type=cli.checked(check_measurable_spec))
     parser.add_argument("--calibration-captions", type=cli.existing_file, metavar="FILE",
                         help="calibration captions, one per line (default for a siclip model: the embedded world's)")  # fmt: skip
     parser.add_argument("--calibration-images", type=cli.existing_dir, metavar="DIR",
@@ -111,8 +114,10 @@ def parse(argv):
     parser.add_argument("--calibration-count", type=cli.int_in_range(2, MAX_CALIBRATION), default=None, metavar="N",
                         help=f"calibration captions and images to use ({DEFAULT_COUNT}; with --preset {PRESET_COUNT} captions, at most 64 "
                         f"images; at most {MAX_CALIBRATION})")  # fmt: skip
-    parser.add_argument("--caption-file", dest="calibration_captions", type=cli.existing_file, help=argparse.SUPPRESS)
-    parser.add_argument("--image-folder", dest="calibration_images", type=cli.existing_dir, help=argparse.SUPPRESS)
+    # Old spellings: --caption-file and --image-folder here, --captions, --images and --count in siclip convert.
+    cli.add_renamed(parser, "--caption-file", "--captions", new="--calibration-captions", dest="calibration_captions", type=cli.existing_file)
+    cli.add_renamed(parser, "--image-folder", "--images", new="--calibration-images", dest="calibration_images", type=cli.existing_dir)
+    cli.add_renamed(parser, "--count", new="--calibration-count", dest="calibration_count", type=cli.int_in_range(2, MAX_CALIBRATION))
     parser.add_argument("--max-groups", type=cli.positive_int, metavar="N",
                         help="with --model: runs of the optimal plan per stack (default half the blocks)")  # fmt: skip
     parser.add_argument("--apple-model", default="mobileclip_s0",
@@ -123,6 +128,12 @@ def parse(argv):
                         help="with --preset: the run's directory (default <out>/run); runs/demo makes it the demo's teacher")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("runs/reports"), metavar="PATH",
                         help="folder for divergence.json and the heatmaps (runs/reports)")  # fmt: skip
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The checked arguments: each refusal one line, before any model loads."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.model is None and args.preset is None:
         parser.error("give --model SPEC (the model to measure) or --preset NAME (divergences through a training run)")
@@ -157,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                                      args.max_groups, args.apple_model)  # fmt: skip
     print(f"calibration: {where}\n")
     print(report)
-    paths = report.save(args.out)
-    print(f"\nwritten to {args.out}: {paths[-1].name} and {len(paths) - 1} heatmaps ({', '.join(p.name for p in paths[:-1])})")
+    *heatmaps, tables, record = report.save(args.out)
+    print(f"\nwritten to {args.out}: {record.name}, {tables.name} (these tables) and {count(len(heatmaps), 'heatmap')} "
+          f"({', '.join(p.name for p in heatmaps)})")  # fmt: skip
     return 0
 
 

@@ -7,7 +7,7 @@
 --model: a model spec: a siclip checkpoint (its tokenizer is saved in it), Apple's mobileclip_s0.pt (CLIP BPE),
          hf:DIR (a transformers CLIPModel or SiglipModel saved with its tokenizer and preprocessor_config.json), or
          open_clip:ARCH:FILE (an open_clip architecture or model-config JSON, and a weights file), or a directory
-         experiments/export.py wrote (the ONNX encoders under ONNX Runtime). Every image goes through the model's
+         siclip export wrote (the ONNX encoders under ONNX Runtime). Every image goes through the model's
          own preprocessing (resize, crop, mean and std), every prompt through its tokenizer.
 --zeroshot: a folder with one subfolder per class, or a CSV/TSV with filepath,label columns.
 --classnames: one name per line or a JSON list, in class order; class folders named after their
@@ -17,14 +17,13 @@
 --templates: one prompt per line with a {} or {c} placeholder, or CLIP's sets by name: imagenet1k (80),
              imagenet1k-simple (7), cifar (18); CLIP's 80-template ensemble by default.
 --retrieval: a CSV/TSV with filepath,title rows (one row per caption) or WebDataset shards.
-Writes {dataset}_{task}.json per task into --out and prints the metrics. A bad argument or input file ends in one line
-``evaluate.py: error: …`` (status 2).
+Writes {dataset}_{task}.json per task into --out and prints the metrics as one table. A bad argument or input file ends
+in one line ``siclip evaluate: error: …`` (status 2).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
@@ -37,7 +36,8 @@ from siclip.interop import check_model_spec, load_clip
 from siclip.train.malloc import keep_freed_memory
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip evaluate``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=cli.checked(check_model_spec),
                         help="siclip checkpoint, Apple-layout mobileclip_s0.pt, hf:DIR, open_clip:ARCH:FILE or an exported directory")
@@ -52,6 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", type=cli.device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--max-unknown-rate", type=cli.fraction, default=0.05,
                         help="refuse prompts or captions whose tokens are more than this fraction <unk> (default: 0.05)")
+    return parser
+
+
+def results_table(records: list[dict]) -> str:
+    """The results as one table, a row per metric of each task (per-class accuracies are in the JSON files)."""
+    lines = ["| dataset | task | metric | value |", "|---|---|---|---:|"]
+    for record in records:
+        for metric, value in record["metrics"].items():
+            if metric != "per_class_accuracy":
+                shown = f"{value:.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
+                lines.append(f"| {record['dataset']} | {record['task']} | {metric} | {shown} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
     if args.zeroshot is None and args.retrieval is None:
@@ -67,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         records = run_benchmarks(model, loaded.tokenizer, model_name=model.name, zeroshot=args.zeroshot, classnames=args.classnames,
                                  templates=args.templates, retrieval_data=args.retrieval, out_dir=args.out, batch_size=args.batch_size,
                                  max_unknown_rate=args.max_unknown_rate)  # fmt: skip
-    for record in records:
-        shown = {k: v for k, v in record["metrics"].items() if k != "per_class_accuracy"}
-        print(json.dumps({"dataset": record["dataset"], "task": record["task"], **shown}))
+    print(results_table(records))
     if args.out:
         print(f"results in {args.out}")
     return 0

@@ -1,7 +1,7 @@
 """Export a model's two encoders to ONNX, checked under ONNX Runtime against PyTorch.
 
-    python experiments/export.py --model runs/mine/model.pt --out runs/mine/onnx
-    python experiments/export.py --model mobileclip_s0.pt --out runs/s0_onnx --quantize int8
+    siclip export --model runs/mine/model.pt --out runs/mine/onnx
+    siclip export --model mobileclip_s0.pt --out runs/s0_onnx --quantize int8
 
 --model: any model whose encoders are torch modules: a siclip checkpoint (its tokenizer is saved in it), Apple's
        mobileclip_s0.pt (CLIP BPE), a converted file (siclip convert), hf:DIR, open_clip:ARCH:FILE.
@@ -17,7 +17,7 @@
 The check runs both encoders under ONNX Runtime and PyTorch on scikit-learn's sample photographs and real captions,
 batched and one at a time: a max relative error above 1e-4 (float32) fails the export, naming the encoder; an int8
 embedding whose cosine to the float32 one is below 0.7 fails it too (measured: siclip/deploy/export.py).
-Evaluate the result like any model: python experiments/evaluate.py --model runs/mine/onnx/ --zeroshot ...
+Evaluate the result like any model: siclip evaluate --model runs/mine/onnx/ --zeroshot ...
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from siclip.storage import check_output
 from siclip.train.malloc import keep_freed_memory
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip export``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=cli.checked(check_model_spec), metavar="SPEC",
                         help="the model to export: a siclip checkpoint, Apple's mobileclip_s0.pt, a converted file, hf:DIR or "
@@ -49,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=cli.int_in_range(*OPSETS), default=DEFAULT_OPSET,
                         help=f"ONNX opset, {OPSETS[0]} to {OPSETS[1]} ({DEFAULT_OPSET}: the Attention op)")
     parser.add_argument("--quantize", choices=["int8"], help="also write OUT/int8/ (ONNX Runtime dynamic quantisation)")
-    parser.add_argument("--apple-model", default="mobileclip_s0", help="registered configuration a file in Apple's layout is built as")
+    parser.add_argument("--apple-model", default="mobileclip_s0", help="registered configuration a file in Apple's layout is built as (default: mobileclip_s0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     with cli.user_input():  # before any model loads: a destination it may not write is refused now, not after the export
         check_output(args.out, ours=written_by_export, overwrite=args.overwrite, inputs=spec_files(args.model))
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             entry = done.int8_manifest[encoder]
             print(f"{done.int8 / entry['file']}: {entry['bytes'] / 2**20:.1f} MiB ({entry['bytes'] / manifest[encoder]['bytes']:.0%} of "
                   f"float32), smallest cosine to the float32 embeddings {cosines[encoder]:.5f} (bound {bound}; one sample per call)")  # fmt: skip
-    print(f"exported {manifest['name']} to {done.directory} (evaluate it with experiments/evaluate.py --model {done.directory}/)")
+    print(f"exported {manifest['name']} to {done.directory} (evaluate it with siclip evaluate --model {done.directory}/)")
     return 0
 
 

@@ -41,7 +41,8 @@ from siclip.storage import OutputRefused, check_output, write_text_atomic
 OUTPUTS = ("scores.csv", "kept_indices.json", "kept.csv", "kept.tsv", "filter.json", "shards", "cache")
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip filter``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=cli.checked(check_model_spec),
                         help="the scoring CLIP, any model spec: a siclip checkpoint, Apple's mobileclip_s0.pt, hf:DIR, "
@@ -55,7 +56,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=cli.positive_int, default=512, help="pairs per cached chunk of scores (512)")
     parser.add_argument("--device", type=cli.device, default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda:1', … (auto)")
     parser.add_argument("--num-train", type=cli.positive_int, default=2000, help="embedded world: training pairs (2000, as siclip train)")
-    parser.add_argument("--seed", type=cli.non_negative_int, default=0, help="embedded world: its seed (0)")
+    parser.add_argument("--world-seed", type=cli.non_negative_int, default=0, metavar="N", help="embedded world: its seed (default: 0)")
+    cli.add_renamed(parser, "--seed", new="--world-seed", dest="world_seed", type=cli.non_negative_int)
     parser.add_argument("--caption-noise", type=cli.fraction, default=0.0, help="embedded world: fraction of pairs with another scene's captions (0)")
     parser.add_argument("--image-size", type=cli.positive_int, default=64, help="embedded world: rendered image size of the written shards (64)")
     parser.add_argument("--image-key", default="filepath", help="CSV image path column (filepath)")
@@ -63,6 +65,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples-per-shard", type=cli.positive_int, default=1000, help="samples per written shard (1000)")
     parser.add_argument("--resume", action="store_true", help="continue the filter run in --out (its cached scores)")
     parser.add_argument("--overwrite", action="store_true", help="delete the filter run in --out and start over")
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The checked arguments: each refusal one line, before any model loads."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume continues the filter run in --out and --overwrite deletes it: choose one")
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     cli.on_interrupt(f"the scores computed so far are kept in {args.out / 'cache'}: continue with --resume")
     with cli.user_input():  # the data and the device are checked before the model loads
-        world = EmbeddedConfig(seed=args.seed, num_train=args.num_train, image_size=args.image_size, caption_noise=args.caption_noise)
+        world = EmbeddedConfig(seed=args.world_seed, num_train=args.num_train, image_size=args.image_size, caption_noise=args.caption_noise)
         source = open_source(args.data, world, image_key=args.image_key, caption_key=args.caption_key)
         if args.overwrite:
             for name in OUTPUTS:
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         model = loaded.model.to(cli.resolved_device(args.device)).eval() if hasattr(loaded.model, "to") else loaded.model
         identity = {"model": args.model, "data": args.data, "caption": "raw"}
         if args.data == "embedded":
-            identity["world"] = {"seed": args.seed, "num_train": args.num_train, "caption_noise": args.caption_noise}
+            identity["world"] = {"seed": args.world_seed, "num_train": args.num_train, "caption_noise": args.caption_noise}
         pairs = score_pairs(source, image_encoder(model), text_encoder(model, loaded.tokenizer), args.out / "cache", identity=identity,
                             chunk_size=args.chunk_size, batch_size=args.batch_size)  # fmt: skip
     kept = select_pairs(pairs.scores, keep_fraction=args.keep_fraction, threshold=args.threshold)

@@ -1,7 +1,7 @@
 """FLOPs and parameters of every registered model (inference form, one image at its size, one caption), and the
 FLOPs of one CLIP-loss training step (train-time form, forward and backward, per pair at --train-batch).
 
-    python experiments/flops_report.py [--out runs/reports] [--train-batch 2]
+    siclip flops [--out runs/reports] [--train-batch 2]
 """
 
 from __future__ import annotations
@@ -17,11 +17,17 @@ from siclip.analysis.flops import model_report
 from siclip.models import create_model, list_models, reparameterize_model
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip flops``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/reports"), help="output directory (runs/reports)")
     parser.add_argument("--train-batch", type=cli.int_at_least(2), default=2,
                         help="pairs of the measured training step; its FLOPs are reported per pair too (2)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out: {args.out} exists and is not a directory")

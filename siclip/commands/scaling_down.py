@@ -33,6 +33,7 @@ from pathlib import Path
 from siclip import cli  # first: a Ctrl-C while the rest imports ends in one line
 
 from siclip.analysis.scaling_down import PRESETS, claims, needs, preset_record, study_cells
+from siclip.wording import count
 
 ALL_CLAIMS = (1, 2, 3, 4, 5, 6)
 
@@ -48,15 +49,22 @@ def claim_numbers(text: str) -> tuple[int, ...]:
     return numbers
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """``siclip study scaling-down``'s arguments (the vocabulary test reads this parser without running anything)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke", help="the study's sizes (smoke)")
-    parser.add_argument("--out", type=Path, default=None, help="the study folder (runs/scaling_down_<preset>)")
-    parser.add_argument("--claims", type=claim_numbers, default=ALL_CLAIMS, help="run only these claims' cells, e.g. 1,3,6 (all)")
-    parser.add_argument("--seeds", type=cli.positive_int, help="training seeds per cell (the preset's: 3, smoke 2)")
-    parser.add_argument("--workers", type=cli.non_negative_int, default=0, help="loader worker processes (0)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke", help="the study's sizes (default: smoke)")
+    parser.add_argument("--out", type=Path, default=None, help="the study folder (default: runs/scaling_down_<preset>)")
+    parser.add_argument("--claims", type=claim_numbers, default=ALL_CLAIMS, metavar="K,…",
+                        help="run only these claims' cells, e.g. 1,3,6 (default: all, 1,2,3,4,5,6)")
+    parser.add_argument("--seeds", type=cli.positive_int, metavar="N", help="training seeds per cell (default: the preset's: 3, smoke 2)")
+    parser.add_argument("--workers", type=cli.non_negative_int, default=0, metavar="N", help="data loader processes (default: 0)")
     parser.add_argument("--report", action="store_true", help="tables, verdicts and figures from the runs finished so far; trains nothing")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed arguments."""
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +130,7 @@ def run_study(preset, out: Path, numbers: tuple[int, ...], workers: int) -> None
             done = run_and_evaluate(cell_config(preset, cell, seed, paths, workers), p)
             wall = record_time(out, cell.slug, seed, time.perf_counter() - t0)
             spent = f", {done['flops_spent'] / 1e12:.2f} TFLOPs" if "flops_spent" in done else ""
-            print(f"{cell.slug} seed {seed}: {done['steps']} steps{spent}, {wall:.0f} s with evaluation", flush=True)
+            print(f"{cell.slug} seed {seed}: {count(done['steps'], 'step')}{spent}, {wall:.0f} s with evaluation", flush=True)
 
 
 def _say_teacher(run: Path, name: str) -> None:
@@ -185,7 +193,7 @@ def _note(preset, noise: dict | None, out: Path) -> str:
     p = preset.base
     lines = [f"Preset: budgets {', '.join(f'{b:g}' for b in preset.budgets)} TFLOPs, N ∈ {{{', '.join(f'{n:,}' for n in preset.sizes)}}}, "
              f"claims 1, 2, 4 at {preset.budget:g} TFLOPs and N = {preset.n:,}, claim 6 at {preset.kd_steps} steps; student batch "
-             f"{preset.student_batch}, {p.image_size} px; {p.seeds} seeds; evaluated on {100 * p.eval_per_class:,} zero-shot and "
+             f"{preset.student_batch}, {p.image_size} px; {count(p.seeds, 'seed')}; evaluated on {100 * p.eval_per_class:,} zero-shot and "
              f"{p.eval_images:,} retrieval images of world 0 (the same for every row)."]  # fmt: skip
     if noise:
         lines.append(f"Noisy world: caption noise {preset.caption_noise:g}; the teacher's CLIP-score filter kept {preset.keep_fraction:.0%} "

@@ -68,6 +68,7 @@ from siclip.train import TrainConfig, train
 from siclip.train.malloc import keep_freed_memory
 from siclip.train.presets import PRESETS
 from siclip.train.step import check_tower_names
+from siclip.wording import count
 
 
 def tower_values(kind):
@@ -169,7 +170,8 @@ FLAGS: dict[str, list[Flag]] = {
              "inherits from --teacher", MODEL_SPEC, metavar="SPEC"),
         flag("--inherit", "inherit", "a SiCLIP student inherits the teacher's weights (WI); --no-inherit: from scratch, the "
              "teacher only distils", **SWITCH),
-        flag("--teacher-model", "teacher_model", "config an Apple-layout teacher file is built as", choices=list_models(), metavar="MODEL"),
+        flag("--apple-model", "teacher_model", "the registered configuration a --teacher file in Apple's layout is built as",
+             choices=list_models(), metavar="MODEL", aliases=("--teacher-model",)),
     ],
     "objective": [
         flag("--lambda-clip", "objective.clip", "weight of the CLIP contrastive loss", cli.non_negative_float, metavar="W"),
@@ -310,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
             options = {**row.options, **({"type": row.type} if row.type is not None else {})}
             group.add_argument(*row.names, dest=row.key, default=None, help=f"{row.help}{shown} (default: {_default(row.key)})".replace("%", "%%"),
                                **options)  # fmt: skip
-            for alias in row.aliases:
-                group.add_argument(alias, dest=row.key, default=None, help=argparse.SUPPRESS, **options)
+            if row.aliases:
+                cli.add_renamed(group, *row.aliases, new=row.names[0], dest=row.key, **options)
     run = parser.add_argument_group("continuing")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (default: off)")
     run.add_argument("--overwrite", action="store_true",
@@ -387,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(render(config))
         return 0
+    if config.objective.needs_teacher and config.teacher is None and config.distill_teacher is None:  # a preset may leave it to you
+        raise SettingError("the objective distils from a teacher (objective.feature/relation/interactive > 0, as --wikd sets) and none "
+                           "was given: pass --teacher SPEC")  # fmt: skip
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, once
         print(f"configuration ({describe_sources(args)}), saved in {Path(config.out_dir) / 'config.json'}:")
         print(render(config, indent="  "), flush=True)
@@ -394,11 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(config.out_dir) / "checkpoint.pt"
     cli.on_interrupt(lambda: f"the checkpoint {checkpoint} is kept: continue with --resume" if checkpoint.exists() else cli.NOTHING_SAVED)
     summary = train(config, resume=args.resume, overwrite=args.overwrite)
-    print(f"\n{config.model}: {summary['steps']} steps in {summary['seconds']:.0f} s, final loss "
+    print(f"\n{config.model}: {count(summary['steps'], 'step')} in {summary['seconds']:.0f} s, final loss "
           + ", ".join(f"{k} {v:.3f}" for k, v in summary["final_loss"].items()))  # fmt: skip
     if summary["skipped_samples"]:
         print(f"skipped samples: {summary['skipped_samples']} (their keys are in the log above)")
-    print(f"parameters: {summary['parameters']}")
+    print("parameters: " + ", ".join(f"{group} {n:,}" for group, n in summary["parameters"].items()))
     if summary.get("eval"):
         print("\n| metric | value |\n|---|---|")
         for name, value in summary["eval"].items():

@@ -14,7 +14,7 @@ Each unit (a shard; a chunk of rows) is written whole (a temporary file, then a 
 ``OUT.parts/`` for a table), with ``record``: the captioner and its settings. A rerun with the same record skips the
 units done; one with another is refused, naming both (``overwrite`` starts over). Without ``record`` nothing is recorded
 and every unit is captioned. A table's chunks are kept in ``OUT.parts/`` until the last one is done; then ``OUT`` is
-written whole (the input's columns and ``column``, a JSON list per row, which ``--synthetic-keys COLUMN`` reads) and the
+written whole (the input's columns and ``column``, a JSON list per row, which ``siclip train --synthetic-keys COLUMN`` reads) and the
 parts go.
 
 Nothing is replaced that this captioning did not write: a file of a unit's name already in the output folder that the

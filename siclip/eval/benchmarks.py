@@ -261,16 +261,25 @@ def dataset_name(path: str | Path) -> str:
     return path.name if path.is_dir() else path.stem
 
 
-PROMPT_HINT = ("Give --templates whose words the tokenizer knows (one prompt per line with {}), or a tokenizer that knows "
-               "CLIP's 80 default prompts (--tokenizer clip)")  # fmt: skip
+# What to do about prompts the tokenizer cannot read, in flags both `siclip evaluate` and `siclip train` have (the
+# model's tokenizer is fixed when it is evaluated; the prompts are the templates filled with the class names).
+PROMPT_HINT = ("Give --classnames and --templates whose words the tokenizer knows (one prompt per line with {}), or pass "
+               "--max-unknown-rate P to accept more")  # fmt: skip
+FOLDER_NAMES_HINT = ("The class names are the folder names (no --classnames was given): give --classnames FILE naming the classes "
+                     "in words, or --templates whose words the tokenizer knows, or pass --max-unknown-rate P to accept more")  # fmt: skip
+RETRIEVAL_HINT = ("Evaluate a model whose tokenizer knows these words (siclip train --tokenizer words builds one from your "
+                  "captions), or pass --max-unknown-rate P to accept more")  # fmt: skip
 
 
-def check_prompts(tokenizer, classnames: Sequence[str], templates: Sequence[str], max_unknown_rate: float | None, where: str) -> None:
+def check_prompts(tokenizer, classnames: Sequence[str], templates: Sequence[str], max_unknown_rate: float | None, where: str,
+                  *, folder_names: bool = False) -> None:  # fmt: skip
     """Refuse prompts (each template with each class name) whose tokens the tokenizer maps to ``<unk>`` above
-    ``max_unknown_rate``: an unknown word silently drops out of every class embedding (None: no check)."""
+    ``max_unknown_rate``: an unknown word silently drops out of every class embedding (None: no check).
+    ``folder_names``: the class names are the set's folder names, which the hint then says."""
     if max_unknown_rate is not None:
         prompts = [t.format(name) for name in classnames for t in templates]
-        check_unknown_rate(tokenizer, prompts, max_unknown_rate, where, what="prompt", hint=PROMPT_HINT)
+        hint = FOLDER_NAMES_HINT if folder_names else PROMPT_HINT
+        check_unknown_rate(tokenizer, prompts, max_unknown_rate, where, what="prompt", hint=hint)
 
 
 def zero_shot_classification(model, tokenizer, path: str | Path, *, classnames: Sequence[str] | None = None,
@@ -280,7 +289,7 @@ def zero_shot_classification(model, tokenizer, path: str | Path, *, classnames: 
     and ``per_class_accuracy`` (class name → accuracy). Prompts are checked first (:func:`check_prompts`)."""
     source, labels, names = zero_shot_dataset(path, classnames)
     templates = list(templates) if templates is not None else list(CLIP_TEMPLATES)
-    check_prompts(tokenizer, names, templates, max_unknown_rate, f"{path} (zero-shot prompts)")
+    check_prompts(tokenizer, names, templates, max_unknown_rate, f"{path} (zero-shot prompts)", folder_names=classnames is None)
     was_training = model.training
     model.eval()
     logits = zero_shot_logits(model, tokenizer, source, names, templates, batch_size=batch_size)
@@ -305,7 +314,8 @@ def retrieval(model, tokenizer, path: str | Path, *, caption_columns: Sequence[s
     and the queries whose result hangs on tied scores (``*_ties@k``). Captions are checked for unknown tokens first."""
     source, captions = retrieval_dataset(path, caption_columns=caption_columns)
     if max_unknown_rate is not None:
-        check_unknown_rate(tokenizer, [c for caps in captions for c in caps], max_unknown_rate, f"{path} (retrieval captions)")
+        check_unknown_rate(tokenizer, [c for caps in captions for c in caps], max_unknown_rate, f"{path} (retrieval captions)",
+                           hint=RETRIEVAL_HINT)  # fmt: skip
     was_training = model.training
     model.eval()
     recall = retrieval_eval(model, tokenizer, source, captions, batch_size=batch_size, ties=True)

@@ -110,6 +110,42 @@ class TrainConfig:
     budget_measure_steps: int = 1  # batches the step cost is averaged over (1 is exact when every step costs the same)
 
 
+EMBEDDED_ONLY = ("num_train", "num_synthetic", "seed", "shape_twins", "caption_noise")  # DataConfig fields of the embedded world
+TABLE_ONLY = ("image_key", "caption_key", "synthetic_keys")  # DataConfig fields a CSV/TSV is read by
+TEACHER_ONLY = ("teacher", "distill_teacher", "teacher_model", "inherit", "inherited_lr_scale")  # TrainConfig fields of a teacher
+
+
+def applied_settings(config: TrainConfig) -> dict:
+    """The settings that applied to this run, as its summary.json records them under ``config``: every field of
+    ``config`` except those that had no effect (the embedded world's on other data, a table's columns on other data,
+    a teacher's fields when none was given). Still settings only, so ``--config summary.json`` reads them back (the
+    fields left out take their defaults, which had no effect either); config.json keeps every field."""
+    from siclip.data.tabular import is_table
+
+    settings = dataclasses.asdict(config)
+    data = settings["data"]
+    embedded, table = config.data.source == "embedded", is_table(config.data.source)
+    for key in (() if embedded else EMBEDDED_ONLY) + (() if table else TABLE_ONLY):
+        data.pop(key)
+    if config.teacher is None and config.distill_teacher is None:
+        for key in TEACHER_ONLY:
+            settings.pop(key)
+    return settings
+
+
+def data_read(config: TrainConfig, source) -> dict:
+    """What the run read, as summary.json records it under ``data``: the ``samples`` it trained on (``len(source)``,
+    after any subset), and for a CSV/TSV its ``rows`` and the ``columns`` read (image, raw caption, synthetic)."""
+    from siclip.data.tabular import is_table
+
+    read = {"source": config.data.source, "samples": len(source)}
+    if is_table(config.data.source):
+        whole = getattr(source, "source", source)  # the table a subset was drawn from
+        read |= {"rows": len(whole), "columns": {"image": config.data.image_key, "caption": config.data.caption_key,
+                                                  "synthetic": list(config.data.synthetic_keys)}}  # fmt: skip
+    return read
+
+
 def save_config(config: TrainConfig) -> Path:
     """``out_dir/config.json``: every setting of the run, which ``siclip train --config`` reads back."""
     return write_text_atomic(json.dumps(dataclasses.asdict(config), indent=2) + "\n", Path(config.out_dir) / "config.json")

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from siclip.data import EmbeddedConfig
-from siclip.data.calibration import read_caption_file  # noqa: F401  (moved to siclip.data; importable here as before)
 
 from .config import TrainConfig
 
@@ -19,6 +18,13 @@ def wants_embedded_eval(config: TrainConfig) -> bool:
     if config.eval_embedded is not None:
         return config.eval_embedded
     return config.data.source == "embedded" and config.eval_zeroshot is None and config.eval_retrieval is None
+
+
+def nothing_evaluated(config: TrainConfig) -> str:
+    """What a run whose evaluation measured nothing says of it (in summary.json's ``eval_note`` and on stdout):
+    training on the user's data with no benchmark named evaluates nothing, and that is said, not left as ``{}``."""
+    return (f"nothing was evaluated: the run trained on {config.data.source} and named no benchmark; give --zeroshot and/or "
+            "--retrieval (or --eval-embedded for the embedded world's) to evaluate the model")  # fmt: skip
 
 
 def evaluate_run(student, tokenizer, config: TrainConfig) -> dict[str, float]:
@@ -49,7 +55,8 @@ def check_evaluation_inputs(config: TrainConfig, tokenizer) -> None:
         names = read_classnames(config.eval_classnames) if config.eval_classnames is not None else None
         templates = read_templates(config.eval_templates)
         _, _, names = zero_shot_dataset(config.eval_zeroshot, names)
-        check_prompts(tokenizer, names, templates, config.data.max_unknown_rate, f"{config.eval_zeroshot} (zero-shot prompts)")
+        check_prompts(tokenizer, names, templates, config.data.max_unknown_rate, f"{config.eval_zeroshot} (zero-shot prompts)",
+                      folder_names=config.eval_classnames is None)  # fmt: skip
     if config.eval_retrieval is not None:
         _, captions = retrieval_dataset(config.eval_retrieval)
         check_unknown_rate(tokenizer, [c for caps in captions for c in caps], config.data.max_unknown_rate,

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from siclip.blocks.token_dropout import enable_token_dropout
 from siclip.data import EpochSampler, ImageTextDataset, ImageTextLoader, augment_policy
 from siclip.data.augment import kornia_library
+from siclip.data.calibration import read_caption_file  # the user's calibration captions: a reader of user inputs, in siclip.data
 from siclip.data.tokenizer import tokenizer_spec
 from siclip.distill import FrozenTeacher, SiCLIPObjective
 from siclip.errors import user_input
@@ -36,8 +37,8 @@ from siclip.models import (
     save_checkpoint,
 )  # fmt: skip
 
-from .config import TrainConfig, save_config
-from .evaluation import evaluate_run, read_caption_file
+from .config import TrainConfig, applied_settings, data_read, save_config
+from .evaluation import evaluate_run, nothing_evaluated
 from .budget import first_batches, measure_step_flops, phase_flops, phased_budget_steps
 from .guard import NonFiniteLoss, PeerLost, StopSignals, TrainingInterrupted, flatten_tensors, nonfinite_names
 from .inputs import RunInputs, prepare_run, save_tokenizer, settled_model_config, training_captions
@@ -274,6 +275,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
 
     with user_input():  # what the run reads, checked before its first step
         inputs = prepare_run(config, student_model_config(config), resume=resume)
+        read = data_read(config, inputs.source)  # what summary.json records the run read
         task = build_task(config, inputs).to(device)
         loader = build_data(config, inputs, task.student.preprocess.size, rank, world)
         total_steps = config.epochs * len(loader)
@@ -400,7 +402,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
                     save_state()
                 if interrupted:
                     name = signal.Signals(signals.received or signal.SIGTERM).name
-                    logger.summary(_summary(config, student, step, total_steps, started, last, pm_skipped, single_skipped, loader, budget) | {"interrupted": name})
+                    logger.summary(_summary(config, read, student, step, total_steps, started, last, pm_skipped, single_skipped, loader, budget) | {"interrupted": name})
                     raise TrainingInterrupted(signals.received or signal.SIGTERM,
                                               f"{name} at step {step}: state saved to {checkpoint_path}; continue with --resume")  # fmt: skip
                 if boundary is not None:
@@ -419,7 +421,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
     if single_skipped:
         warnings.warn(f"{single_skipped} batch(es) left with one sample after skipped samples were not trained on: the student's "
                       "BatchNorm cannot normalise a single value per channel at this image size", stacklevel=2)  # fmt: skip
-    summary = _summary(config, student, step, total_steps, started, last, pm_skipped, single_skipped, loader, budget)
+    summary = _summary(config, read, student, step, total_steps, started, last, pm_skipped, single_skipped, loader, budget)
     if step >= total_steps and rank == 0:
         if hasattr(student, "recipe"):  # a converted CLIP keeps its format (its tokenizer is its original's)
             student.save(out_dir / "model.pt")
@@ -431,6 +433,9 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, max_steps: int
                                  "the evaluation did not finish; rerun with --resume to evaluate")  # fmt: skip
             try:
                 summary["eval"] = evaluate_run(student, tokenizer, config)
+                if not summary["eval"]:
+                    summary["eval_note"] = nothing_evaluated(config)
+                    print(summary["eval_note"], flush=True)
             except TrainingInterrupted as stopped:
                 logger.summary(summary | {"interrupted": signal.Signals(stopped.signum).name, "interrupted_in": "evaluation"})
                 raise
@@ -476,14 +481,16 @@ class StepBoundary:
         return self.loader_state, self.rng
 
 
-def _summary(config: TrainConfig, student, step: int, total_steps: int, started: float, last: dict, pm_skipped: int,
+def _summary(config: TrainConfig, read: dict, student, step: int, total_steps: int, started: float, last: dict, pm_skipped: int,
              single_skipped: int, loader: ImageTextLoader, budget: dict | None = None) -> dict:  # fmt: skip
     """The run's summary; with a compute budget also ``flops_per_step`` (all ranks), ``flops_spent`` (steps × that),
-    ``budget_flops`` and ``epochs_run`` (steps ÷ batches per epoch)."""
+    ``budget_flops`` and ``epochs_run`` (steps ÷ batches per epoch). ``config`` holds the settings that applied
+    (:func:`siclip.train.config.applied_settings`, not every field; a resumed run's as its checkpoint reconciled
+    them) and ``data`` what was read (``read``, :func:`siclip.train.config.data_read`)."""
     summary = {"model": config.model, "steps": step, "total_steps": total_steps, "seconds": time.perf_counter() - started,
                "final_loss": last, "pm_skipped_steps": pm_skipped, "single_sample_batches": single_skipped, "skipped_samples": loader.skipped_total,
                "parameters": count_parameters_by_group(student), "sharing": _sharing_groups(student),
-               "config": dataclasses.asdict(config)}  # fmt: skip
+               "config": applied_settings(config), "data": read}  # fmt: skip
     if budget is not None:
         unmasked = budget.get("flops_per_unmasked_step", budget["flops_per_step"])
         spent = phase_flops(step, masked_steps(config, total_steps) if config.mask_ratio else step, budget["flops_per_step"], unmasked)

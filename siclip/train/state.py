@@ -76,29 +76,38 @@ class RunLock:
     """An exclusive ``flock`` on ``out_dir/.lock`` for the life of a run; the file names the holder's PID.
 
     The kernel drops the lock when its process dies (even by SIGKILL), so a crashed run never leaves a
-    stale lock behind.
+    stale lock behind; a run that ends through :meth:`release` (finished, refused, interrupted) removes the file,
+    so a finished run's folder holds only what the run wrote for its user.
     """
 
     def __init__(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / ".lock"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        while True:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(self._fd)
+                raise RunDirectoryBusy(f"run directory {out_dir} is in use by another run (PID {holder}); "
+                                       "wait for it to finish or choose another output directory") from None  # fmt: skip
+            try:  # the file locked is still the one at the path, not one a run ending meanwhile removed
+                if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(self._fd)
-            raise RunDirectoryBusy(f"run directory {out_dir} is in use by another run (PID {holder}); "
-                                   "wait for it to finish or choose another output directory") from None  # fmt: skip
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self, *, remove_empty: bool = False) -> None:
-        """Unlock; ``remove_empty``: also delete the lock file and the directory when nothing else is in it (a run
-        refused before it wrote anything leaves no trace)."""
+        """Remove the lock file (still holding the lock, so no other run can take this one) and unlock;
+        ``remove_empty``: also the directory when nothing else is in it (a run refused before it wrote anything
+        leaves no trace)."""
         if self._fd is not None:
-            if remove_empty and [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
-                self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
+            if remove_empty and not any(self.path.parent.iterdir()):
                 with contextlib.suppress(OSError):  # someone put a file there meanwhile: keep the directory
                     self.path.parent.rmdir()
             os.ftruncate(self._fd, 0)

@@ -26,7 +26,8 @@ class TrainingTask(nn.Module):
         self.token_dropout = tuple(token_dropout)
         self.mask_ratio = max((d.ratio for d in self.token_dropout), default=0.0)
         if objective.config.needs_teacher and teacher is None:
-            raise ValueError("the objective distils from a teacher (feature/relation/interactive > 0) but none was given")
+            raise ValueError("the objective distils from a teacher (objective.feature/relation/interactive > 0, as --wikd sets): "
+                             "pass --teacher SPEC")  # fmt: skip
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         # The teacher first: its forward's transient activations then never coexist with the student's
