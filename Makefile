@@ -29,9 +29,11 @@ demo: setup
 blocks: setup
 	$(PY) benchmarks/blocks_table.py
 
-## The test suite, benchmarks included as one-shot smoke runs.
+## The test suite, benchmarks included as one-shot smoke runs: one worker per core (pytest-xdist), each test file
+## on one worker so its module fixtures are built once (TEST_WORKERS=0 runs it in this process).
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q --benchmark-disable
+	$(PY) -m pytest -q --benchmark-disable -n $(TEST_WORKERS) --dist loadfile
 
 ## The CPU micro-benchmarks with timing.
 bench: setup

@@ -4,7 +4,10 @@ import random
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test` runs one worker per core) each worker takes one core's thread, so the workers do not
+# oversubscribe the machine; alone, a test takes up to two.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 # Without CUDA the Triton kernels run under Triton's interpreter, which must be on before they are decorated
 # (siclip.blocks.shaped_kernels is imported lazily, after this file).
 if not torch.cuda.is_available():

@@ -131,7 +131,7 @@ def read_manifest(directory: str | Path, *, check_files: bool = True) -> dict:
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: not an exported model directory (no {MANIFEST}; experiments/export.py writes one)")
+        raise FileNotFoundError(f"{directory}: not an exported model directory (no {MANIFEST}; siclip export writes one)")
     inside(directory, MANIFEST, "manifest")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise FileRefused(f"{path}: {path.stat().st_size:,} bytes, not a manifest (at most {MAX_MANIFEST_BYTES:,})")

@@ -26,8 +26,8 @@ siclip's own ``CLIP`` has it; :func:`as_clip` wraps a foreign model object in an
 | ``PATH`` (a file) | a siclip checkpoint, or a state dict in Apple's ``mobileclip_s0.pt`` layout |
 | ``hf:DIR`` | a transformers ``CLIPModel`` / ``SiglipModel`` saved in ``DIR`` (``from_pretrained``, local only) |
 | ``open_clip:ARCH:FILE`` | open_clip architecture ``ARCH`` (a registered name, or a model-config JSON path) with the weights in ``FILE`` |
-| ``PATH`` (a converted file) | a transformers or open_clip CLIP converted to SAS-P (``experiments/convert_model.py``) |
-| ``DIR`` (a directory) | the ONNX encoders ``experiments/export.py`` wrote there, under ONNX Runtime (:mod:`siclip.deploy`) |
+| ``PATH`` (a converted file) | a transformers or open_clip CLIP converted to SAS-P (``siclip convert``) |
+| ``DIR`` (a directory) | the ONNX encoders ``siclip export`` wrote there, under ONNX Runtime (:mod:`siclip.deploy`) |
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ ADAPTERS: TypeRegistry[Callable[..., "LoadedClip"]] = TypeRegistry("CLIP adapter
 SCHEMES = {"hf": ("transformers", "transformers"), "open_clip": ("open_clip", "open_clip_torch")}
 SPEC_HELP = ("a siclip checkpoint or Apple's mobileclip_s0.pt (a file path), hf:DIR (a transformers CLIPModel or SiglipModel "
              "directory), open_clip:ARCH:FILE (an open_clip architecture or model-config JSON, and a weights file), or a "
-             "directory of ONNX encoders written by experiments/export.py")  # fmt: skip
+             "directory of ONNX encoders written by siclip export")  # fmt: skip
 
 
 def _scheme(spec: str) -> tuple[str, str] | None:

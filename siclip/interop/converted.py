@@ -187,7 +187,7 @@ def save_converted(model: nn.Module, recipe: ConvertedRecipe, path: str | Path) 
     return save_atomic({"format": FORMAT, **dataclasses.asdict(complete), "state_dict": model.state_dict()}, path)
 
 
-CONVERTED_HINT = "pass a file written by experiments/convert_model.py"
+CONVERTED_HINT = "pass a file written by siclip convert"
 
 
 def is_converted(payload) -> bool:
