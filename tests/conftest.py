@@ -6,8 +6,13 @@ import torch
 
 # Under pytest-xdist (`make test` runs one worker per core) each worker takes one core's thread, so the workers do not
 # oversubscribe the machine; alone, a test takes up to two.
+# The commands a test starts in its own process inherit the same share through OMP_NUM_THREADS: two workers' children
+# each spinning two OpenMP threads on two cores ran a study's smoke run ten times slower.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
+_threads = max(1, min(2, (os.cpu_count() or 1) // _workers))
+torch.set_num_threads(_threads)
+if _workers > 1:
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
 # Without CUDA the Triton kernels run under Triton's interpreter, which must be on before they are decorated
 # (siclip.blocks.shaped_kernels is imported lazily, after this file).
 if not torch.cuda.is_available():

@@ -3,6 +3,7 @@ embedded world). Write a CSV and a held-out image folder, train a tiny model wit
 it with ``evaluate.py`` on the user's class names: zero-shot top-1 far above chance (10 %)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def write_digits(out: Path, held_out_per_class: int = 30, seed: int = 0) -> dict
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})  # fmt: skip
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})  # fmt: skip
     assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 

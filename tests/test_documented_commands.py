@@ -58,9 +58,9 @@ SKIP: dict[str, str] = {
     "--fuse-frozen-towers --log-every 50 --checkpoint-every 500 --out runs/paper_s0":
         "Apple's weights and a GPU (batch 1536); tests/test_train_cli.py checks that this line resolves as the preset",
     "siclip train --config experiments/paper_s0.yaml": "Apple's weights and a GPU (batch 1536); tests/test_train_cli.py",
-    "siclip caption data/shards --captioner open_clip:coca_ViT-L-14:coca_vit_l14.pt --out data/shards_syn":
+    "siclip caption --data data/shards --captioner open_clip:coca_ViT-L-14:coca_vit_l14.pt --out data/shards_syn":
         "open_clip's CoCa ViT-L/14 weights (a download); tests/test_captioners.py captions with a small random CoCa",
-    "siclip caption data/shards --captioner open_clip:coca_ViT-L-14:coca_vit_l14.pt --out data/shards_coca":
+    "siclip caption --data data/shards --captioner open_clip:coca_ViT-L-14:coca_vit_l14.pt --out data/shards_coca":
         "open_clip's CoCa ViT-L/14 weights (a download); tests/test_captioners.py captions with a small random CoCa",
     "siclip train --model siclip_tiny --teacher open_clip:ViT-B-32:vit_b32.pt --no-inherit --wikd --data data/train.csv "
     "--tokenizer words --image-size 32 --out runs/from_open_clip":
@@ -294,7 +294,7 @@ def test_every_documented_command_runs(workspace, capsys):
         if words[0] == "siclip":
             status = run_siclip(smoke(words), workspace)
         elif words[0] == "python" and words[1].split("/")[0] in ("experiments", "benchmarks"):
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
             done = subprocess.run([sys.executable, str(ROOT / words[1]), *smoke(words)[2:]], cwd=workspace, env=env,
                                   capture_output=True, text=True, timeout=300)  # fmt: skip
             status = done.returncode
