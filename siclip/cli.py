@@ -61,7 +61,7 @@ from siclip.errors import Interrupted, RunFailed, UserError, exit_status, user_i
 
 __all__ = ["Interrupted", "RunFailed", "UserError", "add_renamed", "checked", "device", "existing_dir", "existing_file", "existing_path", "finite_float",
            "float_in_range", "fraction", "int_at_least", "int_in_range", "non_negative_float", "non_negative_int", "on_interrupt", "positive_float",
-           "positive_int", "renamed", "resolved_device", "run", "script_name", "user_input"]  # fmt: skip
+           "note_renamed", "positive_int", "renamed", "resolved_device", "run", "script_name", "user_input"]  # fmt: skip
 
 NOTHING_SAVED = "nothing was saved: run the command again"
 _hint: str | Callable[[], str] = NOTHING_SAVED
@@ -231,13 +231,19 @@ def checked(check: Callable[[str], object]) -> Callable[[str], object]:
 # Renamed flags.
 
 
+def note_renamed(prog: str, change: str, old: str = "spelling") -> None:
+    """Say once, on stderr, that an argument changed (``change``: "--x is now --y"), and that the old ``old`` (spelling,
+    form) goes in the next release: the one wording of every renamed flag and positional argument."""
+    print(f"{prog}: note: {change}; the old {old} goes in the next release", file=sys.stderr, flush=True)
+
+
 def renamed(new: str) -> type[argparse.Action]:
     """An argparse action for an old spelling of ``new``: it stores the value as ``new`` does and says once, on stderr,
     that the spelling changed, so a script keeps working for one release and its author learns the new name."""
 
     class Renamed(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
-            print(f"{parser.prog}: note: {option_string} is now {new}; the old spelling goes in the next release", file=sys.stderr, flush=True)
+            note_renamed(parser.prog, f"{option_string} is now {new}")
             setattr(namespace, self.dest, values)
 
     return Renamed

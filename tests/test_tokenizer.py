@@ -111,3 +111,16 @@ def test_unknown_rate_counts_content_tokens_and_refuses_above_threshold():
         check_unknown_rate(tok, texts, 0.05, "train.csv")
     assert check_unknown_rate(tok, texts[:1], 0.05, "x") == 0.0
     assert unknown_token_rate(create_tokenizer("clip"), texts)[0] == 0.0  # byte-level BPE has no unknowns
+
+
+def test_retrieval_captions_are_checked_alike_wherever_they_are_read():
+    """``check_captions``: the one check of retrieval captions (evaluate's and train's pre-check), every caption of
+    every image, refused above the rate with the hint that names real flags; no check at rate None."""
+    from siclip.eval import check_captions
+
+    tok = WordTokenizer(["red", "circle", "a"], context_length=8)
+    captions = [["a red circle", "a red circle"], ["a blue square"]]  # 2 of 9 content tokens unknown
+    with pytest.raises(ValueError, match=r"retrieval\.csv.*22\.2 %.*--tokenizer words.*--max-unknown-rate"):
+        check_captions(tok, captions, 0.2, "retrieval.csv")
+    check_captions(tok, captions, 0.25, "retrieval.csv")
+    check_captions(tok, captions, None, "retrieval.csv")

@@ -29,7 +29,6 @@ map (8×8 in MCi0 at 256 px).
 from __future__ import annotations
 
 import contextvars
-
 import json
 from dataclasses import dataclass, field
 from pathlib import Path

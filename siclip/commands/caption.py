@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.legacy_data is not None:
         if args.data is not None:
             parser.error("give the data once: --data SRC")
-        print(f"{parser.prog}: note: the positional SRC is now --data SRC; the old form goes in the next release", file=sys.stderr)
+        cli.note_renamed(parser.prog, "the positional SRC is now --data SRC", "form")
         args.data = args.legacy_data
     if args.data is None:
         parser.error("the following arguments are required: --data")

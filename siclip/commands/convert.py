@@ -92,7 +92,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.model is not None and args.legacy_model is not None:
         parser.error("give the model once: --model SPEC")
     if args.legacy_model is not None:
-        print(f"{parser.prog}: note: the positional SPEC is now --model SPEC; the old form goes in the next release", file=sys.stderr)
+        cli.note_renamed(parser.prog, "the positional SPEC is now --model SPEC", "form")
         try:
             args.model = check_measurable_spec(args.legacy_model)
         except (OSError, ValueError) as err:

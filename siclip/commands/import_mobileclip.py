@@ -43,9 +43,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if args.model is not None:  # the old --model NAME: the configuration
             if args.model not in APPLE_MODELS:
                 parser.error(f"argument --apple-model: invalid choice: {args.model!r} (choose from {', '.join(APPLE_MODELS)})")
-            print(f"{parser.prog}: note: --model NAME is now --apple-model NAME; the old spelling goes in the next release", file=sys.stderr)
+            cli.note_renamed(parser.prog, "--model NAME is now --apple-model NAME")
             args.apple_model = args.model
-        print(f"{parser.prog}: note: SOURCE OUT are now --model SOURCE --out OUT; the old form goes in the next release", file=sys.stderr)
+        cli.note_renamed(parser.prog, "SOURCE OUT are now --model SOURCE --out OUT", "form")
         args.model, args.out = args.legacy
     missing = [flag for flag, value in (("--model", args.model), ("--out", args.out)) if value is None]
     if missing:

@@ -282,6 +282,13 @@ def check_prompts(tokenizer, classnames: Sequence[str], templates: Sequence[str]
         check_unknown_rate(tokenizer, prompts, max_unknown_rate, where, what="prompt", hint=hint)
 
 
+def check_captions(tokenizer, captions: Sequence[Sequence[str]], max_unknown_rate: float | None, where: str) -> None:
+    """Refuse retrieval captions (every caption of every image) whose tokens the tokenizer maps to ``<unk>`` above
+    ``max_unknown_rate`` (None: no check), with the hint that names what to do."""
+    if max_unknown_rate is not None:
+        check_unknown_rate(tokenizer, [c for caps in captions for c in caps], max_unknown_rate, where, hint=RETRIEVAL_HINT)
+
+
 def zero_shot_classification(model, tokenizer, path: str | Path, *, classnames: Sequence[str] | None = None,
                              templates: Sequence[str] | None = None, batch_size: int = 256,
                              max_unknown_rate: float | None = 0.05) -> dict:  # fmt: skip
@@ -313,9 +320,7 @@ def retrieval(model, tokenizer, path: str | Path, *, caption_columns: Sequence[s
     """CLIP_benchmark's retrieval metrics: ``image_retrieval_recall@k`` and ``text_retrieval_recall@k``, k = 1, 5, 10,
     and the queries whose result hangs on tied scores (``*_ties@k``). Captions are checked for unknown tokens first."""
     source, captions = retrieval_dataset(path, caption_columns=caption_columns)
-    if max_unknown_rate is not None:
-        check_unknown_rate(tokenizer, [c for caps in captions for c in caps], max_unknown_rate, f"{path} (retrieval captions)",
-                           hint=RETRIEVAL_HINT)  # fmt: skip
+    check_captions(tokenizer, captions, max_unknown_rate, f"{path} (retrieval captions)")
     was_training = model.training
     model.eval()
     recall = retrieval_eval(model, tokenizer, source, captions, batch_size=batch_size, ties=True)

@@ -48,8 +48,7 @@ def check_evaluation_inputs(config: TrainConfig, tokenizer) -> None:
     cannot represent (``config.data.max_unknown_rate``) stop the run at once, not after training."""
     if not config.evaluate:
         return
-    from siclip.data.tokenizer import check_unknown_rate
-    from siclip.eval import check_prompts, read_classnames, read_templates, retrieval_dataset, zero_shot_dataset
+    from siclip.eval import check_captions, check_prompts, read_classnames, read_templates, retrieval_dataset, zero_shot_dataset
 
     if config.eval_zeroshot is not None:
         names = read_classnames(config.eval_classnames) if config.eval_classnames is not None else None
@@ -59,7 +58,6 @@ def check_evaluation_inputs(config: TrainConfig, tokenizer) -> None:
                       folder_names=config.eval_classnames is None)  # fmt: skip
     if config.eval_retrieval is not None:
         _, captions = retrieval_dataset(config.eval_retrieval)
-        check_unknown_rate(tokenizer, [c for caps in captions for c in caps], config.data.max_unknown_rate,
-                           f"{config.eval_retrieval} (retrieval captions)")  # fmt: skip
+        check_captions(tokenizer, captions, config.data.max_unknown_rate, f"{config.eval_retrieval} (retrieval captions)")
 
 
