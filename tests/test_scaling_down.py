@@ -1,6 +1,7 @@
 """The scaling-down study (issue 31): its cells ask for what they name, its verdicts against a plain reference at the
 interval boundaries, the fading teacher's weights, the study folder's rules, and the smoke preset end to end."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -118,6 +119,8 @@ def test_strategy_verdict_needs_a_crossing(tmp_path):
     assert strategy_verdict(table("CLIP", "CLIP", 0.05), SMOKE.budgets)[0] == "fails"  # one strategy beats all, everywhere
     assert strategy_verdict(table("SLIP", "CLIP+DA", 0.005), SMOKE.budgets)[0] == "not resolved"  # inside the noise
     assert strategy_verdict({}, SMOKE.budgets)[0] == "not resolved"
+    verdict, why = strategy_verdict(table("CLIP", "CLIP", 0.005), SMOKE.budgets)  # one leader inside the noise: no self-comparison
+    assert verdict == "not resolved" and "CLIP − CLIP" not in why and f"CLIP leads at {lo:g} TF and at {hi:g} TF: over SLIP" in why
 
 
 # ── cells ────────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -137,7 +140,7 @@ def test_cells_ask_for_what_they_name(tmp_path):
             assert config.model == f"clip_{cell.tower}" and config.teacher is None
             assert (config.objective.ssl_scale == 1.0) == (cell.strategy == "SLIP")
             assert (config.mask_ratio == 0.5) == (cell.strategy == "FLIP")
-            assert (config.data.augment == "strong" and config.data.text_augment > 0) == (cell.strategy == "CLIP+DA")
+            assert (config.data.augment == SMOKE.da_policy == "mild" and config.data.text_augment > 0) == (cell.strategy == "CLIP+DA")
             if cell.tower.startswith("vit"):
                 assert config.model_overrides["image"]["patch_size"] * 8 == SMOKE.base.image_size
         if cell.data != "clean":  # claim 1: the noisy world, its halves as subsets, no twins (a subset would split them)
@@ -171,6 +174,8 @@ def test_every_claim_compares_its_own_cells_and_the_real_presets_are_the_issues(
     assert PRESETS["cpu"].sizes == (1024, 4096, 16_384)
     with pytest.raises(ValueError, match="one of"):
         type(SMOKE)(SMOKE.base, budgets=(1.0,), sizes=(32,), budget=2.0, n=32, kd_steps=1, student_batch=16)
+    with pytest.raises(ValueError, match="'heavy' is not an augmentation policy"):
+        dataclasses.replace(SMOKE, da_policy="heavy")
 
 
 # ── the fading teacher ──────────────────────────────────────────────────────────────────────────────────────────

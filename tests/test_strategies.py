@@ -3,6 +3,7 @@ open_clip's, timm's and transformers' ViT towers, CLIP+Data Augmentation's image
 and with a SiCLIP student under WI + WIKD + PM, and a resumed run bit-identical with them on."""
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -314,6 +315,32 @@ def test_a_caption_naming_a_side_is_never_flipped():
     assert augment(image, rng, config)[0, 0, -1] == 255  # flipped: the bright edge is on the right
     assert augment(image, rng, config, may_flip=False)[0, 0, 0] == 255
     assert augment_policy("strong", 16).flip_p == 0.5 and augment_policy("clip", 16).flip_p == 0.0
+    assert augment_policy("mild", 16).flip_p == 0.5
+
+
+def test_the_mild_policy_keeps_every_pixels_hue_where_strong_does_not(seed):
+    # a scene of random colour patches: under brightness, contrast (a grey added to all three channels) and blur of
+    # a uniform patch, each pixel inside a patch keeps the order of its channels; hue jitter and grayscale do not
+    rng = np.random.default_rng(seed)
+    colours = rng.permutation(np.array([[220, 40, 90], [30, 200, 120], [60, 80, 230], [240, 180, 20]], dtype=np.uint8))
+    image = np.repeat(np.repeat(colours.reshape(2, 2, 3), 24, axis=0), 24, axis=1)  # (48, 48, 3): four patches
+    order = {tuple(np.argsort(c)) for c in colours}
+
+    def kept_fraction(policy: str) -> float:
+        config = dataclasses.replace(augment_policy(policy, 24, normalize=False), scale=(1.0, 1.0), ratio=(1.0, 1.0))  # no crop: patch interiors known
+        kept = []
+        for trial in range(40):
+            view = augment(image, np.random.default_rng([seed, trial]), config).numpy()
+            interior = np.concatenate([view[:, 3:9, 3:9], view[:, 3:9, 15:21], view[:, 15:21, 3:9], view[:, 15:21, 15:21]], axis=1)
+            pixels = interior.reshape(3, -1).T.astype(int)
+            distinct = (np.diff(np.sort(pixels, axis=1), axis=1) > 0).all(axis=1)  # channels apart after rounding
+            kept.append(all(tuple(np.argsort(p)) in order for p in pixels[distinct]) and distinct.mean() > 0.5)
+        return float(np.mean(kept))
+
+    assert kept_fraction("mild") == 1.0
+    assert kept_fraction("strong") < 0.95  # grayscale alone (p 0.2) or a hue turn changes some of 40 views
+    crop = augment_policy("mild", 24).scale
+    assert crop == (0.35, 1.0) and augment_policy("strong", 24).scale[0] < crop[0]
 
 
 def _dataset_hash(seed, epoch, indices, text_augment=0.3):

@@ -10,7 +10,7 @@ follow from the measured FLOPs of one step, :mod:`siclip.train.budget`), evaluat
    half kept by the teacher's CLIP score (:mod:`siclip.data.quality`) against the whole noisy set and against a random
    half, at one budget;
 2. **architecture follows data** — CNN, ViT-tiny, ViT-small image towers at N ∈ ``sizes`` at one budget;
-3. **strategy follows compute** — CLIP, SLIP, FLIP (mask 0.5), CLIP+DA (``strong`` + EDA 0.1) on ViT-tiny at ``budgets``;
+3. **strategy follows compute** — CLIP, SLIP, FLIP (mask 0.5), CLIP+DA (``da_policy`` + EDA 0.1) on ViT-tiny at ``budgets``;
 4. **CLIP+DA on half the data matches CLIP on all of it** (inside ±2 points);
 5. **SiCLIP's own row** — a SiCLIP-tiny student with WI + WIKD from the teacher (its FLOPs include the teacher's forward),
    at the budgets of 3 and the sizes of 2;
@@ -46,7 +46,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from siclip.data import EmbeddedConfig, EmbeddedSource
+from siclip.data import AUGMENT_POLICIES, EmbeddedConfig, EmbeddedSource
 from siclip.data.quality import noise_report, score_pairs, select_pairs, write_indices
 from siclip.data.tokenizer import tokenizer_for
 from siclip.distill import ObjectiveConfig
@@ -86,12 +86,17 @@ class ScalingDownPreset:
     wide: dict = field(default_factory=lambda: {"embed_dim": 192, "image": {"dims": [24, 48, 96, 192]}, "text": {"width": 192, "heads": 6}})
     kd_low: float = 0.25  # claim 6's lower distillation weight (× λ1, λ2, λ3)
     text_augment: float = 0.1  # CLIP+DA's EDA rate
+    # CLIP+DA's image policy: "mild" keeps the colours and most of the scene a caption names; "strong" (SimCLR's) collapsed
+    # to chance at 4 TFLOPs on the embedded world (experiments/RESULTS.md, claim 4's first run)
+    da_policy: str = "mild"
     mask_ratio: float = 0.5  # FLIP's
     match_margin: float = 0.02  # claim 4: "matches" inside ± this (fraction; 2 points)
 
     def __post_init__(self) -> None:
         if self.budget not in self.budgets or self.n not in self.sizes:
             raise ValueError(f"budget {self.budget} must be one of {self.budgets} and n {self.n} one of {self.sizes}")
+        if self.da_policy not in AUGMENT_POLICIES:
+            raise ValueError(f"da_policy {self.da_policy!r} is not an augmentation policy; choose one of {AUGMENT_POLICIES}")
         for n in (*self.sizes, self.n // 2, round(self.keep_fraction * self.n)):
             if n < self.student_batch:
                 raise ValueError(f"{n} training pairs make no batch of {self.student_batch}")
@@ -107,9 +112,8 @@ PRESETS = {
                                               eval_per_class=1, eval_images=16, batch=16, warmup_steps=1, image_size=32),
                                budgets=(0.02, 0.04), sizes=(32, 64), budget=0.04, n=64, kd_steps=2, student_batch=16,
                                wide={"embed_dim": 64, "image": {"dims": [8, 16, 32, 64]}, "text": {"width": 64, "heads": 2}}),
-    # A quiet 2-core CPU, about 2 h 50 min estimated at the 0.08 TFLOP/s a MobileCLIP-tiny step runs at (RESULTS.md, "Cost
-    # of a step"): the ablation's teacher (640 steps at 96 px, 41 TF) and a 1.5× wider one (~90 TF), 104 student runs of
-    # 3 seeds (~470 TF) and 113 evaluations of ~15 s. See experiments/RESULTS.md for what ran.
+    # A quiet 2-core CPU: 1 h 37 min measured for all six claims (experiments/RESULTS.md): the ablation's teacher (640 steps
+    # at 96 px) and a 1.5× wider one, 105 student runs of 3 seeds, each evaluated on the 1,000 + 1,000 shared items.
     "cpu": ScalingDownPreset(AblationPreset(teacher_samples=81_920, teacher_epochs=1, student_samples=0, student_epochs=0, seeds=3,
                                             eval_per_class=10, eval_images=1000, batch=128),
                              budgets=(2.0, 4.0, 8.0), sizes=(1024, 4096, 16_384), budget=4.0, n=4096, kd_steps=64),
@@ -330,6 +334,9 @@ def strategy_verdict(d: dict[str, Estimate], budgets: tuple[float, ...]) -> tupl
     for s in STRATEGIES:
         if all(beats(diff(s, c, b)) == "holds" for b in budgets for c in STRATEGIES if c != s):
             return "fails", f"{s} beats every other strategy at every budget; ranking by budget: {ranking}"
+    if w_lo == w_hi:  # the same leader at both ends: how far it leads the runner-up at each
+        leads = ", ".join(f"over {rankings[b][1]} at {_tf(b)} {_points(diff(w_lo, rankings[b][1], b))}" for b in (lo, hi))
+        return "not resolved", f"ranking by budget (mean differences): {ranking}; {w_lo} leads at {_tf(lo)} and at {_tf(hi)}: {leads}"
     return "not resolved", f"ranking by budget (mean differences): {ranking}; {w_lo} − {w_hi} at {_tf(lo)} {_points(diff(w_lo, w_hi, lo))}, at {_tf(hi)} {_points(diff(w_lo, w_hi, hi))}"
 
 
@@ -390,7 +397,7 @@ def cell_config(p: ScalingDownPreset, cell: Cell, seed: int, paths: StudyPaths, 
         objective = dataclasses.replace(CLIP_ONLY, ssl_scale=1.0) if cell.strategy == "SLIP" else CLIP_ONLY
         extra = {"mask_ratio": p.mask_ratio} if cell.strategy == "FLIP" else {}
         if cell.strategy == "CLIP+DA":
-            data = dataclasses.replace(data, augment="strong", text_augment=p.text_augment)
+            data = dataclasses.replace(data, augment=p.da_policy, text_augment=p.text_augment)
         return TrainConfig(model=f"clip_{cell.tower}", model_overrides={**model, "image": image}, objective=objective, data=data, **extra, **common)
     siclip = {"convert": ["text"], "sharing": "adjacent", "freeze": "inherited"}
     student = dict(model="siclip_tiny", model_overrides={**model, "siclip": siclip}, data=data, **common)
@@ -522,50 +529,75 @@ def _band(ax, x, line: pd.DataFrame, metric: str, color) -> None:
     ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="none", ecolor=color, capsize=3, alpha=0.7)
 
 
-def plot_compute(rows: pd.DataFrame, flops: dict[str, float], path: Path) -> Path:
-    """Claims 3 and 5: accuracy against the training TFLOPs spent (log scale), one line per strategy, 95 % bands."""
+# Chance on the shared items: a guess among 100 classes (top-1), a guess among 1,000 images or captions (R@1)
+CHANCE_PERCENT = {"zeroshot_top1": 100 * CHANCE, "image_to_text_R@1": 0.1, "text_to_image_R@1": 0.1}
+ZOOM_TITLE = "the from-scratch CLIPs alone (zoomed; dashed: chance)"
+
+
+def _two_rows(title: str):
+    """A figure of two rows × the plotted metrics: every line above, the lines without SiCLIP below (zoomed: SiCLIP's
+    inherited start sits ~60 points above the from-scratch rows and would flatten them)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5.4 * len(PLOTTED), 4.4))
-    for ax, (metric, label) in zip(axes, PLOTTED.items()):
-        for strategy in (*STRATEGIES, SICLIP):
-            line = rows[rows["row"].str.startswith(f"{strategy} @ ")].assign(x=lambda f: f["row"].map(flops)).sort_values("x")
-            if line.empty:
-                continue
-            (drawn,) = ax.plot(line["x"], 100 * line[metric], marker="o", label=strategy)
-            _band(ax, line["x"], line, metric, drawn.get_color())
-        ax.set_xscale("log")
-        ax.set_xlabel("training compute (TFLOPs, log scale)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Strategy against compute (ViT-tiny CLIPs; SiCLIP-tiny incl. its teacher's forward): mean over seeds, 95 % bands")
+    fig, axes = plt.subplots(2, len(PLOTTED), figsize=(5.4 * len(PLOTTED), 8.4))
+    fig.suptitle(title)
+    return fig, axes
+
+
+def _finish_rows(fig, axes, xlabel: str) -> None:
+    for row, what in zip(axes, ("every row", ZOOM_TITLE)):
+        for ax, (metric, label) in zip(row, PLOTTED.items()):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.set_title(what, fontsize=9)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    for ax, metric in zip(axes[1], PLOTTED):
+        ax.axhline(CHANCE_PERCENT[metric], color="grey", linestyle="--", linewidth=1)
+        ax.set_ylim(bottom=0)
     fig.tight_layout()
+
+
+def plot_compute(rows: pd.DataFrame, flops: dict[str, float], path: Path) -> Path:
+    """Claims 3 and 5: accuracy against the training TFLOPs spent (log scale), one line per strategy, 95 % bands; the
+    lower row without SiCLIP, zoomed."""
+    fig, axes = _two_rows("Strategy against compute (ViT-tiny CLIPs; SiCLIP-tiny incl. its teacher's forward): mean over seeds, 95 % bands")
+    budgets: set[float] = set()
+    for row, strategies in zip(axes, ((*STRATEGIES, SICLIP), STRATEGIES)):
+        for ax, metric in zip(row, PLOTTED):
+            for i, strategy in enumerate((*STRATEGIES, SICLIP)):
+                line = rows[rows["row"].str.startswith(f"{strategy} @ ")].assign(x=lambda f: f["row"].map(flops)).sort_values("x")
+                if line.empty or strategy not in strategies:
+                    continue
+                budgets |= {round(x, 1) for x in line["x"]}
+                ax.plot(line["x"], 100 * line[metric], marker="o", label=strategy, color=f"C{i}")
+                _band(ax, line["x"], line, metric, f"C{i}")
+            ax.set_xscale("log")
+            ax.set_xticks(sorted(budgets), [f"{b:g}" for b in sorted(budgets)])
+            ax.minorticks_off()
+    _finish_rows(fig, axes, "training compute (TFLOPs, log scale)")
     return save_figure(fig, path)
 
 
 def plot_sizes(rows: pd.DataFrame, path: Path) -> Path:
-    """Claims 2 and 5: accuracy against N (log scale) at one budget, one line per image tower, 95 % bands."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5.4 * len(PLOTTED), 4.4))
+    """Claims 2 and 5: accuracy against N (log scale) at one budget, one line per image tower, 95 % bands; the lower
+    row without SiCLIP, zoomed."""
+    fig, axes = _two_rows("Image tower against data size at one budget: mean over seeds, 95 % bands")
     lines = {f"CLIP, {t}": t.replace("_", "-") for t in TOWERS} | {SICLIP: "SiCLIP-tiny (MCi, WI+WIKD)"}
     ns: set[int] = set()
-    for ax, (metric, label) in zip(axes, PLOTTED.items()):
-        for prefix, name in lines.items():
-            line = rows[rows["row"].str.startswith(f"{prefix}, N=")]
-            if line.empty:
-                continue
-            line = line.assign(n=line["row"].str.rsplit("N=", n=1).str[1].str.replace(",", "").astype(int)).sort_values("n")
-            ns |= set(line["n"])
-            (drawn,) = ax.plot(line["n"], 100 * line[metric], marker="o", label=name)
-            _band(ax, line["n"], line, metric, drawn.get_color())
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(ns), [f"{n:,}" for n in sorted(ns)])
-        ax.set_xlabel("training pairs N (log scale), equal compute")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Image tower against data size at one budget: mean over seeds, 95 % bands")
-    fig.tight_layout()
+    for row, drawn in zip(axes, (list(lines), [f"CLIP, {t}" for t in TOWERS])):
+        for ax, metric in zip(row, PLOTTED):
+            for i, (prefix, name) in enumerate(lines.items()):
+                line = rows[rows["row"].str.startswith(f"{prefix}, N=")]
+                if line.empty or prefix not in drawn:
+                    continue
+                line = line.assign(n=line["row"].str.rsplit("N=", n=1).str[1].str.replace(",", "").astype(int)).sort_values("n")
+                ns |= set(line["n"])
+                ax.plot(line["n"], 100 * line[metric], marker="o", label=name, color=f"C{i}")
+                _band(ax, line["n"], line, metric, f"C{i}")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(ns), [f"{n:,}" for n in sorted(ns)])
+            ax.minorticks_off()
+    _finish_rows(fig, axes, "training pairs N (log scale), equal compute")
     return save_figure(fig, path)
 
 
@@ -579,8 +611,10 @@ def plot_quality(rows: pd.DataFrame, path: Path, noise: dict | None = None) -> P
         err = [y - 100 * rows[f"{metric}_low"].to_numpy(), 100 * rows[f"{metric}_high"].to_numpy() - y]
         ax.bar(x, y, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(rows))])
         ax.set_xticks(x, [r.replace(", ", "\n", 1) for r in rows["row"]], fontsize=8)
+        ax.axhline(CHANCE_PERCENT[metric], color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
     title = "Quality against quantity at equal compute: mean over seeds, 95 % intervals"
     if noise:
         title += f"\n(noisy world: {noise['noise_before']:.0%} misaligned; the filter's half holds {noise['noise_after']:.0%})"

@@ -1,7 +1,7 @@
 """The scaling-down study: *Scaling (Down) CLIP*'s claims at equal compute, SiCLIP beside its strategies, teacher quality.
 
     siclip study scaling-down --preset smoke                    # CI: every claim's cells, a few steps each
-    siclip study scaling-down --preset cpu                      # 2 CPU cores, about 2 h 40 min (estimated; RESULTS.md)
+    siclip study scaling-down --preset cpu                      # 2 CPU cores: 1 h 37 min measured (RESULTS.md)
     siclip study scaling-down --preset cpu --claims 1,4 --seeds 3   # a slice: those claims' cells only; the rest later
     siclip study scaling-down --preset gpu --workers 12         # one GPU (16 host cores): the grid at 50× the compute
     siclip study scaling-down --preset cpu --report             # tables, verdicts and figures from the runs finished so far
@@ -194,7 +194,9 @@ def _note(preset, noise: dict | None, out: Path) -> str:
     lines = [f"Preset: budgets {', '.join(f'{b:g}' for b in preset.budgets)} TFLOPs, N ∈ {{{', '.join(f'{n:,}' for n in preset.sizes)}}}, "
              f"claims 1, 2, 4 at {preset.budget:g} TFLOPs and N = {preset.n:,}, claim 6 at {preset.kd_steps} steps; student batch "
              f"{preset.student_batch}, {p.image_size} px; {count(p.seeds, 'seed')}; evaluated on {100 * p.eval_per_class:,} zero-shot and "
-             f"{p.eval_images:,} retrieval images of world 0 (the same for every row)."]  # fmt: skip
+             f"{p.eval_images:,} retrieval images of world 0 (the same for every row).",
+             "SiCLIP rows count their teacher's forward passes in their FLOPs, not the teacher's own training: weight inheritance "
+             "reuses it as a sunk cost, as a user who holds a pretrained CLIP does."]  # fmt: skip
     if noise:
         lines.append(f"Noisy world: caption noise {preset.caption_noise:g}; the teacher's CLIP-score filter kept {preset.keep_fraction:.0%} "
                      f"with precision {noise['precision']:.1%} and recall {noise['recall']:.1%} as a noise detector "

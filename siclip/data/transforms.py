@@ -7,8 +7,9 @@
 Training views: random resized crop and flip, with parameters drawn from a ``numpy.random.Generator`` the dataset
 derives from (seed, epoch, index), so a sample's view is the same whichever worker loads it and after a resume. The
 crop follows torchvision's ``RandomResizedCrop`` sampling (area fraction and log-uniform aspect ratio, ten tries,
-then a central fallback). :func:`augment_policy` names three recipes: ``none`` (the evaluation view), ``clip`` (the
-crop, today's default) and ``strong`` (SimCLR's: a wide crop, flips, colour jitter, grayscale and blur,
+then a central fallback). :func:`augment_policy` names four recipes: ``none`` (the evaluation view), ``clip`` (the
+crop, today's default), ``mild`` (a crop that keeps most of the scene, flips, brightness and contrast, blur: what a
+caption names survives) and ``strong`` (SimCLR's: a wide crop, flips, colour jitter, grayscale and blur,
 :mod:`siclip.data.augment`). The loader hands over uint8 crops; each model normalises them with its own mean and std
 (:func:`normalize_images`), so a teacher and a student that differ there see the same crop.
 """
@@ -235,8 +236,13 @@ def augment(image: np.ndarray, rng: np.random.Generator | None, config: AugmentC
     return normalize_images(x, config.mean, config.std) if config.normalize else x
 
 
-AUGMENT_POLICIES = ("none", "clip", "strong")
+AUGMENT_POLICIES = ("none", "clip", "mild", "strong")
 STRONG_CROP_SCALE = (0.08, 1.0)  # SimCLR's and SLIP's "wide" random resized crop
+# mild: a crop of at least 35 % of the area still holds most objects of a scene, and brightness / contrast / blur leave
+# every pixel's hue alone; the embedded world's captions name colours and shapes, which SimCLR's hue jitter, grayscale
+# and 8 % crops remove (CLIP+DA with ``strong`` collapsed to chance there at 4 TFLOPs, experiments/RESULTS.md)
+MILD_CROP_SCALE = (0.35, 1.0)
+MILD_COLOUR = ColourConfig(saturation=0.0, hue=0.0, grayscale_p=0.0)
 
 
 def augment_policy(policy: str, image_size: int, *, scale: tuple[float, float] = (0.6, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
@@ -245,6 +251,9 @@ def augment_policy(policy: str, image_size: int, *, scale: tuple[float, float] =
 
     - ``none``: the evaluation view (short side resized, centre crop), no randomness;
     - ``clip``: random resized crop of area ``scale`` and aspect ``ratio``, no flip (the toolkit's default, unchanged);
+    - ``mild``: a crop of area 35–100 %, a flip with probability ½ where no caption names a side, brightness and
+      contrast jitter (``b, c ~ U[0.6, 1.4]`` with probability 0.8) and SimCLR's blur; no saturation, hue or
+      grayscale, so each pixel keeps its hue (the order of its channels) and a caption's colour words stay true;
     - ``strong``: SimCLR's view — a wide crop (area 8–100 %, aspect ``ratio``), a flip with probability ½ where no
       caption names a side, colour jitter, grayscale and blur (:class:`~siclip.data.augment.ColourConfig`).
     """
@@ -252,6 +261,8 @@ def augment_policy(policy: str, image_size: int, *, scale: tuple[float, float] =
         return AugmentConfig(image_size, train=False, normalize=normalize)
     if policy == "clip":
         return AugmentConfig(image_size, scale=tuple(scale), ratio=tuple(ratio), normalize=normalize)
+    if policy == "mild":
+        return AugmentConfig(image_size, scale=MILD_CROP_SCALE, ratio=tuple(ratio), flip_p=0.5, normalize=normalize, colour=MILD_COLOUR)
     if policy == "strong":
         return AugmentConfig(image_size, scale=STRONG_CROP_SCALE, ratio=tuple(ratio), flip_p=0.5, normalize=normalize, colour=ColourConfig())
     raise ValueError(f"unknown augmentation policy {policy!r}; choose one of {AUGMENT_POLICIES}")

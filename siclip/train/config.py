@@ -39,7 +39,7 @@ class DataConfig:
     synthetic_keys: tuple[str, ...] = ()  # CSV/TSV synthetic caption columns (or one column holding a JSON list)
     max_skip_fraction: float | None = 0.5  # an epoch skipping more of its samples stops the run (an empty one always does)
     # ── training strategies (Scaling (Down) CLIP): CLIP+Data Augmentation ──
-    augment: Literal["none", "clip", "strong"] = "clip"  # image policy (siclip.data.augment_policy): "none", "clip" (crop_scale/crop_ratio) or "strong" (SimCLR's)
+    augment: Literal["none", "clip", "mild", "strong"] = "clip"  # image policy (siclip.data.augment_policy): "none", "clip" (crop_scale/crop_ratio), "mild" (hue kept) or "strong" (SimCLR's)
     text_augment: float = 0.0  # EDA's random deletion / swap rate α on each caption (0: off)
     # ── data quality (issue 30) ──
     caption_noise: float = 0.0  # embedded world only: this fraction of training pairs carries another scene's captions (EmbeddedConfig.caption_noise)
