@@ -209,7 +209,7 @@ FLAGS: dict[str, list[Flag]] = {
         flag("--unmasked-steps", "unmasked_steps", "FLIP: train the run's last N steps unmasked", cli.non_negative_int, metavar="N"),
         flag("--unmasked-fraction", "unmasked_fraction", "FLIP: train the run's last fraction of steps unmasked", mask_ratio, metavar="F"),
         flag("--augment", "data.augment", "image augmentation: none (the evaluation view), clip (random resized crop of --crop-scale), "
-             "mild (crop of 35-100 %%, flip where no caption names a side, brightness, contrast, blur: colours kept) "
+             "mild (crop of 35-100 %, flip where no caption names a side, brightness, contrast, blur: colours kept) "
              "or strong (SimCLR's: wide crop, flip where no caption names a side, colour jitter, grayscale, blur)",
              choices=list(AUGMENT_POLICIES)),
         flag("--text-augment", "data.text_augment", "EDA on the captions: random deletion or swap of words at this rate", cli.fraction,
