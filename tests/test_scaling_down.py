@@ -14,7 +14,7 @@ import torch
 
 from siclip.analysis.ablation import save_outcomes
 from siclip.analysis.scaling_down import (
-    PRESETS, SICLIP, STRATEGIES, StudyPaths, beats, cell_config, claims, matches, needs, strategy_verdict, study_cells,
+    PRESETS, SICLIP, STRATEGIES, StudyPaths, beats, cell_config, chance_percent, claims, matches, needs, strategy_verdict, study_cells,
     summarize_claim,
 )  # fmt: skip
 from siclip.analysis.stats import Estimate
@@ -248,3 +248,19 @@ def test_smoke_study_end_to_end_resumes_and_reports(tmp_path):
     assert not list(tmp_path.glob("runs/*_seed1/checkpoint.pt")) or len(list(tmp_path.glob("runs/*_seed1"))) == 2
     other = subprocess.run([*command[:3], "cpu", *command[4:]], capture_output=True, text=True, cwd=ROOT)
     assert other.returncode == 2 and "holds a study of another preset" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_the_figures_chance_lines_are_a_random_guess_on_the_shared_items(seed):
+    """chance_percent against a plain simulation: random scores over N images of 5 captions each find a right caption
+    (image→text) or the right image (text→image) at rank 1 with probability 1/N; top-1 among 100 classes, 1 %."""
+    rng = np.random.default_rng(seed)
+    images, captions, trials = 16, 5, 4000
+    owner = np.repeat(np.arange(images), captions)  # caption j describes image owner[j]
+    scores = rng.random((trials, images, images * captions))
+    image_to_text = (owner[scores.argmax(axis=2)] == np.arange(images)).mean()
+    text_to_image = (scores.argmax(axis=1) == owner).mean()
+    chance = chance_percent(images)
+    sigma = 100 * np.sqrt((1 / images) * (1 - 1 / images) / (trials * images))
+    assert abs(100 * image_to_text - chance["image_to_text_R@1"]) < 4 * sigma
+    assert abs(100 * text_to_image - chance["text_to_image_R@1"]) < 4 * sigma
+    assert chance["zeroshot_top1"] == 1.0 and chance_percent(1000)["text_to_image_R@1"] == 0.1

@@ -529,8 +529,12 @@ def _band(ax, x, line: pd.DataFrame, metric: str, color) -> None:
     ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="none", ecolor=color, capsize=3, alpha=0.7)
 
 
-# Chance on the shared items: a guess among 100 classes (top-1), a guess among 1,000 images or captions (R@1)
-CHANCE_PERCENT = {"zeroshot_top1": 100 * CHANCE, "image_to_text_R@1": 0.1, "text_to_image_R@1": 0.1}
+def chance_percent(retrieval_images: int) -> dict[str, float]:
+    """A guess's score on the shared items, per plotted metric (%): one of the world's 100 classes (top-1); for R@1
+    with N retrieval images of k captions each, k right captions among k·N, or one right image among N: 1/N."""
+    return {"zeroshot_top1": 100 * CHANCE, "image_to_text_R@1": 100 / retrieval_images, "text_to_image_R@1": 100 / retrieval_images}
+
+
 ZOOM_TITLE = "the from-scratch CLIPs alone (zoomed; dashed: chance)"
 
 
@@ -543,7 +547,7 @@ def _two_rows(title: str):
     return fig, axes
 
 
-def _finish_rows(fig, axes, xlabel: str) -> None:
+def _finish_rows(fig, axes, xlabel: str, chance: dict[str, float]) -> None:
     for row, what in zip(axes, ("every row", ZOOM_TITLE)):
         for ax, (metric, label) in zip(row, PLOTTED.items()):
             ax.set_xlabel(xlabel)
@@ -552,33 +556,33 @@ def _finish_rows(fig, axes, xlabel: str) -> None:
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)
     for ax, metric in zip(axes[1], PLOTTED):
-        ax.axhline(CHANCE_PERCENT[metric], color="grey", linestyle="--", linewidth=1)
+        ax.axhline(chance[metric], color="grey", linestyle="--", linewidth=1)
         ax.set_ylim(bottom=0)
     fig.tight_layout()
 
 
-def plot_compute(rows: pd.DataFrame, flops: dict[str, float], path: Path) -> Path:
+def plot_compute(rows: pd.DataFrame, flops: dict[str, float], path: Path, *, budgets: tuple[float, ...], retrieval_images: int) -> Path:
     """Claims 3 and 5: accuracy against the training TFLOPs spent (log scale), one line per strategy, 95 % bands; the
-    lower row without SiCLIP, zoomed."""
+    lower row without SiCLIP, zoomed. Ticks at the preset's ``budgets`` (a run spends its budget to within a step)."""
     fig, axes = _two_rows("Strategy against compute (ViT-tiny CLIPs; SiCLIP-tiny incl. its teacher's forward): mean over seeds, 95 % bands")
-    budgets: set[float] = set()
     for row, strategies in zip(axes, ((*STRATEGIES, SICLIP), STRATEGIES)):
         for ax, metric in zip(row, PLOTTED):
-            for i, strategy in enumerate((*STRATEGIES, SICLIP)):
-                line = rows[rows["row"].str.startswith(f"{strategy} @ ")].assign(x=lambda f: f["row"].map(flops)).sort_values("x")
-                if line.empty or strategy not in strategies:
+            for i, strategy in enumerate((*STRATEGIES, SICLIP)):  # colours by strategy, the same in both rows
+                if strategy not in strategies:
                     continue
-                budgets |= {round(x, 1) for x in line["x"]}
+                line = rows[rows["row"].str.startswith(f"{strategy} @ ")].assign(x=lambda f: f["row"].map(flops)).sort_values("x")
+                if line.empty:
+                    continue
                 ax.plot(line["x"], 100 * line[metric], marker="o", label=strategy, color=f"C{i}")
                 _band(ax, line["x"], line, metric, f"C{i}")
             ax.set_xscale("log")
             ax.set_xticks(sorted(budgets), [f"{b:g}" for b in sorted(budgets)])
             ax.minorticks_off()
-    _finish_rows(fig, axes, "training compute (TFLOPs, log scale)")
+    _finish_rows(fig, axes, "training compute (TFLOPs, log scale)", chance_percent(retrieval_images))
     return save_figure(fig, path)
 
 
-def plot_sizes(rows: pd.DataFrame, path: Path) -> Path:
+def plot_sizes(rows: pd.DataFrame, path: Path, *, retrieval_images: int) -> Path:
     """Claims 2 and 5: accuracy against N (log scale) at one budget, one line per image tower, 95 % bands; the lower
     row without SiCLIP, zoomed."""
     fig, axes = _two_rows("Image tower against data size at one budget: mean over seeds, 95 % bands")
@@ -586,9 +590,11 @@ def plot_sizes(rows: pd.DataFrame, path: Path) -> Path:
     ns: set[int] = set()
     for row, drawn in zip(axes, (list(lines), [f"CLIP, {t}" for t in TOWERS])):
         for ax, metric in zip(row, PLOTTED):
-            for i, (prefix, name) in enumerate(lines.items()):
+            for i, (prefix, name) in enumerate(lines.items()):  # colours by tower, the same in both rows
+                if prefix not in drawn:
+                    continue
                 line = rows[rows["row"].str.startswith(f"{prefix}, N=")]
-                if line.empty or prefix not in drawn:
+                if line.empty:
                     continue
                 line = line.assign(n=line["row"].str.rsplit("N=", n=1).str[1].str.replace(",", "").astype(int)).sort_values("n")
                 ns |= set(line["n"])
@@ -597,12 +603,13 @@ def plot_sizes(rows: pd.DataFrame, path: Path) -> Path:
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted(ns), [f"{n:,}" for n in sorted(ns)])
             ax.minorticks_off()
-    _finish_rows(fig, axes, "training pairs N (log scale), equal compute")
+    _finish_rows(fig, axes, "training pairs N (log scale), equal compute", chance_percent(retrieval_images))
     return save_figure(fig, path)
 
 
-def plot_quality(rows: pd.DataFrame, path: Path, noise: dict | None = None) -> Path:
-    """Claims 1 and 4: bars of each row's mean with its 95 % interval, per metric."""
+def plot_quality(rows: pd.DataFrame, path: Path, noise: dict | None = None, *, retrieval_images: int) -> Path:
+    """Claims 1 and 4: bars of each row's mean with its 95 % interval, per metric; chance dashed."""
+    chance = chance_percent(retrieval_images)
     plt = pyplot()
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5.4 * len(PLOTTED), 4.6))
     for ax, (metric, label) in zip(axes, PLOTTED.items()):
@@ -611,7 +618,7 @@ def plot_quality(rows: pd.DataFrame, path: Path, noise: dict | None = None) -> P
         err = [y - 100 * rows[f"{metric}_low"].to_numpy(), 100 * rows[f"{metric}_high"].to_numpy() - y]
         ax.bar(x, y, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(rows))])
         ax.set_xticks(x, [r.replace(", ", "\n", 1) for r in rows["row"]], fontsize=8)
-        ax.axhline(CHANCE_PERCENT[metric], color="grey", linestyle="--", linewidth=1, label="chance")
+        ax.axhline(chance[metric], color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=8)
@@ -628,5 +635,5 @@ def preset_record(name: str, preset: ScalingDownPreset) -> dict:
 
 
 __all__ = ["KD", "PRESETS", "SICLIP", "STRATEGIES", "TOWERS", "VERDICTS", "Cell", "Claim", "ScalingDownPreset", "StudyPaths", "all_of",
-           "beats", "cell_config", "evaluate_checkpoint", "filter_noisy_world", "negated", "record_time", "claims", "estimates", "matches", "needs", "plot_compute", "plot_quality", "plot_sizes", "preset_record",
+           "beats", "cell_config", "chance_percent", "evaluate_checkpoint", "filter_noisy_world", "negated", "record_time", "claims", "estimates", "matches", "needs", "plot_compute", "plot_quality", "plot_sizes", "preset_record",
            "strategy_verdict", "study_cells", "summarize_claim", "verdict_table", "wide_teacher_overrides", "write_outputs"]  # fmt: skip

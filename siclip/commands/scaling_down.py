@@ -172,13 +172,14 @@ def report(preset, out: Path) -> None:
     if compute_rows:
         import pandas as pd
 
-        plot_compute(pd.concat(compute_rows).drop_duplicates("row"), mean_flops, out / "compute.png")
-        plot_sizes(pd.concat(compute_rows + [results[2]["rows"]]).drop_duplicates("row"), out / "sizes.png")
+        plot_compute(pd.concat(compute_rows).drop_duplicates("row"), mean_flops, out / "compute.png", budgets=preset.budgets,
+                     retrieval_images=p.eval_images)
+        plot_sizes(pd.concat(compute_rows + [results[2]["rows"]]).drop_duplicates("row"), out / "sizes.png", retrieval_images=p.eval_images)
     quality = [results[n]["rows"] for n in (1, 4) if len(results[n]["rows"])]
     if quality:
         import pandas as pd
 
-        plot_quality(pd.concat(quality).drop_duplicates("row").reset_index(drop=True), out / "quality.png", noise)
+        plot_quality(pd.concat(quality).drop_duplicates("row").reset_index(drop=True), out / "quality.png", noise, retrieval_images=p.eval_images)
     print(md.read_text())
 
 

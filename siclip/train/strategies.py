@@ -5,7 +5,7 @@
 | CLIP | (defaults) | the image tower on one view, the text tower, the CLIP loss |
 | SLIP | ``objective.ssl_scale`` (1.0) | + the image tower on two more views, SLIP's head, NT-Xent (:mod:`siclip.distill.ssl`) |
 | FLIP | ``mask_ratio`` (0.5, 0.75), ``unmasked_steps`` / ``unmasked_fraction`` | the image tower's blocks on the kept tokens (:mod:`siclip.blocks.token_dropout`) |
-| CLIP+Data Augmentation | ``data.augment`` ("strong"), ``data.text_augment`` (α) | the loader's views and captions (:mod:`siclip.data.augment`) |
+| CLIP+Data Augmentation | ``data.augment`` ("mild", "strong"), ``data.text_augment`` (α) | the loader's views and captions (:mod:`siclip.data.augment`) |
 
 Each combines with the others and with WI, WIKD and PM (a SiCLIP student and its teacher).
 """
